@@ -1,1 +1,92 @@
+//! Helpers for orderflow's end-to-end tests and benchmarks: every test gets its own
+//! freshly migrated PostgreSQL database, dropped again when the test ends, so tests
+//! run in parallel and leave nothing behind.
 
+use std::future::Future;
+use std::time::{Duration, Instant};
+
+use eventstore::{EventStore, SchemaRegistry};
+use sqlx::PgPool;
+
+/// The PostgreSQL server tests use (`ORDERFLOW_PG_URL`, as the services do).
+pub fn server_url() -> String {
+    std::env::var("ORDERFLOW_PG_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432".to_owned())
+}
+
+/// A uniquely named, migrated database that is dropped when this value is.
+pub struct TestDb {
+    pub pool: PgPool,
+    pub name: String,
+    server: String,
+}
+
+impl TestDb {
+    /// A fresh database with the event-store tables, and a pool of `connections`.
+    pub async fn new(connections: u32) -> anyhow::Result<TestDb> {
+        let server = server_url();
+        let name = format!("orderflow_test_{}", uuid::Uuid::now_v7().simple());
+        eventstore::db::create_database(&server, &name).await?;
+        let url = eventstore::db::database_url(&server, &name)?;
+        let pool = sqlx::postgres::PgPoolOptions::new()
+            .max_connections(connections)
+            .test_before_acquire(false)
+            .connect_with(url)
+            .await?;
+        eventstore::db::migrate(&pool).await?;
+        Ok(TestDb { pool, name, server })
+    }
+
+    pub fn store(&self) -> EventStore {
+        EventStore::new(self.pool.clone())
+    }
+
+    pub fn registry() -> SchemaRegistry {
+        SchemaRegistry::builtin().expect("the built-in schemas parse")
+    }
+}
+
+impl Drop for TestDb {
+    fn drop(&mut self) {
+        // Drop runs outside async context; a short-lived runtime on its own thread
+        // removes the database (FORCE disconnects the pool's idle connections).
+        let (server, name) = (self.server.clone(), self.name.clone());
+        let dropped = std::thread::spawn(move || {
+            tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .map_err(anyhow::Error::from)
+                .and_then(|runtime| {
+                    runtime
+                        .block_on(eventstore::db::drop_database(&server, &name))
+                        .map_err(anyhow::Error::from)
+                })
+        })
+        .join();
+        match dropped {
+            Ok(Ok(())) => {}
+            Ok(Err(error)) => eprintln!("could not drop test database {}: {error}", self.name),
+            Err(_) => eprintln!("dropping test database {} panicked", self.name),
+        }
+    }
+}
+
+/// Polls `condition` until it yields `Some`, failing after `deadline`. Tests wait on
+/// conditions like this, never on fixed sleeps.
+pub async fn wait_for<T, F, Fut>(deadline: Duration, what: &str, mut condition: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let start = Instant::now();
+    loop {
+        if let Some(value) = condition().await {
+            return value;
+        }
+        assert!(
+            start.elapsed() < deadline,
+            "timed out after {deadline:?} waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}

@@ -1,0 +1,702 @@
+//! The event store against a real PostgreSQL: concurrency, gap safety, idempotency,
+//! the outbox, snapshots and schema evolution.
+
+use std::collections::{BTreeMap, HashSet};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use domain::Aggregate;
+use domain::inventory::{StockCommand, StockItem};
+use domain::order::{Order, OrderEvent, OrderLine};
+use domain::wire::{SCHEMA_FILES, WireEvent};
+use eventstore::{
+    AggregateStore, EventStore, ExpectedVersion, Metadata, NewEvent, SchemaRegistry, StoreError,
+};
+use rand::Rng;
+use sqlx::Connection;
+use tests::{TestDb, wait_for};
+use tokio::sync::Barrier;
+use uuid::Uuid;
+
+fn metadata() -> Metadata {
+    Metadata::new(Uuid::now_v7(), Uuid::now_v7())
+}
+
+fn placed(order_id: Uuid) -> OrderEvent {
+    OrderEvent::OrderPlaced {
+        order_id,
+        customer_id: Uuid::from_u128(42),
+        lines: vec![OrderLine {
+            sku: "SKU-1".into(),
+            quantity: 1,
+            unit_price_cents: 999,
+        }],
+        total_cents: 999,
+        currency: "EUR".into(),
+    }
+}
+
+fn new_event() -> NewEvent {
+    let registry = TestDb::registry();
+    NewEvent::new(
+        registry.encode(&placed(Uuid::now_v7())).unwrap(),
+        metadata(),
+    )
+}
+
+async fn count(db: &TestDb, table: &str) -> i64 {
+    sqlx::query_scalar(sqlx::AssertSqlSafe(format!("SELECT count(*) FROM {table}")))
+        .fetch_one(&db.pool)
+        .await
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn thirty_two_appenders_racing_on_one_version_have_exactly_one_winner() {
+    const WRITERS: usize = 32;
+    const ROUNDS: i64 = 15;
+    let db = TestDb::new(WRITERS as u32 + 2).await.unwrap();
+    let store = db.store();
+    let mut winners = Vec::new();
+    for version in 0..ROUNDS {
+        let barrier = Arc::new(Barrier::new(WRITERS));
+        let tasks: Vec<_> = (0..WRITERS)
+            .map(|_| {
+                let (store, barrier) = (store.clone(), barrier.clone());
+                tokio::spawn(async move {
+                    let event = new_event();
+                    barrier.wait().await;
+                    let outcome = store
+                        .append("race-1", ExpectedVersion::Exact(version), &[event.clone()])
+                        .await;
+                    (event.event_id, outcome)
+                })
+            })
+            .collect();
+        let mut won = Vec::new();
+        for task in tasks {
+            match task.await.unwrap() {
+                (id, Ok(result)) => {
+                    assert_eq!(result.stream_version, version + 1);
+                    won.push(id);
+                }
+                (_, Err(StoreError::Concurrency { actual, .. })) => {
+                    assert_eq!(
+                        actual,
+                        Some(version + 1),
+                        "a loser sees the winner's version"
+                    );
+                }
+                (_, Err(other)) => panic!("unexpected error: {other}"),
+            }
+        }
+        assert_eq!(
+            won.len(),
+            1,
+            "version {} had {} winners",
+            version + 1,
+            won.len()
+        );
+        winners.extend(won);
+    }
+    let stored = store.read_stream("race-1", 1, 1000).await.unwrap();
+    let versions: Vec<i64> = stored.iter().map(|e| e.stream_version).collect();
+    assert_eq!(
+        versions,
+        (1..=ROUNDS).collect::<Vec<_>>(),
+        "no hole, no duplicate"
+    );
+    let ids: Vec<Uuid> = stored.iter().map(|e| e.event_id).collect();
+    assert_eq!(ids, winners, "each version holds its winner's event");
+    assert_eq!(count(&db, "events").await, ROUNDS);
+    assert_eq!(count(&db, "outbox").await, ROUNDS);
+}
+
+#[tokio::test]
+async fn read_all_waits_for_an_older_open_transaction_then_returns_both_in_order() {
+    let db = TestDb::new(4).await.unwrap();
+    let store = db.store();
+    let mut a = db.pool.begin().await.unwrap();
+    let a_event = new_event();
+    let a_result = store
+        .append_in_transaction(
+            &mut a,
+            "stream-a",
+            ExpectedVersion::NoStream,
+            &[a_event.clone()],
+        )
+        .await
+        .unwrap();
+    let b_event = new_event();
+    let b_result = store
+        .append("stream-b", ExpectedVersion::NoStream, &[b_event.clone()])
+        .await
+        .unwrap();
+    assert!(a_result.first_position < b_result.first_position);
+
+    // B committed, but A (older) is open: a reader must not move past A's position.
+    assert_eq!(store.read_all(0, 100).await.unwrap(), vec![]);
+    a.commit().await.unwrap();
+
+    let all = store.read_all(0, 100).await.unwrap();
+    let ids: Vec<Uuid> = all.iter().map(|e| e.event_id).collect();
+    assert_eq!(ids, vec![a_event.event_id, b_event.event_id]);
+    assert!(all[0].global_position < all[1].global_position);
+    // And continuing from the last position returns nothing more.
+    assert_eq!(
+        store.read_all(all[1].global_position, 100).await.unwrap(),
+        vec![]
+    );
+}
+
+#[tokio::test]
+async fn a_rolled_back_append_leaves_no_event_and_no_outbox_row() {
+    let db = TestDb::new(2).await.unwrap();
+    let store = db.store();
+    let mut tx = db.pool.begin().await.unwrap();
+    store
+        .append_in_transaction(&mut tx, "stream-r", ExpectedVersion::Any, &[new_event()])
+        .await
+        .unwrap();
+    tx.rollback().await.unwrap();
+    assert_eq!(count(&db, "events").await, 0);
+    assert_eq!(count(&db, "outbox").await, 0);
+    assert_eq!(store.read_all(0, 10).await.unwrap(), vec![]);
+}
+
+#[tokio::test]
+async fn appends_in_one_transaction_get_consecutive_positions_and_one_commit() {
+    let db = TestDb::new(2).await.unwrap();
+    let store = db.store();
+    let mut tx = db.pool.begin().await.unwrap();
+    let first = store
+        .append_in_transaction(
+            &mut tx,
+            "s-1",
+            ExpectedVersion::NoStream,
+            &[new_event(), new_event()],
+        )
+        .await
+        .unwrap();
+    let second = store
+        .append_in_transaction(&mut tx, "s-2", ExpectedVersion::NoStream, &[new_event()])
+        .await
+        .unwrap();
+    tx.commit().await.unwrap();
+    assert_eq!(first.last_position, first.first_position + 1);
+    assert_eq!(second.first_position, first.last_position + 1);
+    let all = store.read_all(0, 10).await.unwrap();
+    assert_eq!(all.len(), 3);
+}
+
+/// Eight writers with random commit delays and some rollbacks; one reader tails
+/// read-all the whole time. The reader must see every committed event exactly once,
+/// in position order, and nothing that was rolled back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn stress_a_tailing_reader_sees_every_committed_event_once_in_order() {
+    const WRITERS: usize = 8;
+    let run_for = Duration::from_secs(20);
+    let db = TestDb::new(WRITERS as u32 + 4).await.unwrap();
+    let store = db.store();
+    let start = Instant::now();
+
+    let writers: Vec<_> = (0..WRITERS)
+        .map(|writer| {
+            let (store, pool) = (store.clone(), db.pool.clone());
+            tokio::spawn(async move {
+                let (mut committed, mut rolled_back) = (Vec::new(), Vec::new());
+                let mut stream = 0;
+                while start.elapsed() < run_for {
+                    let (events, delay_ms, roll_back) = {
+                        let mut rng = rand::rng();
+                        let events: Vec<NewEvent> =
+                            (0..rng.random_range(1..=3)).map(|_| new_event()).collect();
+                        (events, rng.random_range(0..15u64), rng.random_bool(0.15))
+                    };
+                    stream += 1;
+                    let stream_id = format!("writer-{writer}-{stream}");
+                    let mut tx = pool.begin().await.unwrap();
+                    store
+                        .append_in_transaction(
+                            &mut tx,
+                            &stream_id,
+                            ExpectedVersion::NoStream,
+                            &events,
+                        )
+                        .await
+                        .unwrap();
+                    // Simulated work between the append and the commit, so that
+                    // transactions overlap and commit out of position order.
+                    tokio::time::sleep(Duration::from_millis(delay_ms)).await;
+                    let ids = events.iter().map(|e| e.event_id);
+                    if roll_back {
+                        tx.rollback().await.unwrap();
+                        rolled_back.extend(ids);
+                    } else {
+                        tx.commit().await.unwrap();
+                        committed.extend(ids);
+                    }
+                }
+                (committed, rolled_back)
+            })
+        })
+        .collect();
+
+    let reader = {
+        let store = store.clone();
+        tokio::spawn(async move {
+            let mut seen: Vec<(i64, Uuid)> = Vec::new();
+            let mut last = 0;
+            while start.elapsed() < run_for {
+                let page = store.read_all(last, 500).await.unwrap();
+                for event in &page {
+                    assert!(event.global_position > last, "positions go forward");
+                    last = event.global_position;
+                    seen.push((event.global_position, event.event_id));
+                }
+                if page.is_empty() {
+                    tokio::task::yield_now().await;
+                }
+            }
+            (seen, last)
+        })
+    };
+
+    let mut committed = HashSet::new();
+    let mut rolled_back = HashSet::new();
+    for writer in writers {
+        let (c, r) = writer.await.unwrap();
+        committed.extend(c);
+        rolled_back.extend(r);
+    }
+    let (mut seen, mut last) = reader.await.unwrap();
+    // The writers have stopped: drain what the reader has not reached yet.
+    let expected_total = committed.len();
+    wait_for(Duration::from_secs(10), "the reader to catch up", || {
+        let store = store.clone();
+        let page_after = last;
+        async move { Some(store.read_all(page_after, 10_000).await.unwrap()) }
+    })
+    .await
+    .into_iter()
+    .for_each(|event| {
+        assert!(event.global_position > last);
+        last = event.global_position;
+        seen.push((event.global_position, event.event_id));
+    });
+    assert_eq!(
+        store.read_all(last, 10).await.unwrap(),
+        vec![],
+        "nothing left"
+    );
+
+    let seen_ids: Vec<Uuid> = seen.iter().map(|(_, id)| *id).collect();
+    let unique: HashSet<Uuid> = seen_ids.iter().copied().collect();
+    assert_eq!(unique.len(), seen_ids.len(), "an event was seen twice");
+    assert!(
+        unique.is_disjoint(&rolled_back),
+        "a rolled-back event was seen"
+    );
+    assert_eq!(unique, committed, "the reader missed committed events");
+    assert!(
+        seen.windows(2).all(|w| w[0].0 < w[1].0),
+        "not in position order"
+    );
+    assert!(
+        expected_total > 500,
+        "the stress produced too little: {expected_total}"
+    );
+    assert!(!rolled_back.is_empty());
+    eprintln!(
+        "stress: {} committed, {} rolled back, all seen once in order",
+        committed.len(),
+        rolled_back.len()
+    );
+}
+
+#[tokio::test]
+async fn re_appending_the_same_events_succeeds_and_stores_nothing_twice() {
+    let db = TestDb::new(2).await.unwrap();
+    let store = db.store();
+    let events = vec![new_event(), new_event()];
+    let first = store
+        .append("order-1", ExpectedVersion::NoStream, &events)
+        .await
+        .unwrap();
+    assert!(!first.already_stored);
+    for expected in [
+        ExpectedVersion::NoStream,
+        ExpectedVersion::Any,
+        ExpectedVersion::Exact(0),
+    ] {
+        let again = store.append("order-1", expected, &events).await.unwrap();
+        assert!(again.already_stored, "{expected:?}");
+        assert_eq!(
+            (
+                again.first_position,
+                again.last_position,
+                again.stream_version
+            ),
+            (first.first_position, first.last_position, 2)
+        );
+    }
+    assert_eq!(count(&db, "events").await, 2);
+    assert_eq!(count(&db, "outbox").await, 2);
+
+    // Some ids stored, others new: that is not a retry but a conflict.
+    let mixed = vec![events[0].clone(), new_event()];
+    assert!(matches!(
+        store.append("order-1", ExpectedVersion::Any, &mixed).await,
+        Err(StoreError::EventIdConflict { .. })
+    ));
+    // The same ids under another stream are a conflict too.
+    assert!(matches!(
+        store.append("order-2", ExpectedVersion::Any, &events).await,
+        Err(StoreError::EventIdConflict { .. })
+    ));
+    assert_eq!(count(&db, "events").await, 2);
+}
+
+#[tokio::test]
+async fn expected_versions_are_enforced() {
+    let db = TestDb::new(2).await.unwrap();
+    let store = db.store();
+    store
+        .append("s", ExpectedVersion::NoStream, &[new_event()])
+        .await
+        .unwrap();
+    match store
+        .append("s", ExpectedVersion::NoStream, &[new_event()])
+        .await
+    {
+        Err(StoreError::Concurrency {
+            expected, actual, ..
+        }) => {
+            assert_eq!(expected, ExpectedVersion::NoStream);
+            assert_eq!(actual, Some(1));
+        }
+        other => panic!("expected a concurrency error, got {other:?}"),
+    }
+    assert!(matches!(
+        store
+            .append("s", ExpectedVersion::Exact(5), &[new_event()])
+            .await,
+        Err(StoreError::Concurrency {
+            actual: Some(1),
+            ..
+        })
+    ));
+    let result = store
+        .append("s", ExpectedVersion::Exact(1), &[new_event()])
+        .await
+        .unwrap();
+    assert_eq!(result.stream_version, 2);
+    let result = store
+        .append("s", ExpectedVersion::Any, &[new_event(), new_event()])
+        .await
+        .unwrap();
+    assert_eq!(result.stream_version, 4);
+    assert!(matches!(
+        store.append("s", ExpectedVersion::Any, &[]).await,
+        Err(StoreError::BadBatch(0))
+    ));
+    let tail = store.read_stream("s", 3, 10).await.unwrap();
+    assert_eq!(
+        tail.iter().map(|e| e.stream_version).collect::<Vec<_>>(),
+        vec![3, 4]
+    );
+    assert_eq!(store.stream_version("s").await.unwrap(), 4);
+    assert_eq!(store.stream_version("nothing").await.unwrap(), 0);
+}
+
+#[tokio::test]
+async fn every_event_carries_its_metadata_and_the_append_notifies_the_relay() {
+    let db = TestDb::new(2).await.unwrap();
+    let store = db.store();
+    let mut listener = sqlx::postgres::PgListener::connect_with(&db.pool)
+        .await
+        .unwrap();
+    listener.listen(eventstore::OUTBOX_CHANNEL).await.unwrap();
+
+    let meta = metadata();
+    let registry = TestDb::registry();
+    let encoded = registry.encode(&placed(Uuid::now_v7())).unwrap();
+    let event = NewEvent::new(encoded.clone(), meta);
+    let result = store
+        .append("order-m", ExpectedVersion::NoStream, &[event.clone()])
+        .await
+        .unwrap();
+
+    let notification = tokio::time::timeout(Duration::from_secs(5), listener.recv())
+        .await
+        .expect("a NOTIFY arrives")
+        .unwrap();
+    assert_eq!(notification.channel(), eventstore::OUTBOX_CHANNEL);
+
+    let stored = &store.read_stream("order-m", 1, 1).await.unwrap()[0];
+    assert_eq!(stored.event_id, event.event_id);
+    assert_eq!(stored.event_id.get_version_num(), 7, "event ids are UUIDv7");
+    assert_eq!(stored.correlation_id, meta.correlation_id);
+    assert_eq!(stored.causation_id, meta.causation_id);
+    assert_eq!(stored.schema_fingerprint, encoded.fingerprint);
+    assert_eq!(stored.event_type, "OrderPlaced");
+    assert_eq!(stored.global_position, result.first_position);
+    assert!(
+        (chrono::Utc::now() - stored.recorded_at)
+            .num_seconds()
+            .abs()
+            < 60
+    );
+    let outbox: Vec<i64> = sqlx::query_scalar("SELECT global_position FROM outbox")
+        .fetch_all(&db.pool)
+        .await
+        .unwrap();
+    assert_eq!(outbox, vec![result.first_position]);
+}
+
+#[tokio::test]
+async fn deleting_snapshots_changes_no_loaded_state() {
+    let db = TestDb::new(4).await.unwrap();
+    let aggregates = AggregateStore::new(db.store(), TestDb::registry()).with_snapshot_after(5);
+    let stream = AggregateStore::stream_id::<StockItem>("SKU-9");
+    let run = |command: StockCommand| {
+        let (aggregates, stream) = (aggregates.clone(), stream.clone());
+        async move {
+            aggregates
+                .execute::<StockItem>(&stream, None, &command, metadata())
+                .await
+                .unwrap()
+        }
+    };
+    run(StockCommand::AddStock {
+        sku: "SKU-9".into(),
+        name: "Gadget".into(),
+        quantity: 100,
+    })
+    .await;
+    for n in 0..30u128 {
+        let order_id = Uuid::from_u128(n);
+        run(StockCommand::ReserveStock {
+            order_id,
+            quantity: 2,
+        })
+        .await;
+        let settle = if n % 3 == 0 {
+            StockCommand::ReleaseStock { order_id }
+        } else {
+            StockCommand::CommitStock { order_id }
+        };
+        if n % 5 != 4 {
+            run(settle).await;
+        }
+    }
+    let with_snapshot = aggregates.load::<StockItem>(&stream).await.unwrap();
+    assert!(
+        with_snapshot.from_snapshot,
+        "loads along the way saved a snapshot"
+    );
+    assert!(with_snapshot.events_read < 5);
+
+    assert_eq!(aggregates.delete_snapshots(None).await.unwrap(), 1);
+    let without = aggregates.load::<StockItem>(&stream).await.unwrap();
+    assert!(!without.from_snapshot);
+    assert_eq!(without.state, with_snapshot.state);
+    assert_eq!(without.version, with_snapshot.version);
+    let item = without.state;
+    assert_eq!(item.total(), 100);
+    assert_eq!(item.reserved, 2 * item.reservations.len() as u64);
+
+    // A snapshot of an unknown format is ignored, not trusted.
+    sqlx::query("UPDATE snapshots SET state_format = 'StockItem/0', state = '{}'")
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    let reloaded = aggregates.load::<StockItem>(&stream).await.unwrap();
+    assert_eq!(reloaded.state, item);
+}
+
+/// An OrderPlaced stored by the v1 code (no currency) is loaded by today's code.
+#[tokio::test]
+async fn a_stored_v1_event_is_read_by_v2_code() {
+    let db = TestDb::new(2).await.unwrap();
+    let v1_only: Vec<_> = SCHEMA_FILES
+        .iter()
+        .copied()
+        .filter(|f| f.version == 1)
+        .collect();
+    let old_code = SchemaRegistry::from_files(&v1_only).unwrap();
+    let new_code = TestDb::registry();
+    assert_ne!(
+        old_code.current_fingerprint("OrderPlaced"),
+        new_code.current_fingerprint("OrderPlaced")
+    );
+
+    // The v1 code wrote the record without a currency field, under the v1 schema.
+    let order_id = Uuid::now_v7();
+    let v1_schema = apache_avro::Schema::parse_str(
+        SCHEMA_FILES
+            .iter()
+            .find(|f| f.event_type == "OrderPlaced" && f.version == 1)
+            .unwrap()
+            .text,
+    )
+    .unwrap();
+    let apache_avro::types::Value::Record(mut fields) = placed(order_id).to_avro().unwrap() else {
+        panic!("an event is an Avro record");
+    };
+    fields.retain(|(name, _)| name != "currency");
+    let fingerprint = old_code.current_fingerprint("OrderPlaced").unwrap();
+    let mut payload = vec![0xC3, 0x01];
+    payload.extend_from_slice(&fingerprint.to_le_bytes());
+    apache_avro::writer::datum::GenericDatumWriter::builder(&v1_schema)
+        .build()
+        .unwrap()
+        .write_value(&mut payload, apache_avro::types::Value::Record(fields))
+        .unwrap();
+    let v1_event = NewEvent {
+        event_id: Uuid::now_v7(),
+        event_type: "OrderPlaced".into(),
+        schema_fingerprint: fingerprint,
+        payload,
+        metadata: metadata(),
+    };
+    let stream = AggregateStore::stream_id::<Order>(order_id);
+    db.store()
+        .append(&stream, ExpectedVersion::NoStream, &[v1_event])
+        .await
+        .unwrap();
+
+    let aggregates = AggregateStore::new(db.store(), new_code.clone());
+    let order = aggregates.load::<Order>(&stream).await.unwrap().state;
+    assert_eq!(
+        order.currency, "EUR",
+        "the v2 default fills the missing field"
+    );
+    assert_eq!(order.total_cents, 999);
+
+    // The other way round: old code meets a v2 event. It learns the writer schema from
+    // the registry table the new code published, and resolves the event into its own
+    // (v1) reader schema: forward compatibility.
+    let v2 = new_code.encode(&placed(order_id)).unwrap();
+    assert!(matches!(
+        old_code.decode_value(&v2.payload),
+        Err(eventstore::CodecError::UnknownFingerprint(_))
+    ));
+    new_code.publish(&db.pool).await.unwrap();
+    assert!(old_code.learn(&db.pool, v2.fingerprint).await.unwrap());
+    let (event_type, value) = old_code.decode_value(&v2.payload).unwrap();
+    assert_eq!(event_type, "OrderPlaced");
+    let apache_avro::types::Value::Record(fields) = value else {
+        panic!("an event is an Avro record");
+    };
+    let names: Vec<&str> = fields.iter().map(|(name, _)| name.as_str()).collect();
+    assert_eq!(names, ["order_id", "customer_id", "lines", "total_cents"]);
+    assert_eq!(
+        fields[0].1,
+        apache_avro::types::Value::String(order_id.to_string())
+    );
+}
+
+#[tokio::test]
+async fn a_pinned_version_is_refused_once_the_stream_moved_and_unpinned_commands_retry() {
+    let db = TestDb::new(8).await.unwrap();
+    let aggregates = AggregateStore::new(db.store(), TestDb::registry());
+    let stream = AggregateStore::stream_id::<StockItem>("SKU-P");
+    let add = |quantity| StockCommand::AddStock {
+        sku: "SKU-P".into(),
+        name: "Pinned".into(),
+        quantity,
+    };
+    let created = aggregates
+        .execute::<StockItem>(&stream, Some(0), &add(1), metadata())
+        .await
+        .unwrap();
+    assert_eq!(created.version, 2);
+    let stale = aggregates
+        .execute::<StockItem>(&stream, Some(1), &add(1), metadata())
+        .await;
+    assert!(matches!(
+        stale,
+        Err(eventstore::ExecuteError::Store(StoreError::Concurrency {
+            actual: Some(2),
+            ..
+        }))
+    ));
+    // Unpinned restocks racing each other all land.
+    let tasks: Vec<_> = (0..8)
+        .map(|_| {
+            let (aggregates, stream) = (aggregates.clone(), stream.clone());
+            tokio::spawn(async move {
+                aggregates
+                    .execute::<StockItem>(&stream, None, &add(1), metadata())
+                    .await
+                    .map(|_| ())
+            })
+        })
+        .collect();
+    for task in tasks {
+        task.await.unwrap().unwrap();
+    }
+    let item = aggregates.load::<StockItem>(&stream).await.unwrap().state;
+    assert_eq!(item.available, 9);
+}
+
+/// The aggregate's stream reads back exactly what `decide` produced.
+#[tokio::test]
+async fn a_stream_reads_back_what_was_decided() {
+    let db = TestDb::new(2).await.unwrap();
+    let aggregates = AggregateStore::new(db.store(), TestDb::registry());
+    let order_id = Uuid::now_v7();
+    let stream = AggregateStore::stream_id::<Order>(order_id);
+    let place = domain::order::OrderCommand::PlaceOrder {
+        order_id,
+        customer_id: Uuid::now_v7(),
+        lines: vec![OrderLine {
+            sku: "A".into(),
+            quantity: 3,
+            unit_price_cents: 100,
+        }],
+        currency: "EUR".into(),
+    };
+    let placed = aggregates
+        .execute::<Order>(&stream, None, &place, metadata())
+        .await
+        .unwrap();
+    let confirmed = aggregates
+        .execute::<Order>(
+            &stream,
+            None,
+            &domain::order::OrderCommand::ConfirmOrder,
+            metadata(),
+        )
+        .await
+        .unwrap();
+    let mut decided = placed.events.clone();
+    decided.extend(confirmed.events.clone());
+    let stored: Vec<OrderEvent> = db
+        .store()
+        .read_stream(&stream, 1, 10)
+        .await
+        .unwrap()
+        .iter()
+        .map(|e| aggregates.registry().decode(&e.payload).unwrap())
+        .collect();
+    assert_eq!(stored, decided);
+    assert_eq!(
+        Order::default().replay(&stored).status,
+        Some(domain::order::OrderStatus::Confirmed)
+    );
+    let by_type: BTreeMap<String, usize> =
+        db.store()
+            .read_all(0, 10)
+            .await
+            .unwrap()
+            .iter()
+            .fold(BTreeMap::new(), |mut acc, e| {
+                *acc.entry(e.event_type.clone()).or_default() += 1;
+                acc
+            });
+    assert_eq!(by_type.len(), 2);
+    let _ = EventStore::new(db.pool.clone());
+    let _ = db.pool.acquire().await.unwrap().ping().await;
+}
