@@ -10,7 +10,9 @@ use domain::wire::WireEvent;
 use sqlx::Row;
 
 use crate::codec::{CodecError, SchemaRegistry};
-use crate::store::{AppendResult, EventStore, ExpectedVersion, Metadata, NewEvent, StoreError};
+use crate::store::{
+    AppendResult, EventStore, ExpectedVersion, Metadata, NewEvent, StoreError, StoredVersion,
+};
 
 /// How an aggregate's state is cached. Aggregates with short streams keep the default
 /// (no snapshots); long-lived ones name a format and serialise their state.
@@ -122,10 +124,10 @@ impl AggregateStore {
         A: Snapshot,
         A::Event: WireEvent,
     {
-        let (mut state, mut version) = match self.read_snapshot::<A>(stream_id).await? {
-            Some(snapshot) => snapshot,
-            None => (A::default(), 0),
-        };
+        let (mut state, mut version) = self
+            .read_snapshot::<A>(stream_id)
+            .await?
+            .unwrap_or_default();
         let from_snapshot = version > 0;
         let mut events_read = 0;
         loop {
@@ -196,7 +198,8 @@ impl AggregateStore {
                 .iter()
                 .map(|event| Ok(NewEvent::new(self.registry.encode(event)?, metadata)))
                 .collect::<Result<Vec<_>, CodecError>>()?;
-            let expected = ExpectedVersion::Exact(loaded.version);
+            // The version came from the store's own read, so it is known to exist.
+            let expected = ExpectedVersion::Stored(StoredVersion::new(loaded.version));
             match self.store.append(stream_id, expected, &new_events).await {
                 Ok(append) => {
                     let state = loaded.state.replay(&events);

@@ -1,8 +1,10 @@
 //! The PostgreSQL event store.
 //!
-//! An append is one SQL statement: it checks the expected version, inserts the events
-//! and their outbox rows, and queues a `NOTIFY` for the relay, all in one transaction
-//! (the statement's own, or the caller's). The happy path is therefore one round trip.
+//! An append is one SQL statement: it checks the expected version and inserts the
+//! events and their outbox rows, in one transaction (the statement's own, or a
+//! [`StoreTransaction`]). The happy path is one round trip. Once the transaction has
+//! committed, the relay is woken with a `NOTIFY` (see [`RelayWaker`] for why that is
+//! not inside the writer's transaction).
 //!
 //! Global order: an event's `global_position` is `(writing transaction id << 20) +
 //! ordinal`, and [`EventStore::read_all`] only returns positions below the oldest
@@ -12,9 +14,12 @@
 //! never skip an event that commits late. Positions are sparse, never reused, and
 //! totally ordered; ARCHITECTURE.md has the argument in full.
 
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
 use chrono::{DateTime, Utc};
-use sqlx::postgres::PgRow;
-use sqlx::{PgConnection, PgPool, Row};
+use sqlx::postgres::{PgConnectOptions, PgRow};
+use sqlx::{Connection, PgConnection, PgPool, Row};
 use uuid::Uuid;
 
 /// The channel the relay `LISTEN`s on; every append that stored something notifies it.
@@ -33,16 +38,39 @@ pub enum ExpectedVersion {
     NoStream,
     /// The stream's last event must have exactly this version (the first event is 1).
     Exact(i64),
+    /// Like `Exact`, with a version this store reported (from a load, a read or an
+    /// earlier append). Events are never deleted, so such a version still exists and
+    /// the append skips the lookup that proves it: the common load-decide-append path
+    /// pays for no extra read.
+    Stored(StoredVersion),
 }
 
 impl ExpectedVersion {
-    /// The version the stream must be at, or `None` for any.
-    fn required(self) -> Option<i64> {
+    /// The statement that appends under this expectation, and its version parameter.
+    fn statement(self) -> (AppendSql, i64) {
         match self {
-            ExpectedVersion::Any => None,
-            ExpectedVersion::NoStream => Some(0),
-            ExpectedVersion::Exact(version) => Some(version),
+            ExpectedVersion::Any => (APPEND_ANY, -1),
+            ExpectedVersion::NoStream | ExpectedVersion::Exact(0) => (APPEND_AT, 0),
+            // The unique index refuses version n + 1 if it exists; only the existence
+            // of version n needs checking, or an append could leave a hole.
+            ExpectedVersion::Exact(version) => (APPEND_AT_EXISTING, version),
+            ExpectedVersion::Stored(version) => (APPEND_AT, version.0),
         }
+    }
+}
+
+/// A stream version this store has seen stored. Only the store makes these, which is
+/// what lets [`ExpectedVersion::Stored`] trust it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct StoredVersion(i64);
+
+impl StoredVersion {
+    pub(crate) fn new(version: i64) -> Self {
+        StoredVersion(version)
+    }
+
+    pub fn get(self) -> i64 {
+        self.0
     }
 }
 
@@ -52,6 +80,7 @@ impl std::fmt::Display for ExpectedVersion {
             ExpectedVersion::Any => f.write_str("any"),
             ExpectedVersion::NoStream => f.write_str("no stream"),
             ExpectedVersion::Exact(version) => write!(f, "{version}"),
+            ExpectedVersion::Stored(version) => write!(f, "{}", version.0),
         }
     }
 }
@@ -126,10 +155,17 @@ pub struct AppendResult {
     pub already_stored: bool,
 }
 
+impl AppendResult {
+    /// The version to expect on the next append to this stream.
+    pub fn next_expected(&self) -> ExpectedVersion {
+        ExpectedVersion::Stored(StoredVersion(self.stream_version))
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     /// Someone else appended first. `actual` is `None` when the race was lost inside a
-    /// caller's transaction (which PostgreSQL has then aborted, so it cannot be asked).
+    /// [`StoreTransaction`] (which PostgreSQL has then aborted, so it cannot be asked).
     #[error("stream {stream_id}: expected version {expected}, but it is at {}", .actual.map_or("a newer version".to_owned(), |v| v.to_string()))]
     Concurrency {
         stream_id: String,
@@ -151,53 +187,93 @@ impl StoreError {
     }
 }
 
-/// The event store of one service database. Cheap to clone.
-#[derive(Clone, Debug)]
-pub struct EventStore {
-    pool: PgPool,
+/// An append statement in two shapes: `one` binds a single event's columns as
+/// scalars, `many` binds every column as an array and unnests them. Scalars matter:
+/// for single events, sending one-element arrays cost about a quarter of the
+/// throughput (BENCHMARKS.md).
+struct AppendSql {
+    one: &'static str,
+    many: &'static str,
 }
 
-/// One statement: version check, events, outbox rows, NOTIFY. Parameters: $1 stream,
-/// $2 required version (-1 for any), $3..$8 the events' columns as arrays.
-const APPEND: &str = r#"
-WITH current AS (
-    SELECT coalesce(max(stream_version), 0) AS version FROM events WHERE stream_id = $1
-), tx AS (
-    SELECT (pg_current_xact_id()::text::bigint << 20) AS base
-), taken AS (
-    -- Positions this transaction already used (an earlier append in the same transaction).
-    SELECT coalesce((SELECT max(global_position) FROM events
-                     WHERE global_position >= tx.base AND global_position < tx.base + 1048576)
-                    - tx.base + 1, 0) AS used
-    FROM tx
-), inserted AS (
+/// Builds both shapes. $1 is the stream, $2 the version parameter, $3..$8 the event
+/// columns (id, type, fingerprint, payload, correlation id, causation id), $9 the
+/// number of positions this transaction already used (earlier appends in a
+/// [`StoreTransaction`]). Each statement returns one row per stored event.
+macro_rules! append_sql {
+    (first_version: $first_version:literal, guard: $guard:literal, result: $result:literal) => {
+        AppendSql {
+            one: append_sql!(@statement $first_version, $guard, $result,
+                "(VALUES ($3::uuid, $4::text, $5::bigint, $6::bytea, $7::uuid, $8::uuid, 1::bigint))"),
+            many: append_sql!(@statement $first_version, $guard, $result,
+                "unnest($3::uuid[], $4::text[], $5::bigint[], $6::bytea[], $7::uuid[], $8::uuid[]) WITH ORDINALITY"),
+        }
+    };
+    (@statement $first_version:literal, $guard:literal, $result:literal, $rows:literal) => {
+        concat!(
+            "WITH inserted AS (
     INSERT INTO events (global_position, stream_id, stream_version, event_id, event_type,
                         schema_fingerprint, payload, correlation_id, causation_id)
-    SELECT tx.base + taken.used + e.n - 1, $1, current.version + e.n, e.event_id, e.event_type,
-           e.fingerprint, e.payload, e.correlation_id, e.causation_id
-    FROM unnest($3::uuid[], $4::text[], $5::bigint[], $6::bytea[], $7::uuid[], $8::uuid[])
-             WITH ORDINALITY AS e(event_id, event_type, fingerprint, payload, correlation_id, causation_id, n)
-    CROSS JOIN current CROSS JOIN tx CROSS JOIN taken
-    WHERE ($2 < 0 OR current.version = $2)
-      AND taken.used + cardinality($3::uuid[]) < 1048576
-    RETURNING global_position
-), queued AS (
-    INSERT INTO outbox (global_position) SELECT global_position FROM inserted
-), notified AS (
-    SELECT pg_notify('orderflow_outbox', '') FROM (SELECT 1 FROM inserted LIMIT 1) AS stored
+    SELECT (pg_current_xact_id()::text::bigint << 20) + $9 + e.n - 1, $1, ",
+            $first_version,
+            " + e.n,
+           e.event_id, e.event_type, e.fingerprint, e.payload, e.correlation_id, e.causation_id
+    FROM ",
+            $rows,
+            " AS e(event_id, event_type, fingerprint, payload, correlation_id, causation_id, n)
+    WHERE ",
+            $guard,
+            "
+    RETURNING global_position, stream_version
 )
-SELECT (SELECT version FROM current) AS current_version,
-       (SELECT count(*) FROM inserted) AS inserted,
-       (SELECT min(global_position) FROM inserted) AS first_position,
-       (SELECT count(*) FROM notified) AS notified
-"#;
+",
+            $result
+        )
+    };
+}
+
+/// Versions $2 + 1…: a new stream ($2 = 0) or a version the store reported. The
+/// unique index on (stream, version) refuses the append if anyone wrote $2 + 1 first.
+/// The outbox insert's own result is the statement's result: no extra select.
+const APPEND_AT: AppendSql = append_sql!(
+    first_version: "$2::bigint",
+    guard: "$2 >= 0",
+    result: "INSERT INTO outbox (global_position) SELECT global_position FROM inserted
+RETURNING global_position, $2::bigint + 1 AS first_version"
+);
+
+/// Like [`APPEND_AT`] for a version the caller only claims: it must exist.
+const APPEND_AT_EXISTING: AppendSql = append_sql!(
+    first_version: "$2::bigint",
+    guard: "EXISTS (SELECT 1 FROM events WHERE stream_id = $1 AND stream_version = $2)",
+    result: "INSERT INTO outbox (global_position) SELECT global_position FROM inserted
+RETURNING global_position, $2::bigint + 1 AS first_version"
+);
+
+/// Any version: continue after the stream's head ($2 is unused and always -1).
+const APPEND_ANY: AppendSql = append_sql!(
+    first_version: "(SELECT coalesce(max(stream_version), 0) FROM events WHERE stream_id = $1)",
+    guard: "$2 = -1",
+    result: ", queued AS (INSERT INTO outbox (global_position) SELECT global_position FROM inserted)
+SELECT global_position, stream_version - e_count + 1 AS first_version
+FROM inserted, (SELECT count(*) AS e_count FROM inserted) AS counted"
+);
 
 const COLUMNS: &str = "global_position, stream_id, stream_version, event_id, event_type, \
      schema_fingerprint, payload, correlation_id, causation_id, recorded_at";
 
+/// The event store of one service database. Cheap to clone; clones share one
+/// [`RelayWaker`].
+#[derive(Clone, Debug)]
+pub struct EventStore {
+    pool: PgPool,
+    waker: RelayWaker,
+}
+
 impl EventStore {
     pub fn new(pool: PgPool) -> Self {
-        EventStore { pool }
+        let waker = RelayWaker::new(pool.connect_options().as_ref().clone());
+        EventStore { pool, waker }
     }
 
     pub fn pool(&self) -> &PgPool {
@@ -208,8 +284,8 @@ impl EventStore {
     ///
     /// With [`ExpectedVersion::Any`], losing a race to another writer is retried here;
     /// otherwise it is a [`StoreError::Concurrency`]. Appending events whose ids are all
-    /// already stored as this stream's latest append succeeds without storing anything
-    /// (`already_stored`), so a writer that is unsure whether it committed can retry.
+    /// already stored as one earlier append to this stream succeeds without storing
+    /// anything (`already_stored`), so a writer unsure whether it committed can retry.
     pub async fn append(
         &self,
         stream_id: &str,
@@ -217,20 +293,51 @@ impl EventStore {
         events: &[NewEvent],
     ) -> Result<AppendResult, StoreError> {
         let mut connection = self.pool.acquire().await?;
-        append_on(&mut connection, stream_id, expected, events).await
+        self.append_on(&mut connection, stream_id, expected, events)
+            .await
     }
 
-    /// Appends inside the caller's transaction, so that other writes (saga state, read
-    /// models) commit or roll back with the events. A race lost to a concurrent writer
-    /// aborts the caller's transaction and reports `Concurrency { actual: None }`.
-    pub async fn append_in_transaction(
+    /// [`append`](Self::append) on a connection the caller holds (outside any
+    /// transaction): for writers that keep a dedicated connection and so skip the
+    /// pool's per-checkout round trip.
+    pub async fn append_on(
         &self,
-        transaction: &mut PgConnection,
+        connection: &mut PgConnection,
         stream_id: &str,
         expected: ExpectedVersion,
         events: &[NewEvent],
     ) -> Result<AppendResult, StoreError> {
-        append_once(transaction, stream_id, expected, events, false).await
+        const ANY_RETRIES: usize = 16;
+        let mut attempt = 0;
+        let result = loop {
+            match append_once(connection, stream_id, expected, events, 0, true).await {
+                Err(StoreError::Concurrency { .. })
+                    if expected == ExpectedVersion::Any && attempt < ANY_RETRIES =>
+                {
+                    attempt += 1;
+                }
+                other => break other?,
+            }
+        };
+        if !result.already_stored {
+            self.waker.wake();
+        }
+        Ok(result)
+    }
+
+    /// Starts a transaction in which events can be appended together with the caller's
+    /// other writes (saga state, inbox rows, read models).
+    pub async fn begin(&self) -> Result<StoreTransaction, StoreError> {
+        Ok(StoreTransaction {
+            transaction: self.pool.begin().await?,
+            waker: self.waker.clone(),
+            positions_used: 0,
+        })
+    }
+
+    /// Wakes the outbox relay: for writers that put rows in the outbox by other means.
+    pub fn wake_relay(&self) {
+        self.waker.wake();
     }
 
     /// Events of one stream from `from_version` on, in version order.
@@ -271,125 +378,262 @@ impl EventStore {
 
     /// The version of a stream's last event, 0 if it has none.
     pub async fn stream_version(&self, stream_id: &str) -> Result<i64, StoreError> {
-        Ok(sqlx::query_scalar(
-            "SELECT coalesce(max(stream_version), 0) FROM events WHERE stream_id = $1",
-        )
-        .bind(stream_id)
-        .fetch_one(&self.pool)
-        .await?)
+        let mut connection = self.pool.acquire().await?;
+        stream_version_on(&mut connection, stream_id).await
     }
 }
 
-/// Appends on a connection outside any transaction, retrying lost races for `Any` and
-/// recognising a repeated append.
-async fn append_on(
-    connection: &mut PgConnection,
-    stream_id: &str,
-    expected: ExpectedVersion,
-    events: &[NewEvent],
-) -> Result<AppendResult, StoreError> {
-    const ANY_RETRIES: usize = 16;
-    let mut attempt = 0;
-    loop {
-        match append_once(connection, stream_id, expected, events, true).await {
-            Err(StoreError::Concurrency { .. }) if expected == ExpectedVersion::Any => {
-                attempt += 1;
-                if attempt >= ANY_RETRIES {
-                    let actual = stream_version_on(connection, stream_id).await?;
-                    return Err(StoreError::Concurrency {
-                        stream_id: stream_id.to_owned(),
-                        expected,
-                        actual: Some(actual),
-                    });
-                }
-            }
-            other => return other,
+/// A transaction that appends events together with the caller's own writes, which
+/// go through [`connection`](Self::connection). Dropping it without `commit` rolls
+/// everything back.
+#[derive(Debug)]
+pub struct StoreTransaction {
+    transaction: sqlx::Transaction<'static, sqlx::Postgres>,
+    waker: RelayWaker,
+    /// Positions are (transaction id << 20) + ordinal; this is the next ordinal.
+    positions_used: i64,
+}
+
+impl StoreTransaction {
+    /// Appends inside this transaction. A race lost to a concurrent writer aborts the
+    /// transaction and reports `Concurrency { actual: None }`: roll back and retry.
+    pub async fn append(
+        &mut self,
+        stream_id: &str,
+        expected: ExpectedVersion,
+        events: &[NewEvent],
+    ) -> Result<AppendResult, StoreError> {
+        if self.positions_used as usize + events.len() > MAX_EVENTS_PER_TRANSACTION {
+            return Err(StoreError::BadBatch(events.len()));
+        }
+        let result = append_once(
+            &mut self.transaction,
+            stream_id,
+            expected,
+            events,
+            self.positions_used,
+            false,
+        )
+        .await?;
+        self.positions_used += events.len() as i64;
+        Ok(result)
+    }
+
+    /// The transaction's connection, for the caller's other writes.
+    pub fn connection(&mut self) -> &mut PgConnection {
+        &mut self.transaction
+    }
+
+    /// Commits, then wakes the relay if anything was appended.
+    pub async fn commit(self) -> Result<(), StoreError> {
+        self.transaction.commit().await?;
+        if self.positions_used > 0 {
+            self.waker.wake();
+        }
+        Ok(())
+    }
+
+    pub async fn rollback(self) -> Result<(), StoreError> {
+        Ok(self.transaction.rollback().await?)
+    }
+}
+
+/// Wakes the outbox relay after appends commit, with a `NOTIFY` on its own connection.
+///
+/// Why not `NOTIFY` inside the writer's transaction: PostgreSQL serialises the commits
+/// of all notifying transactions behind one lock held through the WAL flush, which
+/// throws away group commit. Measured here (see BENCHMARKS.md), it cut 8 concurrent
+/// writers from about 8k to 4.7k appends/s and 32 writers to 2.9k. A wake-up is only a
+/// hint: a lost one (a crash between commit and notify) delays publication until the
+/// relay's fallback poll; nothing is lost, because the outbox row committed with the
+/// events. Wake-ups are coalesced to at most one `NOTIFY` per millisecond, sent with
+/// `synchronous_commit = off` since a notification needs no durability.
+#[derive(Clone, Debug)]
+pub struct RelayWaker {
+    wakes: tokio::sync::mpsc::Sender<()>,
+    /// Taken by the first wake, which starts the task that sends the notifications
+    /// (starting it lazily keeps `EventStore::new` free of a runtime requirement).
+    pending_task: Arc<Mutex<Option<WakeTask>>>,
+}
+
+/// What the wake-sending task needs: where wakes arrive, and how to connect.
+type WakeTask = (tokio::sync::mpsc::Receiver<()>, PgConnectOptions);
+
+/// At most one NOTIFY per this interval; wakes in between are merged.
+const WAKE_INTERVAL: Duration = Duration::from_millis(1);
+
+impl RelayWaker {
+    fn new(options: PgConnectOptions) -> Self {
+        // Capacity one: a wake while one is pending is merged into it.
+        let (wakes, receiver) = tokio::sync::mpsc::channel(1);
+        RelayWaker {
+            wakes,
+            pending_task: Arc::new(Mutex::new(Some((receiver, options)))),
         }
     }
+
+    fn wake(&self) {
+        if let Some((receiver, options)) = self
+            .pending_task
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .take()
+        {
+            tokio::spawn(send_wakes(receiver, options));
+        }
+        let _ = self.wakes.try_send(());
+    }
 }
 
+/// Sends one NOTIFY per merged wake until every store handle is gone.
+async fn send_wakes(mut wakes: tokio::sync::mpsc::Receiver<()>, options: PgConnectOptions) {
+    let mut connection: Option<PgConnection> = None;
+    let mut backoff = Duration::from_millis(100);
+    while wakes.recv().await.is_some() {
+        if connection.is_none() {
+            match PgConnection::connect_with(&options).await {
+                Ok(mut fresh) => {
+                    if sqlx::query("SET synchronous_commit = off")
+                        .execute(&mut fresh)
+                        .await
+                        .is_ok()
+                    {
+                        connection = Some(fresh);
+                    }
+                }
+                Err(error) => {
+                    tracing::warn!(%error, "relay waker cannot connect; the relay's poll will cover");
+                }
+            }
+        }
+        if let Some(live) = connection.as_mut() {
+            match sqlx::query("SELECT pg_notify($1, '')")
+                .bind(OUTBOX_CHANNEL)
+                .execute(&mut *live)
+                .await
+            {
+                Ok(_) => backoff = Duration::from_millis(100),
+                Err(error) => {
+                    tracing::warn!(%error, "relay wake-up failed; reconnecting");
+                    connection = None;
+                }
+            }
+        }
+        let pause = if connection.is_some() {
+            WAKE_INTERVAL
+        } else {
+            backoff
+        };
+        backoff = (backoff * 2).min(Duration::from_secs(5));
+        tokio::time::sleep(pause).await;
+    }
+}
+
+/// Appends once. `first_ordinal` is the number of positions the surrounding
+/// transaction already used. `can_look_again` is false inside a caller's transaction,
+/// which a failed statement aborts, so the follow-up queries cannot run.
 async fn append_once(
     connection: &mut PgConnection,
     stream_id: &str,
     expected: ExpectedVersion,
     events: &[NewEvent],
+    first_ordinal: i64,
     can_look_again: bool,
 ) -> Result<AppendResult, StoreError> {
     if events.is_empty() || events.len() > MAX_EVENTS_PER_TRANSACTION {
         return Err(StoreError::BadBatch(events.len()));
     }
     let count = events.len();
-    let event_ids: Vec<Uuid> = events.iter().map(|e| e.event_id).collect();
-    let mut event_types = Vec::with_capacity(count);
-    let mut fingerprints = Vec::with_capacity(count);
-    let mut payloads = Vec::with_capacity(count);
-    let mut correlation_ids = Vec::with_capacity(count);
-    let mut causation_ids = Vec::with_capacity(count);
-    for event in events {
-        event_types.push(event.event_type.as_str());
-        fingerprints.push(event.schema_fingerprint);
-        payloads.push(event.payload.as_slice());
-        correlation_ids.push(event.metadata.correlation_id);
-        causation_ids.push(event.metadata.causation_id);
-    }
-    let outcome = sqlx::query(APPEND)
+    let (sql, version) = expected.statement();
+    let query = sqlx::query(if count == 1 { sql.one } else { sql.many })
         .bind(stream_id)
-        .bind(expected.required().unwrap_or(-1))
-        .bind(&event_ids)
-        .bind(&event_types)
-        .bind(&fingerprints)
-        .bind(&payloads)
-        .bind(&correlation_ids)
-        .bind(&causation_ids)
-        .fetch_one(&mut *connection)
+        .bind(version);
+    let outcome = bind_events(query, events)
+        .bind(first_ordinal)
+        .fetch_all(&mut *connection)
         .await;
-    let row = match outcome {
-        Ok(row) => row,
-        Err(sqlx::Error::Database(error)) if error.is_unique_violation() => {
-            if !can_look_again {
-                return Err(match error.constraint() {
-                    Some("events_event_id_key") => StoreError::EventIdConflict {
-                        stream_id: stream_id.to_owned(),
-                    },
-                    _ => StoreError::Concurrency {
-                        stream_id: stream_id.to_owned(),
-                        expected,
-                        actual: None,
-                    },
-                });
+    let refused = match outcome {
+        Ok(rows) if rows.len() == count => {
+            let mut first_position = i64::MAX;
+            let mut first_version = 0;
+            for row in &rows {
+                first_position = first_position.min(row.try_get("global_position")?);
+                first_version = row.try_get("first_version")?;
             }
-            return already_stored(connection, stream_id, expected, &event_ids).await;
+            return Ok(AppendResult {
+                stream_version: first_version + count as i64 - 1,
+                first_position,
+                last_position: first_position + count as i64 - 1,
+                already_stored: false,
+            });
+        }
+        // Nothing stored: the claimed version does not exist, the stream is behind.
+        Ok(_) => None,
+        Err(sqlx::Error::Database(error)) if error.is_unique_violation() => {
+            Some(error.constraint().map(str::to_owned))
         }
         Err(error) => return Err(error.into()),
     };
-    let inserted: i64 = row.try_get("inserted")?;
-    if inserted as usize == count {
-        let current: i64 = row.try_get("current_version")?;
-        let first_position: i64 = row.try_get("first_position")?;
-        return Ok(AppendResult {
-            stream_version: current + count as i64,
-            first_position,
-            last_position: first_position + count as i64 - 1,
-            already_stored: false,
-        });
-    }
-    // Nothing was inserted: the version did not match (or the transaction ran out of
-    // positions, which a plain version check below cannot explain).
-    let current: i64 = row.try_get("current_version")?;
-    if expected
-        .required()
-        .is_none_or(|required| required == current)
-    {
-        return Err(StoreError::BadBatch(count));
-    }
     if can_look_again {
-        return already_stored(connection, stream_id, expected, &event_ids).await;
+        return already_stored(connection, stream_id, expected, events).await;
     }
-    Err(StoreError::Concurrency {
-        stream_id: stream_id.to_owned(),
-        expected,
-        actual: Some(current),
+    let Some(violated) = refused else {
+        // No statement failed, so the transaction is still usable: say where it is.
+        let actual = stream_version_on(connection, stream_id).await?;
+        return Err(StoreError::Concurrency {
+            stream_id: stream_id.to_owned(),
+            expected,
+            actual: Some(actual),
+        });
+    };
+    Err(match violated.as_deref() {
+        Some("events_event_id_key") => StoreError::EventIdConflict {
+            stream_id: stream_id.to_owned(),
+        },
+        _ => StoreError::Concurrency {
+            stream_id: stream_id.to_owned(),
+            expected,
+            actual: None,
+        },
     })
+}
+/// Binds $3..$8: one event's columns as scalars, or every event's as arrays.
+fn bind_events<'q>(
+    query: sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments>,
+    events: &'q [NewEvent],
+) -> sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments> {
+    if let [event] = events {
+        return query
+            .bind(event.event_id)
+            .bind(event.event_type.as_str())
+            .bind(event.schema_fingerprint)
+            .bind(event.payload.as_slice())
+            .bind(event.metadata.correlation_id)
+            .bind(event.metadata.causation_id);
+    }
+    let column = |f: fn(&NewEvent) -> Uuid| events.iter().map(f).collect::<Vec<_>>();
+    query
+        .bind(column(|e| e.event_id))
+        .bind(
+            events
+                .iter()
+                .map(|e| e.event_type.as_str())
+                .collect::<Vec<_>>(),
+        )
+        .bind(
+            events
+                .iter()
+                .map(|e| e.schema_fingerprint)
+                .collect::<Vec<_>>(),
+        )
+        .bind(
+            events
+                .iter()
+                .map(|e| e.payload.as_slice())
+                .collect::<Vec<_>>(),
+        )
+        .bind(column(|e| e.metadata.correlation_id))
+        .bind(column(|e| e.metadata.causation_id))
 }
 
 /// Decides whether a refused append was a repeat of one already stored (success) or a
@@ -398,13 +642,14 @@ async fn already_stored(
     connection: &mut PgConnection,
     stream_id: &str,
     expected: ExpectedVersion,
-    event_ids: &[Uuid],
+    events: &[NewEvent],
 ) -> Result<AppendResult, StoreError> {
+    let event_ids: Vec<Uuid> = events.iter().map(|e| e.event_id).collect();
     let rows = sqlx::query(
         "SELECT event_id, stream_id, stream_version, global_position FROM events \
          WHERE event_id = ANY($1)",
     )
-    .bind(event_ids)
+    .bind(&event_ids)
     .fetch_all(&mut *connection)
     .await?;
     if rows.is_empty() {
@@ -430,7 +675,7 @@ async fn already_stored(
     let same_append = stored.len() == event_ids.len()
         && stored
             .iter()
-            .zip(event_ids)
+            .zip(&event_ids)
             .all(|((id, stream, _, _), expected_id)| id == expected_id && stream == stream_id)
         && stored.windows(2).all(|pair| pair[1].2 == pair[0].2 + 1);
     if !same_append {

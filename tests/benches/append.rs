@@ -1,1 +1,312 @@
-fn main() {}
+//! Event-store append throughput against a plain-SQL ceiling, in one run on one
+//! database.
+//!
+//! The ceiling writes the same rows (an event row and its outbox row, in one
+//! auto-committed statement) into tables created `LIKE` the store's, with positions
+//! from a sequence and versions the client counts itself: the least work PostgreSQL
+//! can do to store the same data. The store does everything it does in production:
+//! version check, transaction-derived positions, outbox row, relay wake-up.
+//!
+//! Each writer either keeps one connection for the whole run ("dedicated") or takes
+//! one from the pool per append ("pool"), the same way for both sides. Runs alternate
+//! raw/store and repeat; the table reports medians and the CPU steal seen meanwhile.
+//!
+//!     cargo bench -p tests --bench append            # full run (about 6 minutes)
+//!     BENCH_SECONDS=2 BENCH_REPEATS=1 cargo bench -p tests --bench append   # quick look
+//!     BENCH_WRITERS=32 BENCH_BATCH=1 cargo bench -p tests --bench append     # some cases
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use eventstore::{EventStore, ExpectedVersion, Metadata, NewEvent};
+use sqlx::{PgConnection, PgPool};
+use tests::TestDb;
+use uuid::Uuid;
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Side {
+    Raw,
+    Store,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Connections {
+    Dedicated,
+    Pool,
+}
+
+#[derive(Clone, Copy, Debug)]
+struct Case {
+    writers: usize,
+    batch: usize,
+    connections: Connections,
+}
+
+const RAW_SINGLE: &str = "WITH inserted AS (
+    INSERT INTO raw_events (global_position, stream_id, stream_version, event_id, event_type,
+                            schema_fingerprint, payload, correlation_id, causation_id)
+    VALUES (nextval('raw_position'), $1, $2, $3, $4, $5, $6, $7, $8)
+    RETURNING global_position)
+  INSERT INTO raw_outbox (global_position) SELECT global_position FROM inserted";
+
+const RAW_BATCH: &str = "WITH inserted AS (
+    INSERT INTO raw_events (global_position, stream_id, stream_version, event_id, event_type,
+                            schema_fingerprint, payload, correlation_id, causation_id)
+    SELECT nextval('raw_position'), $1, $2 + e.n, e.event_id, e.event_type, e.fingerprint,
+           e.payload, e.correlation_id, e.causation_id
+    FROM unnest($3::uuid[], $4::text[], $5::bigint[], $6::bytea[], $7::uuid[], $8::uuid[])
+         WITH ORDINALITY AS e(event_id, event_type, fingerprint, payload, correlation_id, causation_id, n)
+    RETURNING global_position)
+  INSERT INTO raw_outbox (global_position) SELECT global_position FROM inserted";
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+async fn main() -> anyhow::Result<()> {
+    let seconds: u64 = env_or("BENCH_SECONDS", 5);
+    let repeats: usize = env_or("BENCH_REPEATS", 3);
+    let db = TestDb::new(40).await?;
+    sqlx::raw_sql(
+        "CREATE TABLE raw_events (LIKE events INCLUDING ALL);
+         CREATE TABLE raw_outbox (LIKE outbox INCLUDING ALL);
+         CREATE SEQUENCE raw_position;",
+    )
+    .execute(&db.pool)
+    .await?;
+    let registry = TestDb::registry();
+    let sample = registry.encode(&domain::order::OrderEvent::OrderPlaced {
+        order_id: Uuid::now_v7(),
+        customer_id: Uuid::now_v7(),
+        lines: vec![domain::order::OrderLine {
+            sku: "SKU-12345".into(),
+            quantity: 2,
+            unit_price_cents: 1999,
+        }],
+        total_cents: 3998,
+        currency: "EUR".into(),
+    })?;
+
+    let mut cases = Vec::new();
+    for connections in [Connections::Dedicated, Connections::Pool] {
+        for writers in [1, 8, 32] {
+            cases.push(Case {
+                writers,
+                batch: 1,
+                connections,
+            });
+        }
+    }
+    for writers in [1, 8, 32] {
+        cases.push(Case {
+            writers,
+            batch: 100,
+            connections: Connections::Dedicated,
+        });
+    }
+
+    let only_writers: Option<usize> = std::env::var("BENCH_WRITERS")
+        .ok()
+        .and_then(|v| v.parse().ok());
+    let only_batch: Option<usize> = std::env::var("BENCH_BATCH")
+        .ok()
+        .and_then(|v| v.parse().ok());
+    cases.retain(|case| {
+        only_writers.is_none_or(|w| w == case.writers) && only_batch.is_none_or(|b| b == case.batch)
+    });
+
+    println!(
+        "append benchmark: {seconds} s per run, {repeats} repeats, payload {} bytes",
+        sample.payload.len()
+    );
+    println!(
+        "| connections | writers | events/append | raw events/s (median) | store events/s (median) | store/raw | steal during runs |"
+    );
+    println!("|---|---|---|---|---|---|---|");
+    for case in cases {
+        let mut raw = Vec::new();
+        let mut store = Vec::new();
+        let mut steal = Vec::new();
+        for _ in 0..repeats {
+            for side in [Side::Raw, Side::Store] {
+                let before = cpu_times();
+                let rate = run(&db.pool, side, case, &sample, Duration::from_secs(seconds)).await?;
+                steal.push(steal_share(before, cpu_times()));
+                match side {
+                    Side::Raw => raw.push(rate),
+                    Side::Store => store.push(rate),
+                }
+            }
+        }
+        let (raw, store) = (median(raw), median(store));
+        let max_steal = steal.iter().cloned().fold(0.0, f64::max);
+        println!(
+            "| {:?} | {} | {} | {:.0} | {:.0} | {:.2} | median {:.1} %, max {:.1} % |",
+            case.connections,
+            case.writers,
+            case.batch,
+            raw,
+            store,
+            store / raw,
+            median(steal) * 100.0,
+            max_steal * 100.0
+        );
+    }
+    Ok(())
+}
+
+/// Runs one side of one case for `duration` (after a short warm-up) and returns events/s.
+async fn run(
+    pool: &PgPool,
+    side: Side,
+    case: Case,
+    sample: &eventstore::Encoded,
+    duration: Duration,
+) -> anyhow::Result<f64> {
+    let stop = Arc::new(AtomicBool::new(false));
+    let counting = Arc::new(AtomicBool::new(false));
+    let written = Arc::new(AtomicU64::new(0));
+    let run_id = Uuid::now_v7().simple().to_string();
+    let mut tasks = Vec::new();
+    let store = EventStore::new(pool.clone());
+    for writer in 0..case.writers {
+        let (pool, stop, counting, written) = (
+            pool.clone(),
+            stop.clone(),
+            counting.clone(),
+            written.clone(),
+        );
+        let store = store.clone();
+        let sample = sample.clone();
+        let stream_id = format!("bench-{run_id}-{writer}");
+        tasks.push(tokio::spawn(async move {
+            let mut dedicated = match case.connections {
+                Connections::Dedicated => Some(pool.acquire().await?),
+                Connections::Pool => None,
+            };
+            // The writer continues from what its previous append reported, as a real
+            // writer continues from what it loaded.
+            let mut expected = ExpectedVersion::NoStream;
+            let mut version: i64 = 0;
+            while !stop.load(Ordering::Relaxed) {
+                let events: Vec<NewEvent> = (0..case.batch)
+                    .map(|_| {
+                        NewEvent::new(
+                            sample.clone(),
+                            Metadata::new(Uuid::now_v7(), Uuid::now_v7()),
+                        )
+                    })
+                    .collect();
+                match (side, dedicated.as_mut()) {
+                    (Side::Store, Some(conn)) => {
+                        expected = store
+                            .append_on(conn, &stream_id, expected, &events)
+                            .await?
+                            .next_expected();
+                    }
+                    (Side::Store, None) => {
+                        expected = store
+                            .append(&stream_id, expected, &events)
+                            .await?
+                            .next_expected();
+                    }
+                    (Side::Raw, Some(conn)) => {
+                        raw_insert(conn, &stream_id, version, &events).await?
+                    }
+                    (Side::Raw, None) => {
+                        let mut conn = pool.acquire().await?;
+                        raw_insert(&mut conn, &stream_id, version, &events).await?
+                    }
+                }
+                version += case.batch as i64;
+                if counting.load(Ordering::Relaxed) {
+                    written.fetch_add(case.batch as u64, Ordering::Relaxed);
+                }
+            }
+            anyhow::Ok(())
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    counting.store(true, Ordering::Relaxed);
+    let started = Instant::now();
+    tokio::time::sleep(duration).await;
+    let counted = written.load(Ordering::Relaxed);
+    let elapsed = started.elapsed();
+    stop.store(true, Ordering::Relaxed);
+    for task in tasks {
+        task.await??;
+    }
+    Ok(counted as f64 / elapsed.as_secs_f64())
+}
+
+async fn raw_insert(
+    conn: &mut PgConnection,
+    stream_id: &str,
+    version: i64,
+    events: &[NewEvent],
+) -> anyhow::Result<()> {
+    if let [event] = events {
+        sqlx::query(RAW_SINGLE)
+            .bind(stream_id)
+            .bind(version + 1)
+            .bind(event.event_id)
+            .bind(&event.event_type)
+            .bind(event.schema_fingerprint)
+            .bind(&event.payload)
+            .bind(event.metadata.correlation_id)
+            .bind(event.metadata.causation_id)
+            .execute(conn)
+            .await?;
+    } else {
+        let ids: Vec<Uuid> = events.iter().map(|e| e.event_id).collect();
+        let types: Vec<&str> = events.iter().map(|e| e.event_type.as_str()).collect();
+        let fingerprints: Vec<i64> = events.iter().map(|e| e.schema_fingerprint).collect();
+        let payloads: Vec<&[u8]> = events.iter().map(|e| e.payload.as_slice()).collect();
+        let correlations: Vec<Uuid> = events.iter().map(|e| e.metadata.correlation_id).collect();
+        let causations: Vec<Uuid> = events.iter().map(|e| e.metadata.causation_id).collect();
+        sqlx::query(RAW_BATCH)
+            .bind(stream_id)
+            .bind(version)
+            .bind(ids)
+            .bind(types)
+            .bind(fingerprints)
+            .bind(payloads)
+            .bind(correlations)
+            .bind(causations)
+            .execute(conn)
+            .await?;
+    }
+    Ok(())
+}
+
+/// (steal, total) jiffies from the first line of /proc/stat.
+fn cpu_times() -> (u64, u64) {
+    let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+    let fields: Vec<u64> = stat
+        .lines()
+        .next()
+        .unwrap_or_default()
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|f| f.parse().ok())
+        .collect();
+    (fields.get(7).copied().unwrap_or(0), fields.iter().sum())
+}
+
+fn steal_share(before: (u64, u64), after: (u64, u64)) -> f64 {
+    let total = after.1.saturating_sub(before.1);
+    if total == 0 {
+        return 0.0;
+    }
+    after.0.saturating_sub(before.0) as f64 / total as f64
+}
+
+fn median(mut values: Vec<f64>) -> f64 {
+    values.sort_by(f64::total_cmp);
+    values[values.len() / 2]
+}
+
+fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
