@@ -12,19 +12,26 @@ pub static EVENT_STORE_MIGRATIONS: sqlx::migrate::Migrator =
 /// A pool tuned for this workload: sqlx's default pings a connection each time it is
 /// taken out, which on a 2-core machine cost 20–40 % of append throughput; a broken
 /// connection shows up as an error on first use instead, and callers retry.
-pub async fn connect(url: &str, max_connections: u32) -> Result<PgPool, sqlx::Error> {
+pub async fn connect(
+    options: PgConnectOptions,
+    max_connections: u32,
+) -> Result<PgPool, sqlx::Error> {
     PgPoolOptions::new()
         .max_connections(max_connections)
         .test_before_acquire(false)
         .acquire_timeout(Duration::from_secs(10))
-        .connect(url)
+        .connect_with(options)
         .await
 }
 
-/// Creates `database` on the server `server_url` points at, unless it exists.
-pub async fn create_database(server_url: &str, database: &str) -> Result<(), sqlx::Error> {
-    let options: PgConnectOptions = server_url.parse()?;
-    let mut admin = PgConnection::connect_with(&options.database("postgres")).await?;
+/// The options for `database` on the server `server_url` points at.
+pub fn database_url(server_url: &str, database: &str) -> Result<PgConnectOptions, sqlx::Error> {
+    Ok(server_url.parse::<PgConnectOptions>()?.database(database))
+}
+
+/// Creates `database` on `server`'s PostgreSQL, unless it exists.
+pub async fn create_database(server: &PgConnectOptions, database: &str) -> Result<(), sqlx::Error> {
+    let mut admin = admin_connection(server).await?;
     let exists: bool =
         sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_database WHERE datname = $1)")
             .bind(database)
@@ -38,17 +45,17 @@ pub async fn create_database(server_url: &str, database: &str) -> Result<(), sql
         {
             Ok(_) => {}
             // Another process created it between our check and our CREATE.
-            Err(sqlx::Error::Database(error)) if error.code().as_deref() == Some("42P04") => {}
+            Err(sqlx::Error::Database(error))
+                if matches!(error.code().as_deref(), Some("42P04" | "23505")) => {}
             Err(error) => return Err(error),
         }
     }
     admin.close().await
 }
 
-/// Drops `database` (and disconnects anyone still using it). Used by tests and tools.
-pub async fn drop_database(server_url: &str, database: &str) -> Result<(), sqlx::Error> {
-    let options: PgConnectOptions = server_url.parse()?;
-    let mut admin = PgConnection::connect_with(&options.database("postgres")).await?;
+/// Drops `database` (disconnecting anyone still using it). Used by tests and tools.
+pub async fn drop_database(server: &PgConnectOptions, database: &str) -> Result<(), sqlx::Error> {
+    let mut admin = admin_connection(server).await?;
     let statement = format!(
         "DROP DATABASE IF EXISTS {} WITH (FORCE)",
         quote_identifier(database)
@@ -59,14 +66,14 @@ pub async fn drop_database(server_url: &str, database: &str) -> Result<(), sqlx:
     admin.close().await
 }
 
-/// The URL of `database` on the server `server_url` points at.
-pub fn database_url(server_url: &str, database: &str) -> Result<PgConnectOptions, sqlx::Error> {
-    Ok(server_url.parse::<PgConnectOptions>()?.database(database))
-}
-
 /// Runs the event-store migrations.
 pub async fn migrate(pool: &PgPool) -> Result<(), sqlx::migrate::MigrateError> {
     EVENT_STORE_MIGRATIONS.run(pool).await
+}
+
+/// A connection to the server's `postgres` database, for creating and dropping others.
+async fn admin_connection(server: &PgConnectOptions) -> Result<PgConnection, sqlx::Error> {
+    PgConnection::connect_with(&server.clone().database("postgres")).await
 }
 
 fn quote_identifier(name: &str) -> String {

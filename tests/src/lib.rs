@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 
 use eventstore::{EventStore, SchemaRegistry};
 use sqlx::PgPool;
+use sqlx::postgres::PgConnectOptions;
 
 /// The PostgreSQL server tests use (`ORDERFLOW_PG_URL`, as the services do).
 pub fn server_url() -> String {
@@ -18,21 +19,16 @@ pub fn server_url() -> String {
 pub struct TestDb {
     pub pool: PgPool,
     pub name: String,
-    server: String,
+    server: PgConnectOptions,
 }
 
 impl TestDb {
     /// A fresh database with the event-store tables, and a pool of `connections`.
     pub async fn new(connections: u32) -> anyhow::Result<TestDb> {
-        let server = server_url();
+        let server: PgConnectOptions = server_url().parse()?;
         let name = format!("orderflow_test_{}", uuid::Uuid::now_v7().simple());
         eventstore::db::create_database(&server, &name).await?;
-        let url = eventstore::db::database_url(&server, &name)?;
-        let pool = sqlx::postgres::PgPoolOptions::new()
-            .max_connections(connections)
-            .test_before_acquire(false)
-            .connect_with(url)
-            .await?;
+        let pool = eventstore::db::connect(server.clone().database(&name), connections).await?;
         eventstore::db::migrate(&pool).await?;
         Ok(TestDb { pool, name, server })
     }

@@ -1,0 +1,220 @@
+//! Which services exist, where they listen, and which database each one owns.
+
+use std::net::IpAddr;
+
+use sqlx::postgres::PgConnectOptions;
+
+/// The services of DESIGN §2.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Service {
+    Gateway,
+    Order,
+    Inventory,
+    Payment,
+    User,
+    Notification,
+}
+
+impl Service {
+    pub const ALL: [Service; 6] = [
+        Service::Gateway,
+        Service::Order,
+        Service::Inventory,
+        Service::Payment,
+        Service::User,
+        Service::Notification,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Service::Gateway => "gateway",
+            Service::Order => "order",
+            Service::Inventory => "inventory",
+            Service::Payment => "payment",
+            Service::User => "user",
+            Service::Notification => "notification",
+        }
+    }
+
+    pub fn port(self) -> u16 {
+        match self {
+            Service::Gateway => 8080,
+            Service::Order => 8081,
+            Service::Inventory => 8082,
+            Service::Payment => 8083,
+            Service::User => 8084,
+            Service::Notification => 8085,
+        }
+    }
+
+    /// The database the service owns; the gateway owns none.
+    pub fn database(self) -> Option<&'static str> {
+        match self {
+            Service::Gateway => None,
+            Service::Order => Some("orderflow_order"),
+            Service::Inventory => Some("orderflow_inventory"),
+            Service::Payment => Some("orderflow_payment"),
+            Service::User => Some("orderflow_user"),
+            Service::Notification => Some("orderflow_notification"),
+        }
+    }
+
+    /// Whether this build can run the service yet. The gateway arrives with issue 7.
+    pub fn is_built(self) -> bool {
+        self != Service::Gateway
+    }
+
+    pub fn parse(name: &str) -> Result<Service, String> {
+        Service::ALL
+            .into_iter()
+            .find(|service| service.name() == name.trim())
+            .ok_or_else(|| {
+                let names: Vec<&str> = Service::ALL.iter().map(|s| s.name()).collect();
+                format!(
+                    "unknown service {name:?}; expected one of {}",
+                    names.join(", ")
+                )
+            })
+    }
+}
+
+impl std::fmt::Display for Service {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// Configuration from the environment (DESIGN §2).
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// `ORDERFLOW_PG_URL`: the PostgreSQL server every service database lives on.
+    pub pg_url: String,
+    /// `ORDERFLOW_BIND_ADDRESS`: where the services listen (default 127.0.0.1).
+    pub bind_address: IpAddr,
+    /// `ORDERFLOW_<SERVICE>_DATABASE_URL` overrides, read once at start-up.
+    database_urls: Vec<(Service, String)>,
+}
+
+impl Config {
+    pub fn from_env() -> anyhow::Result<Config> {
+        Self::from_lookup(|name| std::env::var(name).ok())
+    }
+
+    /// Builds a configuration from any variable lookup (tests pass a map).
+    pub fn from_lookup(lookup: impl Fn(&str) -> Option<String>) -> anyhow::Result<Config> {
+        let pg_url = lookup("ORDERFLOW_PG_URL")
+            .unwrap_or_else(|| "postgres://postgres@127.0.0.1:5432".to_owned());
+        let bind_address = match lookup("ORDERFLOW_BIND_ADDRESS") {
+            Some(text) => text.parse().map_err(|_| {
+                anyhow::anyhow!("ORDERFLOW_BIND_ADDRESS={text:?} is not an IP address")
+            })?,
+            None => IpAddr::from([127, 0, 0, 1]),
+        };
+        let database_urls = Service::ALL
+            .into_iter()
+            .filter_map(|service| {
+                let variable = format!(
+                    "ORDERFLOW_{}_DATABASE_URL",
+                    service.name().to_ascii_uppercase()
+                );
+                lookup(&variable).map(|url| (service, url))
+            })
+            .collect();
+        Ok(Config {
+            pg_url,
+            bind_address,
+            database_urls,
+        })
+    }
+
+    /// Where a service's database is, or `None` for the gateway.
+    pub fn database(&self, service: Service) -> anyhow::Result<Option<PgConnectOptions>> {
+        let Some(default_name) = service.database() else {
+            return Ok(None);
+        };
+        let overridden = self
+            .database_urls
+            .iter()
+            .find(|(s, _)| *s == service)
+            .map(|(_, url)| url);
+        let options = match overridden {
+            Some(url) => url.parse::<PgConnectOptions>().map_err(|error| {
+                anyhow::anyhow!("the {service} database URL is not valid: {error}")
+            })?,
+            None => eventstore::db::database_url(&self.pg_url, default_name)
+                .map_err(|error| anyhow::anyhow!("ORDERFLOW_PG_URL is not valid: {error}"))?,
+        };
+        Ok(Some(options))
+    }
+}
+
+/// Parses `--services a,b,c`; empty means every service this build can run.
+pub fn parse_services(list: Option<&str>) -> Result<Vec<Service>, String> {
+    let Some(list) = list.filter(|l| !l.trim().is_empty()) else {
+        return Ok(Service::ALL.into_iter().filter(|s| s.is_built()).collect());
+    };
+    let mut services = Vec::new();
+    for name in list.split(',') {
+        let service = Service::parse(name)?;
+        if !service.is_built() {
+            return Err(format!("the {service} service is not built yet"));
+        }
+        if !services.contains(&service) {
+            services.push(service);
+        }
+    }
+    Ok(services)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_and_overrides() {
+        let config = Config::from_lookup(|name| match name {
+            "ORDERFLOW_PAYMENT_DATABASE_URL" => Some("postgres://u@db.example:6543/pay".into()),
+            _ => None,
+        })
+        .unwrap();
+        assert_eq!(config.pg_url, "postgres://postgres@127.0.0.1:5432");
+        let order = config.database(Service::Order).unwrap().unwrap();
+        assert_eq!(order.get_database(), Some("orderflow_order"));
+        let payment = config.database(Service::Payment).unwrap().unwrap();
+        assert_eq!(payment.get_database(), Some("pay"));
+        assert_eq!(payment.get_port(), 6543);
+        assert!(config.database(Service::Gateway).unwrap().is_none());
+    }
+
+    #[test]
+    fn a_bad_bind_address_is_refused() {
+        let error = Config::from_lookup(|name| {
+            (name == "ORDERFLOW_BIND_ADDRESS").then(|| "localhost:80".to_owned())
+        })
+        .unwrap_err();
+        assert!(error.to_string().contains("ORDERFLOW_BIND_ADDRESS"));
+    }
+
+    #[test]
+    fn service_lists() {
+        assert_eq!(
+            parse_services(Some("order, inventory,order")).unwrap(),
+            vec![Service::Order, Service::Inventory]
+        );
+        assert!(
+            parse_services(None)
+                .unwrap()
+                .contains(&Service::Notification)
+        );
+        assert!(
+            parse_services(Some("shipping"))
+                .unwrap_err()
+                .contains("unknown")
+        );
+        assert!(
+            parse_services(Some("gateway"))
+                .unwrap_err()
+                .contains("not built")
+        );
+    }
+}

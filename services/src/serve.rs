@@ -1,0 +1,84 @@
+//! Running services until asked to stop.
+
+use anyhow::Context;
+use tokio::net::TcpListener;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::{Config, Service};
+use crate::http::{AppState, app};
+use crate::setup::prepare_database;
+
+/// Connections each service's pool may open.
+const POOL_SIZE: u32 = 16;
+
+/// Runs `services`, each on its own port with its own database, until Ctrl-C or
+/// SIGTERM; then every server stops accepting, finishes the requests in hand, and
+/// returns. If one server fails, the others are stopped too.
+pub async fn run(config: &Config, services: &[Service]) -> anyhow::Result<()> {
+    let shutdown = CancellationToken::new();
+    tokio::spawn(shutdown_signal(shutdown.clone()));
+    let mut servers = JoinSet::new();
+    for &service in services {
+        let pool = match config.database(service)? {
+            Some(options) => Some(prepare_database(&options, POOL_SIZE).await?),
+            None => None,
+        };
+        let address = (config.bind_address, service.port());
+        let listener = TcpListener::bind(address)
+            .await
+            .with_context(|| format!("{service}: cannot listen on {}:{}", address.0, address.1))?;
+        tracing::info!(%service, address = %listener.local_addr()?, "listening");
+        let router = app(AppState { service, pool });
+        let stop = shutdown.clone();
+        servers.spawn(async move {
+            axum::serve(listener, router)
+                .with_graceful_shutdown(stop.cancelled_owned())
+                .await
+                .with_context(|| format!("{service}: server failed"))
+        });
+    }
+    let mut outcome = Ok(());
+    while let Some(finished) = servers.join_next().await {
+        let result = finished.context("a server task panicked").and_then(|r| r);
+        if let Err(error) = result {
+            shutdown.cancel();
+            if outcome.is_ok() {
+                outcome = Err(error);
+            }
+        }
+    }
+    tracing::info!("stopped");
+    outcome
+}
+
+/// Resolves on Ctrl-C or SIGTERM, and cancels `shutdown`.
+pub async fn shutdown_signal(shutdown: CancellationToken) {
+    let ctrl_c = async {
+        if let Err(error) = tokio::signal::ctrl_c().await {
+            tracing::warn!(%error, "cannot listen for Ctrl-C");
+            std::future::pending::<()>().await;
+        }
+    };
+    #[cfg(unix)]
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(error) => {
+                tracing::warn!(%error, "cannot listen for SIGTERM");
+                std::future::pending::<()>().await;
+            }
+        }
+    };
+    #[cfg(not(unix))]
+    let terminate = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => {},
+        () = terminate => {},
+        () = shutdown.cancelled() => return,
+    }
+    tracing::info!("shutting down");
+    shutdown.cancel();
+}

@@ -1,0 +1,128 @@
+//! The `orderflow` binary end to end: exit codes, one-line errors, and `migrate`
+//! against real PostgreSQL (into uniquely named databases, dropped afterwards).
+
+use std::process::{Command, Output};
+
+use sqlx::postgres::PgConnectOptions;
+
+fn orderflow(args: &[&str], env: &[(String, String)]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_orderflow"))
+        .args(args)
+        .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+        .env("RUST_LOG", "error")
+        .output()
+        .expect("the orderflow binary runs")
+}
+
+fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+#[test]
+fn schemas_check_passes_on_the_shipped_schemas() {
+    let out = orderflow(&["schemas", "check"], &[]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(text(&out.stdout).starts_with("compatible:"));
+    let out = orderflow(&["schemas", "check", "--json"], &[]);
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(report["compatible"], true);
+    assert_eq!(report["problems"], serde_json::json!([]));
+}
+
+#[test]
+fn bad_arguments_exit_2_with_a_message() {
+    for args in [
+        &["serve", "--services", "shipping"][..],
+        &["serve", "--services", "gateway"][..],
+        &["no-such-command"][..],
+        &["schemas"][..],
+    ] {
+        let out = orderflow(args, &[]);
+        assert_eq!(out.status.code(), Some(2), "{args:?}");
+        let stderr = text(&out.stderr);
+        assert!(
+            stderr.contains("error:") || stderr.contains("Usage:"),
+            "{args:?}: {stderr}"
+        );
+    }
+}
+
+#[test]
+fn an_unreachable_database_is_one_line_and_exit_1() {
+    let env = [(
+        "ORDERFLOW_PG_URL".to_owned(),
+        "postgres://postgres@127.0.0.1:1".to_owned(),
+    )];
+    let out = orderflow(&["migrate"], &env);
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = text(&out.stderr);
+    assert_eq!(stderr.trim_end().lines().count(), 1, "{stderr}");
+    assert!(stderr.starts_with("orderflow: "), "{stderr}");
+    assert!(stderr.contains("Connection refused"), "{stderr}");
+}
+
+#[tokio::test]
+async fn migrate_creates_and_migrates_every_service_database() {
+    let server: PgConnectOptions = std::env::var("ORDERFLOW_PG_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432".to_owned())
+        .parse()
+        .unwrap();
+    let run = uuid::Uuid::now_v7().simple().to_string();
+    let services = ["order", "inventory", "payment", "user", "notification"];
+    let databases: Vec<String> = services
+        .iter()
+        .map(|s| format!("orderflow_test_{run}_{s}"))
+        .collect();
+    let env: Vec<(String, String)> = services
+        .iter()
+        .zip(&databases)
+        .map(|(service, database)| {
+            (
+                format!("ORDERFLOW_{}_DATABASE_URL", service.to_ascii_uppercase()),
+                format!("postgres://postgres@127.0.0.1:5432/{database}"),
+            )
+        })
+        .collect();
+
+    // Twice: the second run finds everything in place and changes nothing.
+    for _ in 0..2 {
+        let out = tokio::task::spawn_blocking({
+            let env = env.clone();
+            move || orderflow(&["migrate"], &env)
+        })
+        .await
+        .unwrap();
+        assert!(out.status.success(), "{}", text(&out.stderr));
+        assert_eq!(text(&out.stdout).lines().count(), services.len());
+    }
+    for database in &databases {
+        let pool = eventstore::db::connect(server.clone().database(database), 1)
+            .await
+            .unwrap();
+        let tables: Vec<String> = sqlx::query_scalar(
+            "SELECT tablename::text FROM pg_tables WHERE schemaname = 'public' ORDER BY 1",
+        )
+        .fetch_all(&pool)
+        .await
+        .unwrap();
+        assert_eq!(
+            tables,
+            [
+                "_sqlx_migrations",
+                "events",
+                "outbox",
+                "schema_registry",
+                "snapshots"
+            ]
+        );
+        let schemas: i64 = sqlx::query_scalar("SELECT count(*) FROM schema_registry")
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+        assert_eq!(schemas as usize, domain::wire::SCHEMA_FILES.len());
+        pool.close().await;
+        eventstore::db::drop_database(&server, database)
+            .await
+            .unwrap();
+    }
+}

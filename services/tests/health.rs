@@ -1,0 +1,59 @@
+//! Health endpoints, called in-process on the router against a real database.
+
+use axum::body::{Body, to_bytes};
+use axum::http::{Request, StatusCode};
+use services::config::Service;
+use services::http::{AppState, app};
+use sqlx::postgres::PgConnectOptions;
+use tower::ServiceExt;
+
+async fn get(state: AppState, path: &str) -> (StatusCode, serde_json::Value) {
+    let response = app(state)
+        .oneshot(Request::get(path).body(Body::empty()).unwrap())
+        .await
+        .unwrap();
+    let status = response.status();
+    let body = to_bytes(response.into_body(), 1 << 20).await.unwrap();
+    (status, serde_json::from_slice(&body).unwrap())
+}
+
+#[tokio::test]
+async fn ready_follows_the_database() {
+    let server: PgConnectOptions = std::env::var("ORDERFLOW_PG_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432".to_owned())
+        .parse()
+        .unwrap();
+    let name = format!("orderflow_test_{}", uuid::Uuid::now_v7().simple());
+    eventstore::db::create_database(&server, &name)
+        .await
+        .unwrap();
+    let pool = eventstore::db::connect(server.clone().database(&name), 2)
+        .await
+        .unwrap();
+    let state = AppState {
+        service: Service::Inventory,
+        pool: Some(pool.clone()),
+    };
+
+    let (status, body) = get(state.clone(), "/health/live").await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(body["service"], "inventory");
+    let (status, body) = get(state.clone(), "/health/ready").await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(body["checks"]["database"], "ok");
+
+    // With the database gone, the service is alive but not ready.
+    pool.close().await;
+    eventstore::db::drop_database(&server, &name).await.unwrap();
+    let (status, body) = get(state.clone(), "/health/live").await;
+    assert_eq!(status, StatusCode::OK);
+    let (status, body_ready) = get(state, "/health/ready").await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+    assert_eq!(body_ready["status"], "not_ready");
+    assert!(
+        body_ready["checks"]["database"]
+            .as_str()
+            .unwrap()
+            .starts_with("error")
+    );
+}
