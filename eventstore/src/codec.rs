@@ -50,6 +50,8 @@ struct KnownSchema {
     event_type: String,
     version: u32,
     schema: Schema,
+    /// The schema as written (with docs and defaults), for the registry table.
+    text: String,
 }
 
 /// Every schema version this process knows, by fingerprint, and the current (highest)
@@ -86,6 +88,7 @@ impl SchemaRegistry {
                 event_type: file.event_type.to_owned(),
                 version: file.version,
                 schema,
+                text: file.text.to_owned(),
             });
             by_fingerprint.insert(fingerprint(&known.schema), known.clone());
             let newer = current
@@ -111,29 +114,16 @@ impl SchemaRegistry {
     /// Records every known schema in the database's `schema_registry` table, so that
     /// readers running other versions of the code can resolve what this one writes.
     pub async fn publish(&self, pool: &PgPool) -> Result<(), CodecError> {
-        let rows: Vec<(i64, String, i32, String)> = self
-            .read_known()
-            .iter()
-            .map(|(fingerprint, known)| {
-                (
-                    *fingerprint,
-                    known.event_type.clone(),
-                    known.version as i32,
-                    known.schema.canonical_form(),
-                )
-            })
-            .collect();
-        let (fingerprints, event_types, versions, schemas): (Vec<_>, Vec<_>, Vec<_>, Vec<_>) =
-            rows.into_iter().fold(
-                (vec![], vec![], vec![], vec![]),
-                |(mut f, mut t, mut v, mut s), (fp, ty, ver, sc)| {
-                    f.push(fp);
-                    t.push(ty);
-                    v.push(ver);
-                    s.push(sc);
-                    (f, t, v, s)
-                },
-            );
+        let mut fingerprints = Vec::new();
+        let mut event_types = Vec::new();
+        let mut versions = Vec::new();
+        let mut schemas = Vec::new();
+        for (fingerprint, schema) in self.read_known().iter() {
+            fingerprints.push(*fingerprint);
+            event_types.push(schema.event_type.clone());
+            versions.push(schema.version as i32);
+            schemas.push(schema.text.clone());
+        }
         sqlx::query(
             "INSERT INTO schema_registry (fingerprint, event_type, version, schema)
              SELECT * FROM unnest($1::bigint[], $2::text[], $3::int[], $4::text[])
@@ -174,6 +164,7 @@ impl SchemaRegistry {
                     event_type,
                     version: version as u32,
                     schema,
+                    text,
                 }),
             );
         Ok(true)

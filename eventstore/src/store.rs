@@ -22,7 +22,7 @@ use sqlx::postgres::{PgConnectOptions, PgRow};
 use sqlx::{Connection, PgConnection, PgPool, Row};
 use uuid::Uuid;
 
-/// The channel the relay `LISTEN`s on; every append that stored something notifies it.
+/// The channel the relay `LISTEN`s on; it is notified after appends commit.
 pub const OUTBOX_CHANNEL: &str = "orderflow_outbox";
 
 /// Events one transaction may append in total: the ordinal takes the low 20 bits of a
@@ -95,7 +95,6 @@ pub struct Metadata {
 }
 
 impl Metadata {
-    /// Metadata for the first step of a new conversation, caused by `command_id`.
     pub fn new(correlation_id: Uuid, causation_id: Uuid) -> Self {
         Metadata {
             correlation_id,
@@ -255,12 +254,30 @@ const APPEND_ANY: AppendSql = append_sql!(
     first_version: "(SELECT coalesce(max(stream_version), 0) FROM events WHERE stream_id = $1)",
     guard: "$2 = -1",
     result: ", queued AS (INSERT INTO outbox (global_position) SELECT global_position FROM inserted)
-SELECT global_position, stream_version - e_count + 1 AS first_version
-FROM inserted, (SELECT count(*) AS e_count FROM inserted) AS counted"
+SELECT global_position, min(stream_version) OVER () AS first_version FROM inserted"
 );
 
-const COLUMNS: &str = "global_position, stream_id, stream_version, event_id, event_type, \
-     schema_fingerprint, payload, correlation_id, causation_id, recorded_at";
+macro_rules! select_events {
+    ($rest:literal) => {
+        concat!(
+            "SELECT global_position, stream_id, stream_version, event_id, event_type, \
+             schema_fingerprint, payload, correlation_id, causation_id, recorded_at \
+             FROM events ",
+            $rest
+        )
+    };
+}
+
+const READ_STREAM: &str = select_events!(
+    "WHERE stream_id = $1 AND stream_version >= $2 ORDER BY stream_version LIMIT $3"
+);
+
+/// Only positions below the oldest running transaction: see the module documentation.
+const READ_ALL: &str = select_events!(
+    "WHERE global_position > $1 \
+       AND global_position < (pg_snapshot_xmin(pg_current_snapshot())::text::bigint << 20) \
+     ORDER BY global_position LIMIT $2"
+);
 
 /// The event store of one service database. Cheap to clone; clones share one
 /// [`RelayWaker`].
@@ -347,15 +364,12 @@ impl EventStore {
         from_version: i64,
         limit: i64,
     ) -> Result<Vec<RecordedEvent>, StoreError> {
-        let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
-            "SELECT {COLUMNS} FROM events WHERE stream_id = $1 AND stream_version >= $2 \
-             ORDER BY stream_version LIMIT $3"
-        )))
-        .bind(stream_id)
-        .bind(from_version)
-        .bind(limit)
-        .fetch_all(&self.pool)
-        .await?;
+        let rows = sqlx::query(READ_STREAM)
+            .bind(stream_id)
+            .bind(from_version)
+            .bind(limit)
+            .fetch_all(&self.pool)
+            .await?;
         rows.iter().map(recorded).collect()
     }
 
@@ -363,16 +377,11 @@ impl EventStore {
     /// commits later: only positions below the oldest running transaction are returned.
     /// Start from 0; continue from the last position returned.
     pub async fn read_all(&self, after: i64, limit: i64) -> Result<Vec<RecordedEvent>, StoreError> {
-        let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
-            "SELECT {COLUMNS} FROM events \
-             WHERE global_position > $1 \
-               AND global_position < (pg_snapshot_xmin(pg_current_snapshot())::text::bigint << 20) \
-             ORDER BY global_position LIMIT $2"
-        )))
-        .bind(after)
-        .bind(limit)
-        .fetch_all(&self.pool)
-        .await?;
+        let rows = sqlx::query(READ_ALL)
+            .bind(after)
+            .bind(limit)
+            .fetch_all(&self.pool)
+            .await?;
         rows.iter().map(recorded).collect()
     }
 
