@@ -273,6 +273,16 @@ mod tests {
         Uuid::from_u128(n)
     }
 
+    fn ten_with_four_held_for_order_7() -> Vec<StockEvent> {
+        let mut history = created_with(10);
+        history.push(StockEvent::StockReserved {
+            sku: "SKU-1".into(),
+            order_id: order(7),
+            quantity: 4,
+        });
+        history
+    }
+
     #[test]
     fn adding_to_a_new_sku_creates_it() {
         let events = given::<StockItem>(&[])
@@ -357,13 +367,7 @@ mod tests {
 
     #[test]
     fn release_returns_stock_and_a_second_release_does_nothing() {
-        let mut history = created_with(10);
-        history.push(StockEvent::StockReserved {
-            sku: "SKU-1".into(),
-            order_id: order(7),
-            quantity: 4,
-        });
-        let item = given::<StockItem>(&history);
+        let item = given::<StockItem>(&ten_with_four_held_for_order_7());
         let release = StockCommand::ReleaseStock { order_id: order(7) };
         let item = item.clone().replay(&item.decide(&release).unwrap());
         assert_eq!((item.available, item.reserved), (10, 0));
@@ -372,13 +376,7 @@ mod tests {
 
     #[test]
     fn commit_sells_what_was_reserved_and_needs_a_reservation() {
-        let mut history = created_with(10);
-        history.push(StockEvent::StockReserved {
-            sku: "SKU-1".into(),
-            order_id: order(7),
-            quantity: 4,
-        });
-        let item = given::<StockItem>(&history);
+        let item = given::<StockItem>(&ten_with_four_held_for_order_7());
         let commit = StockCommand::CommitStock { order_id: order(7) };
         let item = item.clone().replay(&item.decide(&commit).unwrap());
         assert_eq!((item.available, item.reserved, item.sold), (6, 0, 4));
