@@ -14,6 +14,7 @@
 //! never skip an event that commits late. Positions are sparse, never reused, and
 //! totally ordered; ARCHITECTURE.md has the argument in full.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -463,6 +464,7 @@ pub struct RelayWaker {
     /// Taken by the first wake, which starts the task that sends the notifications
     /// (starting it lazily keeps `EventStore::new` free of a runtime requirement).
     pending_task: Arc<Mutex<Option<WakeTask>>>,
+    started: Arc<AtomicBool>,
 }
 
 /// What the wake-sending task needs: where wakes arrive, and how to connect.
@@ -478,17 +480,21 @@ impl RelayWaker {
         RelayWaker {
             wakes,
             pending_task: Arc::new(Mutex::new(Some((receiver, options)))),
+            started: Arc::new(AtomicBool::new(false)),
         }
     }
 
     fn wake(&self) {
-        if let Some((receiver, options)) = self
-            .pending_task
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
-            .take()
-        {
-            tokio::spawn(send_wakes(receiver, options));
+        // After the first wake this is one atomic load: appends never contend here.
+        if !self.started.load(Ordering::Acquire) {
+            let mut pending = self
+                .pending_task
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner());
+            if let Some((receiver, options)) = pending.take() {
+                tokio::spawn(send_wakes(receiver, options));
+            }
+            self.started.store(true, Ordering::Release);
         }
         let _ = self.wakes.try_send(());
     }
