@@ -506,41 +506,45 @@ async fn send_wakes(mut wakes: tokio::sync::mpsc::Receiver<()>, options: PgConne
     let mut backoff = Duration::from_millis(100);
     while wakes.recv().await.is_some() {
         if connection.is_none() {
-            match PgConnection::connect_with(&options).await {
-                Ok(mut fresh) => {
-                    if sqlx::query("SET synchronous_commit = off")
-                        .execute(&mut fresh)
-                        .await
-                        .is_ok()
-                    {
-                        connection = Some(fresh);
-                    }
-                }
-                Err(error) => {
-                    tracing::warn!(%error, "relay waker cannot connect; the relay's poll will cover");
-                }
-            }
+            connection = connect_for_wakes(&options).await;
         }
-        if let Some(live) = connection.as_mut() {
-            match sqlx::query("SELECT pg_notify($1, '')")
+        if let Some(live) = connection.as_mut()
+            && let Err(error) = sqlx::query("SELECT pg_notify($1, '')")
                 .bind(OUTBOX_CHANNEL)
                 .execute(&mut *live)
                 .await
-            {
-                Ok(_) => backoff = Duration::from_millis(100),
-                Err(error) => {
-                    tracing::warn!(%error, "relay wake-up failed; reconnecting");
-                    connection = None;
-                }
-            }
+        {
+            tracing::warn!(%error, "relay wake-up failed; reconnecting");
+            connection = None;
         }
+        // Healthy: merge the wakes of the next interval. Failing: back off, doubling.
         let pause = if connection.is_some() {
+            backoff = Duration::from_millis(100);
             WAKE_INTERVAL
         } else {
+            backoff = (backoff * 2).min(Duration::from_secs(5));
             backoff
         };
-        backoff = (backoff * 2).min(Duration::from_secs(5));
         tokio::time::sleep(pause).await;
+    }
+}
+
+/// A connection for wake-ups: notifications need no durability, so they do not wait
+/// for the WAL flush. `None` (logged) when it cannot be had; the relay's poll covers.
+async fn connect_for_wakes(options: &PgConnectOptions) -> Option<PgConnection> {
+    let attempt = async {
+        let mut connection = PgConnection::connect_with(options).await?;
+        sqlx::query("SET synchronous_commit = off")
+            .execute(&mut connection)
+            .await?;
+        Ok::<_, sqlx::Error>(connection)
+    };
+    match attempt.await {
+        Ok(connection) => Some(connection),
+        Err(error) => {
+            tracing::warn!(%error, "relay waker cannot connect; the relay's poll will cover");
+            None
+        }
     }
 }
 

@@ -3,7 +3,7 @@
 
 use std::process::{Command, Output};
 
-use sqlx::postgres::PgConnectOptions;
+mod common;
 
 fn orderflow(args: &[&str], env: &[(String, String)]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_orderflow"))
@@ -63,10 +63,7 @@ fn an_unreachable_database_is_one_line_and_exit_1() {
 
 #[tokio::test]
 async fn migrate_creates_and_migrates_every_service_database() {
-    let server: PgConnectOptions = std::env::var("ORDERFLOW_PG_URL")
-        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432".to_owned())
-        .parse()
-        .unwrap();
+    let server = common::server();
     let run = uuid::Uuid::now_v7().simple().to_string();
     let services = ["order", "inventory", "payment", "user", "notification"];
     let databases: Vec<String> = services

@@ -4,8 +4,9 @@ use axum::body::{Body, to_bytes};
 use axum::http::{Request, StatusCode};
 use services::config::Service;
 use services::http::{AppState, app};
-use sqlx::postgres::PgConnectOptions;
 use tower::ServiceExt;
+
+mod common;
 
 async fn get(state: AppState, path: &str) -> (StatusCode, serde_json::Value) {
     let response = app(state)
@@ -19,10 +20,7 @@ async fn get(state: AppState, path: &str) -> (StatusCode, serde_json::Value) {
 
 #[tokio::test]
 async fn ready_follows_the_database() {
-    let server: PgConnectOptions = std::env::var("ORDERFLOW_PG_URL")
-        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432".to_owned())
-        .parse()
-        .unwrap();
+    let server = common::server();
     let name = format!("orderflow_test_{}", uuid::Uuid::now_v7().simple());
     eventstore::db::create_database(&server, &name)
         .await

@@ -37,8 +37,12 @@ impl TestDb {
         EventStore::new(self.pool.clone())
     }
 
+    /// The built-in schema registry, parsed once per test binary (it is cheap to clone).
     pub fn registry() -> SchemaRegistry {
-        SchemaRegistry::builtin().expect("the built-in schemas parse")
+        static REGISTRY: std::sync::LazyLock<SchemaRegistry> = std::sync::LazyLock::new(|| {
+            SchemaRegistry::builtin().expect("the built-in schemas parse")
+        });
+        REGISTRY.clone()
     }
 }
 
