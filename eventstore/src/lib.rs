@@ -9,18 +9,30 @@
 //! - [`aggregates`]: load an aggregate (snapshot + newer events) and run a command on
 //!   it; snapshots are a cache that can be deleted at any time.
 //! - [`db`]: connecting, creating service databases, and running migrations.
+//! - [`amqp`]: the RabbitMQ topology and the AMQP properties every message carries.
+//! - [`relay`]: the outbox relay, one leader per database, publishing with confirms.
+//! - [`consumer`]: the consumer runtime (inbox, per-stream order, retries, dead
+//!   letters) that projections, sagas and command handlers run on.
+//! - [`metrics`]: Prometheus metrics of all of the above.
 //!
-//! Invariants: only this crate knows the SQL of the event tables; nothing here knows
-//! HTTP. Later issues add the outbox relay and RabbitMQ runtime here too.
+//! Invariants: only this crate knows the SQL of the event, outbox and inbox tables and
+//! talks to RabbitMQ; nothing here knows HTTP.
 
 pub mod aggregates;
+pub mod amqp;
 pub mod codec;
+pub mod consumer;
 pub mod db;
+pub mod metrics;
+pub mod relay;
 pub mod store;
 
 pub use aggregates::{AggregateStore, ExecuteError, Executed, Loaded, Snapshot};
 pub use codec::{CodecError, Encoded, SchemaRegistry};
+pub use consumer::{Consumer, ConsumerConfig, Handler, HandlerError, Message};
+pub use metrics::Metrics;
+pub use relay::{Relay, RelayConfig};
 pub use store::{
-    AppendResult, EventStore, ExpectedVersion, Metadata, NewEvent, OUTBOX_CHANNEL, RecordedEvent,
-    RelayWaker, StoreError, StoreTransaction, StoredVersion,
+    AppendResult, EventStore, ExpectedVersion, Metadata, NewEvent, OUTBOX_CHANNEL, OutgoingCommand,
+    RecordedEvent, RelayWaker, StoreError, StoreTransaction, StoredVersion,
 };

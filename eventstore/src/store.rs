@@ -48,14 +48,19 @@ pub enum ExpectedVersion {
 
 impl ExpectedVersion {
     /// The statement that appends under this expectation, and its version parameter.
-    fn statement(self) -> (AppendSql, i64) {
+    /// `in_transaction`: the append runs inside a [`StoreTransaction`], whose
+    /// transaction id may predate the stream's head (see [`APPEND_AT_IN_TX`]).
+    fn statement(self, in_transaction: bool) -> (AppendSql, i64) {
+        let pick = |plain, guarded| if in_transaction { guarded } else { plain };
         match self {
-            ExpectedVersion::Any => (APPEND_ANY, -1),
+            ExpectedVersion::Any => (pick(APPEND_ANY, APPEND_ANY_IN_TX), -1),
             ExpectedVersion::NoStream | ExpectedVersion::Exact(0) => (APPEND_AT, 0),
             // The unique index refuses version n + 1 if it exists; only the existence
             // of version n needs checking, or an append could leave a hole.
-            ExpectedVersion::Exact(version) => (APPEND_AT_EXISTING, version),
-            ExpectedVersion::Stored(version) => (APPEND_AT, version.0),
+            ExpectedVersion::Exact(version) => {
+                (pick(APPEND_AT_EXISTING, APPEND_AT_EXISTING_IN_TX), version)
+            }
+            ExpectedVersion::Stored(version) => (pick(APPEND_AT, APPEND_AT_IN_TX), version.0),
         }
     }
 }
@@ -128,6 +133,45 @@ impl NewEvent {
     }
 }
 
+/// A command for another service, sent through the outbox (see
+/// [`StoreTransaction::send_command`]) and handled from that service's command queue,
+/// idempotently by `command_id`.
+#[derive(Debug, Clone)]
+pub struct OutgoingCommand {
+    /// The receiver's inbox is keyed by it: choose it so that a retried sender sends
+    /// the same id (for example derived from the event that caused the command).
+    pub command_id: Uuid,
+    pub command_type: String,
+    /// The service whose `<service>.commands` queue receives it.
+    pub target_service: String,
+    /// Commands with one ordering key are handled one at a time, in the order sent
+    /// (typically the stream the command acts on).
+    pub ordering_key: String,
+    pub schema_fingerprint: i64,
+    /// Avro single-object encoding, like an event's.
+    pub payload: Vec<u8>,
+    pub metadata: Metadata,
+}
+
+impl OutgoingCommand {
+    pub fn new(
+        target_service: &str,
+        ordering_key: impl Into<String>,
+        encoded: crate::Encoded,
+        metadata: Metadata,
+    ) -> Self {
+        OutgoingCommand {
+            command_id: Uuid::now_v7(),
+            command_type: encoded.event_type.to_owned(),
+            target_service: target_service.to_owned(),
+            ordering_key: ordering_key.into(),
+            schema_fingerprint: encoded.fingerprint,
+            payload: encoded.payload,
+            metadata,
+        }
+    }
+}
+
 /// An event as stored.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RecordedEvent {
@@ -172,6 +216,13 @@ pub enum StoreError {
         expected: ExpectedVersion,
         actual: Option<i64>,
     },
+    /// Inside a [`StoreTransaction`] that began writing before the stream's head was
+    /// committed: appending now would give the new events lower global positions than
+    /// their predecessor. Roll back and retry in a new transaction.
+    #[error(
+        "stream {stream_id}: its head was written after this transaction began; retry in a new transaction"
+    )]
+    Reordered { stream_id: String },
     /// Some of the event ids are already stored, but not as this exact append.
     #[error("stream {stream_id}: some event ids are already stored elsewhere")]
     EventIdConflict { stream_id: String },
@@ -182,8 +233,12 @@ pub enum StoreError {
 }
 
 impl StoreError {
+    /// A race lost to another writer: retrying (in a new transaction) can succeed.
     pub fn is_concurrency(&self) -> bool {
-        matches!(self, StoreError::Concurrency { .. })
+        matches!(
+            self,
+            StoreError::Concurrency { .. } | StoreError::Reordered { .. }
+        )
     }
 }
 
@@ -254,6 +309,39 @@ RETURNING global_position, $2::bigint + 1 AS first_version"
 const APPEND_ANY: AppendSql = append_sql!(
     first_version: "(SELECT coalesce(max(stream_version), 0) FROM events WHERE stream_id = $1)",
     guard: "$2 = -1",
+    result: ", queued AS (INSERT INTO outbox (global_position) SELECT global_position FROM inserted)
+SELECT global_position, min(stream_version) OVER () AS first_version FROM inserted"
+);
+
+/// [`APPEND_AT`] inside a [`StoreTransaction`], guarded: the stream's head must come
+/// from a transaction no newer than this one. Outside such a transaction that always
+/// holds (the writer gets its transaction id inside the append statement, after every
+/// event it can see was committed), but a transaction that wrote something else first
+/// (an inbox row, saga state) holds an older id. If another writer committed the
+/// stream's head in between, our events would sort before their predecessor in global
+/// order, and the relay and `read_all` would hand them out in the wrong order.
+const APPEND_AT_IN_TX: AppendSql = append_sql!(
+    first_version: "$2::bigint",
+    guard: "$2 >= 0 AND coalesce((SELECT global_position >> 20 FROM events \
+     WHERE stream_id = $1 AND stream_version = $2), 0) <= pg_current_xact_id()::text::bigint",
+    result: "INSERT INTO outbox (global_position) SELECT global_position FROM inserted
+RETURNING global_position, $2::bigint + 1 AS first_version"
+);
+
+/// [`APPEND_AT_EXISTING`] inside a caller's transaction.
+const APPEND_AT_EXISTING_IN_TX: AppendSql = append_sql!(
+    first_version: "$2::bigint",
+    guard: "EXISTS (SELECT 1 FROM events WHERE stream_id = $1 AND stream_version = $2 \
+     AND global_position >> 20 <= pg_current_xact_id()::text::bigint)",
+    result: "INSERT INTO outbox (global_position) SELECT global_position FROM inserted
+RETURNING global_position, $2::bigint + 1 AS first_version"
+);
+
+/// [`APPEND_ANY`] inside a caller's transaction.
+const APPEND_ANY_IN_TX: AppendSql = append_sql!(
+    first_version: "(SELECT coalesce(max(stream_version), 0) FROM events WHERE stream_id = $1)",
+    guard: "$2 = -1 AND coalesce((SELECT global_position >> 20 FROM events \
+     WHERE stream_id = $1 ORDER BY stream_version DESC LIMIT 1), 0) <= pg_current_xact_id()::text::bigint",
     result: ", queued AS (INSERT INTO outbox (global_position) SELECT global_position FROM inserted)
 SELECT global_position, min(stream_version) OVER () AS first_version FROM inserted"
 );
@@ -358,6 +446,10 @@ impl EventStore {
         self.waker.wake();
     }
 
+    pub(crate) fn relay_signal(&self) -> LocalRelaySignal {
+        self.waker.local_signal()
+    }
+
     /// Events of one stream from `from_version` on, in version order.
     pub async fn read_stream(
         &self,
@@ -429,6 +521,33 @@ impl StoreTransaction {
         Ok(result)
     }
 
+    /// Queues a command for another service in the outbox, inside this transaction: it
+    /// is sent if and only if the transaction commits. Returns its outbox position.
+    pub async fn send_command(&mut self, command: &OutgoingCommand) -> Result<i64, StoreError> {
+        if self.positions_used as usize >= MAX_EVENTS_PER_TRANSACTION {
+            return Err(StoreError::BadBatch(1));
+        }
+        let position = sqlx::query_scalar(
+            "INSERT INTO outbox (global_position, message_id, message_type, target_service, \
+             ordering_key, schema_fingerprint, payload, correlation_id, causation_id) \
+             VALUES ((pg_current_xact_id()::text::bigint << 20) + $1, $2, $3, $4, $5, $6, $7, $8, $9) \
+             RETURNING global_position",
+        )
+        .bind(self.positions_used)
+        .bind(command.command_id)
+        .bind(command.command_type.as_str())
+        .bind(command.target_service.as_str())
+        .bind(command.ordering_key.as_str())
+        .bind(command.schema_fingerprint)
+        .bind(command.payload.as_slice())
+        .bind(command.metadata.correlation_id)
+        .bind(command.metadata.causation_id)
+        .fetch_one(&mut *self.transaction)
+        .await?;
+        self.positions_used += 1;
+        Ok(position)
+    }
+
     /// The transaction's connection, for the caller's other writes.
     pub fn connection(&mut self) -> &mut PgConnection {
         &mut self.transaction
@@ -460,6 +579,10 @@ impl StoreTransaction {
 /// `synchronous_commit = off` since a notification needs no durability.
 #[derive(Clone, Debug)]
 pub struct RelayWaker {
+    /// Wakes a relay in this process directly: no round trip through PostgreSQL.
+    local: Arc<tokio::sync::Notify>,
+    /// Set while a relay of this process leads; then no other process needs a NOTIFY.
+    local_leader: Arc<AtomicBool>,
     wakes: tokio::sync::mpsc::Sender<()>,
     /// Taken by the first wake, which starts the task that sends the notifications
     /// (starting it lazily keeps `EventStore::new` free of a runtime requirement).
@@ -478,6 +601,8 @@ impl RelayWaker {
         // Capacity one: a wake while one is pending is merged into it.
         let (wakes, receiver) = tokio::sync::mpsc::channel(1);
         RelayWaker {
+            local: Arc::new(tokio::sync::Notify::new()),
+            local_leader: Arc::new(AtomicBool::new(false)),
             wakes,
             pending_task: Arc::new(Mutex::new(Some((receiver, options)))),
             started: Arc::new(AtomicBool::new(false)),
@@ -485,6 +610,10 @@ impl RelayWaker {
     }
 
     fn wake(&self) {
+        self.local.notify_one();
+        if self.local_leader.load(Ordering::Acquire) {
+            return;
+        }
         // After the first wake this is one atomic load: appends never contend here.
         if !self.started.load(Ordering::Acquire) {
             let mut pending = self
@@ -497,6 +626,22 @@ impl RelayWaker {
             self.started.store(true, Ordering::Release);
         }
         let _ = self.wakes.try_send(());
+    }
+}
+
+/// What a relay in this process uses to be woken directly and to say it leads.
+#[derive(Clone, Debug)]
+pub(crate) struct LocalRelaySignal {
+    pub(crate) wakes: Arc<tokio::sync::Notify>,
+    pub(crate) leading: Arc<AtomicBool>,
+}
+
+impl RelayWaker {
+    pub(crate) fn local_signal(&self) -> LocalRelaySignal {
+        LocalRelaySignal {
+            wakes: self.local.clone(),
+            leading: self.local_leader.clone(),
+        }
     }
 }
 
@@ -563,7 +708,7 @@ async fn append_once(
         return Err(StoreError::BadBatch(events.len()));
     }
     let count = events.len();
-    let (sql, version) = expected.statement();
+    let (sql, version) = expected.statement(!can_look_again);
     let query = sqlx::query(if count == 1 { sql.one } else { sql.many })
         .bind(stream_id)
         .bind(version);
@@ -598,7 +743,13 @@ async fn append_once(
     }
     let Some(violated) = refused else {
         // No statement failed, so the transaction is still usable: say where it is.
+        // At the expected version (or appending at any), the ordering guard refused.
         let actual = stream_version_on(connection, stream_id).await?;
+        if expected == ExpectedVersion::Any || actual == version.max(0) {
+            return Err(StoreError::Reordered {
+                stream_id: stream_id.to_owned(),
+            });
+        }
         return Err(StoreError::Concurrency {
             stream_id: stream_id.to_owned(),
             expected,

@@ -1,6 +1,6 @@
 //! Helpers for orderflow's end-to-end tests and benchmarks: every test gets its own
-//! freshly migrated PostgreSQL database, dropped again when the test ends, so tests
-//! run in parallel and leave nothing behind.
+//! freshly migrated PostgreSQL database and its own RabbitMQ virtual host, both removed
+//! again when the test ends, so tests run in parallel and leave nothing behind.
 
 use std::future::Future;
 use std::time::{Duration, Instant};
@@ -69,6 +69,77 @@ impl Drop for TestDb {
             Err(_) => eprintln!("dropping test database {} panicked", self.name),
         }
     }
+}
+
+/// The RabbitMQ server tests use (`ORDERFLOW_AMQP_URL`, as the services do), without
+/// its virtual host.
+fn amqp_server() -> String {
+    let url = std::env::var("ORDERFLOW_AMQP_URL")
+        .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".to_owned());
+    match url.rfind('/') {
+        Some(slash) if slash > "amqp://".len() => url[..slash].to_owned(),
+        _ => url,
+    }
+}
+
+/// A RabbitMQ virtual host of a test's own, deleted (with every queue and exchange in
+/// it) when this value is dropped. Made with `rabbitmqctl`, which needs to run on the
+/// broker's machine, as the test suite does.
+pub struct Vhost {
+    pub name: String,
+    /// An AMQP URL that connects into this virtual host.
+    pub url: String,
+}
+
+impl Vhost {
+    pub fn new() -> anyhow::Result<Vhost> {
+        let name = format!("orderflow-test-{}", uuid::Uuid::now_v7().simple());
+        rabbitmqctl(&["add_vhost", &name])?;
+        let vhost = Vhost {
+            url: format!("{}/{name}", amqp_server()),
+            name,
+        };
+        // The vhost is removed on drop even if this fails.
+        rabbitmqctl(&[
+            "set_permissions",
+            "-p",
+            &vhost.name,
+            "guest",
+            ".*",
+            ".*",
+            ".*",
+        ])?;
+        Ok(vhost)
+    }
+
+    /// Force-closes every client connection into this virtual host, as a broker
+    /// restart or a network cut would.
+    pub fn close_all_connections(&self) -> anyhow::Result<()> {
+        rabbitmqctl(&["close_all_connections", "--vhost", &self.name, "test fault"])
+    }
+}
+
+impl Drop for Vhost {
+    fn drop(&mut self) {
+        if let Err(error) = rabbitmqctl(&["delete_vhost", &self.name]) {
+            eprintln!("could not delete test vhost {}: {error}", self.name);
+        }
+    }
+}
+
+fn rabbitmqctl(arguments: &[&str]) -> anyhow::Result<()> {
+    let output = std::process::Command::new("rabbitmqctl")
+        .arg("--quiet")
+        .args(arguments)
+        .output()
+        .map_err(|error| anyhow::anyhow!("cannot run rabbitmqctl: {error}"))?;
+    anyhow::ensure!(
+        output.status.success(),
+        "rabbitmqctl {}: {}",
+        arguments.join(" "),
+        String::from_utf8_lossy(&output.stderr).trim()
+    );
+    Ok(())
 }
 
 /// Polls `condition` until it yields `Some`, failing after `deadline`. Tests wait on

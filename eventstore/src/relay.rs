@@ -1,0 +1,365 @@
+//! The outbox relay: publishes what appends put in the outbox to RabbitMQ.
+//!
+//! One relay per service database leads (it holds a PostgreSQL advisory lock on a
+//! connection of its own); any other instance stands by, retrying the lock every
+//! `standby_interval`, and takes over when the leader's connection goes away. The
+//! leader reads unpublished rows in position order, publishes a batch of them with
+//! publisher confirms (all in flight at once), waits for every confirm, and only then
+//! marks the rows published. A crash in between republishes the batch: consumers
+//! deduplicate by message id. Published rows are deleted on a schedule.
+//!
+//! Per-stream order: a stream's versions have increasing positions (the append's
+//! ordering guard sees to that even inside longer transactions), and a version is only
+//! appended once its predecessor committed, so rows of one stream become visible and
+//! are published in version order. Rows of different streams may commit out of
+//! position order; that only reorders unrelated streams.
+
+use std::time::{Duration, Instant};
+
+use lapin::Confirmation;
+use lapin::options::BasicPublishOptions;
+use sqlx::postgres::PgListener;
+use sqlx::{Connection, PgConnection, Row};
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
+use uuid::Uuid;
+
+use crate::amqp::{self, COMMANDS_EXCHANGE, EVENTS_EXCHANGE, Envelope};
+use crate::metrics::Metrics;
+use crate::store::{EventStore, OUTBOX_CHANNEL};
+
+/// The advisory lock whose holder is the relay of a database ("orderflw" in ASCII).
+/// Advisory locks are per database, so each service database has its own leader.
+pub const RELAY_LOCK: i64 = 0x6f72_6465_7266_6c77;
+
+#[derive(Debug, Clone)]
+pub struct RelayConfig {
+    /// The service whose events these are: their routing keys start with it.
+    pub service: String,
+    pub amqp_url: String,
+    /// Rows published (and in flight) at once.
+    pub batch_size: i64,
+    /// The fallback poll, for wake-ups that never came (another process's append
+    /// whose NOTIFY was lost).
+    pub poll_interval: Duration,
+    /// How often a standby relay tries to take the lead.
+    pub standby_interval: Duration,
+    /// How often the backlog metrics are refreshed and old published rows deleted.
+    pub housekeeping_interval: Duration,
+    /// How long published rows stay in the outbox for operators to see.
+    pub retention: Duration,
+    /// Fault injection for tests: stop (as if the process died) after the broker
+    /// confirmed a batch and before marking it published.
+    pub stop_before_marking: bool,
+}
+
+impl RelayConfig {
+    pub fn new(service: &str, amqp_url: &str) -> Self {
+        RelayConfig {
+            service: service.to_owned(),
+            amqp_url: amqp_url.to_owned(),
+            batch_size: 512,
+            poll_interval: Duration::from_secs(1),
+            standby_interval: Duration::from_secs(1),
+            housekeeping_interval: Duration::from_secs(5),
+            retention: Duration::from_secs(60),
+            stop_before_marking: false,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RelayError {
+    #[error("database: {0}")]
+    Database(#[from] sqlx::Error),
+    #[error("broker: {0}")]
+    Broker(#[from] lapin::Error),
+    #[error("the broker refused message {0}")]
+    Refused(Uuid),
+    #[error("no confirm from the broker within {0:?}")]
+    ConfirmTimeout(Duration),
+}
+
+/// A relay for one service database. Run it with [`Relay::run`].
+pub struct Relay {
+    store: EventStore,
+    config: RelayConfig,
+    metrics: Metrics,
+}
+
+/// Why a leadership term ended without an error.
+enum TermEnd {
+    Cancelled,
+    FaultInjected,
+}
+
+/// A broker that has not confirmed a batch in this long is treated as gone.
+const CONFIRM_TIMEOUT: Duration = Duration::from_secs(30);
+const MAX_BACKOFF: Duration = Duration::from_secs(5);
+
+impl Relay {
+    pub fn new(store: EventStore, config: RelayConfig, metrics: Metrics) -> Self {
+        Relay {
+            store,
+            config,
+            metrics,
+        }
+    }
+
+    /// Stands by or leads until `cancel` fires; reconnects with backoff after the
+    /// broker or the database went away. Returns early only for an injected fault.
+    pub async fn run(self, cancel: CancellationToken) {
+        let span = tracing::info_span!("relay", service = %self.config.service);
+        self.run_terms(cancel).instrument(span).await
+    }
+
+    async fn run_terms(self, cancel: CancellationToken) {
+        let signal = self.store.relay_signal();
+        let mut backoff = Duration::from_millis(100);
+        while !cancel.is_cancelled() {
+            let outcome = match self.acquire(&cancel).await {
+                Ok(Some(mut lock)) => {
+                    tracing::info!("leading");
+                    signal
+                        .leading
+                        .store(true, std::sync::atomic::Ordering::Release);
+                    let started = Instant::now();
+                    let outcome = self.lead(&mut lock, &signal.wakes, &cancel).await;
+                    signal
+                        .leading
+                        .store(false, std::sync::atomic::Ordering::Release);
+                    // Closing the connection releases the lock for a standby.
+                    drop(lock);
+                    if started.elapsed() > Duration::from_secs(10) {
+                        backoff = Duration::from_millis(100);
+                    }
+                    outcome
+                }
+                Ok(None) => return,
+                Err(error) => Err(RelayError::Database(error)),
+            };
+            match outcome {
+                Ok(TermEnd::Cancelled) => return,
+                Ok(TermEnd::FaultInjected) => {
+                    tracing::warn!("stopping before marking, as the fault hook asked");
+                    return;
+                }
+                Err(error) => {
+                    tracing::warn!(%error, ?backoff, "relay interrupted; retrying");
+                    tokio::select! {
+                        _ = cancel.cancelled() => return,
+                        _ = tokio::time::sleep(backoff) => {}
+                    }
+                    backoff = (backoff * 2).min(MAX_BACKOFF);
+                }
+            }
+        }
+    }
+
+    /// Waits for the lead: a connection holding the relay lock, or `None` if
+    /// cancelled first.
+    async fn acquire(
+        &self,
+        cancel: &CancellationToken,
+    ) -> Result<Option<PgConnection>, sqlx::Error> {
+        let options = self.store.pool().connect_options();
+        let mut connection = PgConnection::connect_with(&options).await?;
+        loop {
+            let leading: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock($1)")
+                .bind(RELAY_LOCK)
+                .fetch_one(&mut connection)
+                .await?;
+            if leading {
+                return Ok(Some(connection));
+            }
+            tokio::select! {
+                _ = cancel.cancelled() => return Ok(None),
+                _ = tokio::time::sleep(self.config.standby_interval) => {}
+            }
+        }
+    }
+
+    /// One leadership term: publish until cancelled or something breaks.
+    async fn lead(
+        &self,
+        lock: &mut PgConnection,
+        wakes: &tokio::sync::Notify,
+        cancel: &CancellationToken,
+    ) -> Result<TermEnd, RelayError> {
+        let name = format!("{}.relay", self.config.service);
+        let broker = amqp::connect(&self.config.amqp_url, &name).await?;
+        let channel = amqp::confirming_channel(&broker).await?;
+        amqp::declare_exchanges(&channel).await?;
+        // Wake-ups from appends in other processes; ours arrive through `wakes`.
+        let mut listener = PgListener::connect_with(self.store.pool()).await?;
+        listener.listen(OUTBOX_CHANNEL).await?;
+        let mut last_housekeeping: Option<Instant> = None;
+        let end = loop {
+            if cancel.is_cancelled() {
+                break TermEnd::Cancelled;
+            }
+            if last_housekeeping.is_none_or(|at| at.elapsed() >= self.config.housekeeping_interval)
+            {
+                self.housekeep(lock).await?;
+                last_housekeeping = Some(Instant::now());
+            }
+            let batch = unpublished(lock, self.config.batch_size).await?;
+            if batch.is_empty() {
+                tokio::select! {
+                    _ = cancel.cancelled() => break TermEnd::Cancelled,
+                    _ = wakes.notified() => {}
+                    notification = listener.recv() => { notification?; }
+                    _ = tokio::time::sleep(self.config.poll_interval) => {}
+                }
+                continue;
+            }
+            self.publish(&channel, &batch).await?;
+            if self.config.stop_before_marking {
+                break TermEnd::FaultInjected;
+            }
+            let positions: Vec<i64> = batch
+                .iter()
+                .map(|row| row.envelope.global_position)
+                .collect();
+            sqlx::query("UPDATE outbox SET published_at = now() WHERE global_position = ANY($1)")
+                .bind(&positions)
+                .execute(&mut *lock)
+                .await?;
+        };
+        if !matches!(end, TermEnd::FaultInjected) {
+            let _ = broker.close(200, "relay stopping".into()).await;
+        }
+        Ok(end)
+    }
+
+    /// Publishes a batch with every message in flight at once, then waits for all
+    /// the confirms: one round trip per batch, not per message.
+    async fn publish(
+        &self,
+        channel: &lapin::Channel,
+        batch: &[OutboxRow],
+    ) -> Result<(), RelayError> {
+        let started = Instant::now();
+        let mut confirms = Vec::with_capacity(batch.len());
+        for row in batch {
+            let (exchange, routing_key) = match &row.target_service {
+                Some(target) => (
+                    COMMANDS_EXCHANGE,
+                    format!("{target}.{}", row.envelope.message_type),
+                ),
+                None => (
+                    EVENTS_EXCHANGE,
+                    format!("{}.{}", self.config.service, row.envelope.message_type),
+                ),
+            };
+            let confirm = channel
+                .basic_publish(
+                    exchange.into(),
+                    amqp::short_string(&routing_key),
+                    BasicPublishOptions::default(),
+                    &row.payload,
+                    row.envelope.properties(),
+                )
+                .await?;
+            confirms.push((row.envelope.message_id, confirm));
+        }
+        let all_confirmed = async {
+            for (message_id, confirm) in confirms {
+                match confirm.await? {
+                    Confirmation::Ack(_) => {}
+                    Confirmation::Nack(_) | Confirmation::NotRequested => {
+                        return Err(RelayError::Refused(message_id));
+                    }
+                }
+            }
+            Ok(())
+        };
+        tokio::time::timeout(CONFIRM_TIMEOUT, all_confirmed)
+            .await
+            .map_err(|_| RelayError::ConfirmTimeout(CONFIRM_TIMEOUT))??;
+        self.metrics
+            .published(&self.config.service, batch.len() as u64, started.elapsed());
+        Ok(())
+    }
+
+    /// Refreshes the backlog metrics and deletes published rows past retention.
+    async fn housekeep(&self, lock: &mut PgConnection) -> Result<(), sqlx::Error> {
+        let row = sqlx::query(
+            "SELECT count(*) AS backlog, \
+             coalesce(extract(epoch FROM now() - min(enqueued_at)), 0)::float8 AS oldest \
+             FROM outbox WHERE published_at IS NULL",
+        )
+        .fetch_one(&mut *lock)
+        .await?;
+        let oldest: f64 = row.try_get("oldest")?;
+        self.metrics.outbox(
+            &self.config.service,
+            row.try_get("backlog")?,
+            Duration::from_secs_f64(oldest.max(0.0)),
+        );
+        let deleted = sqlx::query(
+            "DELETE FROM outbox WHERE published_at < now() - make_interval(secs => $1)",
+        )
+        .bind(self.config.retention.as_secs_f64())
+        .execute(&mut *lock)
+        .await?;
+        if deleted.rows_affected() > 0 {
+            tracing::debug!(
+                rows = deleted.rows_affected(),
+                "deleted published outbox rows"
+            );
+        }
+        Ok(())
+    }
+}
+
+/// An outbox row ready to publish: an event (joined from `events`) or a command.
+struct OutboxRow {
+    envelope: Envelope,
+    payload: Vec<u8>,
+    /// Set for commands: the service whose command queue receives it.
+    target_service: Option<String>,
+}
+
+async fn unpublished(
+    connection: &mut PgConnection,
+    limit: i64,
+) -> Result<Vec<OutboxRow>, sqlx::Error> {
+    let rows = sqlx::query(
+        "SELECT o.global_position, o.target_service, e.stream_version, \
+                coalesce(e.event_id, o.message_id) AS message_id, \
+                coalesce(e.event_type, o.message_type) AS message_type, \
+                coalesce(e.stream_id, o.ordering_key) AS stream_id, \
+                coalesce(e.schema_fingerprint, o.schema_fingerprint) AS schema_fingerprint, \
+                coalesce(e.payload, o.payload) AS payload, \
+                coalesce(e.correlation_id, o.correlation_id) AS correlation_id, \
+                coalesce(e.causation_id, o.causation_id) AS causation_id, \
+                coalesce(e.recorded_at, o.enqueued_at) AS recorded_at \
+         FROM outbox o LEFT JOIN events e ON e.global_position = o.global_position \
+         WHERE o.published_at IS NULL \
+         ORDER BY o.global_position LIMIT $1",
+    )
+    .bind(limit)
+    .fetch_all(connection)
+    .await?;
+    rows.iter()
+        .map(|row| {
+            let recorded_at: chrono::DateTime<chrono::Utc> = row.try_get("recorded_at")?;
+            Ok(OutboxRow {
+                envelope: Envelope {
+                    message_id: row.try_get("message_id")?,
+                    message_type: row.try_get("message_type")?,
+                    correlation_id: row.try_get("correlation_id")?,
+                    causation_id: row.try_get("causation_id")?,
+                    stream_id: row.try_get("stream_id")?,
+                    stream_version: row.try_get("stream_version")?,
+                    global_position: row.try_get("global_position")?,
+                    schema_fingerprint: row.try_get("schema_fingerprint")?,
+                    timestamp_ms: u64::try_from(recorded_at.timestamp_millis()).unwrap_or(0),
+                },
+                payload: row.try_get("payload")?,
+                target_service: row.try_get("target_service")?,
+            })
+        })
+        .collect()
+}

@@ -1,0 +1,731 @@
+//! The outbox relay and the consumer runtime against real RabbitMQ and PostgreSQL:
+//! crashes between publish and mark, forced connection loss, relay failover, retries,
+//! dead letters and parked streams, and commands between services. Each test has its
+//! own database and its own RabbitMQ virtual host.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use domain::inventory::StockEvent;
+use domain::order::{OrderEvent, OrderLine};
+use eventstore::amqp::{self, Envelope, dead_letter_headers};
+use eventstore::consumer::unpark;
+use eventstore::{
+    Consumer, ConsumerConfig, EventStore, ExpectedVersion, Handler, HandlerError, Message,
+    Metadata, Metrics, NewEvent, OutgoingCommand, Relay, RelayConfig, StoreTransaction,
+};
+use lapin::options::{BasicGetOptions, BasicPublishOptions};
+use tests::{TestDb, Vhost, wait_for};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+const SERVICE: &str = "order";
+
+/// A database, a virtual host, and a table the test handler writes its effects to.
+struct World {
+    db: TestDb,
+    vhost: Vhost,
+    store: EventStore,
+    cancel: CancellationToken,
+}
+
+impl World {
+    async fn new() -> World {
+        let db = TestDb::new(20).await.expect("test database");
+        sqlx::query(
+            "CREATE TABLE applied (seq BIGSERIAL PRIMARY KEY, message_id UUID NOT NULL, \
+             stream_id TEXT NOT NULL, stream_version BIGINT, message_type TEXT NOT NULL)",
+        )
+        .execute(&db.pool)
+        .await
+        .expect("effects table");
+        let vhost = tokio::task::spawn_blocking(Vhost::new)
+            .await
+            .expect("vhost task")
+            .expect("test vhost");
+        let store = db.store();
+        World {
+            db,
+            vhost,
+            store,
+            cancel: CancellationToken::new(),
+        }
+    }
+
+    fn relay_config(&self) -> RelayConfig {
+        RelayConfig::new(SERVICE, &self.vhost.url)
+    }
+
+    fn consumer_config(&self) -> ConsumerConfig {
+        let mut config = ConsumerConfig::events(SERVICE, "recorder", &self.vhost.url, &["order.#"]);
+        config.concurrency = 16;
+        config
+    }
+
+    fn start_relay(&self, config: RelayConfig, metrics: &Metrics) -> JoinHandle<()> {
+        let relay = Relay::new(self.store.clone(), config, metrics.clone());
+        tokio::spawn(relay.run(self.cancel.clone()))
+    }
+
+    fn start_consumer(&self, config: ConsumerConfig, handler: Recorder, metrics: &Metrics) {
+        let consumer = Consumer::new(
+            config,
+            self.store.clone(),
+            TestDb::registry(),
+            handler,
+            metrics.clone(),
+        );
+        tokio::spawn(consumer.run(self.cancel.clone()));
+    }
+
+    /// Declares a consumer's queue before anything is published, so nothing is
+    /// dropped as unroutable while the consumer is still connecting.
+    async fn declare(&self, config: &ConsumerConfig) {
+        let connection = amqp::connect(&self.vhost.url, "test-setup").await.unwrap();
+        let channel = connection.create_channel().await.unwrap();
+        config.declare(&channel).await.unwrap();
+        connection.close(200, "done".into()).await.unwrap();
+    }
+
+    async fn applied(&self) -> Vec<Applied> {
+        sqlx::query_as::<_, (Uuid, String, Option<i64>, String)>(
+            "SELECT message_id, stream_id, stream_version, message_type FROM applied ORDER BY seq",
+        )
+        .fetch_all(&self.db.pool)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|(message_id, stream_id, version, message_type)| Applied {
+            message_id,
+            stream_id,
+            version,
+            message_type,
+        })
+        .collect()
+    }
+
+    async fn count(&self, sql: &'static str) -> i64 {
+        sqlx::query_scalar(sql)
+            .fetch_one(&self.db.pool)
+            .await
+            .unwrap()
+    }
+
+    async fn wait_applied(&self, count: usize, deadline: Duration) -> Vec<Applied> {
+        wait_for(deadline, &format!("{count} applied messages"), || async {
+            let applied = self.applied().await;
+            assert!(
+                applied.len() <= count,
+                "more applied than sent: {}",
+                applied.len()
+            );
+            (applied.len() == count).then_some(applied)
+        })
+        .await
+    }
+
+    async fn wait_outbox_published(&self) {
+        wait_for(
+            Duration::from_secs(30),
+            "the outbox to be published",
+            || async {
+                let left = self
+                    .count("SELECT count(*) FROM outbox WHERE published_at IS NULL")
+                    .await;
+                (left == 0).then_some(())
+            },
+        )
+        .await
+    }
+}
+
+impl Drop for World {
+    fn drop(&mut self) {
+        self.cancel.cancel();
+    }
+}
+
+#[derive(Debug, Clone)]
+struct Applied {
+    message_id: Uuid,
+    stream_id: String,
+    version: Option<i64>,
+    message_type: String,
+}
+
+/// Stream `s` of `streams` gets versions 1..=per_stream; each stream was applied
+/// exactly once per version, in version order.
+fn assert_once_in_order(applied: &[Applied], streams: &[String], per_stream: i64) {
+    let mut by_stream: BTreeMap<&str, Vec<i64>> = BTreeMap::new();
+    for row in applied {
+        by_stream
+            .entry(row.stream_id.as_str())
+            .or_default()
+            .push(row.version.expect("events have versions"));
+    }
+    assert_eq!(by_stream.len(), streams.len(), "streams applied");
+    for stream in streams {
+        let expected: Vec<i64> = (1..=per_stream).collect();
+        assert_eq!(
+            by_stream.get(stream.as_str()),
+            Some(&expected),
+            "stream {stream} applied once each, in order"
+        );
+    }
+}
+
+/// Given a message and its attempt number (from 1), whether the handler fails.
+type FailurePolicy = dyn Fn(&Message, usize) -> bool + Send + Sync;
+
+/// The test handler: records each attempt, fails as its policy says, and otherwise
+/// writes one row to `applied` inside the consumer's transaction.
+#[derive(Clone)]
+struct Recorder {
+    attempts: Arc<Mutex<HashMap<Uuid, Vec<Instant>>>>,
+    fails: Arc<FailurePolicy>,
+}
+
+impl Recorder {
+    fn new(fails: impl Fn(&Message, usize) -> bool + Send + Sync + 'static) -> Self {
+        Recorder {
+            attempts: Arc::default(),
+            fails: Arc::new(fails),
+        }
+    }
+
+    fn never_failing() -> Self {
+        Recorder::new(|_, _| false)
+    }
+
+    fn attempts_of(&self, message_id: Uuid) -> Vec<Instant> {
+        self.attempts
+            .lock()
+            .unwrap()
+            .get(&message_id)
+            .cloned()
+            .unwrap_or_default()
+    }
+}
+
+impl Handler for Recorder {
+    async fn handle(
+        &self,
+        message: &Message,
+        transaction: &mut StoreTransaction,
+    ) -> Result<(), HandlerError> {
+        let attempt = {
+            let mut attempts = self.attempts.lock().unwrap();
+            let times = attempts.entry(message.envelope.message_id).or_default();
+            times.push(Instant::now());
+            times.len()
+        };
+        if (self.fails)(message, attempt) {
+            return Err(format!("scripted failure on attempt {attempt}").into());
+        }
+        sqlx::query(
+            "INSERT INTO applied (message_id, stream_id, stream_version, message_type) \
+             VALUES ($1, $2, $3, $4)",
+        )
+        .bind(message.envelope.message_id)
+        .bind(&message.envelope.stream_id)
+        .bind(message.envelope.stream_version)
+        .bind(&message.envelope.message_type)
+        .execute(transaction.connection())
+        .await?;
+        Ok(())
+    }
+}
+
+fn metadata() -> Metadata {
+    Metadata::new(Uuid::now_v7(), Uuid::now_v7())
+}
+
+fn stock_event(sku: &str, quantity: u32) -> NewEvent {
+    let event = StockEvent::StockAdded {
+        sku: sku.to_owned(),
+        quantity,
+    };
+    NewEvent::new(TestDb::registry().encode(&event).unwrap(), metadata())
+}
+
+fn streams(prefix: &str, count: usize) -> Vec<String> {
+    (0..count).map(|i| format!("{prefix}-{i}")).collect()
+}
+
+/// Appends `per_stream` events to every stream, `batch` at a time, going round the
+/// streams so that their events interleave in the outbox.
+async fn append_round_robin(
+    store: &EventStore,
+    streams: &[String],
+    per_stream: usize,
+    batch: usize,
+) {
+    let mut written = 0;
+    while written < per_stream {
+        let size = batch.min(per_stream - written);
+        for stream in streams {
+            let events: Vec<NewEvent> = (0..size).map(|_| stock_event(stream, 1)).collect();
+            store
+                .append(stream, ExpectedVersion::Exact(written as i64), &events)
+                .await
+                .unwrap();
+        }
+        written += size;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_relay_dying_between_publish_and_mark_republishes_and_the_consumer_applies_once() {
+    let world = World::new().await;
+    let config = world.consumer_config();
+    world.declare(&config).await;
+    let streams = streams("stock-crash", 3);
+    append_round_robin(&world.store, &streams, 10, 5).await;
+
+    let crashed = Metrics::new();
+    let faulty = RelayConfig {
+        stop_before_marking: true,
+        ..world.relay_config()
+    };
+    tokio::time::timeout(Duration::from_secs(30), world.start_relay(faulty, &crashed))
+        .await
+        .expect("the faulty relay stops after its first batch")
+        .unwrap();
+    assert_eq!(
+        crashed.published_count(SERVICE),
+        30,
+        "confirmed by the broker"
+    );
+    assert_eq!(
+        world
+            .count("SELECT count(*) FROM outbox WHERE published_at IS NULL")
+            .await,
+        30,
+        "but never marked"
+    );
+
+    let metrics = Metrics::new();
+    world.start_consumer(config.clone(), Recorder::never_failing(), &metrics);
+    world.start_relay(world.relay_config(), &metrics);
+    let applied = world.wait_applied(30, Duration::from_secs(30)).await;
+    wait_for(
+        Duration::from_secs(30),
+        "the republished copies",
+        || async { (metrics.duplicate_count(&config.queue()) == 30).then_some(()) },
+    )
+    .await;
+    world.wait_outbox_published().await;
+    assert_eq!(world.applied().await.len(), 30, "nothing applied twice");
+    assert_once_in_order(&applied, &streams, 10);
+    assert_eq!(
+        world
+            .count("SELECT count(*) FROM inbox WHERE consumer = 'order.recorder'")
+            .await,
+        30
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn five_thousand_events_survive_forced_connection_closes_once_each_and_in_order() {
+    let world = World::new().await;
+    let config = world.consumer_config();
+    world.declare(&config).await;
+    let metrics = Metrics::new();
+    world.start_consumer(config, Recorder::never_failing(), &metrics);
+    world.start_relay(world.relay_config(), &metrics);
+    let streams = streams("stock-chaos", 50);
+    let writer = {
+        let (store, streams) = (world.store.clone(), streams.clone());
+        tokio::spawn(async move { append_round_robin(&store, &streams, 100, 5).await })
+    };
+
+    let mut closes = 0;
+    for threshold in [800, 2_000, 3_500] {
+        wait_for(
+            Duration::from_secs(120),
+            &format!("{threshold} applied"),
+            || async {
+                let applied = world.count("SELECT count(*) FROM applied").await;
+                (applied >= threshold).then_some(())
+            },
+        )
+        .await;
+        tokio::task::block_in_place(|| world.vhost.close_all_connections())
+            .expect("rabbitmqctl closes the test's connections");
+        closes += 1;
+    }
+    writer.await.unwrap();
+    let applied = world.wait_applied(5_000, Duration::from_secs(180)).await;
+    world.wait_outbox_published().await;
+    assert_eq!(closes, 3);
+    assert_once_in_order(&applied, &streams, 100);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_standby_relay_takes_over_within_five_seconds_of_the_leader_dying() {
+    let world = World::new().await;
+    let config = world.consumer_config();
+    world.declare(&config).await;
+    let consumed = Metrics::new();
+    world.start_consumer(config, Recorder::never_failing(), &consumed);
+    let (first, second) = (Metrics::new(), Metrics::new());
+    let first_relay = world.start_relay(world.relay_config(), &first);
+    let second_relay = world.start_relay(world.relay_config(), &second);
+
+    let streams = streams("stock-failover", 10);
+    append_round_robin(&world.store, &streams, 10, 5).await;
+    world.wait_applied(100, Duration::from_secs(30)).await;
+    world.wait_outbox_published().await;
+    let (leader, standby, leader_task, standby_task) = match (
+        first.published_count(SERVICE),
+        second.published_count(SERVICE),
+    ) {
+        (100, 0) => (first, second, first_relay, second_relay),
+        (0, 100) => (second, first, second_relay, first_relay),
+        other => panic!("exactly one relay publishes, got {other:?}"),
+    };
+
+    // The leader dies: its task and connections are gone without a goodbye.
+    leader_task.abort();
+    let died = Instant::now();
+    for stream in &streams {
+        let events: Vec<NewEvent> = (0..10).map(|_| stock_event(stream, 1)).collect();
+        world
+            .store
+            .append(stream, ExpectedVersion::Exact(10), &events)
+            .await
+            .unwrap();
+    }
+    wait_for(Duration::from_secs(5), "the standby to publish", || async {
+        (standby.published_count(SERVICE) > 0).then_some(())
+    })
+    .await;
+    let took = died.elapsed();
+    let applied = world.wait_applied(200, Duration::from_secs(30)).await;
+    assert_once_in_order(&applied, &streams, 20);
+    assert_eq!(leader.published_count(SERVICE), 100);
+    assert!(took < Duration::from_secs(5), "took over after {took:?}");
+    assert!(!standby_task.is_finished());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn failing_handlers_retry_with_backoff_then_dead_letter_and_park_their_stream() {
+    let world = World::new().await;
+    let config = world.consumer_config();
+    world.declare(&config).await;
+    let healed = Arc::new(AtomicBool::new(false));
+    let recorder = {
+        let healed = healed.clone();
+        Recorder::new(move |message, attempt| {
+            match (
+                message.envelope.stream_id.as_str(),
+                message.envelope.stream_version,
+            ) {
+                ("stock-flaky", Some(1)) => attempt < 3,
+                ("stock-broken", Some(2)) => !healed.load(Ordering::SeqCst),
+                _ => false,
+            }
+        })
+    };
+    let metrics = Metrics::new();
+    world.start_consumer(config.clone(), recorder.clone(), &metrics);
+    world.start_relay(world.relay_config(), &metrics);
+
+    let healthy = streams("stock-healthy", 3);
+    let all: Vec<String> = ["stock-flaky".to_owned(), "stock-broken".to_owned()]
+        .into_iter()
+        .chain(healthy.iter().cloned())
+        .collect();
+    append_round_robin(&world.store, &healthy, 5, 1).await;
+    append_round_robin(&world.store, &all[..1], 1, 1).await;
+    append_round_robin(&world.store, &all[1..2], 4, 1).await;
+    // A payload that is not Avro, with a well-formed envelope: straight to the DLQ.
+    let garbage = publish_garbage(&world).await;
+
+    // stock-broken: v1 applied, v2 dead after 3 attempts, v3 and v4 parked behind it.
+    let dead = read_dead_letters(&world, 4).await;
+    let broken_v2 = dead
+        .iter()
+        .find(|letter| {
+            letter.parked_behind.is_none() && letter.envelope.stream_id == "stock-broken"
+        })
+        .expect("stock-broken's failing event is dead-lettered");
+    assert_eq!(broken_v2.envelope.stream_version, Some(2));
+    assert_eq!(broken_v2.attempts, Some(3));
+    assert!(
+        broken_v2.error.contains("scripted failure on attempt 3"),
+        "{}",
+        broken_v2.error
+    );
+    assert_eq!(broken_v2.queue.as_deref(), Some("order.recorder"));
+    assert_eq!(broken_v2.routing_key.as_deref(), Some("order.StockAdded"));
+    let garbage_letter = dead
+        .iter()
+        .find(|letter| letter.envelope.message_id == garbage)
+        .expect("the garbage message is dead-lettered");
+    assert_eq!(garbage_letter.attempts, Some(0));
+    assert!(
+        garbage_letter.error.contains("undecodable"),
+        "{}",
+        garbage_letter.error
+    );
+    let parked: Vec<_> = dead
+        .iter()
+        .filter(|letter| letter.parked_behind.is_some())
+        .collect();
+    assert_eq!(parked.len(), 2, "v3 and v4 are parked: {dead:#?}");
+    for (letter, version) in parked.iter().zip([3, 4]) {
+        assert_eq!(letter.envelope.stream_version, Some(version));
+        assert_eq!(letter.parked_behind, Some(broken_v2.envelope.message_id));
+    }
+    assert_eq!(recorder.attempts_of(broken_v2.envelope.message_id).len(), 3);
+    assert!(
+        recorder
+            .attempts_of(parked[0].envelope.message_id)
+            .is_empty()
+    );
+
+    // Everything else flowed: the healthy streams, flaky after two failures, broken v1.
+    let applied = world
+        .wait_applied(5 * 3 + 1 + 1, Duration::from_secs(30))
+        .await;
+    let flaky = applied
+        .iter()
+        .find(|row| row.stream_id == "stock-flaky")
+        .expect("flaky applied");
+    let attempts = recorder.attempts_of(flaky.message_id);
+    assert_eq!(attempts.len(), 3, "two failures, then success");
+    let first_gap = attempts[1] - attempts[0];
+    let second_gap = attempts[2] - attempts[1];
+    assert!(
+        first_gap >= Duration::from_millis(95) && first_gap < Duration::from_millis(600),
+        "about 100 ms before the second attempt, was {first_gap:?}"
+    );
+    assert!(
+        second_gap >= Duration::from_millis(195) && second_gap < Duration::from_millis(900),
+        "about 200 ms before the third attempt, was {second_gap:?}"
+    );
+    assert_eq!(
+        world
+            .count("SELECT count(*) FROM parked_streams WHERE stream_id = 'stock-broken'")
+            .await,
+        1
+    );
+
+    // Replaying the dead letters in order once the cause is fixed unparks the stream
+    // and applies v2, v3, v4 in order.
+    healed.store(true, Ordering::SeqCst);
+    replay(&world, &config.queue(), &dead).await;
+    let applied = world
+        .wait_applied(5 * 3 + 1 + 4, Duration::from_secs(30))
+        .await;
+    let broken: Vec<i64> = applied
+        .iter()
+        .filter(|row| row.stream_id == "stock-broken")
+        .filter_map(|row| row.version)
+        .collect();
+    assert_eq!(broken, vec![1, 2, 3, 4]);
+    wait_for(
+        Duration::from_secs(10),
+        "the stream to be unparked",
+        || async {
+            let parked = world.count("SELECT count(*) FROM parked_streams").await;
+            (parked <= 1).then_some(())
+        },
+    )
+    .await;
+    // Only the garbage message's stream is left parked; skipping it releases it.
+    assert!(
+        unpark(&world.db.pool, "order.recorder", "stock-garbage")
+            .await
+            .unwrap()
+    );
+    assert_eq!(world.count("SELECT count(*) FROM parked_streams").await, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_command_sent_through_the_outbox_is_handled_once_by_the_target_service() {
+    let world = World::new().await;
+    let commands = ConsumerConfig::commands("inventory", &world.vhost.url);
+    world.declare(&commands).await;
+    let metrics = Metrics::new();
+    world.start_consumer(commands.clone(), Recorder::never_failing(), &metrics);
+    world.start_relay(world.relay_config(), &metrics);
+
+    let registry = TestDb::registry();
+    let order_id = Uuid::now_v7();
+    let reserve = OutgoingCommand::new(
+        "inventory",
+        "stock-SKU-1",
+        registry
+            .encode(&StockEvent::StockReserved {
+                sku: "SKU-1".into(),
+                order_id,
+                quantity: 2,
+            })
+            .unwrap(),
+        metadata(),
+    );
+    let placed = OrderEvent::OrderPlaced {
+        order_id,
+        customer_id: Uuid::now_v7(),
+        lines: vec![OrderLine {
+            sku: "SKU-1".into(),
+            quantity: 2,
+            unit_price_cents: 500,
+        }],
+        total_cents: 1_000,
+        currency: "EUR".into(),
+    };
+    let stream = format!("order-{order_id}");
+    let mut transaction = world.store.begin().await.unwrap();
+    transaction
+        .append(
+            &stream,
+            ExpectedVersion::NoStream,
+            &[NewEvent::new(registry.encode(&placed).unwrap(), metadata())],
+        )
+        .await
+        .unwrap();
+    transaction.send_command(&reserve).await.unwrap();
+    transaction.commit().await.unwrap();
+
+    // Sent again by a retrying sender, and once more in a transaction that rolls back.
+    let mut again = world.store.begin().await.unwrap();
+    again.send_command(&reserve).await.unwrap();
+    again.commit().await.unwrap();
+    let lost = OutgoingCommand {
+        command_id: Uuid::now_v7(),
+        ..reserve.clone()
+    };
+    let mut rolled_back = world.store.begin().await.unwrap();
+    rolled_back.send_command(&lost).await.unwrap();
+    rolled_back.rollback().await.unwrap();
+
+    let applied = world.wait_applied(1, Duration::from_secs(30)).await;
+    assert_eq!(applied[0].message_id, reserve.command_id);
+    assert_eq!(applied[0].message_type, "StockReserved");
+    assert_eq!(applied[0].stream_id, "stock-SKU-1");
+    assert_eq!(applied[0].version, None, "commands have no stream version");
+    wait_for(Duration::from_secs(30), "the repeated command", || async {
+        (metrics.duplicate_count("inventory.commands") == 1).then_some(())
+    })
+    .await;
+    world.wait_outbox_published().await;
+    assert_eq!(world.applied().await.len(), 1);
+    assert!(
+        metrics
+            .render()
+            .contains("orderflow_relay_published_total{service=\"order\"}")
+    );
+}
+
+/// Publishes a message whose envelope is fine but whose payload is not Avro.
+async fn publish_garbage(world: &World) -> Uuid {
+    let envelope = Envelope {
+        message_id: Uuid::now_v7(),
+        message_type: "StockAdded".into(),
+        correlation_id: Uuid::now_v7(),
+        causation_id: Uuid::now_v7(),
+        stream_id: "stock-garbage".into(),
+        stream_version: Some(1),
+        global_position: 1,
+        schema_fingerprint: 0,
+        timestamp_ms: 0,
+    };
+    let connection = amqp::connect(&world.vhost.url, "test-garbage")
+        .await
+        .unwrap();
+    let channel = amqp::confirming_channel(&connection).await.unwrap();
+    channel
+        .basic_publish(
+            amqp::EVENTS_EXCHANGE.into(),
+            "order.StockAdded".into(),
+            BasicPublishOptions::default(),
+            b"definitely not avro",
+            envelope.properties(),
+        )
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    connection.close(200, "done".into()).await.unwrap();
+    envelope.message_id
+}
+
+#[derive(Debug)]
+struct DeadLetter {
+    envelope: Envelope,
+    payload: Vec<u8>,
+    properties: lapin::BasicProperties,
+    error: String,
+    attempts: Option<i64>,
+    queue: Option<String>,
+    routing_key: Option<String>,
+    parked_behind: Option<Uuid>,
+}
+
+/// Takes `count` messages off the dead-letter queue, in queue order.
+async fn read_dead_letters(world: &World, count: usize) -> Vec<DeadLetter> {
+    let connection = amqp::connect(&world.vhost.url, "test-dlq").await.unwrap();
+    let channel = connection.create_channel().await.unwrap();
+    let queue = amqp::dead_letter_queue(SERVICE);
+    let mut letters = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while letters.len() < count {
+        assert!(
+            Instant::now() < deadline,
+            "only {} dead letters: {letters:#?}",
+            letters.len()
+        );
+        let Some(message) = channel
+            .basic_get(queue.as_str().into(), BasicGetOptions { no_ack: true })
+            .await
+            .unwrap()
+        else {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            continue;
+        };
+        let properties = message.delivery.properties.clone();
+        let headers = properties.headers().clone().unwrap_or_default();
+        letters.push(DeadLetter {
+            envelope: Envelope::from_properties(&properties).unwrap(),
+            payload: message.delivery.data.clone(),
+            error: amqp::header_string(&headers, dead_letter_headers::ERROR).unwrap_or_default(),
+            attempts: amqp::header_integer(&headers, dead_letter_headers::ATTEMPTS),
+            queue: amqp::header_string(&headers, dead_letter_headers::QUEUE),
+            routing_key: amqp::header_string(&headers, dead_letter_headers::ROUTING_KEY),
+            parked_behind: amqp::header_string(&headers, dead_letter_headers::PARKED_BEHIND)
+                .and_then(|id| Uuid::parse_str(&id).ok()),
+            properties,
+        });
+    }
+    connection.close(200, "done".into()).await.unwrap();
+    letters
+}
+
+/// Sends dead letters back to the queue that gave up on them, in order.
+async fn replay(world: &World, queue: &str, letters: &[DeadLetter]) {
+    let connection = amqp::connect(&world.vhost.url, "test-replay")
+        .await
+        .unwrap();
+    let channel = amqp::confirming_channel(&connection).await.unwrap();
+    for letter in letters {
+        channel
+            .basic_publish(
+                "".into(),
+                queue.into(),
+                BasicPublishOptions::default(),
+                &letter.payload,
+                letter.properties.clone(),
+            )
+            .await
+            .unwrap()
+            .await
+            .unwrap();
+    }
+    connection.close(200, "done".into()).await.unwrap();
+}
