@@ -737,3 +737,61 @@ async fn a_stream_reads_back_what_was_decided() {
             });
     assert_eq!(by_type.len(), 2);
 }
+
+#[tokio::test]
+async fn a_transaction_older_than_a_streams_head_cannot_append_before_it_in_global_order() {
+    let db = TestDb::new(4).await.unwrap();
+    let store = db.store();
+    // The transaction gets its id by writing first, as a consumer's inbox claim does;
+    // then another writer commits the head of "shared".
+    let mut older = store.begin().await.unwrap();
+    older
+        .append("first-write", ExpectedVersion::NoStream, &[new_event()])
+        .await
+        .unwrap();
+    let head = store
+        .append("shared", ExpectedVersion::NoStream, &[new_event()])
+        .await
+        .unwrap();
+
+    for expected in [
+        head.next_expected(),
+        ExpectedVersion::Exact(1),
+        ExpectedVersion::Any,
+    ] {
+        let error = older
+            .append("shared", expected, &[new_event()])
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(error, StoreError::Reordered { .. }),
+            "{expected}: {error}"
+        );
+        assert!(error.is_concurrency(), "callers retry it like a conflict");
+    }
+    // A wrong version is still an ordinary conflict.
+    let error = older
+        .append("shared", ExpectedVersion::Exact(5), &[new_event()])
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(error, StoreError::Concurrency { actual: Some(1), .. }),
+        "{error}"
+    );
+    older.rollback().await.unwrap();
+
+    // Retried in a new transaction, the append lands after the head.
+    let mut newer = store.begin().await.unwrap();
+    newer
+        .append("first-write", ExpectedVersion::NoStream, &[new_event()])
+        .await
+        .unwrap();
+    let appended = newer
+        .append("shared", head.next_expected(), &[new_event()])
+        .await
+        .unwrap();
+    newer.commit().await.unwrap();
+    assert!(appended.first_position > head.last_position);
+    let shared = store.read_stream("shared", 1, 10).await.unwrap();
+    assert!(shared[0].global_position < shared[1].global_position);
+}
