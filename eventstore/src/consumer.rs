@@ -175,6 +175,7 @@ impl<H: Handler> Consumer<H> {
         metrics: Metrics,
     ) -> Self {
         let queue = config.queue();
+        metrics.track_consumer(&queue);
         Consumer {
             shared: Arc::new(Shared {
                 config,

@@ -14,6 +14,8 @@
 //! are published in version order. Rows of different streams may commit out of
 //! position order; that only reorders unrelated streams.
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use lapin::Confirmation;
@@ -78,6 +80,8 @@ pub enum RelayError {
     Refused(Uuid),
     #[error("no confirm from the broker within {0:?}")]
     ConfirmTimeout(Duration),
+    #[error("the confirming task stopped unexpectedly")]
+    ConfirmerGone,
 }
 
 /// A relay for one service database. Run it with [`Relay::run`].
@@ -99,6 +103,7 @@ const MAX_BACKOFF: Duration = Duration::from_secs(5);
 
 impl Relay {
     pub fn new(store: EventStore, config: RelayConfig, metrics: Metrics) -> Self {
+        metrics.track_service(&config.service);
         Relay {
             store,
             config,
@@ -125,9 +130,7 @@ impl Relay {
                         .store(true, std::sync::atomic::Ordering::Release);
                     let started = Instant::now();
                     let outcome = self.lead(&mut lock, &signal.wakes, &cancel).await;
-                    signal
-                        .leading
-                        .store(false, std::sync::atomic::Ordering::Release);
+                    signal.leading.store(false, Ordering::Release);
                     // Closing the connection releases the lock for a standby.
                     drop(lock);
                     if started.elapsed() > Duration::from_secs(10) {
@@ -180,51 +183,98 @@ impl Relay {
     }
 
     /// One leadership term: publish until cancelled or something breaks.
+    ///
+    /// Publishing and confirming overlap: this loop reads and publishes batch after
+    /// batch (reading past what is in flight with a cursor), while a second task waits
+    /// for each batch's confirms in order and marks its rows. Up to
+    /// `BATCHES_IN_FLIGHT` batches are unconfirmed at once. Whenever the loop catches
+    /// up, and at every housekeeping tick, it waits for the confirmer to drain and
+    /// drops the cursor, so a row that committed late with a lower position is read
+    /// too.
     async fn lead(
         &self,
         lock: &mut PgConnection,
-        wakes: &tokio::sync::Notify,
+        wakes: &Arc<tokio::sync::Notify>,
         cancel: &CancellationToken,
     ) -> Result<TermEnd, RelayError> {
         let name = format!("{}.relay", self.config.service);
         let broker = amqp::connect(&self.config.amqp_url, &name).await?;
         let channel = amqp::confirming_channel(&broker).await?;
-        amqp::declare_exchanges(&channel).await?;
+        amqp::declare_service(&channel, &self.config.service).await?;
         // Wake-ups from appends in other processes; ours arrive through `wakes`.
         let mut listener = PgListener::connect_with(self.store.pool()).await?;
         listener.listen(OUTBOX_CHANNEL).await?;
+        let (to_confirmer, batches) = tokio::sync::mpsc::channel(BATCHES_IN_FLIGHT);
+        let in_flight = Arc::new(AtomicUsize::new(0));
+        let mut confirmer = AbortOnDrop(tokio::spawn(confirm_and_mark(
+            Confirmer {
+                pool: self.store.pool().clone(),
+                metrics: self.metrics.clone(),
+                config: self.config.clone(),
+                in_flight: in_flight.clone(),
+                settled: wakes.clone(),
+            },
+            batches,
+        )));
+        let flush = async |confirmer: &mut AbortOnDrop| -> Result<Option<TermEnd>, RelayError> {
+            let (done, flushed) = tokio::sync::oneshot::channel();
+            if to_confirmer.send(ToConfirmer::Flush(done)).await.is_err() || flushed.await.is_err()
+            {
+                // The confirmer stopped: its result says why.
+                return (&mut confirmer.0)
+                    .await
+                    .unwrap_or(Err(RelayError::ConfirmerGone))
+                    .map(Some);
+            }
+            Ok(None)
+        };
+        let mut after: Option<i64> = None;
         let mut last_housekeeping: Option<Instant> = None;
         let end = loop {
             if cancel.is_cancelled() {
+                if let Some(end) = flush(&mut confirmer).await? {
+                    break end;
+                }
                 break TermEnd::Cancelled;
             }
             if last_housekeeping.is_none_or(|at| at.elapsed() >= self.config.housekeeping_interval)
             {
+                if let Some(end) = flush(&mut confirmer).await? {
+                    break end;
+                }
+                after = None;
                 self.housekeep(lock).await?;
                 last_housekeeping = Some(Instant::now());
             }
-            let batch = unpublished(lock, self.config.batch_size).await?;
+            let batch = unpublished(lock, self.config.batch_size, after).await?;
             if batch.is_empty() {
+                if after.is_some() && in_flight.load(Ordering::Acquire) == 0 {
+                    // Caught up and all settled: look again from the start of the
+                    // outbox (the confirmer wakes us when the last batch is marked).
+                    after = None;
+                    continue;
+                }
                 tokio::select! {
-                    _ = cancel.cancelled() => break TermEnd::Cancelled,
+                    _ = cancel.cancelled() => {}
                     _ = wakes.notified() => {}
                     notification = listener.recv() => { notification?; }
                     _ = tokio::time::sleep(self.config.poll_interval) => {}
                 }
                 continue;
             }
-            self.publish(&channel, &batch).await?;
-            if self.config.stop_before_marking {
-                break TermEnd::FaultInjected;
+            after = batch.last().map(|row| row.envelope.global_position);
+            let published = self.publish(&channel, &batch).await?;
+            in_flight.fetch_add(1, Ordering::AcqRel);
+            tokio::select! {
+                sent = to_confirmer.send(ToConfirmer::Batch(published)) => {
+                    if sent.is_err() {
+                        break (&mut confirmer.0).await.unwrap_or(Err(RelayError::ConfirmerGone))?;
+                    }
+                }
+                result = &mut confirmer.0 => {
+                    break result.unwrap_or(Err(RelayError::ConfirmerGone))?;
+                }
             }
-            let positions: Vec<i64> = batch
-                .iter()
-                .map(|row| row.envelope.global_position)
-                .collect();
-            sqlx::query("UPDATE outbox SET published_at = now() WHERE global_position = ANY($1)")
-                .bind(&positions)
-                .execute(&mut *lock)
-                .await?;
         };
         if !matches!(end, TermEnd::FaultInjected) {
             let _ = broker.close(200, "relay stopping".into()).await;
@@ -232,13 +282,13 @@ impl Relay {
         Ok(end)
     }
 
-    /// Publishes a batch with every message in flight at once, then waits for all
-    /// the confirms: one round trip per batch, not per message.
+    /// Publishes a batch with every message in flight at once; the confirms are
+    /// awaited by [`confirm_and_mark`].
     async fn publish(
         &self,
         channel: &lapin::Channel,
         batch: &[OutboxRow],
-    ) -> Result<(), RelayError> {
+    ) -> Result<InFlight, RelayError> {
         let started = Instant::now();
         let mut confirms = Vec::with_capacity(batch.len());
         for row in batch {
@@ -261,25 +311,13 @@ impl Relay {
                     row.envelope.properties(),
                 )
                 .await?;
-            confirms.push((row.envelope.message_id, confirm));
+            confirms.push((
+                row.envelope.message_id,
+                row.envelope.global_position,
+                confirm,
+            ));
         }
-        let all_confirmed = async {
-            for (message_id, confirm) in confirms {
-                match confirm.await? {
-                    Confirmation::Ack(_) => {}
-                    Confirmation::Nack(_) | Confirmation::NotRequested => {
-                        return Err(RelayError::Refused(message_id));
-                    }
-                }
-            }
-            Ok(())
-        };
-        tokio::time::timeout(CONFIRM_TIMEOUT, all_confirmed)
-            .await
-            .map_err(|_| RelayError::ConfirmTimeout(CONFIRM_TIMEOUT))??;
-        self.metrics
-            .published(&self.config.service, batch.len() as u64, started.elapsed());
-        Ok(())
+        Ok(InFlight { confirms, started })
     }
 
     /// Refreshes the backlog metrics and deletes published rows past retention.
@@ -313,6 +351,99 @@ impl Relay {
     }
 }
 
+/// Batches published and not yet confirmed, at most: the window that overlaps the
+/// broker's confirm latency with reading and publishing the next batches.
+const BATCHES_IN_FLIGHT: usize = 4;
+
+/// A published batch awaiting its confirms.
+struct InFlight {
+    /// (message id, outbox position, confirm), in publishing order.
+    confirms: Vec<(Uuid, i64, lapin::PublisherConfirm)>,
+    started: Instant,
+}
+
+enum ToConfirmer {
+    Batch(InFlight),
+    /// Answered once every batch sent before it is confirmed and marked.
+    Flush(tokio::sync::oneshot::Sender<()>),
+}
+
+/// Aborts the confirmer when a leadership term ends, however it ends: its unmarked
+/// batches are republished by the next leader.
+struct AbortOnDrop(tokio::task::JoinHandle<Result<TermEnd, RelayError>>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// What the confirming task of a leadership term works with.
+struct Confirmer {
+    pool: sqlx::PgPool,
+    metrics: Metrics,
+    config: RelayConfig,
+    /// Batches published and not yet marked.
+    in_flight: Arc<AtomicUsize>,
+    /// Woken when the last batch in flight is marked, so the publishing loop can
+    /// drop its cursor and look for rows that committed late below it.
+    settled: Arc<tokio::sync::Notify>,
+}
+
+/// Waits for each batch's confirms, in order, and only then marks its rows.
+async fn confirm_and_mark(
+    confirmer: Confirmer,
+    mut batches: tokio::sync::mpsc::Receiver<ToConfirmer>,
+) -> Result<TermEnd, RelayError> {
+    let Confirmer {
+        pool,
+        metrics,
+        config,
+        in_flight,
+        settled,
+    } = confirmer;
+    while let Some(item) = batches.recv().await {
+        let batch = match item {
+            ToConfirmer::Flush(done) => {
+                let _ = done.send(());
+                continue;
+            }
+            ToConfirmer::Batch(batch) => batch,
+        };
+        let mut positions = Vec::with_capacity(batch.confirms.len());
+        let all_confirmed = async {
+            for (message_id, position, confirm) in batch.confirms {
+                match confirm.await? {
+                    Confirmation::Ack(_) => positions.push(position),
+                    Confirmation::Nack(_) | Confirmation::NotRequested => {
+                        return Err(RelayError::Refused(message_id));
+                    }
+                }
+            }
+            Ok(())
+        };
+        tokio::time::timeout(CONFIRM_TIMEOUT, all_confirmed)
+            .await
+            .map_err(|_| RelayError::ConfirmTimeout(CONFIRM_TIMEOUT))??;
+        metrics.published(
+            &config.service,
+            positions.len() as u64,
+            batch.started.elapsed(),
+        );
+        if config.stop_before_marking {
+            return Ok(TermEnd::FaultInjected);
+        }
+        sqlx::query("UPDATE outbox SET published_at = now() WHERE global_position = ANY($1)")
+            .bind(&positions)
+            .execute(&pool)
+            .await?;
+        if in_flight.fetch_sub(1, Ordering::AcqRel) == 1 {
+            settled.notify_one();
+        }
+    }
+    Ok(TermEnd::Cancelled)
+}
+
 /// An outbox row ready to publish: an event (joined from `events`) or a command.
 struct OutboxRow {
     envelope: Envelope,
@@ -321,9 +452,11 @@ struct OutboxRow {
     target_service: Option<String>,
 }
 
+/// Unpublished rows in position order, after `after` when set.
 async fn unpublished(
     connection: &mut PgConnection,
     limit: i64,
+    after: Option<i64>,
 ) -> Result<Vec<OutboxRow>, sqlx::Error> {
     let rows = sqlx::query(
         "SELECT o.global_position, o.target_service, e.stream_version, \
@@ -336,10 +469,11 @@ async fn unpublished(
                 coalesce(e.causation_id, o.causation_id) AS causation_id, \
                 coalesce(e.recorded_at, o.enqueued_at) AS recorded_at \
          FROM outbox o LEFT JOIN events e ON e.global_position = o.global_position \
-         WHERE o.published_at IS NULL \
+         WHERE o.published_at IS NULL AND o.global_position > coalesce($2, -1) \
          ORDER BY o.global_position LIMIT $1",
     )
     .bind(limit)
+    .bind(after)
     .fetch_all(connection)
     .await?;
     rows.iter()

@@ -91,6 +91,8 @@ pub struct Config {
     pub pg_url: String,
     /// `ORDERFLOW_BIND_ADDRESS`: where the services listen (default 127.0.0.1).
     pub bind_address: IpAddr,
+    /// `ORDERFLOW_AMQP_URL`: the RabbitMQ broker (and virtual host) of every service.
+    pub amqp_url: String,
     /// `ORDERFLOW_<SERVICE>_DATABASE_URL` overrides, read once at start-up.
     database_urls: Vec<(Service, String)>,
 }
@@ -110,6 +112,8 @@ impl Config {
             })?,
             None => IpAddr::from([127, 0, 0, 1]),
         };
+        let amqp_url = lookup("ORDERFLOW_AMQP_URL")
+            .unwrap_or_else(|| "amqp://guest:guest@127.0.0.1:5672/%2f".to_owned());
         let database_urls = Service::ALL
             .into_iter()
             .filter_map(|service| {
@@ -123,6 +127,7 @@ impl Config {
         Ok(Config {
             pg_url,
             bind_address,
+            amqp_url,
             database_urls,
         })
     }

@@ -7,6 +7,7 @@ use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Json};
 use axum::routing::get;
+use eventstore::Metrics;
 use serde_json::json;
 use sqlx::PgPool;
 
@@ -18,11 +19,33 @@ pub struct AppState {
     pub service: Service,
     /// The service's own database; `None` for the gateway.
     pub pool: Option<PgPool>,
+    /// Shared by every service of the process; each series names its service.
+    pub metrics: Metrics,
 }
 
 /// A service's whole HTTP surface. Tests call this without binding a socket.
 pub fn app(state: AppState) -> Router {
-    Router::new().merge(health::router()).with_state(state)
+    Router::new()
+        .merge(health::router())
+        .merge(metrics::router())
+        .with_state(state)
+}
+
+mod metrics {
+    use super::*;
+    use axum::http::header::CONTENT_TYPE;
+
+    pub fn router() -> Router<AppState> {
+        Router::new().route("/metrics", get(metrics))
+    }
+
+    /// Prometheus text exposition.
+    async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
+        (
+            [(CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")],
+            state.metrics.render(),
+        )
+    }
 }
 
 mod health {

@@ -1,6 +1,7 @@
 //! Running services until asked to stop.
 
 use anyhow::Context;
+use eventstore::{EventStore, Metrics, Relay, RelayConfig};
 use tokio::net::TcpListener;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
@@ -12,13 +13,16 @@ use crate::setup::prepare_database;
 /// Connections each service's pool may open.
 const POOL_SIZE: u32 = 16;
 
-/// Runs `services`, each on its own port with its own database, until Ctrl-C or
-/// SIGTERM; then every server stops accepting, finishes the requests in hand, and
-/// returns. If one server fails, the others are stopped too.
+/// Runs `services`, each on its own port with its own database and outbox relay,
+/// until Ctrl-C or SIGTERM; then every server stops accepting, finishes the requests
+/// in hand, every relay finishes its batch, and it returns. If one server fails, the
+/// others are stopped too.
 pub async fn run(config: &Config, services: &[Service]) -> anyhow::Result<()> {
     let shutdown = CancellationToken::new();
     tokio::spawn(shutdown_signal(shutdown.clone()));
+    let metrics = Metrics::new();
     let mut servers = JoinSet::new();
+    let mut workers = JoinSet::new();
     for &service in services {
         let pool = match config.database(service)? {
             Some(options) => Some(prepare_database(&options, POOL_SIZE).await?),
@@ -29,7 +33,21 @@ pub async fn run(config: &Config, services: &[Service]) -> anyhow::Result<()> {
             .await
             .with_context(|| format!("{service}: cannot listen on {}:{}", address.0, address.1))?;
         tracing::info!(%service, address = %listener.local_addr()?, "listening");
-        let router = app(AppState { service, pool });
+        if let Some(pool) = &pool {
+            // The relay declares the service's exchanges and queues, then publishes
+            // its outbox; it retries on its own while the broker is away.
+            let relay = Relay::new(
+                EventStore::new(pool.clone()),
+                RelayConfig::new(service.name(), &config.amqp_url),
+                metrics.clone(),
+            );
+            workers.spawn(relay.run(shutdown.clone()));
+        }
+        let router = app(AppState {
+            service,
+            pool,
+            metrics: metrics.clone(),
+        });
         let stop = shutdown.clone();
         servers.spawn(async move {
             axum::serve(listener, router)
@@ -48,6 +66,8 @@ pub async fn run(config: &Config, services: &[Service]) -> anyhow::Result<()> {
             }
         }
     }
+    shutdown.cancel();
+    while workers.join_next().await.is_some() {}
     tracing::info!("stopped");
     outcome
 }

@@ -106,8 +106,11 @@ async fn migrate_creates_and_migrates_every_service_database() {
             tables,
             [
                 "_sqlx_migrations",
+                "consumer_streams",
                 "events",
+                "inbox",
                 "outbox",
+                "parked_streams",
                 "schema_registry",
                 "snapshots"
             ]

@@ -31,6 +31,7 @@ async fn ready_follows_the_database() {
     let state = AppState {
         service: Service::Inventory,
         pool: Some(pool.clone()),
+        metrics: eventstore::Metrics::new(),
     };
 
     let (status, body) = get(state.clone(), "/health/live").await;
@@ -54,4 +55,37 @@ async fn ready_follows_the_database() {
             .unwrap()
             .starts_with("error")
     );
+}
+
+#[tokio::test]
+async fn metrics_are_served_in_prometheus_text() {
+    let metrics = eventstore::Metrics::new();
+    metrics.track_service("order");
+    metrics.track_consumer("order.summary");
+    let state = AppState {
+        service: Service::Gateway,
+        pool: None,
+        metrics,
+    };
+    let response = app(state)
+        .oneshot(Request::get("/metrics").body(Body::empty()).unwrap())
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    assert!(
+        response.headers()["content-type"]
+            .to_str()
+            .unwrap()
+            .starts_with("text/plain; version=0.0.4")
+    );
+    let body = to_bytes(response.into_body(), 1 << 20).await.unwrap();
+    let text = String::from_utf8(body.to_vec()).unwrap();
+    for family in [
+        "orderflow_outbox_backlog{service=\"order\"} 0",
+        "orderflow_relay_published_total{service=\"order\"} 0",
+        "orderflow_consumer_dead_lettered_total{consumer=\"order.summary\"} 0",
+        "# TYPE orderflow_consumer_processing_seconds histogram",
+    ] {
+        assert!(text.contains(family), "{family} missing from\n{text}");
+    }
 }

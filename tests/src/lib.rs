@@ -161,3 +161,42 @@ where
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }
+
+/// Measuring helpers shared by the benchmarks.
+pub mod bench {
+    /// (steal, total) jiffies from the first line of /proc/stat.
+    pub fn cpu_times() -> (u64, u64) {
+        let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+        let fields: Vec<u64> = stat
+            .lines()
+            .next()
+            .unwrap_or_default()
+            .split_whitespace()
+            .skip(1)
+            .filter_map(|f| f.parse().ok())
+            .collect();
+        (fields.get(7).copied().unwrap_or(0), fields.iter().sum())
+    }
+
+    /// The share of CPU time stolen by the hypervisor between two readings.
+    pub fn steal_share(before: (u64, u64), after: (u64, u64)) -> f64 {
+        let total = after.1.saturating_sub(before.1);
+        if total == 0 {
+            return 0.0;
+        }
+        after.0.saturating_sub(before.0) as f64 / total as f64
+    }
+
+    pub fn median(mut values: Vec<f64>) -> f64 {
+        values.sort_by(f64::total_cmp);
+        values[values.len() / 2]
+    }
+
+    /// A setting from the environment, or its default.
+    pub fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
+        std::env::var(name)
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(default)
+    }
+}

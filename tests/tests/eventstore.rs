@@ -775,7 +775,13 @@ async fn a_transaction_older_than_a_streams_head_cannot_append_before_it_in_glob
         .await
         .unwrap_err();
     assert!(
-        matches!(error, StoreError::Concurrency { actual: Some(1), .. }),
+        matches!(
+            error,
+            StoreError::Concurrency {
+                actual: Some(1),
+                ..
+            }
+        ),
         "{error}"
     );
     older.rollback().await.unwrap();

@@ -1,0 +1,427 @@
+//! Messages in flight, end to end against the real PostgreSQL and RabbitMQ:
+//!
+//! 1. relay throughput: a pre-filled outbox published to a quorum queue, next to the
+//!    ceiling, a plain lapin publisher sending the same messages (same payloads and
+//!    properties, same number in flight) with confirms; run as alternating pairs;
+//! 2. consumer throughput with the inbox (claim + commit per message, no-op handler),
+//!    next to a plain lapin consumer that only acknowledges;
+//! 3. latency from an append's commit to the handler finishing, with the relay and a
+//!    consumer running and events appended at a steady rate.
+//!
+//! `cargo bench -p tests --bench relay`. Settings: BENCH_MESSAGES (per throughput
+//! run, default 20000), BENCH_REPEATS (pairs, default 3), BENCH_RATE (events/s for the
+//! latency run, default 1000), BENCH_SECONDS (latency run length, default 10).
+//! Prints markdown rows with medians and the CPU steal seen during each part.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use domain::inventory::StockEvent;
+use eventstore::amqp::{self, EVENTS_EXCHANGE};
+use eventstore::{
+    Consumer, ConsumerConfig, EventStore, ExpectedVersion, Handler, HandlerError, Message,
+    Metadata, Metrics, NewEvent, Relay, RelayConfig, StoreTransaction,
+};
+use futures_util::StreamExt;
+use lapin::options::{
+    BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, QueuePurgeOptions,
+};
+use lapin::types::FieldTable;
+use tests::bench::{cpu_times, env_or, median, steal_share};
+use tests::{TestDb, Vhost};
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+const SERVICE: &str = "order";
+/// Messages in flight per batch, for the relay (its default) and the ceiling alike.
+const IN_FLIGHT: usize = 512;
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let messages: usize = env_or("BENCH_MESSAGES", 20_000);
+    let repeats: usize = env_or("BENCH_REPEATS", 3);
+    let rate: u64 = env_or("BENCH_RATE", 1_000);
+    let seconds: u64 = env_or("BENCH_SECONDS", 10);
+
+    let db = TestDb::new(16).await?;
+    let vhost = Vhost::new()?;
+    let store = db.store();
+    let sink = ConsumerConfig::events(SERVICE, "sink", &vhost.url, &["order.#"]);
+    let connection = amqp::connect(&vhost.url, "bench").await?;
+    let channel = amqp::confirming_channel(&connection).await?;
+    sink.declare(&channel).await?;
+
+    println!(
+        "relay benchmark: {messages} messages per throughput run, {repeats} pairs, quorum queue, {IN_FLIGHT} in flight"
+    );
+    println!();
+    println!(
+        "| run | ceiling msg/s | relay msg/s | relay/ceiling | relay confirm latency (mean per batch) | steal |"
+    );
+    println!("|---|---|---|---|---|---|");
+    let mut ratios = Vec::new();
+    for run in 1..=repeats {
+        let before = cpu_times();
+        fill_outbox(&store, messages).await?;
+        let ceiling = plain_publisher(&store, &channel, messages).await?;
+        purge(&channel, &sink.queue()).await?;
+        let (relay, confirm_p50) = relay_throughput(&store, &vhost, messages).await?;
+        purge(&channel, &sink.queue()).await?;
+        let steal = steal_share(before, cpu_times());
+        ratios.push(relay / ceiling);
+        println!(
+            "| {run} | {ceiling:.0} | {relay:.0} | {:.2} | {confirm_p50} | {:.1} % |",
+            relay / ceiling,
+            steal * 100.0
+        );
+    }
+    println!("\nmedian relay/ceiling: {:.2}", median(ratios));
+
+    // Consumer throughput: the queue is filled by the relay, then drained.
+    println!();
+    println!("| run | plain consume+ack msg/s | consumer with inbox msg/s | ratio | steal |");
+    println!("|---|---|---|---|---|");
+    for run in 1..=repeats {
+        let before = cpu_times();
+        fill_outbox(&store, messages).await?;
+        relay_throughput(&store, &vhost, messages).await?;
+        let plain = plain_consumer(&connection, &sink.queue(), messages).await?;
+        fill_outbox(&store, messages).await?;
+        relay_throughput(&store, &vhost, messages).await?;
+        let inbox = consumer_throughput(&store, &sink, messages).await?;
+        println!(
+            "| {run} | {plain:.0} | {inbox:.0} | {:.2} | {:.1} % |",
+            inbox / plain,
+            steal_share(before, cpu_times()) * 100.0
+        );
+    }
+
+    // Latency at a steady rate, relay and consumer running together.
+    let before = cpu_times();
+    let (sent, latencies) = latency(&store, &vhost, rate, seconds).await?;
+    let steal = steal_share(before, cpu_times());
+    let percentile = |p: f64| {
+        let index = ((latencies.len() as f64 * p).ceil() as usize).clamp(1, latencies.len()) - 1;
+        latencies[index]
+    };
+    println!();
+    println!("| target rate | events | p50 | p90 | p99 | max | steal |");
+    println!("|---|---|---|---|---|---|---|");
+    println!(
+        "| {rate}/s | {sent} | {:.2} ms | {:.2} ms | {:.2} ms | {:.2} ms | {:.1} % |",
+        percentile(0.50),
+        percentile(0.90),
+        percentile(0.99),
+        latencies.last().copied().unwrap_or(0.0),
+        steal * 100.0
+    );
+    connection.close(200, "done".into()).await?;
+    Ok(())
+}
+
+fn event(stream: &str) -> NewEvent {
+    let event = StockEvent::StockAdded {
+        sku: stream.to_owned(),
+        quantity: 1,
+    };
+    NewEvent::new(
+        TestDb::registry().encode(&event).expect("encodes"),
+        Metadata::new(Uuid::now_v7(), Uuid::now_v7()),
+    )
+}
+
+/// Appends `count` events (100 streams, batches of 100) to the outbox, untimed.
+async fn fill_outbox(store: &EventStore, count: usize) -> anyhow::Result<()> {
+    for batch in 0..count.div_ceil(100) {
+        let stream = format!("stock-bench-{}", batch % 100);
+        let size = 100.min(count - batch * 100);
+        let events: Vec<NewEvent> = (0..size).map(|_| event(&stream)).collect();
+        store.append(&stream, ExpectedVersion::Any, &events).await?;
+    }
+    Ok(())
+}
+
+/// The ceiling: the same unpublished messages, read in one query and published by
+/// plain lapin with confirms, `IN_FLIGHT` at a time. Marks the rows published so the
+/// relay run after it starts from an equal outbox.
+async fn plain_publisher(
+    store: &EventStore,
+    channel: &lapin::Channel,
+    count: usize,
+) -> anyhow::Result<f64> {
+    let rows: Vec<(i64, String, Vec<u8>)> = sqlx::query_as(
+        "SELECT o.global_position, e.event_type, e.payload FROM outbox o \
+         JOIN events e USING (global_position) WHERE o.published_at IS NULL \
+         ORDER BY o.global_position",
+    )
+    .fetch_all(store.pool())
+    .await?;
+    anyhow::ensure!(rows.len() == count, "outbox holds {} rows", rows.len());
+    let properties = amqp::Envelope {
+        message_id: Uuid::now_v7(),
+        message_type: "StockAdded".into(),
+        correlation_id: Uuid::now_v7(),
+        causation_id: Uuid::now_v7(),
+        stream_id: "stock-bench-0".into(),
+        stream_version: Some(1),
+        global_position: 1,
+        schema_fingerprint: 1,
+        timestamp_ms: 1,
+    };
+    let started = Instant::now();
+    for chunk in rows.chunks(IN_FLIGHT) {
+        let mut confirms = Vec::with_capacity(chunk.len());
+        for (position, event_type, payload) in chunk {
+            let envelope = amqp::Envelope {
+                global_position: *position,
+                ..properties.clone()
+            };
+            confirms.push(
+                channel
+                    .basic_publish(
+                        EVENTS_EXCHANGE.into(),
+                        format!("{SERVICE}.{event_type}").as_str().into(),
+                        BasicPublishOptions::default(),
+                        payload,
+                        envelope.properties(),
+                    )
+                    .await?,
+            );
+        }
+        for confirm in confirms {
+            anyhow::ensure!(confirm.await?.is_ack(), "nacked");
+        }
+    }
+    let rate = count as f64 / started.elapsed().as_secs_f64();
+    sqlx::query("UPDATE outbox SET published_at = now() WHERE published_at IS NULL")
+        .execute(store.pool())
+        .await?;
+    Ok(rate)
+}
+
+/// Marks the outbox unpublished again, runs a relay until it has published it all,
+/// and returns messages/s (including the relay's start-up) and its median confirm
+/// wait per batch.
+async fn relay_throughput(
+    store: &EventStore,
+    vhost: &Vhost,
+    count: usize,
+) -> anyhow::Result<(f64, String)> {
+    sqlx::query("UPDATE outbox SET published_at = NULL WHERE published_at IS NOT NULL")
+        .execute(store.pool())
+        .await?;
+    let unpublished: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM outbox WHERE published_at IS NULL")
+            .fetch_one(store.pool())
+            .await?;
+    let metrics = Metrics::new();
+    let cancel = CancellationToken::new();
+    let started = Instant::now();
+    let relay = tokio::spawn(
+        Relay::new(
+            store.clone(),
+            RelayConfig::new(SERVICE, &vhost.url),
+            metrics.clone(),
+        )
+        .run(cancel.clone()),
+    );
+    while metrics.published_count(SERVICE) < unpublished as u64 {
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    let rate = count as f64 / started.elapsed().as_secs_f64();
+    cancel.cancel();
+    relay.await?;
+    sqlx::query("DELETE FROM outbox")
+        .execute(store.pool())
+        .await?;
+    let confirm = metrics
+        .render()
+        .lines()
+        .find(|line| line.starts_with("orderflow_relay_confirm_latency_seconds_sum"))
+        .and_then(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
+        .map(|sum| {
+            format!(
+                "{:.1} ms mean",
+                sum * 1000.0 / (count as f64 / IN_FLIGHT as f64).ceil()
+            )
+        })
+        .unwrap_or_default();
+    Ok((rate, confirm))
+}
+
+async fn purge(channel: &lapin::Channel, queue: &str) -> anyhow::Result<()> {
+    channel
+        .queue_purge(queue.into(), QueuePurgeOptions::default())
+        .await?;
+    Ok(())
+}
+
+/// The consumer ceiling: receive and acknowledge each message, nothing else.
+async fn plain_consumer(
+    connection: &lapin::Connection,
+    queue: &str,
+    count: usize,
+) -> anyhow::Result<f64> {
+    let channel = connection.create_channel().await?;
+    amqp::set_prefetch(&channel, 256).await?;
+    let mut deliveries = channel
+        .basic_consume(
+            queue.into(),
+            "".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await?;
+    let started = Instant::now();
+    for _ in 0..count {
+        let delivery = deliveries
+            .next()
+            .await
+            .ok_or_else(|| anyhow::anyhow!("consumer ended"))??;
+        delivery.acker.ack(BasicAckOptions::default()).await?;
+    }
+    let rate = count as f64 / started.elapsed().as_secs_f64();
+    channel.close(200, "done".into()).await?;
+    Ok(rate)
+}
+
+/// Does nothing but let the runtime claim the inbox row and commit.
+struct NoOp;
+
+impl Handler for NoOp {
+    async fn handle(&self, _: &Message, _: &mut StoreTransaction) -> Result<(), HandlerError> {
+        Ok(())
+    }
+}
+
+async fn consumer_throughput(
+    store: &EventStore,
+    sink: &ConsumerConfig,
+    count: usize,
+) -> anyhow::Result<f64> {
+    let metrics = Metrics::new();
+    let cancel = CancellationToken::new();
+    let consumer = Consumer::new(
+        sink.clone(),
+        store.clone(),
+        TestDb::registry(),
+        NoOp,
+        metrics.clone(),
+    );
+    let started = Instant::now();
+    let task = tokio::spawn(consumer.run(cancel.clone()));
+    while metrics.consumed_count(&sink.queue()) < count as u64 {
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    let rate = count as f64 / started.elapsed().as_secs_f64();
+    cancel.cancel();
+    task.await?;
+    Ok(rate)
+}
+
+/// Records when each message's handler finished (before the consumer's commit).
+#[derive(Clone, Default)]
+struct Stopwatch {
+    done: Arc<Mutex<HashMap<Uuid, Instant>>>,
+}
+
+impl Handler for Stopwatch {
+    async fn handle(
+        &self,
+        message: &Message,
+        _: &mut StoreTransaction,
+    ) -> Result<(), HandlerError> {
+        self.done
+            .lock()
+            .map_err(|_| "poisoned")?
+            .insert(message.envelope.message_id, Instant::now());
+        Ok(())
+    }
+}
+
+/// Appends single events at `rate`/s for `seconds`, with the relay and a consumer
+/// running; returns how many were sent and the sorted latencies in ms.
+async fn latency(
+    store: &EventStore,
+    vhost: &Vhost,
+    rate: u64,
+    seconds: u64,
+) -> anyhow::Result<(usize, Vec<f64>)> {
+    let metrics = Metrics::new();
+    let cancel = CancellationToken::new();
+    let config = ConsumerConfig::events(SERVICE, "latency", &vhost.url, &["order.#"]);
+    let stopwatch = Stopwatch::default();
+    let consumer = Consumer::new(
+        config.clone(),
+        store.clone(),
+        TestDb::registry(),
+        stopwatch.clone(),
+        metrics.clone(),
+    );
+    let consumer = tokio::spawn(consumer.run(cancel.clone()));
+    let relay = tokio::spawn(
+        Relay::new(
+            store.clone(),
+            RelayConfig::new(SERVICE, &vhost.url),
+            metrics.clone(),
+        )
+        .run(cancel.clone()),
+    );
+    // Let both connect and the consumer declare its queue before measuring.
+    while metrics.consumed_count(&config.queue()) == 0 {
+        store
+            .append(
+                "stock-warmup",
+                ExpectedVersion::Any,
+                &[event("stock-warmup")],
+            )
+            .await?;
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let mut committed: HashMap<Uuid, Instant> = HashMap::new();
+    let mut ticks = tokio::time::interval(Duration::from_nanos(1_000_000_000 / rate));
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+    let total = (rate * seconds) as usize;
+    for i in 0..total {
+        ticks.tick().await;
+        let stream = format!("stock-latency-{}", i % 64);
+        let event = event(&stream);
+        let id = event.event_id;
+        store
+            .append(&stream, ExpectedVersion::Any, &[event])
+            .await?;
+        committed.insert(id, Instant::now());
+    }
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let all_done = || {
+        stopwatch
+            .done
+            .lock()
+            .map(|done| committed.keys().all(|id| done.contains_key(id)))
+            .unwrap_or(false)
+    };
+    while !all_done() && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    cancel.cancel();
+    consumer.await?;
+    relay.await?;
+    let done = stopwatch
+        .done
+        .lock()
+        .map_err(|_| anyhow::anyhow!("poisoned"))?;
+    let mut latencies: Vec<f64> = committed
+        .iter()
+        .filter_map(|(id, at)| {
+            Some(done.get(id)?.saturating_duration_since(*at).as_secs_f64() * 1000.0)
+        })
+        .collect();
+    anyhow::ensure!(
+        latencies.len() == total,
+        "only {} of {total} handled",
+        latencies.len()
+    );
+    latencies.sort_by(f64::total_cmp);
+    Ok((total, latencies))
+}
