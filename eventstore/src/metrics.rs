@@ -132,20 +132,20 @@ impl Metrics {
     /// rates computable) before anything happens.
     pub fn track_service(&self, service: &str) {
         let labels = service_labels(service);
-        self.inner.outbox_backlog.get_or_create(&labels);
-        self.inner.outbox_oldest_age.get_or_create(&labels);
-        self.inner.published.get_or_create(&labels);
-        self.inner.confirm_latency.get_or_create(&labels);
+        let _ = self.inner.outbox_backlog.get_or_create(&labels);
+        let _ = self.inner.outbox_oldest_age.get_or_create(&labels);
+        let _ = self.inner.published.get_or_create(&labels);
+        let _ = self.inner.confirm_latency.get_or_create(&labels);
     }
 
     /// Starts the series of a consumer at zero.
     pub fn track_consumer(&self, consumer: &str) {
         let labels = consumer_labels(consumer);
-        self.inner.consumed.get_or_create(&labels);
-        self.inner.failed.get_or_create(&labels);
-        self.inner.duplicates.get_or_create(&labels);
-        self.inner.dead_lettered.get_or_create(&labels);
-        self.inner.processing.get_or_create(&labels);
+        let _ = self.inner.consumed.get_or_create(&labels);
+        let _ = self.inner.failed.get_or_create(&labels);
+        let _ = self.inner.duplicates.get_or_create(&labels);
+        let _ = self.inner.dead_lettered.get_or_create(&labels);
+        let _ = self.inner.processing.get_or_create(&labels);
     }
 
     pub(crate) fn outbox(&self, service: &str, backlog: i64, oldest_age: Duration) {
