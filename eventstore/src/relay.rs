@@ -187,14 +187,14 @@ impl Relay {
     /// Publishing and confirming overlap: this loop reads and publishes batch after
     /// batch (reading past what is in flight with a cursor), while a second task waits
     /// for each batch's confirms in order and marks its rows. Up to
-    /// `BATCHES_IN_FLIGHT` batches are unconfirmed at once. Whenever the loop catches
-    /// up, and at every housekeeping tick, it waits for the confirmer to drain and
-    /// drops the cursor, so a row that committed late with a lower position is read
-    /// too.
+    /// `BATCHES_IN_FLIGHT` batches are unconfirmed at once. The cursor is dropped
+    /// whenever nothing is in flight, and at every housekeeping tick after waiting for
+    /// the confirmer to drain, so a row that committed late with a lower position than
+    /// the cursor is read too (at the latest one housekeeping interval later).
     async fn lead(
         &self,
         lock: &mut PgConnection,
-        wakes: &Arc<tokio::sync::Notify>,
+        wakes: &tokio::sync::Notify,
         cancel: &CancellationToken,
     ) -> Result<TermEnd, RelayError> {
         let name = format!("{}.relay", self.config.service);
@@ -212,7 +212,6 @@ impl Relay {
                 metrics: self.metrics.clone(),
                 config: self.config.clone(),
                 in_flight: in_flight.clone(),
-                settled: wakes.clone(),
             },
             batches,
         )));
@@ -246,31 +245,34 @@ impl Relay {
                 self.housekeep(lock).await?;
                 last_housekeeping = Some(Instant::now());
             }
-            let batch = unpublished(lock, self.config.batch_size, after).await?;
-            if batch.is_empty() {
-                if after.is_some() && in_flight.load(Ordering::Acquire) == 0 {
-                    // Caught up and all settled: look again from the start of the
-                    // outbox (the confirmer wakes us when the last batch is marked).
-                    after = None;
-                    continue;
-                }
-                tokio::select! {
-                    _ = cancel.cancelled() => {}
-                    _ = wakes.notified() => {}
-                    notification = listener.recv() => { notification?; }
-                    _ = tokio::time::sleep(self.config.poll_interval) => {}
-                }
-                continue;
+            if in_flight.load(Ordering::Acquire) == 0 {
+                after = None;
             }
-            after = batch.last().map(|row| row.envelope.global_position);
-            let published = self.publish(&channel, &batch).await?;
-            in_flight.fetch_add(1, Ordering::AcqRel);
-            tokio::select! {
-                sent = to_confirmer.send(ToConfirmer::Batch(published)) => {
-                    if sent.is_err() {
-                        break (&mut confirmer.0).await.unwrap_or(Err(RelayError::ConfirmerGone))?;
+            let batch = unpublished(lock, self.config.batch_size, after).await?;
+            if !batch.is_empty() {
+                after = batch.last().map(|row| row.envelope.global_position);
+                let published = self.publish(&channel, &batch).await?;
+                in_flight.fetch_add(1, Ordering::AcqRel);
+                tokio::select! {
+                    sent = to_confirmer.send(ToConfirmer::Batch(published)) => {
+                        if sent.is_err() {
+                            break (&mut confirmer.0).await.unwrap_or(Err(RelayError::ConfirmerGone))?;
+                        }
+                    }
+                    result = &mut confirmer.0 => {
+                        break result.unwrap_or(Err(RelayError::ConfirmerGone))?;
                     }
                 }
+                if batch.len() as i64 == self.config.batch_size {
+                    continue; // more may be waiting right now
+                }
+            }
+            // Caught up: wait for a wake-up (one that came while publishing is kept).
+            tokio::select! {
+                _ = cancel.cancelled() => {}
+                _ = wakes.notified() => {}
+                notification = listener.recv() => { notification?; }
+                _ = tokio::time::sleep(self.config.poll_interval) => {}
                 result = &mut confirmer.0 => {
                     break result.unwrap_or(Err(RelayError::ConfirmerGone))?;
                 }
@@ -385,9 +387,6 @@ struct Confirmer {
     config: RelayConfig,
     /// Batches published and not yet marked.
     in_flight: Arc<AtomicUsize>,
-    /// Woken when the last batch in flight is marked, so the publishing loop can
-    /// drop its cursor and look for rows that committed late below it.
-    settled: Arc<tokio::sync::Notify>,
 }
 
 /// Waits for each batch's confirms, in order, and only then marks its rows.
@@ -400,7 +399,6 @@ async fn confirm_and_mark(
         metrics,
         config,
         in_flight,
-        settled,
     } = confirmer;
     while let Some(item) = batches.recv().await {
         let batch = match item {
@@ -437,9 +435,7 @@ async fn confirm_and_mark(
             .bind(&positions)
             .execute(&pool)
             .await?;
-        if in_flight.fetch_sub(1, Ordering::AcqRel) == 1 {
-            settled.notify_one();
-        }
+        in_flight.fetch_sub(1, Ordering::AcqRel);
     }
     Ok(TermEnd::Cancelled)
 }
