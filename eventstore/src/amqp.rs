@@ -84,16 +84,25 @@ pub async fn declare_exchanges(channel: &Channel) -> Result<(), lapin::Error> {
 }
 
 /// Declares a durable quorum queue bound to `bindings` (exchange, routing pattern).
+///
+/// A queue that is consumed declares itself single-active-consumer: with several
+/// instances of one consumer running, RabbitMQ delivers to one of them at a time
+/// (the others stand by), so two instances never handle one stream's messages side by
+/// side and out of order.
 pub async fn declare_queue(
     channel: &Channel,
     queue: &str,
     bindings: &[(&str, &str)],
+    consumed: bool,
 ) -> Result<(), lapin::Error> {
     let mut arguments = FieldTable::default();
     arguments.insert(
         "x-queue-type".into(),
         AMQPValue::LongString("quorum".into()),
     );
+    if consumed {
+        arguments.insert("x-single-active-consumer".into(), AMQPValue::Boolean(true));
+    }
     let options = QueueDeclareOptions {
         durable: true,
         ..QueueDeclareOptions::default()
@@ -124,9 +133,11 @@ pub async fn declare_service(channel: &Channel, service: &str) -> Result<(), lap
         channel,
         &commands_queue(service),
         &[(COMMANDS_EXCHANGE, &commands)],
+        true,
     )
     .await?;
-    declare_queue(channel, &dead_letter_queue(service), &[]).await
+    // Read by operators (`orderflow dlq`), not by a consumer.
+    declare_queue(channel, &dead_letter_queue(service), &[], false).await
 }
 
 /// Limits how many unacknowledged messages the broker hands this channel.

@@ -18,11 +18,12 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::future::Future;
+use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use backon::BackoffBuilder;
-use futures_util::StreamExt;
+use futures_util::{FutureExt, StreamExt};
 use lapin::Confirmation;
 use lapin::message::Delivery;
 use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicPublishOptions};
@@ -139,7 +140,7 @@ impl ConsumerConfig {
             .iter()
             .map(|(exchange, pattern)| (exchange.as_str(), pattern.as_str()))
             .collect();
-        amqp::declare_queue(channel, &self.queue(), &bindings).await
+        amqp::declare_queue(channel, &self.queue(), &bindings, true).await
     }
 }
 
@@ -288,16 +289,72 @@ impl<H: Handler> Consumer<H> {
     }
 }
 
-/// Forgets a parked stream, so its later messages are applied again: what `orderflow
-/// dlq` does when an operator skips the dead letter that parked it. Returns whether the
-/// stream was parked.
+/// Lets a parked stream go past the message it waits for, without applying that
+/// message: what `orderflow dlq` does when an operator skips a dead letter. The next
+/// parked message (if any) becomes the one the stream waits for; replay the dead
+/// letters in order to let them through. Returns the message now waited for, or
+/// `None` once the stream flows again.
+pub async fn skip(
+    pool: &PgPool,
+    consumer: &str,
+    stream_id: &str,
+) -> Result<Option<Uuid>, sqlx::Error> {
+    let mut transaction = pool.begin().await?;
+    let next = advance_park(&mut transaction, consumer, stream_id).await?;
+    transaction.commit().await?;
+    Ok(next)
+}
+
+/// Forgets everything parked on a stream at once, so its later messages are applied
+/// again. Returns whether the stream was parked.
 pub async fn unpark(pool: &PgPool, consumer: &str, stream_id: &str) -> Result<bool, sqlx::Error> {
+    let mut transaction = pool.begin().await?;
+    sqlx::query("DELETE FROM parked_messages WHERE consumer = $1 AND stream_id = $2")
+        .bind(consumer)
+        .bind(stream_id)
+        .execute(&mut *transaction)
+        .await?;
     let deleted = sqlx::query("DELETE FROM parked_streams WHERE consumer = $1 AND stream_id = $2")
         .bind(consumer)
         .bind(stream_id)
-        .execute(pool)
+        .execute(&mut *transaction)
         .await?;
+    transaction.commit().await?;
     Ok(deleted.rows_affected() > 0)
+}
+
+/// Moves a parked stream on to its next parked message, or unparks it when none is
+/// left. Returns the message the stream now waits for.
+async fn advance_park(
+    connection: &mut sqlx::PgConnection,
+    consumer: &str,
+    stream_id: &str,
+) -> Result<Option<Uuid>, sqlx::Error> {
+    let next: Option<Uuid> = sqlx::query_scalar(
+        "DELETE FROM parked_messages WHERE seq = (SELECT min(seq) FROM parked_messages \
+         WHERE consumer = $1 AND stream_id = $2) RETURNING message_id",
+    )
+    .bind(consumer)
+    .bind(stream_id)
+    .fetch_optional(&mut *connection)
+    .await?;
+    let statement = match next {
+        Some(_) => {
+            "UPDATE parked_streams SET blocking_message_id = $3, \
+             error = 'parked behind an earlier dead letter of its stream' \
+             WHERE consumer = $1 AND stream_id = $2"
+        }
+        None => {
+            "DELETE FROM parked_streams WHERE consumer = $1 AND stream_id = $2 AND $3::uuid IS NULL"
+        }
+    };
+    sqlx::query(statement)
+        .bind(consumer)
+        .bind(stream_id)
+        .bind(next)
+        .execute(connection)
+        .await?;
+    Ok(next)
 }
 
 /// The channels of one broker session, shared by its message tasks.
@@ -361,11 +418,55 @@ enum Claim {
 }
 
 enum Failure {
-    /// Our own database work failed (connection lost, say): retried without counting
-    /// an attempt, since the handler never ran to a verdict.
+    /// The database or the network failed under us (connection lost, say): retried
+    /// without counting an attempt, since the handler never ran to a verdict.
     Infrastructure(String),
     /// The handler (or decoding for it) failed: counts as an attempt.
     Handler(String),
+}
+
+impl Failure {
+    /// Sorts a database error: lost connections are infrastructure, anything else
+    /// (a constraint, a serialization failure at commit) is the attempt's failure.
+    fn from_database(error: &sqlx::Error) -> Failure {
+        let transient = match error {
+            sqlx::Error::Io(_)
+            | sqlx::Error::Tls(_)
+            | sqlx::Error::Protocol(_)
+            | sqlx::Error::PoolTimedOut
+            | sqlx::Error::PoolClosed
+            | sqlx::Error::WorkerCrashed => true,
+            // Class 08: connection exception; 57P0x: the server is shutting down.
+            sqlx::Error::Database(database) => database
+                .code()
+                .is_some_and(|code| code.starts_with("08") || code.starts_with("57P0")),
+            _ => false,
+        };
+        if transient {
+            Failure::Infrastructure(error.to_string())
+        } else {
+            Failure::Handler(error.to_string())
+        }
+    }
+
+    fn from_store(error: crate::StoreError) -> Failure {
+        match &error {
+            crate::StoreError::Database(database) => Failure::from_database(database),
+            _ => Failure::Handler(error.to_string()),
+        }
+    }
+}
+
+/// Whether and how a dead letter parks its stream.
+#[derive(Clone, Copy)]
+enum Park {
+    /// Nothing to park: the message has no usable stream.
+    No,
+    /// This message failed: its stream waits for it (or, if the stream already waits
+    /// for another, it queues behind that one).
+    Stream,
+    /// The stream already waits for this earlier dead letter; queue behind it.
+    Behind(Uuid),
 }
 
 /// Handles one delivery to its end: acknowledged once applied, skipped as a duplicate,
@@ -377,23 +478,24 @@ async fn process<H: Handler>(shared: &Shared<H>, channels: &SessionChannels, del
         Ok(envelope) => envelope,
         Err(why) => {
             let error = format!("malformed message: {why}");
-            return dead_letter(shared, channels, &delivery, None, &error, 0, None).await;
+            let letter = DeadLetter::new(&delivery, None, Park::No, error, 0);
+            return dead_letter(shared, channels, letter).await;
         }
     };
     let mut attempts = 0;
     let mut infrastructure_delays = reconnect_backoff();
     loop {
         let outcome = match decode(shared, &delivery, &envelope).await {
-            Ok(message) => {
-                attempts += 1;
-                try_once(shared, &message).await
-            }
+            Ok(message) => try_once(shared, &message).await,
             Err(Failure::Handler(error)) => {
                 let error = format!("undecodable payload: {error}");
-                let park = Some(&envelope);
-                return dead_letter(shared, channels, &delivery, park, &error, 0, None).await;
+                let letter = DeadLetter::new(&delivery, Some(&envelope), Park::Stream, error, 0);
+                return dead_letter(shared, channels, letter).await;
             }
             Err(failure) => Err(failure),
+        };
+        let letter = |park, error, attempts| {
+            DeadLetter::new(&delivery, Some(&envelope), park, error, attempts)
         };
         match outcome {
             Ok(Claim::Applied) => {
@@ -410,25 +512,16 @@ async fn process<H: Handler>(shared: &Shared<H>, channels: &SessionChannels, del
             }
             Ok(Claim::Parked(behind)) => {
                 let error = format!("stream {} is parked behind {behind}", envelope.stream_id);
-                let attempts = 0;
-                return dead_letter(
-                    shared,
-                    channels,
-                    &delivery,
-                    None,
-                    &error,
-                    attempts,
-                    Some(behind),
-                )
-                .await;
+                return dead_letter(shared, channels, letter(Park::Behind(behind), error, 0)).await;
             }
             Ok(Claim::OutOfOrder) => {
+                // Never applied: parked until an operator looks (replaying it cannot
+                // help; skipping it lets the stream flow on).
                 let error = format!(
                     "out of order: a later version of stream {} was already applied",
                     envelope.stream_id
                 );
-                return dead_letter(shared, channels, &delivery, None, &error, attempts, None)
-                    .await;
+                return dead_letter(shared, channels, letter(Park::Stream, error, attempts)).await;
             }
             Err(Failure::Infrastructure(error)) => {
                 if !channels.alive() {
@@ -443,11 +536,11 @@ async fn process<H: Handler>(shared: &Shared<H>, channels: &SessionChannels, del
                 }
             }
             Err(Failure::Handler(error)) => {
+                attempts += 1;
                 shared.metrics.failed(&shared.queue);
                 tracing::warn!(%error, attempt = attempts, message_id = %envelope.message_id, "handler failed");
                 if attempts >= shared.config.max_attempts {
-                    let park = Some(&envelope);
-                    return dead_letter(shared, channels, &delivery, park, &error, attempts, None)
+                    return dead_letter(shared, channels, letter(Park::Stream, error, attempts))
                         .await;
                 }
                 let delay = shared.config.first_retry_delay * 2u32.saturating_pow(attempts - 1);
@@ -469,7 +562,11 @@ async fn pause<H>(shared: &Shared<H>, delay: Duration) -> bool {
 
 async fn acknowledge(delivery: &Delivery) -> bool {
     match delivery.acker.ack(BasicAckOptions::default()).await {
-        Ok(_) => true,
+        Ok(true) => true,
+        Ok(false) => {
+            tracing::warn!("could not acknowledge on a closed channel; it will be redelivered");
+            false
+        }
         Err(error) => {
             // The channel is gone: the message comes back and the inbox absorbs it.
             tracing::warn!(%error, "could not acknowledge; it will be redelivered");
@@ -508,9 +605,10 @@ async fn decode<H>(
 }
 
 /// Claims the inbox row (unless the message is a duplicate, parked behind another, or
-/// older than what was applied), then runs the handler in the same transaction. A
-/// dead letter being replayed is the one message a parked stream lets through; when it
-/// succeeds, the stream is unparked in the same transaction.
+/// older than what was applied), then runs the handler in the same transaction. The
+/// message a parked stream waits for (a dead letter being replayed) is the one message
+/// it lets through; when that succeeds, the stream moves on to its next parked message
+/// in the same transaction.
 const CLAIM: &str = "
 WITH parked AS (
     SELECT blocking_message_id FROM parked_streams WHERE consumer = $1 AND stream_id = $3
@@ -525,19 +623,15 @@ WITH parked AS (
     ON CONFLICT (consumer, stream_id) DO UPDATE SET last_version = excluded.last_version
         WHERE consumer_streams.last_version < excluded.last_version
     RETURNING 1
-), unparked AS (
-    DELETE FROM parked_streams
-    WHERE consumer = $1 AND stream_id = $3 AND blocking_message_id = $2
-      AND EXISTS (SELECT 1 FROM claimed)
 )
 SELECT EXISTS (SELECT 1 FROM claimed) AS claimed,
        (SELECT blocking_message_id FROM parked) AS parked_behind,
        ($4::bigint IS NULL OR EXISTS (SELECT 1 FROM advanced)) AS in_order";
 
 async fn try_once<H: Handler>(shared: &Shared<H>, message: &Message) -> Result<Claim, Failure> {
-    let infrastructure = |error: crate::StoreError| Failure::Infrastructure(error.to_string());
     let envelope = &message.envelope;
-    let mut transaction = shared.store.begin().await.map_err(infrastructure)?;
+    let database = |error: sqlx::Error| Failure::from_database(&error);
+    let mut transaction = shared.store.begin().await.map_err(Failure::from_store)?;
     let row = sqlx::query(CLAIM)
         .bind(shared.queue.as_str())
         .bind(envelope.message_id)
@@ -545,16 +639,10 @@ async fn try_once<H: Handler>(shared: &Shared<H>, message: &Message) -> Result<C
         .bind(envelope.stream_version)
         .fetch_one(transaction.connection())
         .await
-        .map_err(|error| Failure::Infrastructure(error.to_string()))?;
-    let read = |row: &sqlx::postgres::PgRow| -> Result<(bool, Option<Uuid>, bool), sqlx::Error> {
-        Ok((
-            row.try_get("claimed")?,
-            row.try_get("parked_behind")?,
-            row.try_get("in_order")?,
-        ))
-    };
-    let (claimed, parked_behind, in_order) =
-        read(&row).map_err(|error| Failure::Infrastructure(error.to_string()))?;
+        .map_err(database)?;
+    let claimed: bool = row.try_get("claimed").map_err(database)?;
+    let parked_behind: Option<Uuid> = row.try_get("parked_behind").map_err(database)?;
+    let in_order: bool = row.try_get("in_order").map_err(database)?;
     let verdict = match parked_behind {
         Some(behind) if behind != envelope.message_id => Some(Claim::Parked(behind)),
         _ if !claimed => Some(Claim::Duplicate),
@@ -562,50 +650,75 @@ async fn try_once<H: Handler>(shared: &Shared<H>, message: &Message) -> Result<C
         _ => None,
     };
     if let Some(verdict) = verdict {
-        transaction.rollback().await.map_err(infrastructure)?;
+        transaction.rollback().await.map_err(Failure::from_store)?;
         return Ok(verdict);
     }
-    let started = Instant::now();
-    let handled = shared.handler.handle(message, &mut transaction).await;
+    // A panicking handler counts as a failed attempt; it must not free the stream
+    // for the next message while this one is still unapplied.
+    let handled = AssertUnwindSafe(shared.handler.handle(message, &mut transaction))
+        .catch_unwind()
+        .await
+        .unwrap_or_else(|_| Err("the handler panicked".into()));
     if let Err(error) = handled {
         // Dropping the transaction rolls back the claim with the handler's writes.
         drop(transaction);
         return Err(Failure::Handler(error.to_string()));
     }
-    transaction.commit().await.map_err(infrastructure)?;
-    tracing::trace!(took = ?started.elapsed(), "handled");
+    if parked_behind.is_some() {
+        advance_park(transaction.connection(), &shared.queue, &envelope.stream_id)
+            .await
+            .map_err(database)?;
+    }
+    transaction.commit().await.map_err(Failure::from_store)?;
     Ok(Claim::Applied)
 }
 
-/// Moves a delivery to the service's dead-letter queue and acknowledges it; with
-/// `park`, first parks its stream so that later messages of it wait behind it. Keeps
-/// retrying while the session lives; if it dies, the message is redelivered anyway.
-async fn dead_letter<H>(
-    shared: &Shared<H>,
-    channels: &SessionChannels,
-    delivery: &Delivery,
-    park: Option<&Envelope>,
-    error: &str,
+/// A delivery on its way to the dead-letter queue, with why.
+struct DeadLetter<'a> {
+    delivery: &'a Delivery,
+    /// Known unless the message was malformed.
+    envelope: Option<&'a Envelope>,
+    park: Park,
+    error: String,
     attempts: u32,
-    parked_behind: Option<Uuid>,
-) {
-    let mut delays = reconnect_backoff();
-    loop {
-        match try_dead_letter(
-            shared,
-            channels,
+}
+
+impl<'a> DeadLetter<'a> {
+    fn new(
+        delivery: &'a Delivery,
+        envelope: Option<&'a Envelope>,
+        park: Park,
+        error: String,
+        attempts: u32,
+    ) -> Self {
+        DeadLetter {
             delivery,
+            envelope,
             park,
             error,
             attempts,
-            parked_behind,
-        )
-        .await
-        {
+        }
+    }
+}
+
+/// A dead letter's confirm that has not come in this long counts as a failure.
+const DEAD_LETTER_CONFIRM_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Moves a delivery to the service's dead-letter queue and acknowledges it, parking
+/// its stream first as `park` says. Keeps retrying while the session lives; if it
+/// dies, the message is redelivered anyway.
+async fn dead_letter<H>(shared: &Shared<H>, channels: &SessionChannels, letter: DeadLetter<'_>) {
+    let mut delays = reconnect_backoff();
+    loop {
+        match try_dead_letter(shared, channels, &letter).await {
             Ok(()) => {
                 shared.metrics.dead_lettered(&shared.queue);
-                tracing::warn!(error, attempts, "dead-lettered");
-                acknowledge(delivery).await;
+                tracing::warn!(
+                    error = letter.error,
+                    attempts = letter.attempts,
+                    "dead-lettered"
+                );
+                acknowledge(letter.delivery).await;
                 return;
             }
             Err(failure) => {
@@ -622,49 +735,64 @@ async fn dead_letter<H>(
     }
 }
 
+/// Parks the stream: as the message it waits for if it waits for none, otherwise
+/// queued behind the parked messages it has.
+const PARK: &str = "
+WITH waits_for AS (
+    INSERT INTO parked_streams (consumer, stream_id, blocking_message_id, error)
+    VALUES ($1, $2, $3, $4) ON CONFLICT (consumer, stream_id) DO NOTHING
+    RETURNING 1
+)
+INSERT INTO parked_messages (consumer, stream_id, message_id)
+SELECT $1, $2, $3
+WHERE NOT EXISTS (SELECT 1 FROM waits_for)
+  AND NOT EXISTS (SELECT 1 FROM parked_streams
+                  WHERE consumer = $1 AND stream_id = $2 AND blocking_message_id = $3)
+ON CONFLICT (consumer, message_id) DO NOTHING";
+
 async fn try_dead_letter<H>(
     shared: &Shared<H>,
     channels: &SessionChannels,
-    delivery: &Delivery,
-    park: Option<&Envelope>,
-    error: &str,
-    attempts: u32,
-    parked_behind: Option<Uuid>,
+    letter: &DeadLetter<'_>,
 ) -> Result<(), String> {
-    if let Some(envelope) = park {
-        sqlx::query(
-            "INSERT INTO parked_streams (consumer, stream_id, blocking_message_id, error) \
-             VALUES ($1, $2, $3, $4) ON CONFLICT (consumer, stream_id) DO NOTHING",
-        )
-        .bind(shared.queue.as_str())
-        .bind(envelope.stream_id.as_str())
-        .bind(envelope.message_id)
-        .bind(error)
-        .execute(shared.store.pool())
-        .await
-        .map_err(|error| error.to_string())?;
+    let delivery = letter.delivery;
+    if let (Some(envelope), Park::Stream | Park::Behind(_)) = (letter.envelope, letter.park) {
+        sqlx::query(PARK)
+            .bind(shared.queue.as_str())
+            .bind(envelope.stream_id.as_str())
+            .bind(envelope.message_id)
+            .bind(letter.error.as_str())
+            .execute(shared.store.pool())
+            .await
+            .map_err(|error| error.to_string())?;
     }
     let mut headers = delivery.properties.headers().clone().unwrap_or_default();
-    headers.insert(dead_letter_headers::ERROR.into(), amqp::long_string(error));
-    headers.insert(
-        dead_letter_headers::ATTEMPTS.into(),
-        AMQPValue::LongLongInt(i64::from(attempts)),
+    let mut set = |name: &str, value: AMQPValue| {
+        headers.insert(name.into(), value);
+    };
+    set(
+        dead_letter_headers::ERROR,
+        amqp::long_string(letter.error.as_str()),
     );
-    headers.insert(
-        dead_letter_headers::EXCHANGE.into(),
+    set(
+        dead_letter_headers::ATTEMPTS,
+        AMQPValue::LongLongInt(i64::from(letter.attempts)),
+    );
+    set(
+        dead_letter_headers::EXCHANGE,
         amqp::long_string(delivery.exchange.as_str()),
     );
-    headers.insert(
-        dead_letter_headers::ROUTING_KEY.into(),
+    set(
+        dead_letter_headers::ROUTING_KEY,
         amqp::long_string(delivery.routing_key.as_str()),
     );
-    headers.insert(
-        dead_letter_headers::QUEUE.into(),
+    set(
+        dead_letter_headers::QUEUE,
         amqp::long_string(shared.queue.as_str()),
     );
-    if let Some(behind) = parked_behind {
-        headers.insert(
-            dead_letter_headers::PARKED_BEHIND.into(),
+    if let Park::Behind(behind) = letter.park {
+        set(
+            dead_letter_headers::PARKED_BEHIND,
             amqp::long_string(behind.to_string()),
         );
     }
@@ -685,9 +813,15 @@ async fn try_dead_letter<H>(
         )
         .await
         .map_err(|error| error.to_string())?;
-    match confirm.await.map_err(|error| error.to_string())? {
-        Confirmation::Ack(_) => Ok(()),
-        _ => Err("the broker refused the dead letter".to_owned()),
+    let confirmed = tokio::select! {
+        _ = shared.cancel.cancelled() => return Err("stopping".to_owned()),
+        confirmed = tokio::time::timeout(DEAD_LETTER_CONFIRM_TIMEOUT, confirm) => confirmed,
+    };
+    match confirmed {
+        Ok(Ok(Confirmation::Ack(None))) => Ok(()),
+        Ok(Ok(_)) => Err("the broker refused the dead letter".to_owned()),
+        Ok(Err(error)) => Err(error.to_string()),
+        Err(_) => Err(format!("no confirm within {DEAD_LETTER_CONFIRM_TIMEOUT:?}")),
     }
 }
 

@@ -3,19 +3,22 @@
 //! One relay per service database leads (it holds a PostgreSQL advisory lock on a
 //! connection of its own); any other instance stands by, retrying the lock every
 //! `standby_interval`, and takes over when the leader's connection goes away. The
-//! leader reads unpublished rows in position order, publishes a batch of them with
-//! publisher confirms (all in flight at once), waits for every confirm, and only then
-//! marks the rows published. A crash in between republishes the batch: consumers
-//! deduplicate by message id. Published rows are deleted on a schedule.
+//! leader reads unpublished rows in position order and publishes them with publisher
+//! confirms, several batches in flight; a row is marked published only once the
+//! broker confirmed it. A crash in between republishes it: consumers deduplicate by
+//! message id. Published rows are deleted on a schedule.
 //!
 //! Per-stream order: a stream's versions have increasing positions (the append's
 //! ordering guard sees to that even inside longer transactions), and a version is only
-//! appended once its predecessor committed, so rows of one stream become visible and
-//! are published in version order. Rows of different streams may commit out of
-//! position order; that only reorders unrelated streams.
+//! appended once its predecessor committed, so of one stream's rows, a lower version is
+//! always visible no later than a higher one. The relay never reads past a row that
+//! could still commit (see [`Relay::lead`]'s cursor), so it publishes each stream in
+//! version order. Rows of different streams may commit out of position order; that
+//! only reorders unrelated streams.
 
-use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::collections::HashSet;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use lapin::Confirmation;
@@ -82,6 +85,8 @@ pub enum RelayError {
     ConfirmTimeout(Duration),
     #[error("the confirming task stopped unexpectedly")]
     ConfirmerGone,
+    #[error("could not connect to the broker within {0:?}")]
+    ConnectTimeout(Duration),
 }
 
 /// A relay for one service database. Run it with [`Relay::run`].
@@ -100,6 +105,7 @@ enum TermEnd {
 /// A broker that has not confirmed a batch in this long is treated as gone.
 const CONFIRM_TIMEOUT: Duration = Duration::from_secs(30);
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
 impl Relay {
     pub fn new(store: EventStore, config: RelayConfig, metrics: Metrics) -> Self {
@@ -165,7 +171,20 @@ impl Relay {
         &self,
         cancel: &CancellationToken,
     ) -> Result<Option<PgConnection>, sqlx::Error> {
-        let options = self.store.pool().connect_options();
+        // The server must notice quickly when a leader's host dies or is cut off, so
+        // that its session, and with it the lock, ends within seconds, not hours.
+        let options = self
+            .store
+            .pool()
+            .connect_options()
+            .as_ref()
+            .clone()
+            .options([
+                ("tcp_keepalives_idle", "1"),
+                ("tcp_keepalives_interval", "1"),
+                ("tcp_keepalives_count", "2"),
+                ("tcp_user_timeout", "3000"),
+            ]);
         let mut connection = PgConnection::connect_with(&options).await?;
         loop {
             let leading: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock($1)")
@@ -185,12 +204,13 @@ impl Relay {
     /// One leadership term: publish until cancelled or something breaks.
     ///
     /// Publishing and confirming overlap: this loop reads and publishes batch after
-    /// batch (reading past what is in flight with a cursor), while a second task waits
-    /// for each batch's confirms in order and marks its rows. Up to
-    /// `BATCHES_IN_FLIGHT` batches are unconfirmed at once. The cursor is dropped
-    /// whenever nothing is in flight, and at every housekeeping tick after waiting for
-    /// the confirmer to drain, so a row that committed late with a lower position than
-    /// the cursor is read too (at the latest one housekeeping interval later).
+    /// batch, while a second task waits for each batch's confirms in order and marks
+    /// its rows. Up to `BATCHES_IN_FLIGHT` batches are unconfirmed at once; reads skip
+    /// their rows. Reads start after a cursor that never passes the oldest running
+    /// transaction (`pg_snapshot_xmin`): below it every row has committed or never
+    /// will, so no row can appear behind the cursor later. A cursor at the last row
+    /// read would skip a row whose transaction took a lower position and committed
+    /// after that read, and so publish its stream's next event before it.
     async fn lead(
         &self,
         lock: &mut PgConnection,
@@ -198,14 +218,23 @@ impl Relay {
         cancel: &CancellationToken,
     ) -> Result<TermEnd, RelayError> {
         let name = format!("{}.relay", self.config.service);
-        let broker = amqp::connect(&self.config.amqp_url, &name).await?;
-        let channel = amqp::confirming_channel(&broker).await?;
-        amqp::declare_service(&channel, &self.config.service).await?;
+        let setup = async {
+            let broker = amqp::connect(&self.config.amqp_url, &name).await?;
+            let channel = amqp::confirming_channel(&broker).await?;
+            amqp::declare_service(&channel, &self.config.service).await?;
+            Ok::<_, lapin::Error>((broker, channel))
+        };
+        let (broker, channel) = tokio::select! {
+            _ = cancel.cancelled() => return Ok(TermEnd::Cancelled),
+            connected = tokio::time::timeout(CONNECT_TIMEOUT, setup) => {
+                connected.map_err(|_| RelayError::ConnectTimeout(CONNECT_TIMEOUT))??
+            }
+        };
         // Wake-ups from appends in other processes; ours arrive through `wakes`.
         let mut listener = PgListener::connect_with(self.store.pool()).await?;
         listener.listen(OUTBOX_CHANNEL).await?;
         let (to_confirmer, batches) = tokio::sync::mpsc::channel(BATCHES_IN_FLIGHT);
-        let in_flight = Arc::new(AtomicUsize::new(0));
+        let in_flight: Arc<Mutex<HashSet<i64>>> = Arc::default();
         let mut confirmer = AbortOnDrop(tokio::spawn(confirm_and_mark(
             Confirmer {
                 pool: self.store.pool().clone(),
@@ -215,44 +244,30 @@ impl Relay {
             },
             batches,
         )));
-        let flush = async |confirmer: &mut AbortOnDrop| -> Result<Option<TermEnd>, RelayError> {
-            let (done, flushed) = tokio::sync::oneshot::channel();
-            if to_confirmer.send(ToConfirmer::Flush(done)).await.is_err() || flushed.await.is_err()
-            {
-                // The confirmer stopped: its result says why.
-                return (&mut confirmer.0)
-                    .await
-                    .unwrap_or(Err(RelayError::ConfirmerGone))
-                    .map(Some);
-            }
-            Ok(None)
-        };
-        let mut after: Option<i64> = None;
+        let mut after: i64 = -1;
+        // Services whose command queue this term has declared (see `publish`).
+        let mut declared: HashSet<String> = HashSet::new();
         let mut last_housekeeping: Option<Instant> = None;
         let end = loop {
             if cancel.is_cancelled() {
-                if let Some(end) = flush(&mut confirmer).await? {
-                    break end;
+                // Let what is in flight be confirmed and marked, then stop.
+                let (done, flushed) = tokio::sync::oneshot::channel();
+                if to_confirmer.send(ToConfirmer::Flush(done)).await.is_ok() {
+                    let _ = flushed.await;
                 }
                 break TermEnd::Cancelled;
             }
             if last_housekeeping.is_none_or(|at| at.elapsed() >= self.config.housekeeping_interval)
             {
-                if let Some(end) = flush(&mut confirmer).await? {
-                    break end;
-                }
-                after = None;
                 self.housekeep(lock).await?;
                 last_housekeeping = Some(Instant::now());
             }
-            if in_flight.load(Ordering::Acquire) == 0 {
-                after = None;
-            }
-            let batch = unpublished(lock, self.config.batch_size, after).await?;
-            if !batch.is_empty() {
-                after = batch.last().map(|row| row.envelope.global_position);
-                let published = self.publish(&channel, &batch).await?;
-                in_flight.fetch_add(1, Ordering::AcqRel);
+            let skip: Vec<i64> = lock_set(&in_flight).iter().copied().collect();
+            let (batch, horizon) = unpublished(lock, self.config.batch_size, after, &skip).await?;
+            if let Some(last) = batch.last() {
+                after = after.max(last.envelope.global_position.min(horizon - 1));
+                lock_set(&in_flight).extend(batch.iter().map(|row| row.envelope.global_position));
+                let published = self.publish(&channel, &batch, &mut declared).await?;
                 tokio::select! {
                     sent = to_confirmer.send(ToConfirmer::Batch(published)) => {
                         if sent.is_err() {
@@ -286,38 +301,49 @@ impl Relay {
 
     /// Publishes a batch with every message in flight at once; the confirms are
     /// awaited by [`confirm_and_mark`].
+    ///
+    /// Commands are published `mandatory` after declaring the target service's
+    /// command queue (once per term), so a command can neither be dropped for want of
+    /// a queue nor be marked published when the broker returned it. Events are not:
+    /// an event nobody subscribes to yet is simply not delivered.
     async fn publish(
         &self,
         channel: &lapin::Channel,
         batch: &[OutboxRow],
+        declared: &mut HashSet<String>,
     ) -> Result<InFlight, RelayError> {
         let started = Instant::now();
         let mut confirms = Vec::with_capacity(batch.len());
         for row in batch {
-            let (exchange, routing_key) = match &row.target_service {
-                Some(target) => (
-                    COMMANDS_EXCHANGE,
-                    format!("{target}.{}", row.envelope.message_type),
-                ),
-                None => (
-                    EVENTS_EXCHANGE,
-                    format!("{}.{}", self.config.service, row.envelope.message_type),
-                ),
+            let (exchange, routing_key, mandatory) = match &row.target_service {
+                Some(target) => {
+                    if !declared.contains(target) {
+                        amqp::declare_service(channel, target).await?;
+                        declared.insert(target.clone());
+                    }
+                    let key = format!("{target}.{}", row.envelope.message_type);
+                    (COMMANDS_EXCHANGE, key, true)
+                }
+                None => {
+                    let key = format!("{}.{}", self.config.service, row.envelope.message_type);
+                    (EVENTS_EXCHANGE, key, false)
+                }
+            };
+            let options = BasicPublishOptions {
+                mandatory,
+                ..BasicPublishOptions::default()
             };
             let confirm = channel
                 .basic_publish(
                     exchange.into(),
                     amqp::short_string(&routing_key),
-                    BasicPublishOptions::default(),
+                    options,
                     &row.payload,
                     row.envelope.properties(),
                 )
                 .await?;
-            confirms.push((
-                row.envelope.message_id,
-                row.envelope.global_position,
-                confirm,
-            ));
+            let id = row.envelope.message_id;
+            confirms.push((id, row.envelope.global_position, confirm));
         }
         Ok(InFlight { confirms, started })
     }
@@ -385,8 +411,8 @@ struct Confirmer {
     pool: sqlx::PgPool,
     metrics: Metrics,
     config: RelayConfig,
-    /// Batches published and not yet marked.
-    in_flight: Arc<AtomicUsize>,
+    /// Positions published and not yet marked: the publishing loop skips them.
+    in_flight: Arc<Mutex<HashSet<i64>>>,
 }
 
 /// Waits for each batch's confirms, in order, and only then marks its rows.
@@ -412,10 +438,10 @@ async fn confirm_and_mark(
         let all_confirmed = async {
             for (message_id, position, confirm) in batch.confirms {
                 match confirm.await? {
-                    Confirmation::Ack(_) => positions.push(position),
-                    Confirmation::Nack(_) | Confirmation::NotRequested => {
-                        return Err(RelayError::Refused(message_id));
-                    }
+                    Confirmation::Ack(None) => positions.push(position),
+                    // Returned as unroutable (a mandatory command), refused, or
+                    // unconfirmed: not delivered, so not marked; the term restarts.
+                    _ => return Err(RelayError::Refused(message_id)),
                 }
             }
             Ok(())
@@ -435,7 +461,10 @@ async fn confirm_and_mark(
             .bind(&positions)
             .execute(&pool)
             .await?;
-        in_flight.fetch_sub(1, Ordering::AcqRel);
+        let mut in_flight = lock_set(&in_flight);
+        for position in &positions {
+            in_flight.remove(position);
+        }
     }
     Ok(TermEnd::Cancelled)
 }
@@ -448,12 +477,18 @@ struct OutboxRow {
     target_service: Option<String>,
 }
 
-/// Unpublished rows in position order, after `after` when set.
+fn lock_set(set: &Mutex<HashSet<i64>>) -> MutexGuard<'_, HashSet<i64>> {
+    set.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// Unpublished rows in position order after `after`, except those in `skip`, and the
+/// position below which every transaction has ended (the cursor's limit).
 async fn unpublished(
     connection: &mut PgConnection,
     limit: i64,
-    after: Option<i64>,
-) -> Result<Vec<OutboxRow>, sqlx::Error> {
+    after: i64,
+    skip: &[i64],
+) -> Result<(Vec<OutboxRow>, i64), sqlx::Error> {
     let rows = sqlx::query(
         "SELECT o.global_position, o.target_service, e.stream_version, \
                 coalesce(e.event_id, o.message_id) AS message_id, \
@@ -463,16 +498,24 @@ async fn unpublished(
                 coalesce(e.payload, o.payload) AS payload, \
                 coalesce(e.correlation_id, o.correlation_id) AS correlation_id, \
                 coalesce(e.causation_id, o.causation_id) AS causation_id, \
-                coalesce(e.recorded_at, o.enqueued_at) AS recorded_at \
+                coalesce(e.recorded_at, o.enqueued_at) AS recorded_at, \
+                pg_snapshot_xmin(pg_current_snapshot())::text::bigint << 20 AS horizon \
          FROM outbox o LEFT JOIN events e ON e.global_position = o.global_position \
-         WHERE o.published_at IS NULL AND o.global_position > coalesce($2, -1) \
+         WHERE o.published_at IS NULL AND o.global_position > $2 \
+           AND o.global_position <> ALL($3) \
          ORDER BY o.global_position LIMIT $1",
     )
     .bind(limit)
     .bind(after)
+    .bind(skip)
     .fetch_all(connection)
     .await?;
-    rows.iter()
+    let horizon = match rows.first() {
+        Some(row) => row.try_get("horizon")?,
+        None => after + 1,
+    };
+    let rows = rows
+        .iter()
         .map(|row| {
             let recorded_at: chrono::DateTime<chrono::Utc> = row.try_get("recorded_at")?;
             Ok(OutboxRow {
@@ -491,5 +534,6 @@ async fn unpublished(
                 target_service: row.try_get("target_service")?,
             })
         })
-        .collect()
+        .collect::<Result<Vec<_>, sqlx::Error>>()?;
+    Ok((rows, horizon))
 }

@@ -48,8 +48,9 @@ CREATE TABLE consumer_streams (
 );
 
 -- A stream whose message was dead-lettered: its later messages wait in the dead-letter
--- queue behind it, so nothing of the stream is applied ahead of the failed message,
--- until that message is replayed (and succeeds) or skipped.
+-- queue behind it, so nothing of the stream is applied ahead of the failed message.
+-- blocking_message_id is the one message the stream lets through: the dead letter
+-- first, and once that is applied (replayed) or skipped, each parked message in turn.
 CREATE TABLE parked_streams (
     consumer            TEXT        NOT NULL,
     stream_id           TEXT        NOT NULL,
@@ -58,3 +59,14 @@ CREATE TABLE parked_streams (
     parked_at           TIMESTAMPTZ NOT NULL DEFAULT now(),
     PRIMARY KEY (consumer, stream_id)
 );
+
+-- The messages parked behind a stream's dead letter, in the order they arrived; they
+-- are let through one at a time, in this order.
+CREATE TABLE parked_messages (
+    seq        BIGSERIAL PRIMARY KEY,
+    consumer   TEXT NOT NULL,
+    stream_id  TEXT NOT NULL,
+    message_id UUID NOT NULL,
+    UNIQUE (consumer, message_id)
+);
+CREATE INDEX parked_messages_by_stream ON parked_messages (consumer, stream_id, seq);

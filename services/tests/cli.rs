@@ -110,6 +110,7 @@ async fn migrate_creates_and_migrates_every_service_database() {
                 "events",
                 "inbox",
                 "outbox",
+                "parked_messages",
                 "parked_streams",
                 "schema_registry",
                 "snapshots"

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use domain::inventory::StockEvent;
 use domain::order::{OrderEvent, OrderLine};
 use eventstore::amqp::{self, Envelope, dead_letter_headers};
-use eventstore::consumer::unpark;
+use eventstore::consumer::{skip, unpark};
 use eventstore::{
     Consumer, ConsumerConfig, EventStore, ExpectedVersion, Handler, HandlerError, Message,
     Metadata, Metrics, NewEvent, OutgoingCommand, Relay, RelayConfig, StoreTransaction,
@@ -515,35 +515,63 @@ async fn failing_handlers_retry_with_backoff_then_dead_letter_and_park_their_str
         1
     );
 
-    // Replaying the dead letters in order once the cause is fixed unparks the stream
-    // and applies v2, v3, v4 in order.
+    // A new event of the parked stream queues behind the parked ones.
+    world
+        .store
+        .append(
+            "stock-broken",
+            ExpectedVersion::Exact(4),
+            &[stock_event("stock-broken", 1)],
+        )
+        .await
+        .unwrap();
+    let live = read_dead_letters(&world, 1).await;
+    assert_eq!(live[0].envelope.stream_version, Some(5));
+    assert_eq!(live[0].parked_behind, Some(broken_v2.envelope.message_id));
+
+    // Once the cause is fixed, replaying the dead letters in order lets the stream's
+    // messages through one by one: v2, v3, v4, then v5.
     healed.store(true, Ordering::SeqCst);
     replay(&world, &config.queue(), &dead).await;
+    replay(&world, &config.queue(), &live).await;
     let applied = world
-        .wait_applied(5 * 3 + 1 + 4, Duration::from_secs(30))
+        .wait_applied(5 * 3 + 1 + 5, Duration::from_secs(30))
         .await;
     let broken: Vec<i64> = applied
         .iter()
         .filter(|row| row.stream_id == "stock-broken")
         .filter_map(|row| row.version)
         .collect();
-    assert_eq!(broken, vec![1, 2, 3, 4]);
+    assert_eq!(broken, vec![1, 2, 3, 4, 5]);
     wait_for(
         Duration::from_secs(10),
-        "the stream to be unparked",
+        "stock-broken to flow again",
         || async {
-            let parked = world.count("SELECT count(*) FROM parked_streams").await;
-            (parked <= 1).then_some(())
+            let parked = world
+                .count("SELECT count(*) FROM parked_streams WHERE stream_id = 'stock-broken'")
+                .await;
+            (parked == 0).then_some(())
         },
     )
     .await;
-    // Only the garbage message's stream is left parked; skipping it releases it.
+    assert_eq!(world.count("SELECT count(*) FROM parked_messages").await, 0);
+    // The garbage message, dead-lettered again by the replay, still holds its stream;
+    // skipping it releases the stream.
+    let again = read_dead_letters(&world, 1).await;
+    assert_eq!(again[0].envelope.message_id, garbage);
+    let garbage_stream = "stock-garbage";
+    assert_eq!(
+        skip(&world.db.pool, "order.recorder", garbage_stream)
+            .await
+            .unwrap(),
+        None
+    );
+    assert_eq!(world.count("SELECT count(*) FROM parked_streams").await, 0);
     assert!(
-        unpark(&world.db.pool, "order.recorder", "stock-garbage")
+        !unpark(&world.db.pool, "order.recorder", garbage_stream)
             .await
             .unwrap()
     );
-    assert_eq!(world.count("SELECT count(*) FROM parked_streams").await, 0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -728,4 +756,71 @@ async fn replay(world: &World, queue: &str, letters: &[DeadLetter]) {
             .unwrap();
     }
     connection.close(200, "done".into()).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_late_committing_transaction_is_not_overtaken_by_its_streams_next_event() {
+    let world = World::new().await;
+    let config = world.consumer_config();
+    world.declare(&config).await;
+    let metrics = Metrics::new();
+    world.start_consumer(config.clone(), Recorder::never_failing(), &metrics);
+    world.start_relay(world.relay_config(), &metrics);
+    let store = &world.store;
+    let first = store
+        .append(
+            "stock-late",
+            ExpectedVersion::NoStream,
+            &[stock_event("stock-late", 1)],
+        )
+        .await
+        .unwrap();
+    world.wait_applied(1, Duration::from_secs(30)).await;
+
+    // An older transaction (it wrote first, as a consumer's inbox claim does) appends
+    // v2, but commits only after a younger one was published.
+    let mut older = store.begin().await.unwrap();
+    older
+        .append(
+            "stock-elsewhere",
+            ExpectedVersion::NoStream,
+            &[stock_event("stock-elsewhere", 1)],
+        )
+        .await
+        .unwrap();
+    older
+        .append(
+            "stock-late",
+            first.next_expected(),
+            &[stock_event("stock-late", 1)],
+        )
+        .await
+        .unwrap();
+    store
+        .append(
+            "stock-younger",
+            ExpectedVersion::NoStream,
+            &[stock_event("stock-younger", 1)],
+        )
+        .await
+        .unwrap();
+    world.wait_applied(2, Duration::from_secs(30)).await;
+    older.commit().await.unwrap();
+    store
+        .append(
+            "stock-late",
+            ExpectedVersion::Exact(2),
+            &[stock_event("stock-late", 1)],
+        )
+        .await
+        .unwrap();
+
+    let applied = world.wait_applied(5, Duration::from_secs(30)).await;
+    let late: Vec<i64> = applied
+        .iter()
+        .filter(|row| row.stream_id == "stock-late")
+        .filter_map(|row| row.version)
+        .collect();
+    assert_eq!(late, vec![1, 2, 3], "v3 must not overtake the late v2");
+    assert_eq!(metrics.dead_lettered_count(&config.queue()), 0);
 }
