@@ -259,10 +259,16 @@ impl Relay {
             }
             if last_housekeeping.is_none_or(|at| at.elapsed() >= self.config.housekeeping_interval)
             {
-                self.housekeep(lock).await?;
+                let in_flight = lock_set(&in_flight).len();
+                self.housekeep(lock, after, in_flight).await?;
                 last_housekeeping = Some(Instant::now());
             }
-            let skip: Vec<i64> = lock_set(&in_flight).iter().copied().collect();
+            // Only rows past the cursor can be read again; usually none are in flight.
+            let skip: Vec<i64> = lock_set(&in_flight)
+                .iter()
+                .copied()
+                .filter(|&position| position > after)
+                .collect();
             let (batch, horizon) = unpublished(lock, self.config.batch_size, after, &skip).await?;
             if let Some(last) = batch.last() {
                 after = after.max(last.envelope.global_position.min(horizon - 1));
@@ -349,23 +355,34 @@ impl Relay {
     }
 
     /// Refreshes the backlog metrics and deletes published rows past retention.
-    async fn housekeep(&self, lock: &mut PgConnection) -> Result<(), sqlx::Error> {
+    /// Unconfirmed rows are the unpublished ones past the cursor (rows below it are
+    /// all published) plus the `in_flight` ones.
+    async fn housekeep(
+        &self,
+        lock: &mut PgConnection,
+        cursor: i64,
+        in_flight: usize,
+    ) -> Result<(), sqlx::Error> {
         let row = sqlx::query(
             "SELECT count(*) AS backlog, \
              coalesce(extract(epoch FROM now() - min(enqueued_at)), 0)::float8 AS oldest \
-             FROM outbox WHERE published_at IS NULL",
+             FROM outbox WHERE global_position > $1 AND published_at IS NULL",
         )
+        .bind(cursor)
         .fetch_one(&mut *lock)
         .await?;
         let oldest: f64 = row.try_get("oldest")?;
+        let backlog: i64 = row.try_get("backlog")?;
         self.metrics.outbox(
             &self.config.service,
-            row.try_get("backlog")?,
+            backlog + in_flight as i64,
             Duration::from_secs_f64(oldest.max(0.0)),
         );
         let deleted = sqlx::query(
-            "DELETE FROM outbox WHERE published_at < now() - make_interval(secs => $1)",
+            "DELETE FROM outbox WHERE global_position <= $1 \
+             AND published_at < now() - make_interval(secs => $2)",
         )
+        .bind(cursor)
         .bind(self.config.retention.as_secs_f64())
         .execute(&mut *lock)
         .await?;

@@ -9,7 +9,7 @@
 //!    consumer running and events appended at a steady rate.
 //!
 //! `cargo bench -p tests --bench relay`. Settings: BENCH_MESSAGES (per throughput
-//! run, default 20000), BENCH_REPEATS (pairs, default 3), BENCH_RATE (events/s for the
+//! run, default 30000), BENCH_REPEATS (pairs, default 3), BENCH_RATE (events/s for the
 //! latency run, default 1000), BENCH_SECONDS (latency run length, default 10).
 //! Prints markdown rows with medians and the CPU steal seen during each part.
 
@@ -39,7 +39,7 @@ const IN_FLIGHT: usize = 512;
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let messages: usize = env_or("BENCH_MESSAGES", 20_000);
+    let messages: usize = env_or("BENCH_MESSAGES", 30_000);
     let repeats: usize = env_or("BENCH_REPEATS", 3);
     let rate: u64 = env_or("BENCH_RATE", 1_000);
     let seconds: u64 = env_or("BENCH_SECONDS", 10);
@@ -66,6 +66,7 @@ async fn main() -> anyhow::Result<()> {
         fill_outbox(&store, messages).await?;
         let ceiling = plain_publisher(&store, &channel, messages).await?;
         purge(&channel, &sink.queue()).await?;
+        fill_outbox(&store, messages).await?;
         let (relay, confirm_p50) = relay_throughput(&store, &vhost, messages).await?;
         purge(&channel, &sink.queue()).await?;
         let steal = steal_share(before, cpu_times());
@@ -131,20 +132,26 @@ fn event(stream: &str) -> NewEvent {
     )
 }
 
-/// Appends `count` events (100 streams, batches of 100) to the outbox, untimed.
+/// Empties the outbox, appends `count` events (100 streams, batches of 100), and
+/// vacuums, so that every timed run starts from the same table state. Untimed.
 async fn fill_outbox(store: &EventStore, count: usize) -> anyhow::Result<()> {
+    sqlx::query("DELETE FROM outbox")
+        .execute(store.pool())
+        .await?;
     for batch in 0..count.div_ceil(100) {
         let stream = format!("stock-bench-{}", batch % 100);
         let size = 100.min(count - batch * 100);
         let events: Vec<NewEvent> = (0..size).map(|_| event(&stream)).collect();
         store.append(&stream, ExpectedVersion::Any, &events).await?;
     }
+    sqlx::query("VACUUM ANALYZE outbox, events")
+        .execute(store.pool())
+        .await?;
     Ok(())
 }
 
-/// The ceiling: the same unpublished messages, read in one query and published by
-/// plain lapin with confirms, `IN_FLIGHT` at a time. Marks the rows published so the
-/// relay run after it starts from an equal outbox.
+/// The ceiling: the unpublished messages, read in one (untimed) query and published by
+/// plain lapin with confirms, `IN_FLIGHT` at a time.
 async fn plain_publisher(
     store: &EventStore,
     channel: &lapin::Channel,
@@ -193,24 +200,17 @@ async fn plain_publisher(
             anyhow::ensure!(confirm.await?.is_ack(), "nacked");
         }
     }
-    let rate = count as f64 / started.elapsed().as_secs_f64();
-    sqlx::query("UPDATE outbox SET published_at = now() WHERE published_at IS NULL")
-        .execute(store.pool())
-        .await?;
-    Ok(rate)
+    Ok(count as f64 / started.elapsed().as_secs_f64())
 }
 
-/// Marks the outbox unpublished again, runs a relay until it has published it all,
-/// and returns messages/s (including the relay's start-up) and its median confirm
-/// wait per batch.
+/// Runs a relay until it has published the whole outbox, and returns messages/s
+/// (including the relay's start-up: connecting, declaring, taking the lock) and its
+/// mean confirm latency per batch.
 async fn relay_throughput(
     store: &EventStore,
     vhost: &Vhost,
     count: usize,
 ) -> anyhow::Result<(f64, String)> {
-    sqlx::query("UPDATE outbox SET published_at = NULL WHERE published_at IS NOT NULL")
-        .execute(store.pool())
-        .await?;
     let unpublished: i64 =
         sqlx::query_scalar("SELECT count(*) FROM outbox WHERE published_at IS NULL")
             .fetch_one(store.pool())
