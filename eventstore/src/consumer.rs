@@ -70,7 +70,7 @@ pub trait Handler: Send + Sync + 'static {
     fn handle(
         &self,
         message: &Message,
-        transaction: &mut StoreTransaction,
+        transaction: &mut StoreTransaction<'_>,
     ) -> impl Future<Output = Result<(), HandlerError>> + Send;
 }
 
@@ -86,6 +86,9 @@ pub struct ConsumerConfig {
     pub prefetch: u16,
     /// Streams handled at the same time.
     pub concurrency: usize,
+    /// Database connections the consumer keeps open for its handlers (at most
+    /// `concurrency` are used).
+    pub connections: usize,
     /// Handler attempts before a message is dead-lettered.
     pub max_attempts: u32,
     /// The pause after the first failed attempt; it doubles after each further one.
@@ -122,6 +125,7 @@ impl ConsumerConfig {
             amqp_url: amqp_url.to_owned(),
             prefetch: 256,
             concurrency: 32,
+            connections: 8,
             max_attempts: 3,
             first_retry_delay: Duration::from_millis(100),
         }
@@ -159,6 +163,7 @@ pub struct Consumer<H> {
 
 struct Shared<H> {
     config: ConsumerConfig,
+    connections: Connections,
     queue: String,
     store: EventStore,
     registry: SchemaRegistry,
@@ -177,8 +182,16 @@ impl<H: Handler> Consumer<H> {
     ) -> Self {
         let queue = config.queue();
         metrics.track_consumer(&queue);
+        let connections = Connections {
+            options: store.pool().connect_options().as_ref().clone(),
+            idle: std::sync::Mutex::new(Vec::new()),
+            permits: tokio::sync::Semaphore::new(
+                config.connections.clamp(1, config.concurrency.max(1)),
+            ),
+        };
         Consumer {
             shared: Arc::new(Shared {
+                connections,
                 config,
                 queue,
                 store,
@@ -355,6 +368,44 @@ async fn advance_park(
         .execute(connection)
         .await?;
     Ok(next)
+}
+
+/// The consumer's own database connections, kept open between messages. Handlers run
+/// on these rather than on the pool because the pool pings every connection it gets
+/// back, which costs a round trip per message (about a fifth of the consumer's
+/// database work).
+struct Connections {
+    options: sqlx::postgres::PgConnectOptions,
+    idle: std::sync::Mutex<Vec<sqlx::PgConnection>>,
+    permits: tokio::sync::Semaphore,
+}
+
+impl Connections {
+    async fn take(
+        &self,
+    ) -> Result<(tokio::sync::SemaphorePermit<'_>, sqlx::PgConnection), sqlx::Error> {
+        let permit = self
+            .permits
+            .acquire()
+            .await
+            .map_err(|_| sqlx::Error::PoolClosed)?;
+        let idle = self.lock().pop();
+        let connection = match idle {
+            Some(connection) => connection,
+            None => <sqlx::PgConnection as sqlx::Connection>::connect_with(&self.options).await?,
+        };
+        Ok((permit, connection))
+    }
+
+    fn give_back(&self, connection: sqlx::PgConnection) {
+        self.lock().push(connection);
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<sqlx::PgConnection>> {
+        self.idle
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
 }
 
 /// The channels of one broker session, shared by its message tasks.
@@ -629,9 +680,31 @@ SELECT EXISTS (SELECT 1 FROM claimed) AS claimed,
        ($4::bigint IS NULL OR EXISTS (SELECT 1 FROM advanced)) AS in_order";
 
 async fn try_once<H: Handler>(shared: &Shared<H>, message: &Message) -> Result<Claim, Failure> {
+    let (_permit, mut connection) = shared
+        .connections
+        .take()
+        .await
+        .map_err(|error| Failure::from_database(&error))?;
+    let outcome = claim_and_handle(shared, message, &mut connection).await;
+    // After a failure the connection may be mid-transaction or broken: let it go.
+    if outcome.is_ok() {
+        shared.connections.give_back(connection);
+    }
+    outcome
+}
+
+async fn claim_and_handle<H: Handler>(
+    shared: &Shared<H>,
+    message: &Message,
+    connection: &mut sqlx::PgConnection,
+) -> Result<Claim, Failure> {
     let envelope = &message.envelope;
     let database = |error: sqlx::Error| Failure::from_database(&error);
-    let mut transaction = shared.store.begin().await.map_err(Failure::from_store)?;
+    let mut transaction = shared
+        .store
+        .begin_on(connection)
+        .await
+        .map_err(Failure::from_store)?;
     let row = sqlx::query(CLAIM)
         .bind(shared.queue.as_str())
         .bind(envelope.message_id)

@@ -233,11 +233,14 @@ impl Relay {
         // Wake-ups from appends in other processes; ours arrive through `wakes`.
         let mut listener = PgListener::connect_with(self.store.pool()).await?;
         listener.listen(OUTBOX_CHANNEL).await?;
+        // The confirmer marks on a connection of its own: through the pool, every mark
+        // would also pay the pool's ping on release.
+        let marks = PgConnection::connect_with(&self.store.pool().connect_options()).await?;
         let (to_confirmer, batches) = tokio::sync::mpsc::channel(BATCHES_IN_FLIGHT);
         let in_flight: Arc<Mutex<HashSet<i64>>> = Arc::default();
         let mut confirmer = AbortOnDrop(tokio::spawn(confirm_and_mark(
             Confirmer {
-                pool: self.store.pool().clone(),
+                marks,
                 metrics: self.metrics.clone(),
                 config: self.config.clone(),
                 in_flight: in_flight.clone(),
@@ -425,7 +428,8 @@ impl Drop for AbortOnDrop {
 
 /// What the confirming task of a leadership term works with.
 struct Confirmer {
-    pool: sqlx::PgPool,
+    /// Where rows are marked published.
+    marks: PgConnection,
     metrics: Metrics,
     config: RelayConfig,
     /// Positions published and not yet marked: the publishing loop skips them.
@@ -438,7 +442,7 @@ async fn confirm_and_mark(
     mut batches: tokio::sync::mpsc::Receiver<ToConfirmer>,
 ) -> Result<TermEnd, RelayError> {
     let Confirmer {
-        pool,
+        mut marks,
         metrics,
         config,
         in_flight,
@@ -476,7 +480,7 @@ async fn confirm_and_mark(
         }
         sqlx::query("UPDATE outbox SET published_at = now() WHERE global_position = ANY($1)")
             .bind(&positions)
-            .execute(&pool)
+            .execute(&mut marks)
             .await?;
         let mut in_flight = lock_set(&in_flight);
         for position in &positions {

@@ -433,9 +433,22 @@ impl EventStore {
 
     /// Starts a transaction in which events can be appended together with the caller's
     /// other writes (saga state, inbox rows, read models).
-    pub async fn begin(&self) -> Result<StoreTransaction, StoreError> {
+    pub async fn begin(&self) -> Result<StoreTransaction<'static>, StoreError> {
         Ok(StoreTransaction {
             transaction: self.pool.begin().await?,
+            waker: self.waker.clone(),
+            positions_used: 0,
+        })
+    }
+
+    /// [`begin`](Self::begin) on a connection the caller holds: for workers that keep
+    /// their own connections and so skip the pool's ping on every release.
+    pub async fn begin_on<'c>(
+        &self,
+        connection: &'c mut PgConnection,
+    ) -> Result<StoreTransaction<'c>, StoreError> {
+        Ok(StoreTransaction {
+            transaction: Connection::begin(connection).await?,
             waker: self.waker.clone(),
             positions_used: 0,
         })
@@ -489,14 +502,14 @@ impl EventStore {
 /// go through [`connection`](Self::connection). Dropping it without `commit` rolls
 /// everything back.
 #[derive(Debug)]
-pub struct StoreTransaction {
-    transaction: sqlx::Transaction<'static, sqlx::Postgres>,
+pub struct StoreTransaction<'c> {
+    transaction: sqlx::Transaction<'c, sqlx::Postgres>,
     waker: RelayWaker,
     /// Positions are (transaction id << 20) + ordinal; this is the next ordinal.
     positions_used: i64,
 }
 
-impl StoreTransaction {
+impl StoreTransaction<'_> {
     /// Appends inside this transaction. A race lost to a concurrent writer aborts the
     /// transaction and reports `Concurrency { actual: None }`: roll back and retry.
     pub async fn append(

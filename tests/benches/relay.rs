@@ -290,7 +290,7 @@ async fn plain_consumer(
 struct NoOp;
 
 impl Handler for NoOp {
-    async fn handle(&self, _: &Message, _: &mut StoreTransaction) -> Result<(), HandlerError> {
+    async fn handle(&self, _: &Message, _: &mut StoreTransaction<'_>) -> Result<(), HandlerError> {
         Ok(())
     }
 }
@@ -330,7 +330,7 @@ impl Handler for Stopwatch {
     async fn handle(
         &self,
         message: &Message,
-        _: &mut StoreTransaction,
+        _: &mut StoreTransaction<'_>,
     ) -> Result<(), HandlerError> {
         self.done
             .lock()

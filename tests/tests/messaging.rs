@@ -214,7 +214,7 @@ impl Handler for Recorder {
     async fn handle(
         &self,
         message: &Message,
-        transaction: &mut StoreTransaction,
+        transaction: &mut StoreTransaction<'_>,
     ) -> Result<(), HandlerError> {
         let attempt = {
             let mut attempts = self.attempts.lock().unwrap();
