@@ -10,7 +10,7 @@ use services::config::{Config, Service, parse_services};
     name = "orderflow",
     version,
     about = "An event-sourced order platform: services, migrations and operator tools",
-    after_help = "Examples:\n  orderflow migrate\n  orderflow serve\n  orderflow serve --services order,inventory\n  orderflow schemas check --json\n\nConfiguration is by environment: ORDERFLOW_PG_URL (default postgres://postgres@127.0.0.1:5432),\nORDERFLOW_<SERVICE>_DATABASE_URL, ORDERFLOW_BIND_ADDRESS (default 127.0.0.1), RUST_LOG."
+    after_help = "Examples:\n  orderflow migrate\n  orderflow serve\n  orderflow serve --services order,inventory\n  orderflow schemas check --json\n\nConfiguration is by environment: ORDERFLOW_PG_URL (default postgres://postgres@127.0.0.1:5432),\nORDERFLOW_<SERVICE>_DATABASE_URL, ORDERFLOW_AMQP_URL (default amqp://guest:guest@127.0.0.1:5672/%2f),\nORDERFLOW_BIND_ADDRESS (default 127.0.0.1), RUST_LOG."
 )]
 struct Cli {
     #[command(subcommand)]
@@ -24,7 +24,7 @@ enum Command {
     Serve {
         /// Comma-separated services to run: order, inventory, payment, user, notification
         #[arg(long, value_name = "a,b,…", value_parser = services_arg)]
-        services: Option<Vec<Service>>,
+        services: Option<ServiceList>,
     },
     /// Create each service's database if missing and run its migrations
     #[command(
@@ -49,8 +49,13 @@ enum SchemasCommand {
     },
 }
 
-fn services_arg(list: &str) -> Result<Vec<Service>, String> {
-    parse_services(Some(list))
+/// One `--services` value: a list, which clap must take as a single value (an
+/// `Option<Vec<_>>` field would make it expect one value per item).
+#[derive(Clone, Debug)]
+struct ServiceList(Vec<Service>);
+
+fn services_arg(list: &str) -> Result<ServiceList, String> {
+    parse_services(Some(list)).map(ServiceList)
 }
 
 fn main() -> ExitCode {
@@ -101,7 +106,7 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
         Command::Serve { services } => {
             let config = Config::from_env()?;
             let services = match services {
-                Some(services) => services,
+                Some(ServiceList(services)) => services,
                 None => parse_services(None).map_err(anyhow::Error::msg)?,
             };
             services::serve::run(&config, &services).await?;

@@ -53,12 +53,19 @@ fn an_unreachable_database_is_one_line_and_exit_1() {
         "ORDERFLOW_PG_URL".to_owned(),
         "postgres://postgres@127.0.0.1:1".to_owned(),
     )];
-    let out = orderflow(&["migrate"], &env);
-    assert_eq!(out.status.code(), Some(1));
-    let stderr = text(&out.stderr);
-    assert_eq!(stderr.trim_end().lines().count(), 1, "{stderr}");
-    assert!(stderr.starts_with("orderflow: "), "{stderr}");
-    assert!(stderr.contains("Connection refused"), "{stderr}");
+    // A list of services parses (it once made clap panic) and gets as far as the
+    // database, like migrate.
+    for arguments in [
+        &["migrate"][..],
+        &["serve", "--services", "order,inventory"][..],
+    ] {
+        let out = orderflow(arguments, &env);
+        assert_eq!(out.status.code(), Some(1), "{arguments:?}");
+        let stderr = text(&out.stderr);
+        assert_eq!(stderr.trim_end().lines().count(), 1, "{stderr}");
+        assert!(stderr.starts_with("orderflow: "), "{stderr}");
+        assert!(stderr.contains("Connection refused"), "{stderr}");
+    }
 }
 
 #[tokio::test]
