@@ -407,6 +407,13 @@ async fn latency(
     cancel.cancel();
     consumer.await?;
     relay.await?;
+    eprintln!(
+        "consumer processing (delivery to commit), from its histogram: {}",
+        histogram_summary(
+            &metrics.render(),
+            "orderflow_consumer_processing_seconds_bucket"
+        )
+    );
     let done = stopwatch
         .done
         .lock()
@@ -424,4 +431,33 @@ async fn latency(
     );
     latencies.sort_by(f64::total_cmp);
     Ok((total, latencies))
+}
+
+/// "p50 ≤ x ms, p99 ≤ y ms" read off a Prometheus histogram's cumulative buckets.
+fn histogram_summary(exposition: &str, bucket: &str) -> String {
+    let buckets: Vec<(f64, f64)> = exposition
+        .lines()
+        .filter(|line| line.starts_with(bucket))
+        .filter_map(|line| {
+            let le = line.split("le=\"").nth(1)?.split('"').next()?;
+            let bound = if le == "+Inf" {
+                f64::INFINITY
+            } else {
+                le.parse().ok()?
+            };
+            Some((bound, line.rsplit(' ').next()?.parse().ok()?))
+        })
+        .collect();
+    let total = buckets.last().map_or(0.0, |b| b.1);
+    let quantile = |q: f64| {
+        buckets
+            .iter()
+            .find(|(_, count)| *count >= total * q)
+            .map_or(f64::NAN, |(bound, _)| bound * 1000.0)
+    };
+    format!(
+        "p50 ≤ {:.2} ms, p99 ≤ {:.2} ms",
+        quantile(0.5),
+        quantile(0.99)
+    )
 }
