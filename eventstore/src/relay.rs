@@ -447,13 +447,31 @@ async fn confirm_and_mark(
         config,
         in_flight,
     } = confirmer;
-    while let Some(item) = batches.recv().await {
+    // Confirmed rows wait here to be marked together: at low rates a batch is one or
+    // two rows, and an UPDATE for each would double the relay's database work.
+    let mut confirmed: Vec<i64> = Vec::new();
+    let mut mark_by: Option<tokio::time::Instant> = None;
+    loop {
+        let item = match mark_by {
+            None => batches.recv().await,
+            Some(deadline) => match tokio::time::timeout_at(deadline, batches.recv()).await {
+                Ok(item) => item,
+                Err(_) => {
+                    mark(&mut marks, &mut confirmed, &in_flight).await?;
+                    mark_by = None;
+                    continue;
+                }
+            },
+        };
         let batch = match item {
-            ToConfirmer::Flush(done) => {
+            None => break,
+            Some(ToConfirmer::Flush(done)) => {
+                mark(&mut marks, &mut confirmed, &in_flight).await?;
+                mark_by = None;
                 let _ = done.send(());
                 continue;
             }
-            ToConfirmer::Batch(batch) => batch,
+            Some(ToConfirmer::Batch(batch)) => batch,
         };
         let mut positions = Vec::with_capacity(batch.confirms.len());
         let all_confirmed = async {
@@ -478,16 +496,39 @@ async fn confirm_and_mark(
         if config.stop_before_marking {
             return Ok(TermEnd::FaultInjected);
         }
-        sqlx::query("UPDATE outbox SET published_at = now() WHERE global_position = ANY($1)")
-            .bind(&positions)
-            .execute(&mut marks)
-            .await?;
-        let mut in_flight = lock_set(&in_flight);
-        for position in &positions {
-            in_flight.remove(position);
+        confirmed.extend(positions);
+        if confirmed.len() >= config.batch_size as usize {
+            mark(&mut marks, &mut confirmed, &in_flight).await?;
+            mark_by = None;
+        } else if mark_by.is_none() {
+            mark_by = Some(tokio::time::Instant::now() + MARK_INTERVAL);
         }
     }
+    mark(&mut marks, &mut confirmed, &in_flight).await?;
     Ok(TermEnd::Cancelled)
+}
+
+/// Confirmed rows are marked published at the latest this long after their confirm.
+const MARK_INTERVAL: Duration = Duration::from_millis(10);
+
+/// Marks `confirmed` rows published and stops skipping them.
+async fn mark(
+    marks: &mut PgConnection,
+    confirmed: &mut Vec<i64>,
+    in_flight: &Mutex<HashSet<i64>>,
+) -> Result<(), sqlx::Error> {
+    if confirmed.is_empty() {
+        return Ok(());
+    }
+    sqlx::query("UPDATE outbox SET published_at = now() WHERE global_position = ANY($1)")
+        .bind(&*confirmed)
+        .execute(&mut *marks)
+        .await?;
+    let mut in_flight = lock_set(in_flight);
+    for position in confirmed.drain(..) {
+        in_flight.remove(&position);
+    }
+    Ok(())
 }
 
 /// An outbox row ready to publish: an event (joined from `events`) or a command.

@@ -6,7 +6,8 @@
 //! 2. consumer throughput with the inbox (claim + commit per message, no-op handler),
 //!    next to a plain lapin consumer that only acknowledges;
 //! 3. latency from an append's commit to the handler finishing, with the relay and a
-//!    consumer running and events appended at a steady rate.
+//!    consumer running and events appended at a steady rate (on a dedicated
+//!    connection, as a hot writer does).
 //!
 //! `cargo bench -p tests --bench relay`. Settings: BENCH_MESSAGES (per throughput
 //! run, default 30000), BENCH_REPEATS (pairs, default 3), BENCH_RATE (events/s for the
@@ -218,14 +219,7 @@ async fn relay_throughput(
     let metrics = Metrics::new();
     let cancel = CancellationToken::new();
     let started = Instant::now();
-    let relay = tokio::spawn(
-        Relay::new(
-            store.clone(),
-            RelayConfig::new(SERVICE, &vhost.url),
-            metrics.clone(),
-        )
-        .run(cancel.clone()),
-    );
+    let relay = spawn_relay(store, vhost, &metrics, &cancel);
     while metrics.published_count(SERVICE) < unpublished as u64 {
         tokio::time::sleep(Duration::from_millis(1)).await;
     }
@@ -360,14 +354,7 @@ async fn latency(
         metrics.clone(),
     );
     let consumer = tokio::spawn(consumer.run(cancel.clone()));
-    let relay = tokio::spawn(
-        Relay::new(
-            store.clone(),
-            RelayConfig::new(SERVICE, &vhost.url),
-            metrics.clone(),
-        )
-        .run(cancel.clone()),
-    );
+    let relay = spawn_relay(store, vhost, &metrics, &cancel);
     // Let both connect and the consumer declare its queue before measuring.
     while metrics.consumed_count(&config.queue()) == 0 {
         store
@@ -379,6 +366,9 @@ async fn latency(
             .await?;
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+    // The load generator writes like a hot writer: on a connection of its own, so the
+    // pool's ping on every release does not add to the machine's load.
+    let mut writer = store.pool().acquire().await?.detach();
     let mut committed: HashMap<Uuid, Instant> = HashMap::new();
     let mut ticks = tokio::time::interval(Duration::from_nanos(1_000_000_000 / rate));
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
@@ -389,7 +379,7 @@ async fn latency(
         let event = event(&stream);
         let id = event.event_id;
         store
-            .append(&stream, ExpectedVersion::Any, &[event])
+            .append_on(&mut writer, &stream, ExpectedVersion::Any, &[event])
             .await?;
         committed.insert(id, Instant::now());
     }
@@ -460,4 +450,15 @@ fn histogram_summary(exposition: &str, bucket: &str) -> String {
         quantile(0.5),
         quantile(0.99)
     )
+}
+
+fn spawn_relay(
+    store: &EventStore,
+    vhost: &Vhost,
+    metrics: &Metrics,
+    cancel: &CancellationToken,
+) -> tokio::task::JoinHandle<()> {
+    let config = RelayConfig::new(SERVICE, &vhost.url);
+    let relay = Relay::new(store.clone(), config, metrics.clone());
+    tokio::spawn(relay.run(cancel.clone()))
 }
