@@ -103,14 +103,21 @@ async fn migrate_creates_and_migrates_every_service_database() {
         let pool = eventstore::db::connect(server.clone().database(database), 1)
             .await
             .unwrap();
-        let tables: Vec<String> = sqlx::query_scalar(
+        let tables: Result<Vec<String>, _> = sqlx::query_scalar(
             "SELECT tablename::text FROM pg_tables WHERE schemaname = 'public' ORDER BY 1",
         )
         .fetch_all(&pool)
-        .await
-        .unwrap();
+        .await;
+        let schemas: Result<i64, _> = sqlx::query_scalar("SELECT count(*) FROM schema_registry")
+            .fetch_one(&pool)
+            .await;
+        // Dropped before asserting, so a failing run leaves nothing behind.
+        pool.close().await;
+        eventstore::db::drop_database(&server, database)
+            .await
+            .unwrap();
         assert_eq!(
-            tables,
+            tables.unwrap(),
             [
                 "_sqlx_migrations",
                 "consumer_streams",
@@ -123,14 +130,6 @@ async fn migrate_creates_and_migrates_every_service_database() {
                 "snapshots"
             ]
         );
-        let schemas: i64 = sqlx::query_scalar("SELECT count(*) FROM schema_registry")
-            .fetch_one(&pool)
-            .await
-            .unwrap();
-        assert_eq!(schemas as usize, domain::wire::SCHEMA_FILES.len());
-        pool.close().await;
-        eventstore::db::drop_database(&server, database)
-            .await
-            .unwrap();
+        assert_eq!(schemas.unwrap() as usize, domain::wire::SCHEMA_FILES.len());
     }
 }
