@@ -186,6 +186,8 @@ type FailurePolicy = dyn Fn(&Message, usize) -> bool + Send + Sync;
 struct Recorder {
     attempts: Arc<Mutex<HashMap<Uuid, Vec<Instant>>>>,
     fails: Arc<FailurePolicy>,
+    /// How long each attempt takes before it writes its effect.
+    work: Duration,
 }
 
 impl Recorder {
@@ -193,6 +195,7 @@ impl Recorder {
         Recorder {
             attempts: Arc::default(),
             fails: Arc::new(fails),
+            work: Duration::ZERO,
         }
     }
 
@@ -225,6 +228,7 @@ impl Handler for Recorder {
         if (self.fails)(message, attempt) {
             return Err(format!("scripted failure on attempt {attempt}").into());
         }
+        tokio::time::sleep(self.work).await;
         sqlx::query(
             "INSERT INTO applied (message_id, stream_id, stream_version, message_type) \
              VALUES ($1, $2, $3, $4)",
@@ -823,4 +827,48 @@ async fn a_late_committing_transaction_is_not_overtaken_by_its_streams_next_even
         .collect();
     assert_eq!(late, vec![1, 2, 3], "v3 must not overtake the late v2");
     assert_eq!(metrics.dead_lettered_count(&config.queue()), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_consumer_asked_to_stop_finishes_the_message_in_hand() {
+    let world = World::new().await;
+    let config = world.consumer_config();
+    world.declare(&config).await;
+    let recorder = Recorder {
+        work: Duration::from_millis(500),
+        ..Recorder::never_failing()
+    };
+    let metrics = Metrics::new();
+    let stop = CancellationToken::new();
+    let consumer = Consumer::new(
+        config.clone(),
+        world.store.clone(),
+        TestDb::registry(),
+        recorder.clone(),
+        metrics.clone(),
+    );
+    let consumer = tokio::spawn(consumer.run(stop.clone()));
+    world.start_relay(world.relay_config(), &metrics);
+    world
+        .store
+        .append(
+            "stock-stop",
+            ExpectedVersion::NoStream,
+            &[stock_event("stock-stop", 1)],
+        )
+        .await
+        .unwrap();
+    wait_for(Duration::from_secs(30), "the handler to start", || async {
+        (!recorder.attempts.lock().unwrap().is_empty()).then_some(())
+    })
+    .await;
+
+    stop.cancel();
+    tokio::time::timeout(Duration::from_secs(10), consumer)
+        .await
+        .expect("the consumer stops")
+        .unwrap();
+    // By the time it returned, the message in hand was applied and acknowledged.
+    assert_eq!(world.applied().await.len(), 1);
+    assert_eq!(metrics.consumed_count(&config.queue()), 1);
 }
