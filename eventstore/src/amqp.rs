@@ -167,7 +167,8 @@ pub struct Envelope {
     pub timestamp_ms: u64,
 }
 
-mod header {
+/// Header names of the envelope.
+pub(crate) mod header {
     pub const CAUSATION_ID: &str = "causation_id";
     pub const STREAM_ID: &str = "stream_id";
     pub const STREAM_VERSION: &str = "stream_version";

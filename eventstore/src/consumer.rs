@@ -443,7 +443,7 @@ fn ordering_key(delivery: &Delivery) -> String {
         .properties
         .headers()
         .as_ref()
-        .and_then(|headers| amqp::header_string(headers, "stream_id"))
+        .and_then(|headers| amqp::header_string(headers, amqp::header::STREAM_ID))
         .unwrap_or_else(|| format!("\u{0}delivery-{}", delivery.delivery_tag))
 }
 

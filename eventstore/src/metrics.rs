@@ -201,35 +201,27 @@ impl Metrics {
 
     /// Messages a consumer applied so far (for health checks and tests).
     pub fn consumed_count(&self, consumer: &str) -> u64 {
-        self.inner
-            .consumed
-            .get_or_create(&consumer_labels(consumer))
-            .get()
+        count(&self.inner.consumed, &consumer_labels(consumer))
     }
 
     /// Deliveries a consumer recognised as already applied.
     pub fn duplicate_count(&self, consumer: &str) -> u64 {
-        self.inner
-            .duplicates
-            .get_or_create(&consumer_labels(consumer))
-            .get()
+        count(&self.inner.duplicates, &consumer_labels(consumer))
     }
 
     /// Messages a consumer sent to the dead-letter queue.
     pub fn dead_lettered_count(&self, consumer: &str) -> u64 {
-        self.inner
-            .dead_lettered
-            .get_or_create(&consumer_labels(consumer))
-            .get()
+        count(&self.inner.dead_lettered, &consumer_labels(consumer))
     }
 
     /// Messages the relay of `service` published so far.
     pub fn published_count(&self, service: &str) -> u64 {
-        self.inner
-            .published
-            .get_or_create(&service_labels(service))
-            .get()
+        count(&self.inner.published, &service_labels(service))
     }
+}
+
+fn count(family: &Family<Labels, Counter>, labels: &Labels) -> u64 {
+    family.get_or_create(labels).get()
 }
 
 fn service_labels(service: &str) -> Labels {

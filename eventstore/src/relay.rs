@@ -17,7 +17,7 @@
 //! only reorders unrelated streams.
 
 use std::collections::HashSet;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -131,12 +131,12 @@ impl Relay {
             let outcome = match self.acquire(&cancel).await {
                 Ok(Some(mut lock)) => {
                     tracing::info!("leading");
-                    signal
-                        .leading
-                        .store(true, std::sync::atomic::Ordering::Release);
+                    // Cleared however the term ends (an aborted task included), or this
+                    // process's appends would stop notifying a leader elsewhere.
+                    let leading = LeadingFlag::raise(&signal.leading);
                     let started = Instant::now();
                     let outcome = self.lead(&mut lock, &signal.wakes, &cancel).await;
-                    signal.leading.store(false, Ordering::Release);
+                    drop(leading);
                     // Closing the connection releases the lock for a standby.
                     drop(lock);
                     if started.elapsed() > Duration::from_secs(10) {
@@ -396,6 +396,22 @@ impl Relay {
             );
         }
         Ok(())
+    }
+}
+
+/// Says "a relay of this process leads" while it lives.
+struct LeadingFlag<'a>(&'a AtomicBool);
+
+impl<'a> LeadingFlag<'a> {
+    fn raise(flag: &'a AtomicBool) -> Self {
+        flag.store(true, Ordering::Release);
+        LeadingFlag(flag)
+    }
+}
+
+impl Drop for LeadingFlag<'_> {
+    fn drop(&mut self) {
+        self.0.store(false, Ordering::Release);
     }
 }
 
