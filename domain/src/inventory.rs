@@ -74,6 +74,106 @@ pub enum StockError {
     NoReservation(Uuid),
 }
 
+/// One SKU's part of a request to the inventory service.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StockLine {
+    pub sku: String,
+    pub quantity: u32,
+}
+
+/// What another service (the order-fulfilment saga) asks of the inventory service
+/// through its command queue. One request can span several stock items; the inventory
+/// service applies it to all of them in one transaction.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StockRequest {
+    /// Hold every line for the order, or none of them (see [`reserve_all`]).
+    ReserveStock {
+        order_id: Uuid,
+        lines: Vec<StockLine>,
+    },
+    /// Give back what the order holds on these SKUs (nothing held: nothing happens).
+    ReleaseStock {
+        order_id: Uuid,
+        lines: Vec<StockLine>,
+    },
+    /// Turn what the order holds on these SKUs into sold stock.
+    CommitStock {
+        order_id: Uuid,
+        lines: Vec<StockLine>,
+    },
+}
+
+impl StockRequest {
+    pub fn order_id(&self) -> Uuid {
+        match self {
+            StockRequest::ReserveStock { order_id, .. }
+            | StockRequest::ReleaseStock { order_id, .. }
+            | StockRequest::CommitStock { order_id, .. } => *order_id,
+        }
+    }
+
+    /// The lines with one entry per SKU (quantities of repeated SKUs added up), sorted
+    /// by SKU so that every writer touches stock items in the same order.
+    pub fn lines_by_sku(&self) -> Vec<StockLine> {
+        let lines = match self {
+            StockRequest::ReserveStock { lines, .. }
+            | StockRequest::ReleaseStock { lines, .. }
+            | StockRequest::CommitStock { lines, .. } => lines,
+        };
+        let mut merged: BTreeMap<&str, u32> = BTreeMap::new();
+        for line in lines {
+            let quantity = merged.entry(line.sku.as_str()).or_default();
+            *quantity = quantity.saturating_add(line.quantity);
+        }
+        merged
+            .into_iter()
+            .map(|(sku, quantity)| StockLine {
+                sku: sku.to_owned(),
+                quantity,
+            })
+            .collect()
+    }
+}
+
+/// Decides a whole-order reservation over several stock items, all lines or none: the
+/// events to append to each item's stream. If any line cannot be held (too little
+/// available, or no such item), only the failures are recorded, on the short items'
+/// streams, and nothing is reserved. Lines already held for the order decide nothing.
+pub fn reserve_all(
+    order_id: Uuid,
+    items: &[(StockLine, StockItem)],
+) -> Result<Vec<(String, Vec<StockEvent>)>, StockError> {
+    let mut reserved = Vec::new();
+    let mut failed = Vec::new();
+    for (line, item) in items {
+        if item.sku.is_none() {
+            failed.push((
+                line.sku.clone(),
+                vec![StockEvent::StockReservationFailed {
+                    sku: line.sku.clone(),
+                    order_id,
+                    requested: line.quantity,
+                    available: 0,
+                }],
+            ));
+            continue;
+        }
+        let events = item.decide(&StockCommand::ReserveStock {
+            order_id,
+            quantity: line.quantity,
+        })?;
+        let short = events
+            .iter()
+            .any(|event| matches!(event, StockEvent::StockReservationFailed { .. }));
+        if short {
+            failed.push((line.sku.clone(), events));
+        } else if !events.is_empty() {
+            reserved.push((line.sku.clone(), events));
+        }
+    }
+    Ok(if failed.is_empty() { reserved } else { failed })
+}
+
 /// Serde derives serve snapshots only (a cache; events are the stored truth). Change
 /// the snapshot format name in `eventstore` when this layout changes.
 #[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -281,6 +381,87 @@ mod tests {
             quantity: 4,
         });
         history
+    }
+
+    fn line(sku: &str, quantity: u32) -> StockLine {
+        StockLine {
+            sku: sku.into(),
+            quantity,
+        }
+    }
+
+    fn item(sku: &str, available: u32) -> StockItem {
+        given::<StockItem>(&[
+            StockEvent::StockItemCreated {
+                sku: sku.into(),
+                name: "Widget".into(),
+            },
+            StockEvent::StockAdded {
+                sku: sku.into(),
+                quantity: available,
+            },
+        ])
+    }
+
+    #[test]
+    fn a_whole_order_is_reserved_when_every_line_fits() {
+        let items = [(line("A", 2), item("A", 5)), (line("B", 5), item("B", 5))];
+        let decided = reserve_all(order(1), &items).unwrap();
+        let skus: Vec<&str> = decided.iter().map(|(sku, _)| sku.as_str()).collect();
+        assert_eq!(skus, ["A", "B"]);
+        assert!(
+            decided
+                .iter()
+                .all(|(_, events)| matches!(events.as_slice(), [StockEvent::StockReserved { .. }]))
+        );
+    }
+
+    #[test]
+    fn one_short_line_reserves_nothing_and_records_only_the_shortage() {
+        let items = [(line("A", 2), item("A", 5)), (line("B", 6), item("B", 5))];
+        let decided = reserve_all(order(1), &items).unwrap();
+        assert_eq!(
+            decided,
+            vec![(
+                "B".to_owned(),
+                vec![StockEvent::StockReservationFailed {
+                    sku: "B".into(),
+                    order_id: order(1),
+                    requested: 6,
+                    available: 5,
+                }]
+            )]
+        );
+    }
+
+    #[test]
+    fn an_unknown_sku_fails_the_reservation() {
+        let items = [
+            (line("A", 1), item("A", 5)),
+            (line("NOPE", 1), StockItem::default()),
+        ];
+        let decided = reserve_all(order(1), &items).unwrap();
+        assert_eq!(decided.len(), 1);
+        assert!(matches!(
+            &decided[0].1[..],
+            [StockEvent::StockReservationFailed { available: 0, .. }]
+        ));
+    }
+
+    #[test]
+    fn a_repeated_reservation_decides_nothing() {
+        let held = given::<StockItem>(&ten_with_four_held_for_order_7());
+        let decided = reserve_all(order(7), &[(line("SKU-1", 4), held)]).unwrap();
+        assert!(decided.is_empty());
+    }
+
+    #[test]
+    fn request_lines_are_merged_and_sorted_by_sku() {
+        let request = StockRequest::ReserveStock {
+            order_id: order(1),
+            lines: vec![line("B", 1), line("A", 2), line("B", 3)],
+        };
+        assert_eq!(request.lines_by_sku(), vec![line("A", 2), line("B", 4)]);
     }
 
     #[test]

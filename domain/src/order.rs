@@ -82,6 +82,8 @@ pub enum OrderCommand {
         customer_id: Uuid,
         lines: Vec<OrderLine>,
         currency: String,
+        /// The payment method the saga will ask the payment service to charge.
+        card_token: String,
     },
     ConfirmOrder,
     RejectOrder {
@@ -102,6 +104,7 @@ pub enum OrderEvent {
         lines: Vec<OrderLine>,
         total_cents: i64,
         currency: String,
+        card_token: String,
     },
     OrderConfirmed {
         order_id: Uuid,
@@ -194,11 +197,15 @@ impl Aggregate for Order {
                 customer_id,
                 lines,
                 currency,
+                card_token,
             } => {
                 if self.status.is_some() {
                     return Err(OrderError::AlreadyExists);
                 }
                 let total_cents = validate_lines(lines)?;
+                if card_token.trim().is_empty() || card_token.len() > 200 {
+                    return Err(invalid("card_token", "must be 1 to 200 characters"));
+                }
                 if currency.len() != 3 || !currency.bytes().all(|b| b.is_ascii_uppercase()) {
                     return Err(invalid("currency", "must be a three-letter ISO 4217 code"));
                 }
@@ -208,6 +215,7 @@ impl Aggregate for Order {
                     lines: lines.clone(),
                     total_cents,
                     currency: currency.clone(),
+                    card_token: card_token.clone(),
                 }])
             }
             OrderCommand::ConfirmOrder => {
@@ -265,6 +273,7 @@ impl Aggregate for Order {
                 lines,
                 total_cents,
                 currency,
+                ..
             } => {
                 self.order_id = Some(*order_id);
                 self.customer_id = *customer_id;
@@ -352,6 +361,7 @@ mod tests {
             customer_id: Uuid::from_u128(2),
             lines,
             currency: "EUR".into(),
+            card_token: "tok_visa".into(),
         }
     }
 
@@ -362,6 +372,7 @@ mod tests {
             lines: vec![line("A", 2, 150), line("B", 1, 1000)],
             total_cents: 1300,
             currency: "EUR".into(),
+            card_token: "tok_visa".into(),
         }
     }
 

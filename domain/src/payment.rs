@@ -74,6 +74,39 @@ pub enum PaymentEvent {
     },
 }
 
+/// What another service (the order-fulfilment saga) asks of the payment service
+/// through its command queue. The payment service asks its provider for an answer to
+/// `AuthorizePayment` before it decides (see [`PaymentCommand`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PaymentRequest {
+    AuthorizePayment {
+        order_id: Uuid,
+        amount_cents: i64,
+        card_token: String,
+    },
+    CapturePayment {
+        order_id: Uuid,
+    },
+    /// Voids the order's authorization; when there is none, nothing happens.
+    VoidPayment {
+        order_id: Uuid,
+    },
+    RefundPayment {
+        order_id: Uuid,
+    },
+}
+
+impl PaymentRequest {
+    pub fn order_id(&self) -> Uuid {
+        match self {
+            PaymentRequest::AuthorizePayment { order_id, .. }
+            | PaymentRequest::CapturePayment { order_id }
+            | PaymentRequest::VoidPayment { order_id }
+            | PaymentRequest::RefundPayment { order_id } => *order_id,
+        }
+    }
+}
+
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum PaymentError {
     #[error("payment not found")]

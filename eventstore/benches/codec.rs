@@ -27,6 +27,7 @@ fn placed() -> OrderEvent {
             .collect(),
         total_cents: 11_994,
         currency: "EUR".into(),
+        card_token: "tok_visa".into(),
     }
 }
 

@@ -298,6 +298,7 @@ mod tests {
             }],
             total_cents: 750,
             currency: "USD".into(),
+            card_token: "tok_visa".into(),
         }
     }
 

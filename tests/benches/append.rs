@@ -87,6 +87,7 @@ async fn main() -> anyhow::Result<()> {
         }],
         total_cents: 3998,
         currency: "EUR".into(),
+        card_token: "tok_visa".into(),
     })?;
 
     let mut cases = Vec::new();

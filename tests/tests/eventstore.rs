@@ -33,6 +33,7 @@ fn placed(order_id: Uuid) -> OrderEvent {
         }],
         total_cents: 999,
         currency: "EUR".into(),
+        card_token: "tok_visa".into(),
     }
 }
 
@@ -698,6 +699,7 @@ async fn a_stream_reads_back_what_was_decided() {
             unit_price_cents: 100,
         }],
         currency: "EUR".into(),
+        card_token: "tok_visa".into(),
     };
     let placed = aggregates
         .execute::<Order>(&stream, None, &place, metadata())

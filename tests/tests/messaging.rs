@@ -611,6 +611,7 @@ async fn a_command_sent_through_the_outbox_is_handled_once_by_the_target_service
         }],
         total_cents: 1_000,
         currency: "EUR".into(),
+        card_token: "tok_visa".into(),
     };
     let stream = format!("order-{order_id}");
     let mut transaction = world.store.begin().await.unwrap();

@@ -16,6 +16,7 @@
 mod inventory;
 mod order;
 mod payment;
+mod requests;
 mod user;
 
 use std::collections::BTreeMap;
@@ -60,11 +61,13 @@ macro_rules! schema_files {
     };
 }
 
-/// Every schema version of every event type. A test fails when a file in
+/// Every schema version of every event type, and of every command one service sends
+/// another (the same machinery carries both). A test fails when a file in
 /// `domain/schemas/` is missing here.
 pub static SCHEMA_FILES: &[SchemaFile] = schema_files![
     "order" / "OrderPlaced" v 1,
     "order" / "OrderPlaced" v 2,
+    "order" / "OrderPlaced" v 3,
     "order" / "OrderConfirmed" v 1,
     "order" / "OrderRejected" v 1,
     "order" / "OrderCancellationRequested" v 1,
@@ -80,6 +83,13 @@ pub static SCHEMA_FILES: &[SchemaFile] = schema_files![
     "payment" / "PaymentCaptured" v 1,
     "payment" / "PaymentVoided" v 1,
     "payment" / "PaymentRefunded" v 1,
+    "inventory" / "ReserveStock" v 1,
+    "inventory" / "ReleaseStock" v 1,
+    "inventory" / "CommitStock" v 1,
+    "payment" / "AuthorizePayment" v 1,
+    "payment" / "CapturePayment" v 1,
+    "payment" / "VoidPayment" v 1,
+    "payment" / "RefundPayment" v 1,
     "user" / "UserRegistered" v 1,
     "user" / "ProfileChanged" v 1,
     "user" / "NotificationPreferencesChanged" v 1,
@@ -215,9 +225,9 @@ fn from_u64(value: u64) -> i64 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::inventory::StockEvent;
+    use crate::inventory::{StockEvent, StockLine, StockRequest};
     use crate::order::{EndReason, OrderEvent, OrderLine};
-    use crate::payment::PaymentEvent;
+    use crate::payment::{PaymentEvent, PaymentRequest};
     use crate::user::{NotificationPreferences, UserEvent};
 
     fn current_schema(event_type: &str) -> Schema {
@@ -259,6 +269,7 @@ mod tests {
                 }],
                 total_cents: 300,
                 currency: "USD".into(),
+                card_token: "tok_visa".into(),
             }),
             round_trip(OrderEvent::OrderConfirmed {
                 order_id: order,
@@ -347,6 +358,32 @@ mod tests {
                     push: true,
                 },
             }),
+            round_trip(StockRequest::ReserveStock {
+                order_id: order,
+                lines: vec![StockLine {
+                    sku: sku(),
+                    quantity: 2,
+                }],
+            }),
+            round_trip(StockRequest::ReleaseStock {
+                order_id: order,
+                lines: vec![],
+            }),
+            round_trip(StockRequest::CommitStock {
+                order_id: order,
+                lines: vec![StockLine {
+                    sku: sku(),
+                    quantity: 1,
+                }],
+            }),
+            round_trip(PaymentRequest::AuthorizePayment {
+                order_id: order,
+                amount_cents: 300,
+                card_token: "tok_visa".into(),
+            }),
+            round_trip(PaymentRequest::CapturePayment { order_id: order }),
+            round_trip(PaymentRequest::VoidPayment { order_id: order }),
+            round_trip(PaymentRequest::RefundPayment { order_id: order }),
         ];
         covered.sort_unstable();
         let mut all: Vec<&str> = SCHEMA_FILES.iter().map(|file| file.event_type).collect();

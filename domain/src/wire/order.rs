@@ -13,7 +13,8 @@ struct OrderLineRecord {
     unit_price_cents: i64,
 }
 
-/// `OrderPlaced` v2 (v1 had no currency; resolution fills in "EUR").
+/// `OrderPlaced` v3 (v1 had no currency: resolution fills in "EUR"; v1 and v2 had no
+/// card token: it reads as empty).
 #[derive(Serialize, Deserialize)]
 struct OrderPlaced {
     order_id: String,
@@ -21,6 +22,7 @@ struct OrderPlaced {
     lines: Vec<OrderLineRecord>,
     total_cents: i64,
     currency: String,
+    card_token: String,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -64,6 +66,7 @@ impl TryFrom<OrderPlaced> for OrderEvent {
             lines,
             total_cents: record.total_cents,
             currency: record.currency,
+            card_token: record.card_token,
         })
     }
 }
@@ -115,6 +118,7 @@ impl WireEvent for OrderEvent {
                 lines,
                 total_cents,
                 currency,
+                card_token,
             } => to_avro(&OrderPlaced {
                 order_id: order_id.to_string(),
                 customer_id: customer_id.to_string(),
@@ -128,6 +132,7 @@ impl WireEvent for OrderEvent {
                     .collect(),
                 total_cents: *total_cents,
                 currency: currency.clone(),
+                card_token: card_token.clone(),
             }),
             OrderEvent::OrderConfirmed {
                 order_id,
