@@ -7,11 +7,12 @@
 
 use domain::Aggregate;
 use domain::wire::WireEvent;
-use sqlx::Row;
+use sqlx::{PgConnection, Row};
 
 use crate::codec::{CodecError, SchemaRegistry};
 use crate::store::{
-    AppendResult, EventStore, ExpectedVersion, Metadata, NewEvent, StoreError, StoredVersion,
+    AppendResult, EventStore, ExpectedVersion, Metadata, NewEvent, StoreError, StoreTransaction,
+    StoredVersion, read_stream_on,
 };
 
 /// How an aggregate's state is cached. Aggregates with short streams keep the default
@@ -124,14 +125,34 @@ impl AggregateStore {
         A: Snapshot,
         A::Event: WireEvent,
     {
+        let mut connection = self
+            .store
+            .pool()
+            .acquire()
+            .await
+            .map_err(StoreError::from)?;
+        self.load_on(&mut connection, stream_id).await
+    }
+
+    /// [`load`](Self::load) through a connection the caller holds, such as a
+    /// transaction's (so the load sees that transaction's view).
+    pub async fn load_on<A>(
+        &self,
+        connection: &mut PgConnection,
+        stream_id: &str,
+    ) -> Result<Loaded<A>, ExecuteError<A::Error>>
+    where
+        A: Snapshot,
+        A::Event: WireEvent,
+    {
         let (mut state, mut version) = self
-            .read_snapshot::<A>(stream_id)
+            .read_snapshot::<A>(&mut *connection, stream_id)
             .await?
             .unwrap_or_default();
         let from_snapshot = version > 0;
         let mut events_read = 0;
         loop {
-            let page = self.store.read_stream(stream_id, version + 1, PAGE).await?;
+            let page = read_stream_on(&mut *connection, stream_id, version + 1, PAGE).await?;
             for recorded in &page {
                 let event: A::Event = self.decode(&recorded.payload).await?;
                 state = state.evolve(&event);
@@ -222,6 +243,82 @@ impl AggregateStore {
         }
     }
 
+    /// Runs a command inside the caller's transaction, so its events commit together
+    /// with the caller's other writes (an inbox row, an idempotency record, commands
+    /// for other services). The stream is locked first ([`StoreTransaction::lock_streams`]),
+    /// so writers that all go through here never lose a race to each other; the
+    /// transaction sees what the previous writer committed.
+    ///
+    /// `expected_version` pins the version the caller saw, as in [`execute`](Self::execute).
+    pub async fn execute_in<A>(
+        &self,
+        transaction: &mut StoreTransaction<'_>,
+        stream_id: &str,
+        expected_version: Option<i64>,
+        command: &A::Command,
+        metadata: Metadata,
+    ) -> Result<Executed<A>, ExecuteError<A::Error>>
+    where
+        A: Snapshot,
+        A::Event: WireEvent,
+    {
+        transaction.lock_streams(&[stream_id]).await?;
+        let loaded = self
+            .load_on::<A>(transaction.connection(), stream_id)
+            .await?;
+        if let Some(expected) = expected_version
+            && expected != loaded.version
+        {
+            return Err(StoreError::Concurrency {
+                stream_id: stream_id.to_owned(),
+                expected: ExpectedVersion::Exact(expected),
+                actual: Some(loaded.version),
+            }
+            .into());
+        }
+        let events = loaded.state.decide(command).map_err(ExecuteError::Domain)?;
+        self.append_decided(transaction, stream_id, loaded, events, metadata)
+            .await
+    }
+
+    /// Appends events already decided on `loaded` state (loaded in this transaction,
+    /// with its stream locked) and returns the new state. For callers that decide
+    /// across several aggregates at once.
+    pub async fn append_decided<A>(
+        &self,
+        transaction: &mut StoreTransaction<'_>,
+        stream_id: &str,
+        loaded: Loaded<A>,
+        events: Vec<A::Event>,
+        metadata: Metadata,
+    ) -> Result<Executed<A>, ExecuteError<A::Error>>
+    where
+        A: Snapshot,
+        A::Event: WireEvent,
+    {
+        if events.is_empty() {
+            return Ok(Executed {
+                events,
+                state: loaded.state,
+                version: loaded.version,
+                append: None,
+            });
+        }
+        let new_events = events
+            .iter()
+            .map(|event| Ok(NewEvent::new(self.registry.encode(event)?, metadata)))
+            .collect::<Result<Vec<_>, CodecError>>()?;
+        let expected = ExpectedVersion::Stored(StoredVersion::new(loaded.version));
+        let append = transaction.append(stream_id, expected, &new_events).await?;
+        let state = loaded.state.replay(&events);
+        Ok(Executed {
+            events,
+            state,
+            version: append.stream_version,
+            append: Some(append),
+        })
+    }
+
     /// Decodes a payload, learning its writer schema from the registry table first when
     /// this binary does not know the fingerprint (an event written by newer code).
     pub async fn decode<E: WireEvent>(&self, payload: &[u8]) -> Result<E, CodecError> {
@@ -273,6 +370,7 @@ impl AggregateStore {
 
     async fn read_snapshot<A: Snapshot>(
         &self,
+        connection: &mut PgConnection,
         stream_id: &str,
     ) -> Result<Option<(A, i64)>, StoreError> {
         let Some(format) = A::FORMAT else {
@@ -282,7 +380,7 @@ impl AggregateStore {
             "SELECT stream_version, state_format, state FROM snapshots WHERE stream_id = $1",
         )
         .bind(stream_id)
-        .fetch_optional(self.store.pool())
+        .fetch_optional(connection)
         .await?;
         let Some(row) = row else {
             return Ok(None);

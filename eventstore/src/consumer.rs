@@ -72,6 +72,32 @@ pub trait Handler: Send + Sync + 'static {
         message: &Message,
         transaction: &mut StoreTransaction<'_>,
     ) -> impl Future<Output = Result<(), HandlerError>> + Send;
+
+    /// The event streams `handle` will append to, which the runtime locks (see
+    /// [`StoreTransaction::lock_streams`]) before it claims the message. A handler that
+    /// appends should name them: a stream locked only after the claim can have been
+    /// written by a transaction that started later, and the append is then refused as
+    /// [`Reordered`](crate::StoreError::Reordered) and retried.
+    fn streams_to_lock(&self, _message: &Message) -> Vec<String> {
+        Vec::new()
+    }
+}
+
+/// The version of `stream_id` that the consumer `queue` has applied, 0 if none: what a
+/// read-your-writes query waits on.
+pub async fn applied_version(
+    pool: &PgPool,
+    queue: &str,
+    stream_id: &str,
+) -> Result<i64, sqlx::Error> {
+    let version: Option<i64> = sqlx::query_scalar(
+        "SELECT last_version FROM consumer_streams WHERE consumer = $1 AND stream_id = $2",
+    )
+    .bind(queue)
+    .bind(stream_id)
+    .fetch_optional(pool)
+    .await?;
+    Ok(version.unwrap_or(0))
 }
 
 #[derive(Debug, Clone)]
@@ -705,6 +731,16 @@ async fn claim_and_handle<H: Handler>(
         .begin_on(connection)
         .await
         .map_err(Failure::from_store)?;
+    let streams = shared.handler.streams_to_lock(message);
+    if !streams.is_empty() {
+        // Before the claim writes anything: the transaction id (which orders global
+        // positions) is then assigned after the streams' previous writer committed.
+        let streams: Vec<&str> = streams.iter().map(String::as_str).collect();
+        transaction
+            .lock_streams(&streams)
+            .await
+            .map_err(Failure::from_store)?;
+    }
     let row = sqlx::query(CLAIM)
         .bind(shared.queue.as_str())
         .bind(envelope.message_id)

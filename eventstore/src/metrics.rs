@@ -39,6 +39,8 @@ struct Inner {
     duplicates: Family<Labels, Counter>,
     dead_lettered: Family<Labels, Counter>,
     processing: HistogramFamily,
+    projection_lag: Family<Labels, Gauge>,
+    projection_stalled: Family<Labels, Gauge>,
 }
 
 impl Default for Metrics {
@@ -59,6 +61,8 @@ impl Metrics {
         let duplicates = Family::<Labels, Counter>::default();
         let dead_lettered = Family::<Labels, Counter>::default();
         let processing: HistogramFamily = Family::new_with_constructor(latency_histogram);
+        let projection_lag = Family::<Labels, Gauge>::default();
+        let projection_stalled = Family::<Labels, Gauge>::default();
         registry.register(
             "outbox_backlog",
             "Outbox rows not yet confirmed by the broker",
@@ -104,6 +108,16 @@ impl Metrics {
             "From delivery to the handler's transaction committed",
             processing.clone(),
         );
+        registry.register(
+            "projection_lag_events",
+            "Events recorded after the last position the projection applied",
+            projection_lag.clone(),
+        );
+        registry.register(
+            "projection_stalled",
+            "1 while the projection has events to apply but made no progress for a while",
+            projection_stalled.clone(),
+        );
         Metrics {
             inner: Arc::new(Inner {
                 registry,
@@ -116,6 +130,8 @@ impl Metrics {
                 duplicates,
                 dead_lettered,
                 processing,
+                projection_lag,
+                projection_stalled,
             }),
         }
     }
@@ -146,6 +162,19 @@ impl Metrics {
         let _ = self.inner.duplicates.get_or_create(&labels);
         let _ = self.inner.dead_lettered.get_or_create(&labels);
         let _ = self.inner.processing.get_or_create(&labels);
+    }
+
+    /// Records how far a projection (named by its queue) is behind its event store.
+    pub fn projection(&self, projection: &str, lag_events: i64, stalled: bool) {
+        let labels = vec![("projection", projection.to_owned())];
+        self.inner
+            .projection_lag
+            .get_or_create(&labels)
+            .set(lag_events);
+        self.inner
+            .projection_stalled
+            .get_or_create(&labels)
+            .set(i64::from(stalled));
     }
 
     pub(crate) fn outbox(&self, service: &str, backlog: i64, oldest_age: Duration) {

@@ -470,13 +470,20 @@ impl EventStore {
         from_version: i64,
         limit: i64,
     ) -> Result<Vec<RecordedEvent>, StoreError> {
-        let rows = sqlx::query(READ_STREAM)
-            .bind(stream_id)
-            .bind(from_version)
-            .bind(limit)
-            .fetch_all(&self.pool)
-            .await?;
-        rows.iter().map(recorded).collect()
+        let mut connection = self.pool.acquire().await?;
+        read_stream_on(&mut connection, stream_id, from_version, limit).await
+    }
+
+    /// The stream and version of the event at a global position, if one is stored
+    /// there (what a read-your-writes query turns a position into).
+    pub async fn event_at(&self, position: i64) -> Result<Option<(String, i64)>, StoreError> {
+        let row: Option<(String, i64)> = sqlx::query_as(
+            "SELECT stream_id, stream_version FROM events WHERE global_position = $1",
+        )
+        .bind(position)
+        .fetch_optional(&self.pool)
+        .await?;
+        Ok(row)
     }
 
     /// Up to `limit` events after `after` in global order, never skipping one that
@@ -559,6 +566,24 @@ impl StoreTransaction<'_> {
         .await?;
         self.positions_used += 1;
         Ok(position)
+    }
+
+    /// Serialises writers of these streams until this transaction ends: every writer
+    /// that locks a stream before loading it sees the state the previous one committed,
+    /// so it cannot lose an optimistic-concurrency race. Locks are taken in one global
+    /// order (by lock key), so writers locking several streams cannot deadlock.
+    pub async fn lock_streams(&mut self, stream_ids: &[&str]) -> Result<(), StoreError> {
+        // The two-key advisory-lock space (class 1: streams) is separate from the
+        // one-key space the relay's leadership lock lives in. OFFSET 0 keeps the sort
+        // below the lock calls.
+        sqlx::query(
+            "SELECT pg_advisory_xact_lock(1, key) FROM \
+             (SELECT DISTINCT hashtext(s) AS key FROM unnest($1::text[]) s ORDER BY key OFFSET 0) k",
+        )
+        .bind(stream_ids)
+        .execute(&mut *self.transaction)
+        .await?;
+        Ok(())
     }
 
     /// The transaction's connection, for the caller's other writes.
@@ -885,6 +910,22 @@ async fn stream_version_on(
     .bind(stream_id)
     .fetch_one(connection)
     .await?)
+}
+
+/// [`EventStore::read_stream`] on a connection the caller holds (or its transaction).
+pub async fn read_stream_on(
+    connection: &mut PgConnection,
+    stream_id: &str,
+    from_version: i64,
+    limit: i64,
+) -> Result<Vec<RecordedEvent>, StoreError> {
+    let rows = sqlx::query(READ_STREAM)
+        .bind(stream_id)
+        .bind(from_version)
+        .bind(limit)
+        .fetch_all(connection)
+        .await?;
+    rows.iter().map(recorded).collect()
 }
 
 fn recorded(row: &PgRow) -> Result<RecordedEvent, StoreError> {

@@ -1,5 +1,278 @@
-//! Read models and the projection runner (issue 4).
+//! Read models and the projection runner (DESIGN §5).
 //!
-//! A projection will be a named consumer that updates its tables in its service's
-//! database in the same transaction as its inbox/checkpoint row, with the same `apply`
-//! code serving live consumption and `orderflow replay`. Nothing is built here yet.
+//! - [`Projection`]: a named read model of one service — the events it reads and a pure
+//!   `apply` that updates its tables through the connection it is given.
+//! - [`Runner`]: runs a projection as a [`Handler`] of the consumer runtime, so every
+//!   update commits in the same transaction as the message's inbox row (never applied
+//!   twice, never out of order per stream). [`Runner::config`] names its queue,
+//!   `<service>.<projection>`.
+//! - [`Progress`]: how far a runner got, for projection lag and stall detection
+//!   ([`monitor`]), exported as metrics.
+//! - [`wait_until_applied`]: read-your-writes — a query waits (bounded) until the
+//!   projection has applied a given stream version.
+//! - [`order`], [`inventory`], [`payment`]: the read models — order summaries and
+//!   customer order history, stock levels, payment statuses — and their queries.
+//!
+//! Invariant: only this crate knows the SQL of read-model tables; `apply` writes only
+//! through the connection it is handed (the consumer's transaction).
+
+pub mod inventory;
+pub mod order;
+pub mod payment;
+
+use std::future::Future;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::time::{Duration, Instant};
+
+use chrono::{DateTime, Utc};
+use domain::wire::WireEvent;
+use eventstore::{ConsumerConfig, Handler, HandlerError, Message, Metrics, StoreTransaction};
+use sqlx::{PgConnection, PgPool};
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+/// A read model: which events it reads and how each one changes its tables.
+pub trait Projection: Send + Sync + 'static {
+    /// Names the projection; its queue (and inbox consumer) is `<SERVICE>.<NAME>`.
+    const NAME: &'static str;
+    /// The service whose events it reads and whose database holds its tables.
+    const SERVICE: &'static str;
+    /// Its streams' id prefix (`order-`), for measuring lag in the event store.
+    const STREAM_PREFIX: &'static str;
+    type Event: WireEvent + Send + Sync;
+
+    /// Applies one event. Called once per event, in stream order, inside the
+    /// transaction that records the event as applied.
+    fn apply(
+        &self,
+        event: &Self::Event,
+        context: &EventContext,
+        connection: &mut PgConnection,
+    ) -> impl Future<Output = Result<(), sqlx::Error>> + Send;
+
+    /// The queue, which also names the consumer in the inbox and in metrics.
+    fn queue() -> String {
+        format!("{}.{}", Self::SERVICE, Self::NAME)
+    }
+}
+
+/// Where an event came from, as a projection needs it.
+#[derive(Debug, Clone)]
+pub struct EventContext {
+    pub stream_id: String,
+    pub stream_version: i64,
+    pub global_position: i64,
+    pub correlation_id: Uuid,
+    pub recorded_at: DateTime<Utc>,
+}
+
+impl EventContext {
+    fn from_message(message: &Message) -> Result<Self, HandlerError> {
+        let envelope = &message.envelope;
+        let stream_version = envelope
+            .stream_version
+            .ok_or("an event without a stream version cannot be projected")?;
+        let recorded_at = i64::try_from(envelope.timestamp_ms)
+            .ok()
+            .and_then(DateTime::<Utc>::from_timestamp_millis)
+            .unwrap_or_else(Utc::now);
+        Ok(EventContext {
+            stream_id: envelope.stream_id.clone(),
+            stream_version,
+            global_position: envelope.global_position,
+            correlation_id: envelope.correlation_id,
+            recorded_at,
+        })
+    }
+}
+
+/// How far a projection's runner got in this process.
+#[derive(Debug, Default)]
+pub struct Progress {
+    /// The highest global position applied (0: nothing yet, or not known yet).
+    applied_position: AtomicI64,
+    /// Milliseconds since `epoch` at the last applied event.
+    progressed_at_ms: AtomicI64,
+    epoch: std::sync::OnceLock<Instant>,
+}
+
+impl Progress {
+    fn epoch(&self) -> Instant {
+        *self.epoch.get_or_init(Instant::now)
+    }
+
+    fn record(&self, position: i64) {
+        self.applied_position.fetch_max(position, Ordering::Relaxed);
+        let now = self.epoch().elapsed().as_millis() as i64;
+        self.progressed_at_ms.store(now, Ordering::Relaxed);
+    }
+
+    pub fn applied_position(&self) -> i64 {
+        self.applied_position.load(Ordering::Relaxed)
+    }
+
+    /// Time since the last applied event (or since the runner was made).
+    pub fn idle_for(&self) -> Duration {
+        let now = self.epoch().elapsed().as_millis() as i64;
+        Duration::from_millis((now - self.progressed_at_ms.load(Ordering::Relaxed)).max(0) as u64)
+    }
+}
+
+/// Runs a [`Projection`] on the consumer runtime.
+pub struct Runner<P> {
+    projection: P,
+    progress: Arc<Progress>,
+}
+
+impl<P: Projection> Runner<P> {
+    pub fn new(projection: P) -> Self {
+        let progress = Arc::new(Progress::default());
+        progress.record(0);
+        Runner {
+            projection,
+            progress,
+        }
+    }
+
+    pub fn progress(&self) -> Arc<Progress> {
+        self.progress.clone()
+    }
+
+    /// The consumer configuration of this projection: its queue, bound to every event
+    /// of its service.
+    pub fn config(amqp_url: &str) -> ConsumerConfig {
+        let pattern = format!("{}.*", P::SERVICE);
+        let mut config = ConsumerConfig::events(P::SERVICE, P::NAME, amqp_url, &[&pattern]);
+        // Read-model updates are short; a few connections keep up.
+        config.connections = 4;
+        config
+    }
+}
+
+impl<P: Projection> Handler for Runner<P> {
+    async fn handle(
+        &self,
+        message: &Message,
+        transaction: &mut StoreTransaction<'_>,
+    ) -> Result<(), HandlerError> {
+        let event: P::Event = message.decode()?;
+        let context = EventContext::from_message(message)?;
+        self.projection
+            .apply(&event, &context, transaction.connection())
+            .await?;
+        self.progress.record(context.global_position);
+        Ok(())
+    }
+}
+
+/// Waits until the projection with queue `queue` has applied `stream_id` up to
+/// `version`, for at most `timeout`. True when it has.
+pub async fn wait_until_applied(
+    pool: &PgPool,
+    queue: &str,
+    stream_id: &str,
+    version: i64,
+    timeout: Duration,
+) -> Result<bool, sqlx::Error> {
+    let deadline = Instant::now() + timeout;
+    let mut pause = Duration::from_millis(1);
+    loop {
+        if eventstore::consumer::applied_version(pool, queue, stream_id).await? >= version {
+            return Ok(true);
+        }
+        let now = Instant::now();
+        if now >= deadline {
+            return Ok(false);
+        }
+        tokio::time::sleep(pause.min(deadline - now)).await;
+        pause = (pause * 2).min(Duration::from_millis(16));
+    }
+}
+
+/// A projection's health as the monitor last saw it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Lag {
+    /// Events recorded after the highest position the projection applied (at most
+    /// [`LAG_COUNT_LIMIT`]).
+    pub events: i64,
+    /// Events wait, yet the projection applied none for [`STALL_AFTER`].
+    pub stalled: bool,
+}
+
+/// Counting stops here: beyond it the exact figure does not matter.
+pub const LAG_COUNT_LIMIT: i64 = 100_000;
+/// A projection with events to apply and no progress for this long is stalled.
+pub const STALL_AFTER: Duration = Duration::from_secs(30);
+
+/// Measures projection lag every `every` until `cancel` fires, exporting it as metrics
+/// and publishing it on the returned watch channel (for readiness checks).
+pub fn monitor(
+    pool: PgPool,
+    queue: String,
+    stream_prefix: &'static str,
+    progress: Arc<Progress>,
+    metrics: Metrics,
+    every: Duration,
+    cancel: CancellationToken,
+) -> tokio::sync::watch::Receiver<Lag> {
+    let (sender, receiver) = tokio::sync::watch::channel(Lag::default());
+    tokio::spawn(async move {
+        metrics.projection(&queue, 0, false);
+        // Where this runner starts: the last event applied by any earlier run.
+        if let Ok(position) = last_applied_position(&pool, &queue).await {
+            progress
+                .applied_position
+                .fetch_max(position, Ordering::Relaxed);
+        }
+        let mut ticks = tokio::time::interval(every);
+        ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = cancel.cancelled() => return,
+                _ = ticks.tick() => {}
+            }
+            match events_after(&pool, stream_prefix, progress.applied_position()).await {
+                Ok(events) => {
+                    let lag = Lag {
+                        events,
+                        stalled: events > 0 && progress.idle_for() >= STALL_AFTER,
+                    };
+                    metrics.projection(&queue, lag.events, lag.stalled);
+                    let _ = sender.send(lag);
+                }
+                Err(error) => tracing::warn!(%error, %queue, "cannot measure projection lag"),
+            }
+        }
+    });
+    receiver
+}
+
+/// The position of the newest event the consumer `queue` applied, by its per-stream
+/// progress (0 if none).
+async fn last_applied_position(pool: &PgPool, queue: &str) -> Result<i64, sqlx::Error> {
+    sqlx::query_scalar(
+        "SELECT coalesce(max(e.global_position), 0)::bigint FROM consumer_streams c \
+         JOIN events e ON e.stream_id = c.stream_id AND e.stream_version = c.last_version \
+         WHERE c.consumer = $1",
+    )
+    .bind(queue)
+    .fetch_one(pool)
+    .await
+}
+
+async fn events_after(
+    pool: &PgPool,
+    stream_prefix: &str,
+    position: i64,
+) -> Result<i64, sqlx::Error> {
+    sqlx::query_scalar(
+        "SELECT count(*) FROM (SELECT 1 FROM events WHERE global_position > $1 \
+         AND stream_id LIKE $2 || '%' LIMIT $3) AS waiting",
+    )
+    .bind(position)
+    .bind(stream_prefix)
+    .bind(LAG_COUNT_LIMIT)
+    .fetch_one(pool)
+    .await
+}

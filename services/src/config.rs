@@ -95,6 +95,8 @@ pub struct Config {
     pub amqp_url: String,
     /// `ORDERFLOW_<SERVICE>_DATABASE_URL` overrides, read once at start-up.
     database_urls: Vec<(Service, String)>,
+    /// `ORDERFLOW_<SERVICE>_PORT` overrides of the ports of DESIGN §2 (0: any free port).
+    ports: Vec<(Service, u16)>,
 }
 
 impl Config {
@@ -124,12 +126,44 @@ impl Config {
                 lookup(&variable).map(|url| (service, url))
             })
             .collect();
+        let mut ports = Vec::new();
+        for service in Service::ALL {
+            let variable = format!("ORDERFLOW_{}_PORT", service.name().to_ascii_uppercase());
+            if let Some(text) = lookup(&variable) {
+                let port = text
+                    .trim()
+                    .parse()
+                    .map_err(|_| anyhow::anyhow!("{variable}={text:?} is not a port number"))?;
+                ports.push((service, port));
+            }
+        }
         Ok(Config {
             pg_url,
             bind_address,
             amqp_url,
             database_urls,
+            ports,
         })
+    }
+
+    /// The port a service listens on: its own from DESIGN §2 unless overridden.
+    pub fn port(&self, service: Service) -> u16 {
+        self.ports
+            .iter()
+            .find(|(s, _)| *s == service)
+            .map_or(service.port(), |(_, port)| *port)
+    }
+
+    /// Sets a service's port (0: any free port), as tests do.
+    pub fn set_port(&mut self, service: Service, port: u16) {
+        self.ports.retain(|(s, _)| *s != service);
+        self.ports.push((service, port));
+    }
+
+    /// Points a service at a database of its own, as tests do.
+    pub fn set_database_url(&mut self, service: Service, url: impl Into<String>) {
+        self.database_urls.retain(|(s, _)| *s != service);
+        self.database_urls.push((service, url.into()));
     }
 
     /// Where a service's database is, or `None` for the gateway.

@@ -6,13 +6,16 @@
 //! - [`setup`]: creating each service's database and migrating it.
 //! - [`http`]: one router per concern, merged per service; `app(state)` builds a
 //!   service's router so tests can call it without a socket.
-//! - [`serve`]: runs the chosen services until Ctrl-C or SIGTERM, then shuts them down
+//! - [`serve`]: starts the chosen services (HTTP server, outbox relay, projections,
+//!   command consumers) and runs them until Ctrl-C or SIGTERM, then shuts them down
 //!   gracefully.
+//! - [`workers`]: the inventory and payment services' command handlers and the
+//!   simulated payment provider.
 //!
-//! Invariant: only this crate knows HTTP and the command line. At this stage a service
-//! serves its health endpoints; the command and query APIs arrive with issue 4.
+//! Invariant: only this crate knows HTTP and the command line.
 
 pub mod config;
 pub mod http;
 pub mod serve;
 pub mod setup;
+pub mod workers;

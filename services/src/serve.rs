@@ -1,53 +1,139 @@
 //! Running services until asked to stop.
 
+use std::future::Future;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
 use anyhow::Context;
-use eventstore::{EventStore, Metrics, Relay, RelayConfig};
+use eventstore::{
+    AggregateStore, Consumer, ConsumerConfig, EventStore, Handler, Metrics, Relay, RelayConfig,
+    SchemaRegistry,
+};
+use projections::inventory::StockLevels;
+use projections::order::{CustomerOrders, OrderSummaries};
+use projections::payment::PaymentStatuses;
+use projections::{Projection, Runner};
 use tokio::net::TcpListener;
-use tokio::task::JoinSet;
+use tokio::task::{JoinHandle, JoinSet};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{Config, Service};
-use crate::http::{AppState, app};
+use crate::http::{AppState, Db, Health, app};
 use crate::setup::prepare_database;
+use crate::workers::{InventoryCommands, PaymentCommands, SimulatedProvider};
 
-/// Connections each service's pool may open.
-const POOL_SIZE: u32 = 16;
+/// Connections each service's HTTP pool may open (its consumers keep their own).
+const POOL_SIZE: u32 = 10;
+/// How often projection lag is measured.
+const LAG_EVERY: Duration = Duration::from_secs(2);
+/// How long start-up waits for the broker to declare queues before going on without
+/// (the workers declare them again whenever they connect).
+const DECLARE_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// Runs `services`, each on its own port with its own database and outbox relay,
-/// until Ctrl-C or SIGTERM; then every server stops accepting, finishes the requests
-/// in hand, every relay finishes its batch, and it returns. If one server fails, the
-/// others are stopped too.
+/// Services started by [`start`]: where each listens, and how to stop them.
+pub struct Running {
+    pub addresses: Vec<(Service, SocketAddr)>,
+    shutdown: CancellationToken,
+    task: JoinHandle<anyhow::Result<()>>,
+}
+
+impl Running {
+    pub fn address(&self, service: Service) -> Option<SocketAddr> {
+        self.addresses
+            .iter()
+            .find(|(s, _)| *s == service)
+            .map(|(_, address)| *address)
+    }
+
+    /// Waits until the services stop (on shutdown, or when one server fails).
+    pub async fn wait(self) -> anyhow::Result<()> {
+        self.task.await.context("the services task panicked")?
+    }
+
+    /// Stops the services gracefully and waits for them.
+    pub async fn stop(self) -> anyhow::Result<()> {
+        self.shutdown.cancel();
+        self.wait().await
+    }
+}
+
+/// Runs `services` until Ctrl-C or SIGTERM.
 pub async fn run(config: &Config, services: &[Service]) -> anyhow::Result<()> {
     let shutdown = CancellationToken::new();
     tokio::spawn(shutdown_signal(shutdown.clone()));
+    start(config, services, shutdown).await?.wait().await
+}
+
+/// A background worker before it is spawned.
+type Worker = (String, Pin<Box<dyn Future<Output = ()> + Send>>);
+
+/// Starts `services`, each on its own port with its own database, outbox relay,
+/// projections and command consumer, and returns once they listen. When `shutdown`
+/// fires, every server stops accepting and finishes the requests in hand, every
+/// worker finishes the message in hand, and the returned [`Running`] completes. If
+/// one server fails, the others are stopped too.
+pub async fn start(
+    config: &Config,
+    services: &[Service],
+    shutdown: CancellationToken,
+) -> anyhow::Result<Running> {
     let metrics = Metrics::new();
-    let mut servers = JoinSet::new();
-    let mut workers = JoinSet::new();
+    let registry = SchemaRegistry::builtin()?;
+    let mut workers: Vec<Worker> = Vec::new();
+    let mut consumer_configs = Vec::new();
+    let mut listeners = Vec::new();
     for &service in services {
-        let pool = match config.database(service)? {
-            Some(options) => Some(prepare_database(&options, POOL_SIZE).await?),
-            None => None,
-        };
-        let address = (config.bind_address, service.port());
+        let address = (config.bind_address, config.port(service));
         let listener = TcpListener::bind(address)
             .await
             .with_context(|| format!("{service}: cannot listen on {}:{}", address.0, address.1))?;
-        tracing::info!(%service, address = %listener.local_addr()?, "listening");
-        if let Some(pool) = &pool {
-            // The relay declares the service's exchanges and queues, then publishes
-            // its outbox; it retries on its own while the broker is away.
-            let relay = Relay::new(
-                EventStore::new(pool.clone()),
-                RelayConfig::new(service.name(), &config.amqp_url),
-                metrics.clone(),
-            );
-            workers.spawn(relay.run(shutdown.clone()));
-        }
-        let router = app(AppState {
+        let mut health = Health::default();
+        let db = match config.database(service)? {
+            Some(options) => {
+                let pool = prepare_database(&options, POOL_SIZE).await?;
+                let store = EventStore::new(pool.clone());
+                let aggregates = AggregateStore::new(store.clone(), registry.clone());
+                let mut plan = Plan {
+                    service,
+                    config,
+                    store: &store,
+                    registry: &registry,
+                    metrics: &metrics,
+                    shutdown: &shutdown,
+                    health: &mut health,
+                    workers: &mut workers,
+                    consumer_configs: &mut consumer_configs,
+                };
+                plan.relay();
+                plan.service_workers(&aggregates);
+                health.amqp_url = Some(config.amqp_url.clone());
+                Some(Db { pool, aggregates })
+            }
+            None => None,
+        };
+        let state = AppState {
             service,
-            pool,
+            db,
             metrics: metrics.clone(),
-        });
+            health: Arc::new(health),
+        };
+        listeners.push((service, listener, app(state)));
+    }
+    declare_queues(&config.amqp_url, &consumer_configs).await;
+    let mut running_workers = JoinSet::new();
+    for (name, worker) in workers {
+        tracing::debug!(worker = %name, "starting");
+        running_workers.spawn(worker);
+    }
+    let mut servers = JoinSet::new();
+    let mut addresses = Vec::new();
+    for (service, listener, router) in listeners {
+        let address = listener.local_addr()?;
+        tracing::info!(%service, %address, "listening");
+        addresses.push((service, address));
         let stop = shutdown.clone();
         servers.spawn(async move {
             axum::serve(listener, router)
@@ -56,20 +142,154 @@ pub async fn run(config: &Config, services: &[Service]) -> anyhow::Result<()> {
                 .with_context(|| format!("{service}: server failed"))
         });
     }
-    let mut outcome = Ok(());
-    while let Some(finished) = servers.join_next().await {
-        let result = finished.context("a server task panicked").and_then(|r| r);
-        if let Err(error) = result {
-            shutdown.cancel();
-            if outcome.is_ok() {
-                outcome = Err(error);
+    let stop = shutdown.clone();
+    let task = tokio::spawn(async move {
+        let mut outcome = Ok(());
+        while let Some(finished) = servers.join_next().await {
+            let result = finished.context("a server task panicked").and_then(|r| r);
+            if let Err(error) = result {
+                stop.cancel();
+                if outcome.is_ok() {
+                    outcome = Err(error);
+                }
             }
         }
+        stop.cancel();
+        while running_workers.join_next().await.is_some() {}
+        tracing::info!("stopped");
+        outcome
+    });
+    Ok(Running {
+        addresses,
+        shutdown,
+        task,
+    })
+}
+
+/// Collects one service's background workers before anything is spawned.
+struct Plan<'a> {
+    service: Service,
+    config: &'a Config,
+    store: &'a EventStore,
+    registry: &'a SchemaRegistry,
+    metrics: &'a Metrics,
+    shutdown: &'a CancellationToken,
+    health: &'a mut Health,
+    workers: &'a mut Vec<Worker>,
+    consumer_configs: &'a mut Vec<ConsumerConfig>,
+}
+
+impl Plan<'_> {
+    /// The outbox relay: declares the service's exchanges and queues, then publishes
+    /// its outbox, retrying on its own while the broker is away.
+    fn relay(&mut self) {
+        let relay = Relay::new(
+            self.store.clone(),
+            RelayConfig::new(self.service.name(), &self.config.amqp_url),
+            self.metrics.clone(),
+        );
+        let name = format!("relay {}", self.service);
+        self.worker(name, relay.run(self.shutdown.clone()));
     }
-    shutdown.cancel();
-    while workers.join_next().await.is_some() {}
-    tracing::info!("stopped");
-    outcome
+
+    /// The projections and command handlers the service runs.
+    fn service_workers(&mut self, aggregates: &AggregateStore) {
+        match self.service {
+            Service::Order => {
+                self.projection(OrderSummaries);
+                self.projection(CustomerOrders);
+            }
+            Service::Inventory => {
+                self.projection(StockLevels);
+                let handler = InventoryCommands {
+                    aggregates: aggregates.clone(),
+                };
+                self.consumer(
+                    ConsumerConfig::commands("inventory", &self.config.amqp_url),
+                    handler,
+                );
+            }
+            Service::Payment => {
+                self.projection(PaymentStatuses);
+                let handler = PaymentCommands {
+                    aggregates: aggregates.clone(),
+                    provider: SimulatedProvider,
+                };
+                self.consumer(
+                    ConsumerConfig::commands("payment", &self.config.amqp_url),
+                    handler,
+                );
+            }
+            Service::Gateway | Service::User | Service::Notification => {}
+        }
+    }
+
+    fn projection<P: Projection>(&mut self, projection: P) {
+        let runner = Runner::new(projection);
+        let lag = projections::monitor(
+            self.store.pool().clone(),
+            P::queue(),
+            P::STREAM_PREFIX,
+            runner.progress(),
+            self.metrics.clone(),
+            LAG_EVERY,
+            self.shutdown.clone(),
+        );
+        self.health.projections.push((P::queue(), lag));
+        self.consumer(Runner::<P>::config(&self.config.amqp_url), runner);
+    }
+
+    fn consumer<H: Handler>(&mut self, config: ConsumerConfig, handler: H) {
+        let name = format!("consumer {}", config.queue());
+        self.consumer_configs.push(config.clone());
+        let consumer = Consumer::new(
+            config,
+            self.store.clone(),
+            self.registry.clone(),
+            handler,
+            self.metrics.clone(),
+        );
+        self.worker(name, consumer.run(self.shutdown.clone()));
+    }
+
+    /// Registers a worker with the service's health, which reports it stopped once
+    /// its future ends.
+    fn worker(&mut self, name: String, work: impl Future<Output = ()> + Send + 'static) {
+        let running = Arc::new(AtomicBool::new(true));
+        self.health.workers.push((name.clone(), running.clone()));
+        self.workers.push((
+            name,
+            Box::pin(async move {
+                work.await;
+                running.store(false, Ordering::Relaxed);
+            }),
+        ));
+    }
+}
+
+/// Declares every consumer's queue before any relay publishes, so events recorded
+/// before a consumer first connected are not dropped as unroutable. Best effort: with
+/// no broker yet, the consumers declare their queues when they connect.
+async fn declare_queues(amqp_url: &str, configs: &[ConsumerConfig]) {
+    if configs.is_empty() {
+        return;
+    }
+    let declared = tokio::time::timeout(DECLARE_TIMEOUT, async {
+        let connection = eventstore::amqp::connect(amqp_url, "orderflow start-up").await?;
+        let channel = connection.create_channel().await?;
+        for config in configs {
+            config.declare(&channel).await?;
+        }
+        connection.close(200, "declared".into()).await
+    })
+    .await;
+    match declared {
+        Ok(Ok(())) => {}
+        Ok(Err(error)) => tracing::warn!(%error, "could not declare the queues at start-up"),
+        Err(_) => {
+            tracing::warn!("the broker did not answer at start-up; queues are declared later")
+        }
+    }
 }
 
 /// Resolves on Ctrl-C or SIGTERM, and cancels `shutdown`.

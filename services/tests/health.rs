@@ -3,7 +3,7 @@
 use axum::body::{Body, to_bytes};
 use axum::http::{Request, StatusCode};
 use services::config::Service;
-use services::http::{AppState, app};
+use services::http::{AppState, Db, app};
 use tower::ServiceExt;
 
 mod common;
@@ -28,10 +28,16 @@ async fn ready_follows_the_database() {
     let pool = eventstore::db::connect(server.clone().database(&name), 2)
         .await
         .unwrap();
+    let store = eventstore::EventStore::new(pool.clone());
+    let registry = eventstore::SchemaRegistry::builtin().unwrap();
     let state = AppState {
         service: Service::Inventory,
-        pool: Some(pool.clone()),
+        db: Some(Db {
+            pool: pool.clone(),
+            aggregates: eventstore::AggregateStore::new(store, registry),
+        }),
         metrics: eventstore::Metrics::new(),
+        health: Default::default(),
     };
 
     let (status, body) = get(state.clone(), "/health/live").await;
@@ -64,8 +70,9 @@ async fn metrics_are_served_in_prometheus_text() {
     metrics.track_consumer("order.summary");
     let state = AppState {
         service: Service::Gateway,
-        pool: None,
+        db: None,
         metrics,
+        health: Default::default(),
     };
     let response = app(state)
         .oneshot(Request::get("/metrics").body(Body::empty()).unwrap())

@@ -48,25 +48,112 @@ impl TestDb {
 
 impl Drop for TestDb {
     fn drop(&mut self) {
-        // Drop runs outside async context; a short-lived runtime on its own thread
-        // removes the database (FORCE disconnects the pool's idle connections).
-        let (server, name) = (self.server.clone(), self.name.clone());
-        let dropped = std::thread::spawn(move || {
-            tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .map_err(anyhow::Error::from)
-                .and_then(|runtime| {
-                    runtime
-                        .block_on(eventstore::db::drop_database(&server, &name))
-                        .map_err(anyhow::Error::from)
-                })
+        drop_database_now(&self.server, &self.name);
+    }
+}
+
+/// Drops a database from outside async context: a short-lived runtime on its own
+/// thread removes it (FORCE disconnects whatever is still connected).
+fn drop_database_now(server: &PgConnectOptions, name: &str) {
+    let (server, owned_name) = (server.clone(), name.to_owned());
+    let dropped = std::thread::spawn(move || {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(anyhow::Error::from)
+            .and_then(|runtime| {
+                runtime
+                    .block_on(eventstore::db::drop_database(&server, &owned_name))
+                    .map_err(anyhow::Error::from)
+            })
+    })
+    .join();
+    match dropped {
+        Ok(Ok(())) => {}
+        Ok(Err(error)) => eprintln!("could not drop test database {name}: {error}"),
+        Err(_) => eprintln!("dropping test database {name} panicked"),
+    }
+}
+
+/// Services running in this process on free ports, each with a fresh database of its
+/// own and all in a fresh RabbitMQ virtual host; everything is removed on drop.
+pub struct System {
+    pub config: services::config::Config,
+    pub http: reqwest::Client,
+    running: Option<services::serve::Running>,
+    /// (service, database name); dropped after the services stop.
+    databases: Vec<(services::config::Service, String)>,
+    server: PgConnectOptions,
+    pub vhost: Vhost,
+}
+
+impl System {
+    pub async fn start(list: &[services::config::Service]) -> System {
+        let vhost = tokio::task::spawn_blocking(Vhost::new)
+            .await
+            .expect("vhost task")
+            .expect("test vhost");
+        let server: PgConnectOptions = server_url().parse().expect("ORDERFLOW_PG_URL");
+        let mut config = services::config::Config::from_lookup(|name| match name {
+            "ORDERFLOW_PG_URL" => Some(server_url()),
+            "ORDERFLOW_AMQP_URL" => Some(vhost.url.clone()),
+            _ => None,
         })
-        .join();
-        match dropped {
-            Ok(Ok(())) => {}
-            Ok(Err(error)) => eprintln!("could not drop test database {}: {error}", self.name),
-            Err(_) => eprintln!("dropping test database {} panicked", self.name),
+        .expect("test configuration");
+        let suffix = uuid::Uuid::now_v7().simple().to_string();
+        let mut databases = Vec::new();
+        for &service in list {
+            config.set_port(service, 0);
+            let name = format!("orderflow_test_{suffix}_{service}");
+            config.set_database_url(service, format!("{}/{name}", server_url()));
+            databases.push((service, name));
+        }
+        let running =
+            services::serve::start(&config, list, tokio_util::sync::CancellationToken::new())
+                .await
+                .expect("services start");
+        System {
+            config,
+            http: reqwest::Client::new(),
+            running: Some(running),
+            databases,
+            server,
+            vhost,
+        }
+    }
+
+    /// `http://<address of service><path>`.
+    pub fn url(&self, service: services::config::Service, path: &str) -> String {
+        let address = self
+            .running
+            .as_ref()
+            .and_then(|running| running.address(service))
+            .expect("the service runs");
+        format!("http://{address}{path}")
+    }
+
+    /// A pool on a service's database, for looking behind the API.
+    pub async fn pool(&self, service: services::config::Service) -> PgPool {
+        let options = self
+            .config
+            .database(service)
+            .expect("database URL")
+            .expect("the service has a database");
+        eventstore::db::connect(options, 2).await.expect("connect")
+    }
+
+    /// Stops the services gracefully (then drop removes their databases and vhost).
+    pub async fn stop(mut self) {
+        if let Some(running) = self.running.take() {
+            running.stop().await.expect("services stop cleanly");
+        }
+    }
+}
+
+impl Drop for System {
+    fn drop(&mut self) {
+        for (_, name) in &self.databases {
+            drop_database_now(&self.server, name);
         }
     }
 }

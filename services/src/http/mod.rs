@@ -1,95 +1,159 @@
-//! HTTP: one router per concern, merged per service in [`app`].
+//! HTTP: one router per resource, merged per service in [`app`].
+//!
+//! Every request gets a tracing span and an `x-correlation-id` (the client's, or a new
+//! one), which is returned and recorded in the metadata of every event the request
+//! causes. Errors are `application/problem+json` ([`problem`]); commands share
+//! [`command`] (JSON body, `If-Match`, `Idempotency-Key`), queries [`read`]
+//! (read-your-writes).
 
-use std::time::Duration;
+pub mod command;
+mod health;
+mod inventory;
+mod orders;
+mod payments;
+pub mod problem;
+pub mod read;
+
+use std::sync::Arc;
+use std::time::Instant;
 
 use axum::Router;
-use axum::extract::State;
-use axum::http::StatusCode;
-use axum::response::{IntoResponse, Json};
+use axum::extract::{DefaultBodyLimit, Request, State};
+use axum::http::HeaderValue;
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
 use axum::routing::get;
-use eventstore::Metrics;
-use serde_json::json;
+use eventstore::{AggregateStore, Metrics};
 use sqlx::PgPool;
+use tracing::Instrument;
+use uuid::Uuid;
 
 use crate::config::Service;
+pub use health::Health;
+use problem::{ApiError, InternalCause};
+
+/// Largest request body accepted; larger ones get a 413.
+pub const MAX_BODY_BYTES: usize = 64 * 1024;
+pub const CORRELATION_HEADER: &str = "x-correlation-id";
 
 /// What every handler of one service can reach.
 #[derive(Clone, Debug)]
 pub struct AppState {
     pub service: Service,
     /// The service's own database; `None` for the gateway.
-    pub pool: Option<PgPool>,
+    pub db: Option<Db>,
     /// Shared by every service of the process; each series names its service.
     pub metrics: Metrics,
+    /// What `/health/ready` checks beyond the database.
+    pub health: Arc<Health>,
+}
+
+/// A service's database, as its handlers use it.
+#[derive(Clone, Debug)]
+pub struct Db {
+    pub pool: PgPool,
+    pub aggregates: AggregateStore,
+}
+
+impl AppState {
+    /// The database, for handlers of services that have one.
+    pub fn db(&self) -> Result<&Db, ApiError> {
+        self.db.as_ref().ok_or_else(|| {
+            ApiError::internal(format!("the {} service has no database", self.service))
+        })
+    }
+}
+
+/// The correlation id of the request in hand (in the request's extensions).
+#[derive(Debug, Clone, Copy)]
+pub struct CorrelationId {
+    pub uuid: Uuid,
 }
 
 /// A service's whole HTTP surface. Tests call this without binding a socket.
 pub fn app(state: AppState) -> Router {
+    let resources = match state.service {
+        Service::Order => orders::router(),
+        Service::Inventory => inventory::router(),
+        Service::Payment => payments::router(),
+        _ => Router::new(),
+    };
     Router::new()
+        .merge(resources)
         .merge(health::router())
-        .merge(metrics::router())
+        .route("/metrics", get(metrics))
+        .fallback(not_found)
+        .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .layer(axum::middleware::from_fn(request_context))
         .with_state(state)
 }
 
-mod metrics {
-    use super::*;
-    use axum::http::header::CONTENT_TYPE;
-
-    pub fn router() -> Router<AppState> {
-        Router::new().route("/metrics", get(metrics))
-    }
-
-    /// Prometheus text exposition.
-    async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
-        (
-            [(CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")],
-            state.metrics.render(),
-        )
-    }
+/// Prometheus text exposition.
+async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
+    (
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        state.metrics.render(),
+    )
 }
 
-mod health {
-    use super::*;
+async fn not_found(request: Request) -> ApiError {
+    ApiError::not_found(format!(
+        "no such resource: {} {}",
+        request.method(),
+        request.uri().path()
+    ))
+}
 
-    pub fn router() -> Router<AppState> {
-        Router::new()
-            .route("/health/live", get(live))
-            .route("/health/ready", get(ready))
+/// The correlation id, the request's span, and its one log line.
+async fn request_context(mut request: Request, next: Next) -> Response {
+    let (correlation_id, header) = correlation_of(&request);
+    request.extensions_mut().insert(CorrelationId {
+        uuid: correlation_id,
+    });
+    let span = tracing::info_span!(
+        "request",
+        method = %request.method(),
+        path = %request.uri().path(),
+        correlation_id = %correlation_id,
+    );
+    let started = Instant::now();
+    let mut response = next.run(request).instrument(span.clone()).await;
+    let took_ms = started.elapsed().as_secs_f64() * 1000.0;
+    let status = response.status().as_u16();
+    let _entered = span.enter();
+    match response.extensions_mut().remove::<InternalCause>() {
+        Some(InternalCause(cause)) => tracing::error!(status, took_ms, %cause, "request failed"),
+        None if status >= 500 => tracing::error!(status, took_ms, "request failed"),
+        None => tracing::debug!(status, took_ms, "request"),
     }
+    response.headers_mut().insert(CORRELATION_HEADER, header);
+    response
+}
 
-    /// The process answers: nothing else is checked.
-    async fn live(State(state): State<AppState>) -> Json<serde_json::Value> {
-        Json(json!({ "status": "live", "service": state.service.name() }))
-    }
-
-    /// Ready when every dependency the service has answers within a bound.
-    async fn ready(State(state): State<AppState>) -> impl IntoResponse {
-        let database = match &state.pool {
-            None => None,
-            Some(pool) => Some(
-                match tokio::time::timeout(
-                    Duration::from_secs(2),
-                    sqlx::query("SELECT 1").execute(pool),
-                )
-                .await
-                {
-                    Ok(Ok(_)) => "ok".to_owned(),
-                    Ok(Err(error)) => format!("error: {error}"),
-                    Err(_) => "error: no answer within 2 s".to_owned(),
-                },
-            ),
-        };
-        let ready = database.as_deref().is_none_or(|status| status == "ok");
-        let status = if ready {
-            StatusCode::OK
-        } else {
-            StatusCode::SERVICE_UNAVAILABLE
-        };
-        let body = json!({
-            "status": if ready { "ready" } else { "not_ready" },
-            "service": state.service.name(),
-            "checks": { "database": database },
-        });
-        (status, Json(body))
+/// The client's `x-correlation-id`, or a new one. Ids that are not UUIDs are mapped to
+/// one (UUIDv5 of the text), since event metadata carries UUIDs; the client gets its
+/// own text back.
+fn correlation_of(request: &Request) -> (Uuid, HeaderValue) {
+    let given = request
+        .headers()
+        .get(CORRELATION_HEADER)
+        .filter(|value| !value.is_empty() && value.len() <= 200)
+        .and_then(|value| value.to_str().ok().map(|text| (text.trim(), value.clone())));
+    match given {
+        Some((text, value)) => {
+            let uuid = Uuid::parse_str(text)
+                .unwrap_or_else(|_| Uuid::new_v5(&Uuid::NAMESPACE_OID, text.as_bytes()));
+            (uuid, value)
+        }
+        None => {
+            let uuid = Uuid::now_v7();
+            // A UUID's text is always a valid header value.
+            let value = HeaderValue::from_str(&uuid.to_string())
+                .unwrap_or_else(|_| HeaderValue::from_static("invalid"));
+            (uuid, value)
+        }
     }
 }

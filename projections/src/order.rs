@@ -1,0 +1,278 @@
+//! The order service's read models: one summary per order, and each customer's order
+//! history.
+
+use chrono::{DateTime, Utc};
+use domain::order::{OrderEvent, OrderStatus};
+use serde::Serialize;
+use sqlx::{PgConnection, PgPool, Row};
+use uuid::Uuid;
+
+use crate::{EventContext, Projection};
+
+/// `GET /orders/{id}`.
+pub struct OrderSummaries;
+
+/// `GET /customers/{id}/orders`.
+pub struct CustomerOrders;
+
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct OrderLineView {
+    pub sku: String,
+    pub quantity: u32,
+    pub unit_price_cents: i64,
+}
+
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct OrderView {
+    pub order_id: Uuid,
+    pub customer_id: Uuid,
+    pub status: String,
+    pub lines: Vec<OrderLineView>,
+    pub total_cents: i64,
+    pub currency: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    pub cancellation_requested: bool,
+    pub placed_at: DateTime<Utc>,
+    pub version: i64,
+}
+
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct CustomerOrderView {
+    pub order_id: Uuid,
+    pub customer_id: Uuid,
+    pub status: String,
+    pub total_cents: i64,
+    pub currency: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    pub placed_at: DateTime<Utc>,
+    pub version: i64,
+}
+
+/// The status and reason an event leaves an order in, if it ends the order.
+fn outcome(event: &OrderEvent) -> Option<(OrderStatus, Option<&'static str>)> {
+    match event {
+        OrderEvent::OrderConfirmed { .. } => Some((OrderStatus::Confirmed, None)),
+        OrderEvent::OrderRejected { reason, .. } => {
+            Some((OrderStatus::Rejected, Some(reason.as_str())))
+        }
+        OrderEvent::OrderCancelled { reason, .. } => {
+            Some((OrderStatus::Cancelled, Some(reason.as_str())))
+        }
+        OrderEvent::OrderPlaced { .. } | OrderEvent::OrderCancellationRequested { .. } => None,
+    }
+}
+
+fn order_id_of(event: &OrderEvent) -> Uuid {
+    match event {
+        OrderEvent::OrderPlaced { order_id, .. }
+        | OrderEvent::OrderConfirmed { order_id, .. }
+        | OrderEvent::OrderRejected { order_id, .. }
+        | OrderEvent::OrderCancellationRequested { order_id }
+        | OrderEvent::OrderCancelled { order_id, .. } => *order_id,
+    }
+}
+
+impl Projection for OrderSummaries {
+    const NAME: &'static str = "order-summary";
+    const SERVICE: &'static str = "order";
+    const STREAM_PREFIX: &'static str = "order-";
+    type Event = OrderEvent;
+
+    async fn apply(
+        &self,
+        event: &OrderEvent,
+        context: &EventContext,
+        connection: &mut PgConnection,
+    ) -> Result<(), sqlx::Error> {
+        if let OrderEvent::OrderPlaced {
+            order_id,
+            customer_id,
+            lines,
+            total_cents,
+            currency,
+            ..
+        } = event
+        {
+            let lines: Vec<OrderLineView> = lines
+                .iter()
+                .map(|line| OrderLineView {
+                    sku: line.sku.clone(),
+                    quantity: line.quantity,
+                    unit_price_cents: line.unit_price_cents,
+                })
+                .collect();
+            sqlx::query(
+                "INSERT INTO order_summaries (order_id, customer_id, status, lines, total_cents, \
+                 currency, correlation_id, version, position, placed_at, updated_at) \
+                 VALUES ($1, $2, 'pending', $3, $4, $5, $6, $7, $8, $9, $9) \
+                 ON CONFLICT (order_id) DO NOTHING",
+            )
+            .bind(order_id)
+            .bind(customer_id)
+            .bind(sqlx::types::Json(lines))
+            .bind(total_cents)
+            .bind(currency)
+            .bind(context.correlation_id)
+            .bind(context.stream_version)
+            .bind(context.global_position)
+            .bind(context.recorded_at)
+            .execute(connection)
+            .await?;
+            return Ok(());
+        }
+        let (status, reason) = match outcome(event) {
+            Some((status, reason)) => (Some(status.as_str()), reason),
+            None => (None, None),
+        };
+        let requested = matches!(event, OrderEvent::OrderCancellationRequested { .. });
+        // Guarded by version, so applying an event twice (a rebuild racing live
+        // updates, say) cannot move a row backwards.
+        sqlx::query(
+            "UPDATE order_summaries SET status = coalesce($2, status), reason = coalesce($3, reason), \
+             cancellation_requested = cancellation_requested OR $4, correlation_id = $5, \
+             version = $6, position = $7, updated_at = $8 \
+             WHERE order_id = $1 AND version < $6",
+        )
+        .bind(order_id_of(event))
+        .bind(status)
+        .bind(reason)
+        .bind(requested)
+        .bind(context.correlation_id)
+        .bind(context.stream_version)
+        .bind(context.global_position)
+        .bind(context.recorded_at)
+        .execute(connection)
+        .await?;
+        Ok(())
+    }
+}
+
+impl Projection for CustomerOrders {
+    const NAME: &'static str = "customer-orders";
+    const SERVICE: &'static str = "order";
+    const STREAM_PREFIX: &'static str = "order-";
+    type Event = OrderEvent;
+
+    async fn apply(
+        &self,
+        event: &OrderEvent,
+        context: &EventContext,
+        connection: &mut PgConnection,
+    ) -> Result<(), sqlx::Error> {
+        if let OrderEvent::OrderPlaced {
+            order_id,
+            customer_id,
+            total_cents,
+            currency,
+            ..
+        } = event
+        {
+            sqlx::query(
+                "INSERT INTO customer_orders (customer_id, order_id, status, total_cents, currency, \
+                 version, position, placed_at) VALUES ($1, $2, 'pending', $3, $4, $5, $6, $7) \
+                 ON CONFLICT (customer_id, order_id) DO NOTHING",
+            )
+            .bind(customer_id)
+            .bind(order_id)
+            .bind(total_cents)
+            .bind(currency)
+            .bind(context.stream_version)
+            .bind(context.global_position)
+            .bind(context.recorded_at)
+            .execute(connection)
+            .await?;
+            return Ok(());
+        }
+        let (status, reason) = match outcome(event) {
+            Some((status, reason)) => (Some(status.as_str()), reason),
+            None => (None, None),
+        };
+        sqlx::query(
+            "UPDATE customer_orders SET status = coalesce($2, status), reason = coalesce($3, reason), \
+             version = $4, position = $5 WHERE order_id = $1 AND version < $4",
+        )
+        .bind(order_id_of(event))
+        .bind(status)
+        .bind(reason)
+        .bind(context.stream_version)
+        .bind(context.global_position)
+        .execute(connection)
+        .await?;
+        Ok(())
+    }
+}
+
+/// One order's summary, if the projection has it.
+pub async fn find_order(pool: &PgPool, order_id: Uuid) -> Result<Option<OrderView>, sqlx::Error> {
+    let row = sqlx::query(
+        "SELECT order_id, customer_id, status, lines, total_cents, currency, reason, \
+         cancellation_requested, placed_at, version FROM order_summaries WHERE order_id = $1",
+    )
+    .bind(order_id)
+    .fetch_optional(pool)
+    .await?;
+    let Some(row) = row else {
+        return Ok(None);
+    };
+    let lines: sqlx::types::Json<Vec<StoredLine>> = row.try_get("lines")?;
+    Ok(Some(OrderView {
+        order_id: row.try_get("order_id")?,
+        customer_id: row.try_get("customer_id")?,
+        status: row.try_get("status")?,
+        lines: lines
+            .0
+            .into_iter()
+            .map(|line| OrderLineView {
+                sku: line.sku,
+                quantity: line.quantity,
+                unit_price_cents: line.unit_price_cents,
+            })
+            .collect(),
+        total_cents: row.try_get("total_cents")?,
+        currency: row.try_get("currency")?,
+        reason: row.try_get("reason")?,
+        cancellation_requested: row.try_get("cancellation_requested")?,
+        placed_at: row.try_get("placed_at")?,
+        version: row.try_get("version")?,
+    }))
+}
+
+/// A line as stored in the summary's JSON column.
+#[derive(serde::Deserialize)]
+struct StoredLine {
+    sku: String,
+    quantity: u32,
+    unit_price_cents: i64,
+}
+
+/// A customer's orders, newest first, at most `limit` of them.
+pub async fn customer_orders(
+    pool: &PgPool,
+    customer_id: Uuid,
+    limit: i64,
+) -> Result<Vec<CustomerOrderView>, sqlx::Error> {
+    let rows = sqlx::query(
+        "SELECT order_id, customer_id, status, total_cents, currency, reason, placed_at, version \
+         FROM customer_orders WHERE customer_id = $1 ORDER BY placed_at DESC, order_id DESC LIMIT $2",
+    )
+    .bind(customer_id)
+    .bind(limit)
+    .fetch_all(pool)
+    .await?;
+    rows.iter()
+        .map(|row| {
+            Ok(CustomerOrderView {
+                order_id: row.try_get("order_id")?,
+                customer_id: row.try_get("customer_id")?,
+                status: row.try_get("status")?,
+                total_cents: row.try_get("total_cents")?,
+                currency: row.try_get("currency")?,
+                reason: row.try_get("reason")?,
+                placed_at: row.try_get("placed_at")?,
+                version: row.try_get("version")?,
+            })
+        })
+        .collect()
+}

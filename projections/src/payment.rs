@@ -1,0 +1,96 @@
+//! The payment service's read model: each order's payment status.
+
+use domain::payment::{PaymentEvent, PaymentStatus};
+use serde::Serialize;
+use sqlx::{PgConnection, PgPool, Row};
+use uuid::Uuid;
+
+use crate::{EventContext, Projection};
+
+/// `GET /payments/{order_id}`.
+pub struct PaymentStatuses;
+
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct PaymentView {
+    pub order_id: Uuid,
+    pub status: String,
+    pub amount_cents: i64,
+    pub version: i64,
+}
+
+impl Projection for PaymentStatuses {
+    const NAME: &'static str = "payment-status";
+    const SERVICE: &'static str = "payment";
+    const STREAM_PREFIX: &'static str = "payment-";
+    type Event = PaymentEvent;
+
+    async fn apply(
+        &self,
+        event: &PaymentEvent,
+        context: &EventContext,
+        connection: &mut PgConnection,
+    ) -> Result<(), sqlx::Error> {
+        let (order_id, amount_cents, status) = match event {
+            PaymentEvent::PaymentAuthorized {
+                order_id,
+                amount_cents,
+                ..
+            } => (order_id, amount_cents, PaymentStatus::Authorized),
+            PaymentEvent::PaymentDeclined {
+                order_id,
+                amount_cents,
+                ..
+            } => (order_id, amount_cents, PaymentStatus::Declined),
+            PaymentEvent::PaymentCaptured {
+                order_id,
+                amount_cents,
+            } => (order_id, amount_cents, PaymentStatus::Captured),
+            PaymentEvent::PaymentVoided {
+                order_id,
+                amount_cents,
+            } => (order_id, amount_cents, PaymentStatus::Voided),
+            PaymentEvent::PaymentRefunded {
+                order_id,
+                amount_cents,
+            } => (order_id, amount_cents, PaymentStatus::Refunded),
+        };
+        sqlx::query(
+            "INSERT INTO payment_statuses (order_id, status, amount_cents, version, position, \
+             updated_at) VALUES ($1, $2, $3, $4, $5, $6) \
+             ON CONFLICT (order_id) DO UPDATE SET status = excluded.status, \
+             amount_cents = excluded.amount_cents, version = excluded.version, \
+             position = excluded.position, updated_at = excluded.updated_at \
+             WHERE payment_statuses.version < excluded.version",
+        )
+        .bind(order_id)
+        .bind(status.as_str())
+        .bind(amount_cents)
+        .bind(context.stream_version)
+        .bind(context.global_position)
+        .bind(context.recorded_at)
+        .execute(connection)
+        .await?;
+        Ok(())
+    }
+}
+
+pub async fn find_payment(
+    pool: &PgPool,
+    order_id: Uuid,
+) -> Result<Option<PaymentView>, sqlx::Error> {
+    let row = sqlx::query(
+        "SELECT order_id, status, amount_cents, version FROM payment_statuses WHERE order_id = $1",
+    )
+    .bind(order_id)
+    .fetch_optional(pool)
+    .await?;
+    row.map(|row| {
+        Ok(PaymentView {
+            order_id: row.try_get("order_id")?,
+            status: row.try_get("status")?,
+            amount_cents: row.try_get("amount_cents")?,
+            version: row.try_get("version")?,
+        })
+    })
+    .transpose()
+}

@@ -1,0 +1,319 @@
+//! What every command endpoint shares: the JSON body with field-precise errors, the
+//! `If-Match`, `Idempotency-Key` and `x-correlation-id` headers, and running the
+//! command so its events and its idempotency record commit in one transaction.
+
+use axum::body::Bytes;
+use axum::extract::{FromRequest, Request};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use domain::Aggregate;
+use domain::wire::WireEvent;
+use eventstore::{AggregateStore, ExecuteError, Executed, Metadata, Snapshot};
+use serde::de::DeserializeOwned;
+use sqlx::PgConnection;
+use uuid::Uuid;
+
+use super::CorrelationId;
+use super::problem::ApiError;
+
+/// Longest accepted `Idempotency-Key`.
+const MAX_KEY_LENGTH: usize = 255;
+/// Races lost to writers that do not lock streams are retried this often.
+const CONFLICT_RETRIES: usize = 3;
+/// Header set on a response replayed for a repeated `Idempotency-Key`.
+pub const REPLAYED_HEADER: &str = "idempotent-replayed";
+
+/// A command request: its JSON body and the headers that steer how it runs.
+#[derive(Debug)]
+pub struct Command<T> {
+    pub body: T,
+    pub context: CommandContext,
+}
+
+#[derive(Debug, Clone)]
+pub struct CommandContext {
+    pub correlation_id: Uuid,
+    /// Names this request as the cause of the events it records.
+    pub command_id: Uuid,
+    /// `If-Match`: the stream version the client last saw.
+    pub if_match: Option<i64>,
+    pub idempotency: Option<IdempotencyKey>,
+}
+
+impl CommandContext {
+    pub fn metadata(&self) -> Metadata {
+        Metadata::new(self.correlation_id, self.command_id)
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct IdempotencyKey {
+    pub key: String,
+    /// Method, path and body: what must match for the key to replay.
+    pub request: Vec<u8>,
+}
+
+impl<S, T> FromRequest<S> for Command<T>
+where
+    S: Send + Sync,
+    T: DeserializeOwned,
+{
+    type Rejection = ApiError;
+
+    async fn from_request(request: Request, state: &S) -> Result<Self, ApiError> {
+        let (parts, body) = request.into_parts();
+        let correlation_id = parts
+            .extensions
+            .get::<CorrelationId>()
+            .map(|c| c.uuid)
+            .unwrap_or_else(Uuid::now_v7);
+        let if_match = if_match(&parts.headers)?;
+        let key = idempotency_key(&parts.headers)?;
+        let request = Request::from_parts(parts, body);
+        let method = request.method().clone();
+        let path = request.uri().path().to_owned();
+        let has_json_type = request
+            .headers()
+            .get(header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| {
+                let essence = v.split(';').next().unwrap_or("").trim();
+                essence.eq_ignore_ascii_case("application/json")
+                    || essence.to_ascii_lowercase().ends_with("+json")
+            });
+        let bytes = Bytes::from_request(request, state)
+            .await
+            .map_err(|rejection| {
+                let status = rejection.status();
+                if status == StatusCode::PAYLOAD_TOO_LARGE {
+                    ApiError::new(status, "body-too-large", "the request body is too large")
+                } else {
+                    ApiError::new(status, "unreadable-body", rejection.body_text())
+                }
+            })?;
+        if !bytes.is_empty() && !has_json_type {
+            return Err(ApiError::new(
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                "unsupported-media-type",
+                "send the body as Content-Type: application/json",
+            )
+            .with_field("content-type"));
+        }
+        let json: &[u8] = if bytes.is_empty() { b"{}" } else { &bytes };
+        let body = parse_json(json)?;
+        let idempotency = key.map(|key| {
+            let mut request = format!("{method} {path}\n").into_bytes();
+            request.extend_from_slice(&bytes);
+            IdempotencyKey { key, request }
+        });
+        Ok(Command {
+            body,
+            context: CommandContext {
+                correlation_id,
+                command_id: Uuid::now_v7(),
+                if_match,
+                idempotency,
+            },
+        })
+    }
+}
+
+/// Parses JSON, naming the field at fault: malformed JSON is a 400, JSON of the wrong
+/// shape (a missing field, a wrong type) a 422.
+pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
+    let malformed = |message: String| {
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "invalid-json",
+            format!("malformed JSON: {message}"),
+        )
+        .with_field("body")
+    };
+    let mut deserializer = serde_json::Deserializer::from_slice(bytes);
+    let value = serde_path_to_error::deserialize(&mut deserializer).map_err(|error| {
+        let path = error.path().to_string();
+        let inner = error.into_inner();
+        let message = inner.to_string();
+        if inner.is_syntax() || inner.is_eof() {
+            return malformed(message);
+        }
+        // A missing field is reported at its parent; name it from the message.
+        let field = match (path.as_str(), missing_field(&message)) {
+            (".", Some(missing)) => missing.to_owned(),
+            (parent, Some(missing)) => format!("{parent}.{missing}"),
+            (".", None) => "body".to_owned(),
+            (path, None) => path.to_owned(),
+        };
+        ApiError::invalid(field, message)
+    })?;
+    deserializer
+        .end()
+        .map_err(|error| malformed(error.to_string()))?;
+    Ok(value)
+}
+
+fn missing_field(message: &str) -> Option<&str> {
+    let rest = message.strip_prefix("missing field `")?;
+    rest.split('`').next()
+}
+
+/// `If-Match: 3` or `If-Match: "3"` (an ETag of the version).
+fn if_match(headers: &HeaderMap) -> Result<Option<i64>, ApiError> {
+    let Some(value) = headers.get(header::IF_MATCH) else {
+        return Ok(None);
+    };
+    let text = value.to_str().unwrap_or("").trim();
+    let text = text.strip_prefix("W/").unwrap_or(text).trim_matches('"');
+    match text.parse::<i64>() {
+        Ok(version) if version >= 0 => Ok(Some(version)),
+        _ => Err(ApiError::bad_header(
+            "if-match",
+            "If-Match must be the stream version the client saw, e.g. \"3\"",
+        )),
+    }
+}
+
+fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, ApiError> {
+    let Some(value) = headers.get("idempotency-key") else {
+        return Ok(None);
+    };
+    match value.to_str() {
+        Ok(key) if !key.trim().is_empty() && key.len() <= MAX_KEY_LENGTH => {
+            Ok(Some(key.trim().to_owned()))
+        }
+        _ => Err(ApiError::bad_header(
+            "idempotency-key",
+            format!("Idempotency-Key must be 1 to {MAX_KEY_LENGTH} visible characters"),
+        )),
+    }
+}
+
+/// A command's response before it is sent (and, with a key, stored).
+pub struct Reply {
+    pub status: StatusCode,
+    pub body: serde_json::Value,
+}
+
+/// Runs `command` on the aggregate of `stream_id` in one transaction with its
+/// idempotency record, and answers with what `reply` makes of the outcome.
+///
+/// With an `Idempotency-Key` seen before: the same request gets the first response
+/// again (marked with the `idempotent-replayed` header), another request a 422. Two
+/// requests racing with one key serialise on the key's row; the second then replays.
+pub async fn run<A>(
+    aggregates: &AggregateStore,
+    context: &CommandContext,
+    stream_id: &str,
+    command: &A::Command,
+    reply: impl Fn(&Executed<A>) -> Reply,
+) -> Result<Response, ApiError>
+where
+    A: Snapshot,
+    A::Event: WireEvent,
+    A::Error: Into<ApiError>,
+    <A as Aggregate>::Error: std::error::Error,
+{
+    let pool = aggregates.event_store().pool();
+    if let Some(key) = &context.idempotency
+        && let Some(stored) = find_key(pool, &key.key).await?
+    {
+        return stored.answer(key);
+    }
+    let mut attempt = 0;
+    loop {
+        let mut transaction = aggregates.event_store().begin().await?;
+        let executed = match aggregates
+            .execute_in::<A>(
+                &mut transaction,
+                stream_id,
+                context.if_match,
+                command,
+                context.metadata(),
+            )
+            .await
+        {
+            Ok(executed) => executed,
+            Err(ExecuteError::Store(error))
+                if error.is_concurrency()
+                    && context.if_match.is_none()
+                    && attempt < CONFLICT_RETRIES =>
+            {
+                attempt += 1;
+                continue;
+            }
+            Err(error) => return Err(error.into()),
+        };
+        let Reply { status, body } = reply(&executed);
+        if let Some(key) = &context.idempotency
+            && !record_key(transaction.connection(), key, status, &body).await?
+        {
+            // Another request with this key committed first: answer as it did.
+            drop(transaction);
+            return match find_key(pool, &key.key).await? {
+                Some(stored) => stored.answer(key),
+                None => Err(ApiError::internal("idempotency key vanished")),
+            };
+        }
+        transaction.commit().await?;
+        return Ok((status, axum::Json(body)).into_response());
+    }
+}
+
+struct StoredReply {
+    request: Vec<u8>,
+    status: i16,
+    body: serde_json::Value,
+}
+
+impl StoredReply {
+    fn answer(self, key: &IdempotencyKey) -> Result<Response, ApiError> {
+        if self.request != key.request {
+            return Err(ApiError::invalid(
+                "idempotency-key",
+                "this Idempotency-Key was already used for a different request",
+            )
+            .with_kind("idempotency-key-reused"));
+        }
+        let status = StatusCode::from_u16(self.status as u16).unwrap_or(StatusCode::OK);
+        let mut response = (status, axum::Json(self.body)).into_response();
+        response.headers_mut().insert(
+            REPLAYED_HEADER,
+            axum::http::HeaderValue::from_static("true"),
+        );
+        Ok(response)
+    }
+}
+
+async fn find_key(pool: &sqlx::PgPool, key: &str) -> Result<Option<StoredReply>, ApiError> {
+    let row: Option<(Vec<u8>, i16, serde_json::Value)> =
+        sqlx::query_as("SELECT request, status, body FROM idempotency_keys WHERE key = $1")
+            .bind(key)
+            .fetch_optional(pool)
+            .await?;
+    Ok(row.map(|(request, status, body)| StoredReply {
+        request,
+        status,
+        body,
+    }))
+}
+
+/// Records the key in the command's transaction; false when another transaction
+/// holds it already (this one waited for that one to end).
+async fn record_key(
+    connection: &mut PgConnection,
+    key: &IdempotencyKey,
+    status: StatusCode,
+    body: &serde_json::Value,
+) -> Result<bool, ApiError> {
+    let inserted = sqlx::query(
+        "INSERT INTO idempotency_keys (key, request, status, body) VALUES ($1, $2, $3, $4) \
+         ON CONFLICT (key) DO NOTHING",
+    )
+    .bind(&key.key)
+    .bind(&key.request)
+    .bind(status.as_u16() as i16)
+    .bind(body)
+    .execute(connection)
+    .await?;
+    Ok(inserted.rows_affected() == 1)
+}

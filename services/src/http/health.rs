@@ -1,0 +1,112 @@
+//! `/health/live` and `/health/ready`.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use axum::Router;
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Json};
+use axum::routing::get;
+use projections::Lag;
+use serde_json::{Value, json};
+
+use super::AppState;
+
+/// How long a readiness check waits for each dependency.
+const CHECK_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// What a service's readiness depends on besides its database.
+#[derive(Debug, Default)]
+pub struct Health {
+    /// The broker the service's relay and consumers use (`None`: no broker).
+    pub amqp_url: Option<String>,
+    /// Background workers (relay, consumers) and whether each is still running.
+    pub workers: Vec<(String, Arc<AtomicBool>)>,
+    /// Each projection's lag, as its monitor last measured it.
+    pub projections: Vec<(String, tokio::sync::watch::Receiver<Lag>)>,
+}
+
+pub fn router() -> Router<AppState> {
+    Router::new()
+        .route("/health/live", get(live))
+        .route("/health/ready", get(ready))
+}
+
+/// The process answers: nothing else is checked.
+async fn live(State(state): State<AppState>) -> Json<Value> {
+    Json(json!({ "status": "live", "service": state.service.name() }))
+}
+
+/// Ready when the database and the broker answer, every worker runs, and no
+/// projection is stalled.
+async fn ready(State(state): State<AppState>) -> impl IntoResponse {
+    let mut ready = true;
+    let mut checks = serde_json::Map::new();
+    let mut check = |name: &str, outcome: Result<(), String>| {
+        ready &= outcome.is_ok();
+        let text = outcome.map_or_else(|error| format!("error: {error}"), |()| "ok".to_owned());
+        checks.insert(name.to_owned(), json!(text));
+    };
+    if let Some(db) = &state.db {
+        let query = sqlx::query("SELECT 1").execute(&db.pool);
+        check(
+            "database",
+            within(query)
+                .await
+                .and_then(|r| r.map(drop).map_err(|e| e.to_string())),
+        );
+    }
+    if let Some(url) = &state.health.amqp_url {
+        let connect = eventstore::amqp::connect(url, "orderflow readiness check");
+        let outcome = within(connect).await.and_then(|result| match result {
+            Ok(connection) => {
+                tokio::spawn(async move { connection.close(200, "checked".into()).await });
+                Ok(())
+            }
+            Err(error) => Err(error.to_string()),
+        });
+        check("broker", outcome);
+    }
+    for (name, running) in &state.health.workers {
+        let outcome = if running.load(Ordering::Relaxed) {
+            Ok(())
+        } else {
+            Err("stopped".to_owned())
+        };
+        check(name, outcome);
+    }
+    let mut lags = serde_json::Map::new();
+    for (name, lag) in &state.health.projections {
+        let lag = *lag.borrow();
+        lags.insert(
+            name.clone(),
+            json!({ "lag_events": lag.events, "stalled": lag.stalled }),
+        );
+        let outcome = if lag.stalled {
+            Err(format!("stalled with {} events to apply", lag.events))
+        } else {
+            Ok(())
+        };
+        check(&format!("projection {name}"), outcome);
+    }
+    let status = if ready {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    let body = json!({
+        "status": if ready { "ready" } else { "not_ready" },
+        "service": state.service.name(),
+        "checks": checks,
+        "projections": lags,
+    });
+    (status, Json(body))
+}
+
+async fn within<T>(future: impl std::future::Future<Output = T>) -> Result<T, String> {
+    tokio::time::timeout(CHECK_TIMEOUT, future)
+        .await
+        .map_err(|_| format!("no answer within {} s", CHECK_TIMEOUT.as_secs()))
+}

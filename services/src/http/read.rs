@@ -1,0 +1,123 @@
+//! Read-your-writes for queries: `?min_version=` / `x-min-version` (a stream version a
+//! command returned) or `?min_position=` / `x-min-position` (a global position). The
+//! query waits up to [`WAIT`] for its read model to catch up, then answers, or 503.
+
+use std::time::Duration;
+
+use super::problem::ApiError;
+use axum::extract::FromRequestParts;
+use axum::http::request::Parts;
+use eventstore::EventStore;
+
+/// How long a query waits for its read model.
+pub const WAIT: Duration = Duration::from_secs(2);
+
+/// What the client has seen and wants the answer to include.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Freshness {
+    pub min_version: Option<i64>,
+    pub min_position: Option<i64>,
+}
+
+struct FreshnessQuery {
+    min_version: Option<String>,
+    min_position: Option<String>,
+}
+
+impl<S: Send + Sync> FromRequestParts<S> for Freshness {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, _state: &S) -> Result<Self, ApiError> {
+        let query = freshness_query(parts.uri.query().unwrap_or_default());
+        let header = |name: &str| {
+            parts
+                .headers
+                .get(name)
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_owned)
+        };
+        Ok(Freshness {
+            min_version: number(
+                "min_version",
+                query.min_version.or_else(|| header("x-min-version")),
+            )?,
+            min_position: number(
+                "min_position",
+                query.min_position.or_else(|| header("x-min-position")),
+            )?,
+        })
+    }
+}
+
+fn freshness_query(query: &str) -> FreshnessQuery {
+    let mut result = FreshnessQuery {
+        min_version: None,
+        min_position: None,
+    };
+    for pair in query.split('&').filter(|p| !p.is_empty()) {
+        let (name, value) = pair.split_once('=').unwrap_or((pair, ""));
+        match name {
+            "min_version" => result.min_version = Some(value.to_owned()),
+            "min_position" => result.min_position = Some(value.to_owned()),
+            _ => {}
+        }
+    }
+    result
+}
+
+fn number(field: &str, text: Option<String>) -> Result<Option<i64>, ApiError> {
+    match text {
+        None => Ok(None),
+        Some(text) => match text.trim().parse::<i64>() {
+            Ok(value) if value >= 0 => Ok(Some(value)),
+            _ => Err(ApiError::invalid(
+                field,
+                format!("{field} must be a whole number"),
+            )),
+        },
+    }
+}
+
+impl Freshness {
+    /// Waits until the projection `queue` has applied what the client asked to see:
+    /// `min_version` of `stream_id`, and the event at `min_position` (whatever stream
+    /// it is in, as long as the projection reads it). A 503 with `Retry-After` when
+    /// it has not within [`WAIT`].
+    pub async fn wait(
+        &self,
+        store: &EventStore,
+        queue: &str,
+        stream_id: Option<&str>,
+    ) -> Result<(), ApiError> {
+        let mut targets = Vec::new();
+        if let (Some(version), Some(stream_id)) = (self.min_version, stream_id) {
+            targets.push((stream_id.to_owned(), version));
+        }
+        if let Some(position) = self.min_position {
+            match store.event_at(position).await? {
+                Some(target) => targets.push(target),
+                None => {
+                    return Err(ApiError::invalid(
+                        "min_position",
+                        format!("no event is recorded at position {position}"),
+                    ));
+                }
+            }
+        }
+        for (stream_id, version) in targets {
+            let caught_up =
+                projections::wait_until_applied(store.pool(), queue, &stream_id, version, WAIT)
+                    .await?;
+            if !caught_up {
+                return Err(ApiError::unavailable(
+                    "read-model-behind",
+                    format!(
+                        "the read model has not caught up with version {version} of {stream_id} yet"
+                    ),
+                    1,
+                ));
+            }
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,179 @@
+//! Command handlers: what the inventory and payment services do with the commands the
+//! order-fulfilment saga sends to their `<service>.commands` queues. Each runs inside
+//! the consumer transaction that claims the command's inbox row, so a command's
+//! effect happens once however often it is delivered.
+
+use std::collections::HashMap;
+
+use domain::inventory::{StockCommand, StockError, StockItem, StockRequest, reserve_all};
+use domain::payment::{Payment, PaymentCommand, PaymentError, PaymentRequest, ProviderAnswer};
+use eventstore::{
+    AggregateStore, ExecuteError, Handler, HandlerError, Message, Metadata, StoreTransaction,
+};
+use uuid::Uuid;
+
+/// The inventory service's command handler.
+pub struct InventoryCommands {
+    pub aggregates: AggregateStore,
+}
+
+/// The payment service's command handler.
+pub struct PaymentCommands {
+    pub aggregates: AggregateStore,
+    pub provider: SimulatedProvider,
+}
+
+fn metadata(message: &Message) -> Metadata {
+    // The command is the cause of what it records; the conversation carries on.
+    Metadata::new(message.envelope.correlation_id, message.envelope.message_id)
+}
+
+fn stock_stream(sku: &str) -> String {
+    AggregateStore::stream_id::<StockItem>(sku)
+}
+
+impl Handler for InventoryCommands {
+    fn streams_to_lock(&self, message: &Message) -> Vec<String> {
+        match message.decode::<StockRequest>() {
+            Ok(request) => request
+                .lines_by_sku()
+                .iter()
+                .map(|line| stock_stream(&line.sku))
+                .collect(),
+            Err(_) => Vec::new(),
+        }
+    }
+
+    async fn handle(
+        &self,
+        message: &Message,
+        transaction: &mut StoreTransaction<'_>,
+    ) -> Result<(), HandlerError> {
+        let request: StockRequest = message.decode()?;
+        let metadata = metadata(message);
+        let order_id = request.order_id();
+        let lines = request.lines_by_sku();
+        match request {
+            StockRequest::ReserveStock { .. } => {
+                let mut loaded = HashMap::new();
+                let mut items = Vec::with_capacity(lines.len());
+                for line in lines {
+                    let stream_id = stock_stream(&line.sku);
+                    let item = self
+                        .aggregates
+                        .load_on::<StockItem>(transaction.connection(), &stream_id)
+                        .await?;
+                    items.push((line, item.state.clone()));
+                    loaded.insert(stream_id, item);
+                }
+                for (sku, events) in reserve_all(order_id, &items)? {
+                    let stream_id = stock_stream(&sku);
+                    let Some(item) = loaded.remove(&stream_id) else {
+                        continue;
+                    };
+                    self.aggregates
+                        .append_decided(transaction, &stream_id, item, events, metadata)
+                        .await?;
+                }
+            }
+            StockRequest::ReleaseStock { .. } | StockRequest::CommitStock { .. } => {
+                let release = matches!(request, StockRequest::ReleaseStock { .. });
+                for line in lines {
+                    let command = if release {
+                        StockCommand::ReleaseStock { order_id }
+                    } else {
+                        StockCommand::CommitStock { order_id }
+                    };
+                    let stream_id = stock_stream(&line.sku);
+                    let outcome = self
+                        .aggregates
+                        .execute_in::<StockItem>(transaction, &stream_id, None, &command, metadata)
+                        .await;
+                    match outcome {
+                        Ok(_) => {}
+                        // Nothing held for the order (never reserved, or already
+                        // released or committed by an earlier command): nothing to do.
+                        Err(ExecuteError::Domain(
+                            StockError::NotFound | StockError::NoReservation(_),
+                        )) => {
+                            tracing::debug!(%order_id, sku = %line.sku, "nothing held to release or commit");
+                        }
+                        Err(error) => return Err(error.into()),
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Handler for PaymentCommands {
+    fn streams_to_lock(&self, message: &Message) -> Vec<String> {
+        match message.decode::<PaymentRequest>() {
+            Ok(request) => vec![AggregateStore::stream_id::<Payment>(request.order_id())],
+            Err(_) => Vec::new(),
+        }
+    }
+
+    async fn handle(
+        &self,
+        message: &Message,
+        transaction: &mut StoreTransaction<'_>,
+    ) -> Result<(), HandlerError> {
+        let request: PaymentRequest = message.decode()?;
+        let order_id = request.order_id();
+        let stream_id = AggregateStore::stream_id::<Payment>(order_id);
+        let command = match request {
+            PaymentRequest::AuthorizePayment {
+                amount_cents,
+                card_token,
+                ..
+            } => match self.provider.authorize(&card_token) {
+                Some(answer) => PaymentCommand::AuthorizePayment {
+                    order_id,
+                    amount_cents,
+                    answer,
+                },
+                // The provider never answers; the saga's deadline deals with it.
+                None => {
+                    tracing::info!(%order_id, "the payment provider did not answer");
+                    return Ok(());
+                }
+            },
+            PaymentRequest::CapturePayment { .. } => PaymentCommand::CapturePayment,
+            PaymentRequest::VoidPayment { .. } => PaymentCommand::VoidPayment,
+            PaymentRequest::RefundPayment { .. } => PaymentCommand::RefundPayment,
+        };
+        let void = matches!(command, PaymentCommand::VoidPayment);
+        let outcome = self
+            .aggregates
+            .execute_in::<Payment>(transaction, &stream_id, None, &command, metadata(message))
+            .await;
+        match outcome {
+            Ok(_) => Ok(()),
+            // Voiding an authorization that never happened changes nothing.
+            Err(ExecuteError::Domain(PaymentError::NotFound)) if void => Ok(()),
+            Err(error) => Err(error.into()),
+        }
+    }
+}
+
+/// The payment provider of DESIGN §7, simulated: `tok_decline` is declined,
+/// `tok_timeout` never answers, any other token is approved.
+#[derive(Debug, Clone, Default)]
+pub struct SimulatedProvider;
+
+impl SimulatedProvider {
+    /// The provider's answer, or `None` when it does not answer.
+    pub fn authorize(&self, card_token: &str) -> Option<ProviderAnswer> {
+        match card_token {
+            "tok_decline" => Some(ProviderAnswer::Declined {
+                reason: "card_declined".to_owned(),
+            }),
+            "tok_timeout" => None,
+            _ => Some(ProviderAnswer::Approved {
+                authorization_id: format!("auth_{}", Uuid::now_v7().simple()),
+            }),
+        }
+    }
+}
