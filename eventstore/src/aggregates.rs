@@ -196,16 +196,7 @@ impl AggregateStore {
         let mut attempt = 0;
         loop {
             let loaded = self.load::<A>(stream_id).await?;
-            if let Some(expected) = expected_version
-                && expected != loaded.version
-            {
-                return Err(StoreError::Concurrency {
-                    stream_id: stream_id.to_owned(),
-                    expected: ExpectedVersion::Exact(expected),
-                    actual: Some(loaded.version),
-                }
-                .into());
-            }
+            pinned_version_holds(stream_id, expected_version, loaded.version)?;
             let events = loaded.state.decide(command).map_err(ExecuteError::Domain)?;
             if events.is_empty() {
                 return Ok(Executed {
@@ -215,10 +206,7 @@ impl AggregateStore {
                     append: None,
                 });
             }
-            let new_events = events
-                .iter()
-                .map(|event| Ok(NewEvent::new(self.registry.encode(event)?, metadata)))
-                .collect::<Result<Vec<_>, CodecError>>()?;
+            let new_events = self.encode_all(&events, metadata)?;
             // The version came from the store's own read, so it is known to exist.
             let expected = ExpectedVersion::Stored(StoredVersion::new(loaded.version));
             match self.store.append(stream_id, expected, &new_events).await {
@@ -266,16 +254,7 @@ impl AggregateStore {
         let loaded = self
             .load_on::<A>(transaction.connection(), stream_id)
             .await?;
-        if let Some(expected) = expected_version
-            && expected != loaded.version
-        {
-            return Err(StoreError::Concurrency {
-                stream_id: stream_id.to_owned(),
-                expected: ExpectedVersion::Exact(expected),
-                actual: Some(loaded.version),
-            }
-            .into());
-        }
+        pinned_version_holds(stream_id, expected_version, loaded.version)?;
         let events = loaded.state.decide(command).map_err(ExecuteError::Domain)?;
         self.append_decided(transaction, stream_id, loaded, events, metadata)
             .await
@@ -304,10 +283,7 @@ impl AggregateStore {
                 append: None,
             });
         }
-        let new_events = events
-            .iter()
-            .map(|event| Ok(NewEvent::new(self.registry.encode(event)?, metadata)))
-            .collect::<Result<Vec<_>, CodecError>>()?;
+        let new_events = self.encode_all(&events, metadata)?;
         let expected = ExpectedVersion::Stored(StoredVersion::new(loaded.version));
         let append = transaction.append(stream_id, expected, &new_events).await?;
         let state = loaded.state.replay(&events);
@@ -317,6 +293,17 @@ impl AggregateStore {
             version: append.stream_version,
             append: Some(append),
         })
+    }
+
+    fn encode_all<E: WireEvent>(
+        &self,
+        events: &[E],
+        metadata: Metadata,
+    ) -> Result<Vec<NewEvent>, CodecError> {
+        events
+            .iter()
+            .map(|event| Ok(NewEvent::new(self.registry.encode(event)?, metadata)))
+            .collect()
     }
 
     /// Decodes a payload, learning its writer schema from the registry table first when
@@ -392,5 +379,22 @@ impl AggregateStore {
         let version: i64 = row.try_get("stream_version")?;
         let state: serde_json::Value = row.try_get("state")?;
         Ok(A::from_snapshot(state).map(|state| (state, version)))
+    }
+}
+
+/// A command pinned to the version its caller saw (`If-Match`) is refused when the
+/// stream has moved on since.
+fn pinned_version_holds(
+    stream_id: &str,
+    pinned: Option<i64>,
+    actual: i64,
+) -> Result<(), StoreError> {
+    match pinned {
+        Some(expected) if expected != actual => Err(StoreError::Concurrency {
+            stream_id: stream_id.to_owned(),
+            expected: ExpectedVersion::Exact(expected),
+            actual: Some(actual),
+        }),
+        _ => Ok(()),
     }
 }

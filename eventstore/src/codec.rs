@@ -313,7 +313,7 @@ mod tests {
         );
         assert_eq!(
             registry.describe(encoded.fingerprint),
-            Some(("OrderPlaced".into(), 2))
+            Some(("OrderPlaced".into(), 3))
         );
         let decoded: OrderEvent = registry.decode(&encoded.payload).unwrap();
         assert_eq!(decoded, placed());

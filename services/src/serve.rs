@@ -204,10 +204,8 @@ impl Plan<'_> {
                 let handler = InventoryCommands {
                     aggregates: aggregates.clone(),
                 };
-                self.consumer(
-                    ConsumerConfig::commands("inventory", &self.config.amqp_url),
-                    handler,
-                );
+                let config = self.commands_config();
+                self.consumer(config, handler);
             }
             Service::Payment => {
                 self.projection(PaymentStatuses);
@@ -215,13 +213,19 @@ impl Plan<'_> {
                     aggregates: aggregates.clone(),
                     provider: SimulatedProvider,
                 };
-                self.consumer(
-                    ConsumerConfig::commands("payment", &self.config.amqp_url),
-                    handler,
-                );
+                let config = self.commands_config();
+                self.consumer(config, handler);
             }
             Service::Gateway | Service::User | Service::Notification => {}
         }
+    }
+
+    /// The service's command consumer: commands are few per order, so a few
+    /// connections serve them (PostgreSQL's default allows 100 in all).
+    fn commands_config(&self) -> ConsumerConfig {
+        let mut config = ConsumerConfig::commands(self.service.name(), &self.config.amqp_url);
+        config.connections = 4;
+        config
     }
 
     fn projection<P: Projection>(&mut self, projection: P) {
