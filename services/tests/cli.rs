@@ -99,6 +99,9 @@ async fn migrate_creates_and_migrates_every_service_database() {
         assert!(out.status.success(), "{}", text(&out.stderr));
         assert_eq!(text(&out.stdout).lines().count(), services.len());
     }
+    // Everything is read, and every database dropped, before asserting, so a failing
+    // run leaves nothing behind.
+    let mut found = Vec::new();
     for database in &databases {
         let pool = eventstore::db::connect(server.clone().database(database), 1)
             .await
@@ -111,23 +114,32 @@ async fn migrate_creates_and_migrates_every_service_database() {
         let schemas: Result<i64, _> = sqlx::query_scalar("SELECT count(*) FROM schema_registry")
             .fetch_one(&pool)
             .await;
-        // Dropped before asserting, so a failing run leaves nothing behind.
         pool.close().await;
+        found.push((tables, schemas));
+    }
+    for database in &databases {
         eventstore::db::drop_database(&server, database)
             .await
             .unwrap();
+    }
+    for (tables, schemas) in found {
         assert_eq!(
             tables.unwrap(),
             [
                 "_sqlx_migrations",
                 "consumer_streams",
+                "customer_orders",
                 "events",
+                "idempotency_keys",
                 "inbox",
+                "order_summaries",
                 "outbox",
                 "parked_messages",
                 "parked_streams",
+                "payment_statuses",
                 "schema_registry",
-                "snapshots"
+                "snapshots",
+                "stock_levels"
             ]
         );
         assert_eq!(schemas.unwrap() as usize, domain::wire::SCHEMA_FILES.len());
