@@ -586,7 +586,7 @@ async fn a_stored_v1_event_is_read_by_v2_code() {
     let apache_avro::types::Value::Record(mut fields) = placed(order_id).to_avro().unwrap() else {
         panic!("an event is an Avro record");
     };
-    fields.retain(|(name, _)| name != "currency");
+    fields.retain(|(name, _)| name != "currency" && name != "card_token");
     let fingerprint = old_code.current_fingerprint("OrderPlaced").unwrap();
     let mut payload = vec![0xC3, 0x01];
     payload.extend_from_slice(&fingerprint.to_le_bytes());
@@ -614,6 +614,7 @@ async fn a_stored_v1_event_is_read_by_v2_code() {
         order.currency, "EUR",
         "the v2 default fills the missing field"
     );
+    // (v3 added the card token; the order does not keep it, the event does.)
     assert_eq!(order.total_cents, 999);
 
     // The other way round: old code meets a v2 event. It learns the writer schema from
