@@ -53,6 +53,10 @@ pub struct RelayConfig {
     pub housekeeping_interval: Duration,
     /// How long published rows stay in the outbox for operators to see.
     pub retention: Duration,
+    /// Consumer queues that must exist before anything is published, declared at the
+    /// start of every term: an event published before its consumer's queue exists is
+    /// unroutable and dropped by the broker, so it would never reach that consumer.
+    pub queues: Vec<crate::consumer::ConsumerConfig>,
     /// Fault injection for tests: stop (as if the process died) after the broker
     /// confirmed a batch and before marking it published.
     pub stop_before_marking: bool,
@@ -68,6 +72,7 @@ impl RelayConfig {
             standby_interval: Duration::from_secs(1),
             housekeeping_interval: Duration::from_secs(5),
             retention: Duration::from_secs(60),
+            queues: Vec::new(),
             stop_before_marking: false,
         }
     }
@@ -222,6 +227,9 @@ impl Relay {
             let broker = amqp::connect(&self.config.amqp_url, &name).await?;
             let channel = amqp::confirming_channel(&broker).await?;
             amqp::declare_service(&channel, &self.config.service).await?;
+            for queue in &self.config.queues {
+                queue.declare(&channel).await?;
+            }
             Ok::<_, lapin::Error>((broker, channel))
         };
         let (broker, channel) = tokio::select! {

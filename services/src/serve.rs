@@ -29,10 +29,6 @@ use crate::workers::{InventoryCommands, PaymentCommands, SimulatedProvider};
 const POOL_SIZE: u32 = 10;
 /// How often projection lag is measured.
 const LAG_EVERY: Duration = Duration::from_secs(2);
-/// How long start-up waits for the broker to declare queues before going on without
-/// (the workers declare them again whenever they connect).
-const DECLARE_TIMEOUT: Duration = Duration::from_secs(10);
-
 /// Services started by [`start`]: where each listens, and how to stop them.
 pub struct Running {
     pub addresses: Vec<(Service, SocketAddr)>,
@@ -84,6 +80,7 @@ pub async fn start(
     let registry = SchemaRegistry::builtin()?;
     let mut workers: Vec<Worker> = Vec::new();
     let mut consumer_configs = Vec::new();
+    let mut relays = Vec::new();
     let mut listeners = Vec::new();
     for &service in services {
         let address = (config.bind_address, config.port(service));
@@ -107,7 +104,7 @@ pub async fn start(
                     workers: &mut workers,
                     consumer_configs: &mut consumer_configs,
                 };
-                plan.relay();
+                relays.push(plan.relay());
                 plan.service_workers(&aggregates);
                 health.amqp_url = Some(config.amqp_url.clone());
                 Some(Db { pool, aggregates })
@@ -122,7 +119,18 @@ pub async fn start(
         };
         listeners.push((service, listener, app(state)));
     }
-    declare_queues(&config.amqp_url, &consumer_configs).await;
+    // Every relay declares every consumer queue of the process before it publishes,
+    // so no event is dropped as unroutable while a consumer is still connecting.
+    for relay in relays {
+        let mut relay_config = RelayConfig::new(relay.service.name(), &config.amqp_url);
+        relay_config.queues = consumer_configs.clone();
+        let relay_worker = Relay::new(relay.store, relay_config, metrics.clone());
+        workers.push(running(
+            relay.name,
+            relay.running,
+            relay_worker.run(shutdown.clone()),
+        ));
+    }
     let mut running_workers = JoinSet::new();
     for (name, worker) in workers {
         tracing::debug!(worker = %name, "starting");
@@ -180,16 +188,19 @@ struct Plan<'a> {
 }
 
 impl Plan<'_> {
-    /// The outbox relay: declares the service's exchanges and queues, then publishes
-    /// its outbox, retrying on its own while the broker is away.
-    fn relay(&mut self) {
-        let relay = Relay::new(
-            self.store.clone(),
-            RelayConfig::new(self.service.name(), &self.config.amqp_url),
-            self.metrics.clone(),
-        );
+    /// The outbox relay, registered with the service's health now and built once
+    /// every consumer queue it must declare is known. It declares the exchanges and
+    /// queues, then publishes the outbox, retrying on its own while the broker is away.
+    fn relay(&mut self) -> PendingRelay {
         let name = format!("relay {}", self.service);
-        self.worker(name, relay.run(self.shutdown.clone()));
+        let running = Arc::new(AtomicBool::new(true));
+        self.health.workers.push((name.clone(), running.clone()));
+        PendingRelay {
+            service: self.service,
+            store: self.store.clone(),
+            name,
+            running,
+        }
     }
 
     /// The projections and command handlers the service runs.
@@ -259,41 +270,33 @@ impl Plan<'_> {
     /// Registers a worker with the service's health, which reports it stopped once
     /// its future ends.
     fn worker(&mut self, name: String, work: impl Future<Output = ()> + Send + 'static) {
-        let running = Arc::new(AtomicBool::new(true));
-        self.health.workers.push((name.clone(), running.clone()));
-        self.workers.push((
-            name,
-            Box::pin(async move {
-                work.await;
-                running.store(false, Ordering::Relaxed);
-            }),
-        ));
+        let flag = Arc::new(AtomicBool::new(true));
+        self.health.workers.push((name.clone(), flag.clone()));
+        self.workers.push(running(name, flag, work));
     }
 }
 
-/// Declares every consumer's queue before any relay publishes, so events recorded
-/// before a consumer first connected are not dropped as unroutable. Best effort: with
-/// no broker yet, the consumers declare their queues when they connect.
-async fn declare_queues(amqp_url: &str, configs: &[ConsumerConfig]) {
-    if configs.is_empty() {
-        return;
-    }
-    let declared = tokio::time::timeout(DECLARE_TIMEOUT, async {
-        let connection = eventstore::amqp::connect(amqp_url, "orderflow start-up").await?;
-        let channel = connection.create_channel().await?;
-        for config in configs {
-            config.declare(&channel).await?;
-        }
-        connection.close(200, "declared".into()).await
-    })
-    .await;
-    match declared {
-        Ok(Ok(())) => {}
-        Ok(Err(error)) => tracing::warn!(%error, "could not declare the queues at start-up"),
-        Err(_) => {
-            tracing::warn!("the broker did not answer at start-up; queues are declared later")
-        }
-    }
+/// A relay whose configuration waits for the full list of consumer queues.
+struct PendingRelay {
+    service: Service,
+    store: EventStore,
+    name: String,
+    running: Arc<AtomicBool>,
+}
+
+/// A worker that clears its health flag when its future ends.
+fn running(
+    name: String,
+    flag: Arc<AtomicBool>,
+    work: impl Future<Output = ()> + Send + 'static,
+) -> Worker {
+    (
+        name,
+        Box::pin(async move {
+            work.await;
+            flag.store(false, Ordering::Relaxed);
+        }),
+    )
 }
 
 /// Resolves on Ctrl-C or SIGTERM, and cancels `shutdown`.

@@ -332,6 +332,29 @@ async fn a_relay_dying_between_publish_and_mark_republishes_and_the_consumer_app
     );
 }
 
+/// DESIGN §8.6, no message lost: events published before their consumer ever
+/// connected still reach it, because the relay declares the consumer's queue before
+/// its first publish (nobody declares it by hand here).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn events_published_before_their_consumer_first_connects_are_not_lost() {
+    let world = World::new().await;
+    let config = world.consumer_config();
+    let streams = streams("stock-early", 4);
+    append_round_robin(&world.store, &streams, 5, 5).await;
+
+    let metrics = Metrics::new();
+    let relay_config = RelayConfig {
+        queues: vec![config.clone()],
+        ..world.relay_config()
+    };
+    world.start_relay(relay_config, &metrics);
+    world.wait_outbox_published().await;
+
+    world.start_consumer(config, Recorder::never_failing(), &metrics);
+    let applied = world.wait_applied(20, Duration::from_secs(30)).await;
+    assert_once_in_order(&applied, &streams, 5);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn five_thousand_events_survive_forced_connection_closes_once_each_and_in_order() {
     let world = World::new().await;
