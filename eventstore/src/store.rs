@@ -438,6 +438,7 @@ impl EventStore {
             transaction: self.pool.begin().await?,
             waker: self.waker.clone(),
             positions_used: 0,
+            locked_streams: Vec::new(),
         })
     }
 
@@ -451,6 +452,7 @@ impl EventStore {
             transaction: Connection::begin(connection).await?,
             waker: self.waker.clone(),
             positions_used: 0,
+            locked_streams: Vec::new(),
         })
     }
 
@@ -514,6 +516,8 @@ pub struct StoreTransaction<'c> {
     waker: RelayWaker,
     /// Positions are (transaction id << 20) + ordinal; this is the next ordinal.
     positions_used: i64,
+    /// Streams this transaction holds the lock of: locking one again costs nothing.
+    locked_streams: Vec<String>,
 }
 
 impl StoreTransaction<'_> {
@@ -573,6 +577,14 @@ impl StoreTransaction<'_> {
     /// so it cannot lose an optimistic-concurrency race. Locks are taken in one global
     /// order (by lock key), so writers locking several streams cannot deadlock.
     pub async fn lock_streams(&mut self, stream_ids: &[&str]) -> Result<(), StoreError> {
+        let new: Vec<&str> = stream_ids
+            .iter()
+            .copied()
+            .filter(|id| !self.locked_streams.iter().any(|held| held == id))
+            .collect();
+        if new.is_empty() {
+            return Ok(());
+        }
         // The two-key advisory-lock space (class 1: streams) is separate from the
         // one-key space the relay's leadership lock lives in. OFFSET 0 keeps the sort
         // below the lock calls.
@@ -580,9 +592,11 @@ impl StoreTransaction<'_> {
             "SELECT pg_advisory_xact_lock(1, key) FROM \
              (SELECT DISTINCT hashtext(s) AS key FROM unnest($1::text[]) s ORDER BY key OFFSET 0) k",
         )
-        .bind(stream_ids)
+        .bind(&new)
         .execute(&mut *self.transaction)
         .await?;
+        self.locked_streams
+            .extend(new.into_iter().map(str::to_owned));
         Ok(())
     }
 
