@@ -128,6 +128,18 @@ pub enum OrderEvent {
     },
 }
 
+impl OrderEvent {
+    pub fn order_id(&self) -> Uuid {
+        match self {
+            OrderEvent::OrderPlaced { order_id, .. }
+            | OrderEvent::OrderConfirmed { order_id, .. }
+            | OrderEvent::OrderRejected { order_id, .. }
+            | OrderEvent::OrderCancellationRequested { order_id }
+            | OrderEvent::OrderCancelled { order_id, .. } => *order_id,
+        }
+    }
+}
+
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum OrderError {
     #[error("order already exists")]

@@ -225,7 +225,18 @@ impl Aggregate for Payment {
     }
 
     fn evolve(mut self, event: &PaymentEvent) -> Self {
-        let (order_id, amount_cents, status) = match event {
+        let (order_id, amount_cents, status) = event.outcome();
+        self.order_id = Some(order_id);
+        self.amount_cents = amount_cents;
+        self.status = Some(status);
+        self
+    }
+}
+
+impl PaymentEvent {
+    /// The order, the amount and the status every payment event leaves behind.
+    pub fn outcome(&self) -> (Uuid, i64, PaymentStatus) {
+        let (order_id, amount_cents, status) = match self {
             PaymentEvent::PaymentAuthorized {
                 order_id,
                 amount_cents,
@@ -249,10 +260,7 @@ impl Aggregate for Payment {
                 amount_cents,
             } => (order_id, amount_cents, PaymentStatus::Refunded),
         };
-        self.order_id = Some(*order_id);
-        self.amount_cents = *amount_cents;
-        self.status = Some(status);
-        self
+        (*order_id, *amount_cents, status)
     }
 }
 

@@ -50,27 +50,20 @@ pub struct CustomerOrderView {
     pub version: i64,
 }
 
-/// The status and reason an event leaves an order in, if it ends the order.
-fn outcome(event: &OrderEvent) -> Option<(OrderStatus, Option<&'static str>)> {
+/// The status and reason an event ends an order with: `(None, None)` when it does not
+/// end the order.
+fn outcome(event: &OrderEvent) -> (Option<&'static str>, Option<&'static str>) {
     match event {
-        OrderEvent::OrderConfirmed { .. } => Some((OrderStatus::Confirmed, None)),
+        OrderEvent::OrderConfirmed { .. } => (Some(OrderStatus::Confirmed.as_str()), None),
         OrderEvent::OrderRejected { reason, .. } => {
-            Some((OrderStatus::Rejected, Some(reason.as_str())))
+            (Some(OrderStatus::Rejected.as_str()), Some(reason.as_str()))
         }
         OrderEvent::OrderCancelled { reason, .. } => {
-            Some((OrderStatus::Cancelled, Some(reason.as_str())))
+            (Some(OrderStatus::Cancelled.as_str()), Some(reason.as_str()))
         }
-        OrderEvent::OrderPlaced { .. } | OrderEvent::OrderCancellationRequested { .. } => None,
-    }
-}
-
-fn order_id_of(event: &OrderEvent) -> Uuid {
-    match event {
-        OrderEvent::OrderPlaced { order_id, .. }
-        | OrderEvent::OrderConfirmed { order_id, .. }
-        | OrderEvent::OrderRejected { order_id, .. }
-        | OrderEvent::OrderCancellationRequested { order_id }
-        | OrderEvent::OrderCancelled { order_id, .. } => *order_id,
+        OrderEvent::OrderPlaced { .. } | OrderEvent::OrderCancellationRequested { .. } => {
+            (None, None)
+        }
     }
 }
 
@@ -122,10 +115,7 @@ impl Projection for OrderSummaries {
             .await?;
             return Ok(());
         }
-        let (status, reason) = match outcome(event) {
-            Some((status, reason)) => (Some(status.as_str()), reason),
-            None => (None, None),
-        };
+        let (status, reason) = outcome(event);
         let requested = matches!(event, OrderEvent::OrderCancellationRequested { .. });
         // Guarded by version, so applying an event twice (a rebuild racing live
         // updates, say) cannot move a row backwards.
@@ -135,7 +125,7 @@ impl Projection for OrderSummaries {
              version = $6, position = $7, updated_at = $8 \
              WHERE order_id = $1 AND version < $6",
         )
-        .bind(order_id_of(event))
+        .bind(event.order_id())
         .bind(status)
         .bind(reason)
         .bind(requested)
@@ -185,15 +175,12 @@ impl Projection for CustomerOrders {
             .await?;
             return Ok(());
         }
-        let (status, reason) = match outcome(event) {
-            Some((status, reason)) => (Some(status.as_str()), reason),
-            None => (None, None),
-        };
+        let (status, reason) = outcome(event);
         sqlx::query(
             "UPDATE customer_orders SET status = coalesce($2, status), reason = coalesce($3, reason), \
              version = $4, position = $5 WHERE order_id = $1 AND version < $4",
         )
-        .bind(order_id_of(event))
+        .bind(event.order_id())
         .bind(status)
         .bind(reason)
         .bind(context.stream_version)

@@ -1,6 +1,6 @@
 //! The payment service's read model: each order's payment status.
 
-use domain::payment::{PaymentEvent, PaymentStatus};
+use domain::payment::PaymentEvent;
 use serde::Serialize;
 use sqlx::{PgConnection, PgPool, Row};
 use uuid::Uuid;
@@ -30,30 +30,7 @@ impl Projection for PaymentStatuses {
         context: &EventContext,
         connection: &mut PgConnection,
     ) -> Result<(), sqlx::Error> {
-        let (order_id, amount_cents, status) = match event {
-            PaymentEvent::PaymentAuthorized {
-                order_id,
-                amount_cents,
-                ..
-            } => (order_id, amount_cents, PaymentStatus::Authorized),
-            PaymentEvent::PaymentDeclined {
-                order_id,
-                amount_cents,
-                ..
-            } => (order_id, amount_cents, PaymentStatus::Declined),
-            PaymentEvent::PaymentCaptured {
-                order_id,
-                amount_cents,
-            } => (order_id, amount_cents, PaymentStatus::Captured),
-            PaymentEvent::PaymentVoided {
-                order_id,
-                amount_cents,
-            } => (order_id, amount_cents, PaymentStatus::Voided),
-            PaymentEvent::PaymentRefunded {
-                order_id,
-                amount_cents,
-            } => (order_id, amount_cents, PaymentStatus::Refunded),
-        };
+        let (order_id, amount_cents, status) = event.outcome();
         sqlx::query(
             "INSERT INTO payment_statuses (order_id, status, amount_cents, version, position, \
              updated_at) VALUES ($1, $2, $3, $4, $5, $6) \

@@ -6,9 +6,8 @@ use axum::body::Bytes;
 use axum::extract::{FromRequest, Request};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use domain::Aggregate;
 use domain::wire::WireEvent;
-use eventstore::{AggregateStore, ExecuteError, Executed, Metadata, Snapshot};
+use eventstore::{AggregateStore, Executed, Metadata, Snapshot};
 use serde::de::DeserializeOwned;
 use sqlx::PgConnection;
 use uuid::Uuid;
@@ -18,8 +17,6 @@ use super::problem::ApiError;
 
 /// Longest accepted `Idempotency-Key`.
 const MAX_KEY_LENGTH: usize = 255;
-/// Races lost to writers that do not lock streams are retried this often.
-const CONFLICT_RETRIES: usize = 3;
 /// Header set on a response replayed for a repeated `Idempotency-Key`.
 pub const REPLAYED_HEADER: &str = "idempotent-replayed";
 
@@ -61,15 +58,12 @@ where
     type Rejection = ApiError;
 
     async fn from_request(request: Request, state: &S) -> Result<Self, ApiError> {
-        let (parts, body) = request.into_parts();
-        let correlation_id = parts
-            .extensions
+        let correlation_id = request
+            .extensions()
             .get::<CorrelationId>()
-            .map(|c| c.uuid)
-            .unwrap_or_else(Uuid::now_v7);
-        let if_match = if_match(&parts.headers)?;
-        let key = idempotency_key(&parts.headers)?;
-        let request = Request::from_parts(parts, body);
+            .map_or_else(Uuid::now_v7, |c| c.uuid);
+        let if_match = if_match(request.headers())?;
+        let key = idempotency_key(request.headers())?;
         let method = request.method().clone();
         let path = request.uri().path().to_owned();
         let has_json_type = request
@@ -211,7 +205,6 @@ where
     A: Snapshot,
     A::Event: WireEvent,
     A::Error: Into<ApiError>,
-    <A as Aggregate>::Error: std::error::Error,
 {
     let pool = aggregates.event_store().pool();
     if let Some(key) = &context.idempotency
@@ -219,44 +212,31 @@ where
     {
         return stored.answer(key);
     }
-    let mut attempt = 0;
-    loop {
-        let mut transaction = aggregates.event_store().begin().await?;
-        let executed = match aggregates
-            .execute_in::<A>(
-                &mut transaction,
-                stream_id,
-                context.if_match,
-                command,
-                context.metadata(),
-            )
-            .await
-        {
-            Ok(executed) => executed,
-            Err(ExecuteError::Store(error))
-                if error.is_concurrency()
-                    && context.if_match.is_none()
-                    && attempt < CONFLICT_RETRIES =>
-            {
-                attempt += 1;
-                continue;
-            }
-            Err(error) => return Err(error.into()),
+    // The stream is locked before it is loaded (`execute_in`), so no other writer can
+    // get in between: a version conflict here is a stale `If-Match`, answered as 409.
+    let mut transaction = aggregates.event_store().begin().await?;
+    let executed = aggregates
+        .execute_in::<A>(
+            &mut transaction,
+            stream_id,
+            context.if_match,
+            command,
+            context.metadata(),
+        )
+        .await?;
+    let Reply { status, body } = reply(&executed);
+    if let Some(key) = &context.idempotency
+        && !record_key(transaction.connection(), key, status, &body).await?
+    {
+        // Another request with this key committed first: answer as it did.
+        drop(transaction);
+        return match find_key(pool, &key.key).await? {
+            Some(stored) => stored.answer(key),
+            None => Err(ApiError::internal("idempotency key vanished")),
         };
-        let Reply { status, body } = reply(&executed);
-        if let Some(key) = &context.idempotency
-            && !record_key(transaction.connection(), key, status, &body).await?
-        {
-            // Another request with this key committed first: answer as it did.
-            drop(transaction);
-            return match find_key(pool, &key.key).await? {
-                Some(stored) => stored.answer(key),
-                None => Err(ApiError::internal("idempotency key vanished")),
-            };
-        }
-        transaction.commit().await?;
-        return Ok((status, axum::Json(body)).into_response());
     }
+    transaction.commit().await?;
+    Ok((status, axum::Json(body)).into_response())
 }
 
 struct StoredReply {

@@ -3,11 +3,10 @@
 use axum::Router;
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
-use axum::response::{IntoResponse, Json, Response};
+use axum::response::Response;
 use axum::routing::{get, post};
 use domain::inventory::{StockCommand, StockEvent, StockItem};
 use eventstore::AggregateStore;
-use projections::Projection;
 use projections::inventory::StockLevels;
 use serde::Deserialize;
 use serde_json::json;
@@ -15,7 +14,7 @@ use serde_json::json;
 use super::AppState;
 use super::command::{self, Command, Reply};
 use super::problem::ApiError;
-use super::read::Freshness;
+use super::read::{Freshness, found};
 
 pub fn router() -> Router<AppState> {
     Router::new()
@@ -87,14 +86,8 @@ async fn get_item(
     let db = state.db()?;
     let stream_id = AggregateStore::stream_id::<StockItem>(&sku);
     freshness
-        .wait(
-            db.aggregates.event_store(),
-            &StockLevels::queue(),
-            Some(&stream_id),
-        )
+        .wait::<StockLevels>(db.aggregates.event_store(), Some(&stream_id))
         .await?;
-    match projections::inventory::find_item(&db.pool, &sku).await? {
-        Some(item) => Ok(Json(item).into_response()),
-        None => Err(ApiError::not_found(format!("stock item {sku:?} not found"))),
-    }
+    let item = projections::inventory::find_item(&db.pool, &sku).await?;
+    found(item, || format!("stock item {sku:?} not found"))
 }

@@ -8,7 +8,6 @@ use axum::response::{IntoResponse, Json, Response};
 use axum::routing::{get, post};
 use domain::order::{MAX_LINES, Order, OrderCommand, OrderLine};
 use eventstore::AggregateStore;
-use projections::Projection;
 use projections::order::{CustomerOrders, OrderSummaries};
 use serde::Deserialize;
 use serde_json::json;
@@ -17,7 +16,7 @@ use uuid::Uuid;
 use super::AppState;
 use super::command::{self, Command, Reply};
 use super::problem::ApiError;
-use super::read::Freshness;
+use super::read::{Freshness, found};
 
 pub fn router() -> Router<AppState> {
     Router::new()
@@ -138,16 +137,10 @@ async fn get_order(
     let order_id = parse_id("order_id", &order_id)?;
     let stream_id = AggregateStore::stream_id::<Order>(order_id);
     freshness
-        .wait(
-            db.aggregates.event_store(),
-            &OrderSummaries::queue(),
-            Some(&stream_id),
-        )
+        .wait::<OrderSummaries>(db.aggregates.event_store(), Some(&stream_id))
         .await?;
-    match projections::order::find_order(&db.pool, order_id).await? {
-        Some(order) => Ok(Json(order).into_response()),
-        None => Err(ApiError::not_found(format!("order {order_id} not found"))),
-    }
+    let order = projections::order::find_order(&db.pool, order_id).await?;
+    found(order, || format!("order {order_id} not found"))
 }
 
 #[derive(Debug, Deserialize)]
@@ -170,7 +163,7 @@ async fn customer_orders(
         Some(_) => return Err(ApiError::invalid("limit", "limit must be 1 to 1000")),
     };
     freshness
-        .wait(db.aggregates.event_store(), &CustomerOrders::queue(), None)
+        .wait::<CustomerOrders>(db.aggregates.event_store(), None)
         .await?;
     let orders = projections::order::customer_orders(&db.pool, customer_id, limit).await?;
     Ok(Json(orders).into_response())

@@ -3,17 +3,16 @@
 
 use axum::Router;
 use axum::extract::{Path, State};
-use axum::response::{IntoResponse, Json, Response};
+use axum::response::Response;
 use axum::routing::get;
 use domain::payment::Payment;
 use eventstore::AggregateStore;
-use projections::Projection;
 use projections::payment::PaymentStatuses;
 
 use super::AppState;
 use super::orders::parse_id;
 use super::problem::ApiError;
-use super::read::Freshness;
+use super::read::{Freshness, found};
 
 pub fn router() -> Router<AppState> {
     Router::new().route("/payments/{order_id}", get(get_payment))
@@ -29,16 +28,8 @@ async fn get_payment(
     let order_id = parse_id("order_id", &order_id)?;
     let stream_id = AggregateStore::stream_id::<Payment>(order_id);
     freshness
-        .wait(
-            db.aggregates.event_store(),
-            &PaymentStatuses::queue(),
-            Some(&stream_id),
-        )
+        .wait::<PaymentStatuses>(db.aggregates.event_store(), Some(&stream_id))
         .await?;
-    match projections::payment::find_payment(&db.pool, order_id).await? {
-        Some(payment) => Ok(Json(payment).into_response()),
-        None => Err(ApiError::not_found(format!(
-            "no payment for order {order_id}"
-        ))),
-    }
+    let payment = projections::payment::find_payment(&db.pool, order_id).await?;
+    found(payment, || format!("no payment for order {order_id}"))
 }

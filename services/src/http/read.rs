@@ -5,9 +5,11 @@
 use std::time::Duration;
 
 use super::problem::ApiError;
-use axum::extract::FromRequestParts;
+use axum::extract::{FromRequestParts, Query};
 use axum::http::request::Parts;
+use axum::response::{IntoResponse, Json, Response};
 use eventstore::EventStore;
+use projections::Projection;
 
 /// How long a query waits for its read model.
 pub const WAIT: Duration = Duration::from_secs(2);
@@ -19,6 +21,7 @@ pub struct Freshness {
     pub min_position: Option<i64>,
 }
 
+#[derive(serde::Deserialize)]
 struct FreshnessQuery {
     min_version: Option<String>,
     min_position: Option<String>,
@@ -28,7 +31,9 @@ impl<S: Send + Sync> FromRequestParts<S> for Freshness {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, _state: &S) -> Result<Self, ApiError> {
-        let query = freshness_query(parts.uri.query().unwrap_or_default());
+        let query = Query::<FreshnessQuery>::try_from_uri(&parts.uri)
+            .map_err(|rejection| ApiError::invalid("query", rejection.body_text()))?
+            .0;
         let header = |name: &str| {
             parts
                 .headers
@@ -49,22 +54,6 @@ impl<S: Send + Sync> FromRequestParts<S> for Freshness {
     }
 }
 
-fn freshness_query(query: &str) -> FreshnessQuery {
-    let mut result = FreshnessQuery {
-        min_version: None,
-        min_position: None,
-    };
-    for pair in query.split('&').filter(|p| !p.is_empty()) {
-        let (name, value) = pair.split_once('=').unwrap_or((pair, ""));
-        match name {
-            "min_version" => result.min_version = Some(value.to_owned()),
-            "min_position" => result.min_position = Some(value.to_owned()),
-            _ => {}
-        }
-    }
-    result
-}
-
 fn number(field: &str, text: Option<String>) -> Result<Option<i64>, ApiError> {
     match text {
         None => Ok(None),
@@ -83,15 +72,23 @@ impl Freshness {
     /// `min_version` of `stream_id`, and the event at `min_position` (whatever stream
     /// it is in, as long as the projection reads it). A 503 with `Retry-After` when
     /// it has not within [`WAIT`].
-    pub async fn wait(
+    pub async fn wait<P: Projection>(
         &self,
         store: &EventStore,
-        queue: &str,
         stream_id: Option<&str>,
     ) -> Result<(), ApiError> {
+        let queue = P::queue();
         let mut targets = Vec::new();
-        if let (Some(version), Some(stream_id)) = (self.min_version, stream_id) {
-            targets.push((stream_id.to_owned(), version));
+        match (self.min_version, stream_id) {
+            (Some(version), Some(stream_id)) => targets.push((stream_id.to_owned(), version)),
+            // A list spans many streams: only a position says what to wait for.
+            (Some(_), None) => {
+                return Err(ApiError::invalid(
+                    "min_version",
+                    "this query spans many streams; pass min_position instead",
+                ));
+            }
+            (None, _) => {}
         }
         if let Some(position) = self.min_position {
             match store.event_at(position).await? {
@@ -106,7 +103,7 @@ impl Freshness {
         }
         for (stream_id, version) in targets {
             let caught_up =
-                projections::wait_until_applied(store.pool(), queue, &stream_id, version, WAIT)
+                projections::wait_until_applied(store.pool(), &queue, &stream_id, version, WAIT)
                     .await?;
             if !caught_up {
                 return Err(ApiError::unavailable(
@@ -119,5 +116,16 @@ impl Freshness {
             }
         }
         Ok(())
+    }
+}
+
+/// A read model's answer: 200 with the view, or a 404 saying what is missing.
+pub fn found<T: serde::Serialize>(
+    view: Option<T>,
+    missing: impl FnOnce() -> String,
+) -> Result<Response, ApiError> {
+    match view {
+        Some(view) => Ok(Json(view).into_response()),
+        None => Err(ApiError::not_found(missing())),
     }
 }
