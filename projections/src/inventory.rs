@@ -3,13 +3,14 @@
 use domain::inventory::StockEvent;
 use serde::Serialize;
 use sqlx::{PgConnection, PgPool, Row};
+use utoipa::ToSchema;
 
 use crate::{EventContext, Projection};
 
 /// `GET /inventory/items/{sku}`.
 pub struct StockLevels;
 
-#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Serialize, PartialEq, Eq, ToSchema)]
 pub struct StockView {
     pub sku: String,
     pub name: String,

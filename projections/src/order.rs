@@ -5,6 +5,7 @@ use chrono::{DateTime, Utc};
 use domain::order::{OrderEvent, OrderStatus};
 use serde::Serialize;
 use sqlx::{PgConnection, PgPool, Row};
+use utoipa::ToSchema;
 use uuid::Uuid;
 
 use crate::{EventContext, Projection};
@@ -15,17 +16,21 @@ pub struct OrderSummaries;
 /// `GET /customers/{id}/orders`.
 pub struct CustomerOrders;
 
-#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Serialize, PartialEq, Eq, ToSchema)]
 pub struct OrderLineView {
     pub sku: String,
     pub quantity: u32,
     pub unit_price_cents: i64,
 }
 
-#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Serialize, PartialEq, Eq, ToSchema)]
 pub struct OrderView {
     pub order_id: Uuid,
     pub customer_id: Uuid,
+    #[schema(
+        example = "confirmed",
+        pattern = "^(pending|confirmed|rejected|cancelled)$"
+    )]
     pub status: String,
     pub lines: Vec<OrderLineView>,
     pub total_cents: i64,
@@ -37,7 +42,7 @@ pub struct OrderView {
     pub version: i64,
 }
 
-#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Serialize, PartialEq, Eq, ToSchema)]
 pub struct CustomerOrderView {
     pub order_id: Uuid,
     pub customer_id: Uuid,

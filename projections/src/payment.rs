@@ -3,6 +3,7 @@
 use domain::payment::PaymentEvent;
 use serde::Serialize;
 use sqlx::{PgConnection, PgPool, Row};
+use utoipa::ToSchema;
 use uuid::Uuid;
 
 use crate::{EventContext, Projection};
@@ -10,9 +11,13 @@ use crate::{EventContext, Projection};
 /// `GET /payments/{order_id}`.
 pub struct PaymentStatuses;
 
-#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Serialize, PartialEq, Eq, ToSchema)]
 pub struct PaymentView {
     pub order_id: Uuid,
+    #[schema(
+        example = "captured",
+        pattern = "^(authorized|declined|captured|voided|refunded)$"
+    )]
     pub status: String,
     pub amount_cents: i64,
     pub version: i64,

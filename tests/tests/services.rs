@@ -700,3 +700,103 @@ async fn inventory_and_payment_handle_the_sagas_commands() {
     }
     system.stop().await;
 }
+
+/// Every `$ref` in `value`.
+fn references(value: &Value, found: &mut Vec<String>) {
+    match value {
+        Value::Object(map) => {
+            if let Some(Value::String(target)) = map.get("$ref") {
+                found.push(target.clone());
+            }
+            map.values().for_each(|v| references(v, found));
+        }
+        Value::Array(items) => items.iter().for_each(|v| references(v, found)),
+        _ => {}
+    }
+}
+
+#[tokio::test]
+async fn each_service_documents_exactly_its_endpoints_in_openapi() {
+    let system = System::start(&TRIO).await;
+    let common = ["/health/live", "/health/ready", "/metrics", "/openapi.json"];
+    let own: [(Service, &[&str]); 3] = [
+        (
+            Order,
+            &[
+                "/orders",
+                "/orders/{order_id}",
+                "/orders/{order_id}/cancel",
+                "/customers/{customer_id}/orders",
+            ],
+        ),
+        (Inventory, &["/inventory/items", "/inventory/items/{sku}"]),
+        (Payment, &["/payments/{order_id}"]),
+    ];
+    for (service, paths) in own {
+        let (status, document) = get(&system, service, "/openapi.json").await;
+        assert_eq!(status, StatusCode::OK);
+        assert!(document["openapi"].as_str().unwrap().starts_with("3."));
+        assert_eq!(
+            document["info"]["title"],
+            format!("orderflow {service} service")
+        );
+        let mut expected: Vec<&str> = common.iter().chain(paths.iter()).copied().collect();
+        expected.sort_unstable();
+        let documented: Vec<&str> = document["paths"]
+            .as_object()
+            .unwrap()
+            .keys()
+            .map(String::as_str)
+            .collect();
+        assert_eq!(documented, expected, "{service}");
+
+        let mut refs = Vec::new();
+        references(&document, &mut refs);
+        assert!(refs.iter().any(|r| r.ends_with("/Problem")), "{service}");
+        for target in refs {
+            let name = target.trim_start_matches("#/components/schemas/");
+            assert!(
+                document["components"]["schemas"].get(name).is_some(),
+                "{service}: {target} points nowhere"
+            );
+        }
+
+        // Each documented operation exists, and answers a status it documents.
+        for (path, item) in document["paths"].as_object().unwrap() {
+            let names: Vec<&Value> = item["parameters"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|p| &p["name"])
+                .collect();
+            assert!(names.contains(&&json!("x-correlation-id")), "{path}");
+            let concrete = path
+                .replace("{order_id}", &Uuid::now_v7().to_string())
+                .replace("{customer_id}", &Uuid::now_v7().to_string())
+                .replace("{sku}", "NO-SUCH-SKU");
+            for (method, operation) in item.as_object().unwrap() {
+                let request = match method.as_str() {
+                    "get" => system.http.get(system.url(service, &concrete)),
+                    "post" => system
+                        .http
+                        .post(system.url(service, &concrete))
+                        .json(&json!({})),
+                    "parameters" => continue,
+                    other => panic!("{path}: unexpected method {other}"),
+                };
+                let response = request.send().await.expect("request");
+                let status = response.status().as_u16().to_string();
+                let body = response.text().await.unwrap_or_default();
+                assert!(
+                    operation["responses"].get(&status).is_some(),
+                    "{service} {method} {path}: {status} is not documented: {body}"
+                );
+                assert!(
+                    !body.contains("no such resource"),
+                    "{method} {path}: {body}"
+                );
+            }
+        }
+    }
+    system.stop().await;
+}

@@ -10,10 +10,12 @@ use domain::wire::WireEvent;
 use eventstore::{AggregateStore, Executed, Metadata, Snapshot};
 use serde::de::DeserializeOwned;
 use sqlx::PgConnection;
+use utoipa::IntoParams;
+use utoipa::openapi::path::{Parameter, ParameterIn};
 use uuid::Uuid;
 
-use super::CorrelationId;
 use super::problem::ApiError;
+use super::{CorrelationId, openapi};
 
 /// Longest accepted `Idempotency-Key`.
 const MAX_KEY_LENGTH: usize = 255;
@@ -40,6 +42,24 @@ pub struct CommandContext {
 impl CommandContext {
     pub fn metadata(&self) -> Metadata {
         Metadata::new(self.correlation_id, self.command_id)
+    }
+}
+
+/// The headers a command reads, for the OpenAPI document.
+impl IntoParams for CommandContext {
+    fn into_params(_: impl Fn() -> Option<ParameterIn>) -> Vec<Parameter> {
+        vec![
+            openapi::header(
+                "Idempotency-Key",
+                "Up to 255 characters. The same key with the same body answers the first \
+                 response again (header `idempotent-replayed: true`); with another body, 422.",
+            ),
+            openapi::header(
+                "If-Match",
+                "The stream version the client last saw; 409 `version-conflict` if the \
+                 aggregate has moved on.",
+            ),
+        ]
     }
 }
 

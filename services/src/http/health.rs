@@ -35,13 +35,21 @@ pub fn router() -> Router<AppState> {
 }
 
 /// The process answers: nothing else is checked.
-async fn live(State(state): State<AppState>) -> Json<Value> {
+#[utoipa::path(get, path = "/health/live", tag = "service",
+    responses((status = 200, description = "`{status: \"live\", service}`",
+        content_type = "application/json")))]
+pub(super) async fn live(State(state): State<AppState>) -> Json<Value> {
     Json(json!({ "status": "live", "service": state.service.name() }))
 }
 
 /// Ready when the database and the broker answer, every worker runs, and no
 /// projection is stalled.
-async fn ready(State(state): State<AppState>) -> impl IntoResponse {
+#[utoipa::path(get, path = "/health/ready", tag = "service", responses(
+    (status = 200, description = "`{status: \"ready\", service, checks, projections}`: every \
+        check is `ok`; `projections` gives each one's lag", content_type = "application/json"),
+    (status = 503, description = "`status: \"not_ready\"`; each failed check says why",
+        content_type = "application/json")))]
+pub(super) async fn ready(State(state): State<AppState>) -> impl IntoResponse {
     let mut ready = true;
     let mut checks = serde_json::Map::new();
     let mut check = |name: &str, outcome: Result<(), String>| {

@@ -7,13 +7,14 @@ use axum::response::Response;
 use axum::routing::{get, post};
 use domain::inventory::{StockCommand, StockEvent, StockItem};
 use eventstore::AggregateStore;
-use projections::inventory::StockLevels;
-use serde::Deserialize;
+use projections::inventory::{StockLevels, StockView};
+use serde::{Deserialize, Serialize};
 use serde_json::json;
+use utoipa::{OpenApi, ToSchema};
 
 use super::AppState;
-use super::command::{self, Command, Reply};
-use super::problem::ApiError;
+use super::command::{self, Command, CommandContext, Reply};
+use super::problem::{ApiError, PROBLEM, Problem};
 use super::read::{Freshness, found};
 
 pub fn router() -> Router<AppState> {
@@ -22,9 +23,18 @@ pub fn router() -> Router<AppState> {
         .route("/inventory/items/{sku}", get(get_item))
 }
 
-#[derive(Debug, Deserialize)]
+/// The inventory service's endpoints, for `/openapi.json`.
+#[derive(OpenApi)]
+#[openapi(
+    paths(add_stock, get_item),
+    tags((name = "inventory", description = "Stock items and their levels"))
+)]
+pub struct Api;
+
+#[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 struct AddStock {
+    #[schema(example = "SKU-1")]
     sku: String,
     /// Needed when the item is new; ignored when it exists.
     #[serde(default)]
@@ -32,7 +42,32 @@ struct AddStock {
     quantity: u32,
 }
 
-/// `POST /inventory/items`: creates the item (201) or adds to it (200).
+/// The answer to `POST /inventory/items`: the item's levels after the change.
+#[derive(Debug, Serialize, ToSchema)]
+struct StockChanged {
+    sku: String,
+    available: u64,
+    reserved: u64,
+    sold: u64,
+    /// The item stream's version: `?min_version=` on `GET /inventory/items/{sku}`.
+    version: i64,
+    /// The global position of the last event written: `?min_position=`.
+    position: Option<i64>,
+}
+
+/// Create a stock item (201), or add `quantity` to an existing one (200).
+#[utoipa::path(post, path = "/inventory/items", tag = "inventory", request_body = AddStock,
+    params(CommandContext),
+    responses(
+        (status = 201, description = "Created", body = StockChanged),
+        (status = 200, description = "Added to an existing item", body = StockChanged),
+        (status = 400, description = "Malformed JSON or header", body = Problem, content_type = PROBLEM),
+        (status = 409, description = "If-Match is stale", body = Problem, content_type = PROBLEM),
+        (status = 413, description = "Body over 64 KiB", body = Problem, content_type = PROBLEM),
+        (status = 415, description = "Not JSON", body = Problem, content_type = PROBLEM),
+        (status = 422, description = "Invalid field (named in `field`) or reused Idempotency-Key",
+            body = Problem, content_type = PROBLEM),
+    ))]
 async fn add_stock(
     State(state): State<AppState>,
     request: Command<AddStock>,
@@ -63,13 +98,13 @@ async fn add_stock(
                 } else {
                     StatusCode::OK
                 },
-                body: json!({
-                    "sku": sku,
-                    "available": executed.state.available,
-                    "reserved": executed.state.reserved,
-                    "sold": executed.state.sold,
-                    "version": executed.version,
-                    "position": executed.append.map(|a| a.last_position),
+                body: json!(StockChanged {
+                    sku: sku.clone(),
+                    available: executed.state.available,
+                    reserved: executed.state.reserved,
+                    sold: executed.state.sold,
+                    version: executed.version,
+                    position: executed.append.map(|a| a.last_position),
                 }),
             }
         },
@@ -77,7 +112,16 @@ async fn add_stock(
     .await
 }
 
-/// `GET /inventory/items/{sku}` from the stock-levels projection.
+/// A stock item's levels, from the stock-levels read model.
+#[utoipa::path(get, path = "/inventory/items/{sku}", tag = "inventory",
+    params(("sku" = String, Path), Freshness),
+    responses(
+        (status = 200, description = "The item", body = StockView),
+        (status = 404, description = "No such item", body = Problem, content_type = PROBLEM),
+        (status = 422, description = "Bad min_version/min_position", body = Problem, content_type = PROBLEM),
+        (status = 503, description = "The read model has not caught up within 2 s",
+            body = Problem, content_type = PROBLEM, headers(("Retry-After" = u32))),
+    ))]
 async fn get_item(
     State(state): State<AppState>,
     Path(sku): Path<String>,

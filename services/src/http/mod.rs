@@ -9,6 +9,7 @@
 pub mod command;
 mod health;
 mod inventory;
+pub mod openapi;
 mod orders;
 mod payments;
 pub mod problem;
@@ -82,13 +83,17 @@ pub fn app(state: AppState) -> Router {
         .merge(resources)
         .merge(health::router())
         .route("/metrics", get(metrics))
+        .route("/openapi.json", get(openapi::openapi_json))
         .fallback(not_found)
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
         .layer(axum::middleware::from_fn(request_context))
         .with_state(state)
 }
 
-/// Prometheus text exposition.
+/// Prometheus text exposition of the process's metrics.
+#[utoipa::path(get, path = "/metrics", tag = "service",
+    responses((status = 200, description = "Prometheus text format", body = String,
+        content_type = "text/plain; version=0.0.4")))]
 async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
     (
         [(

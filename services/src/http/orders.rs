@@ -8,14 +8,15 @@ use axum::response::{IntoResponse, Json, Response};
 use axum::routing::{get, post};
 use domain::order::{MAX_LINES, Order, OrderCommand, OrderLine};
 use eventstore::AggregateStore;
-use projections::order::{CustomerOrders, OrderSummaries};
-use serde::Deserialize;
+use projections::order::{CustomerOrderView, CustomerOrders, OrderSummaries, OrderView};
+use serde::{Deserialize, Serialize};
 use serde_json::json;
+use utoipa::{IntoParams, OpenApi, ToSchema};
 use uuid::Uuid;
 
 use super::AppState;
-use super::command::{self, Command, Reply};
-use super::problem::ApiError;
+use super::command::{self, Command, CommandContext, Reply};
+use super::problem::{ApiError, PROBLEM, Problem};
 use super::read::{Freshness, found};
 
 pub fn router() -> Router<AppState> {
@@ -26,26 +27,75 @@ pub fn router() -> Router<AppState> {
         .route("/customers/{customer_id}/orders", get(customer_orders))
 }
 
-#[derive(Debug, Deserialize)]
+/// The order service's endpoints, for `/openapi.json`.
+#[derive(OpenApi)]
+#[openapi(
+    paths(place_order, cancel_order, get_order, customer_orders),
+    tags((name = "orders", description = "Place, cancel and read orders"))
+)]
+pub struct Api;
+
+#[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct PlaceOrder {
     customer_id: Uuid,
+    /// 1 to 100 lines.
     lines: Vec<Line>,
+    /// The simulated provider declines `tok_decline` and never answers `tok_timeout`.
+    #[schema(example = "tok_visa")]
     card_token: String,
     /// ISO 4217; EUR when absent.
     #[serde(default)]
+    #[schema(example = "EUR")]
     currency: Option<String>,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 struct Line {
+    #[schema(example = "SKU-1")]
     sku: String,
     quantity: u32,
     unit_price_cents: i64,
 }
 
-/// `POST /orders`: 202 with the new order's id, `pending`, and where it was recorded.
+/// The answer to `POST /orders`.
+#[derive(Debug, Serialize, ToSchema)]
+struct OrderAccepted {
+    order_id: Uuid,
+    /// Always `pending`: the saga confirms, rejects or cancels the order later.
+    #[schema(example = "pending")]
+    status: &'static str,
+    total_cents: i64,
+    /// The order stream's version: `?min_version=` on `GET /orders/{id}`.
+    version: i64,
+    /// The global position of the last event written: `?min_position=`.
+    position: Option<i64>,
+}
+
+/// The answer to `POST /orders/{id}/cancel`.
+#[derive(Debug, Serialize, ToSchema)]
+struct CancellationAccepted {
+    order_id: Uuid,
+    #[schema(example = "pending")]
+    status: Option<&'static str>,
+    cancellation_requested: bool,
+    version: i64,
+    position: Option<i64>,
+}
+
+/// Place an order: 202 with its id, `pending`, and where it was recorded; the saga
+/// carries it on.
+#[utoipa::path(post, path = "/orders", tag = "orders", request_body = PlaceOrder,
+    params(CommandContext),
+    responses(
+        (status = 202, description = "Recorded", body = OrderAccepted),
+        (status = 400, description = "Malformed JSON or header", body = Problem, content_type = PROBLEM),
+        (status = 413, description = "Body over 64 KiB", body = Problem, content_type = PROBLEM),
+        (status = 415, description = "Not JSON", body = Problem, content_type = PROBLEM),
+        (status = 422, description = "Invalid field (named in `field`) or reused Idempotency-Key",
+            body = Problem, content_type = PROBLEM),
+    ))]
 async fn place_order(
     State(state): State<AppState>,
     request: Command<PlaceOrder>,
@@ -86,20 +136,29 @@ async fn place_order(
         &command,
         |executed| Reply {
             status: StatusCode::ACCEPTED,
-            body: json!({
-                "order_id": order_id,
-                "status": "pending",
-                "total_cents": executed.state.total_cents,
-                "version": executed.version,
-                "position": executed.append.map(|a| a.last_position),
+            body: json!(OrderAccepted {
+                order_id,
+                status: "pending",
+                total_cents: executed.state.total_cents,
+                version: executed.version,
+                position: executed.append.map(|a| a.last_position),
             }),
         },
     )
     .await
 }
 
-/// `POST /orders/{id}/cancel`: records the customer's request; the saga compensates
-/// what was done so far and ends the order.
+/// Ask to cancel an order: records the request; the saga compensates what was done
+/// so far and ends the order.
+#[utoipa::path(post, path = "/orders/{order_id}/cancel", tag = "orders",
+    params(("order_id" = Uuid, Path), CommandContext),
+    request_body(content = Option<Object>, description = "Empty, or a JSON object (ignored)"),
+    responses(
+        (status = 202, description = "Recorded", body = CancellationAccepted),
+        (status = 404, description = "No such order", body = Problem, content_type = PROBLEM),
+        (status = 409, description = "The order has ended, or If-Match is stale",
+            body = Problem, content_type = PROBLEM),
+    ))]
 async fn cancel_order(
     State(state): State<AppState>,
     Path(order_id): Path<String>,
@@ -115,19 +174,28 @@ async fn cancel_order(
         &OrderCommand::RequestCancellation,
         |executed| Reply {
             status: StatusCode::ACCEPTED,
-            body: json!({
-                "order_id": order_id,
-                "status": executed.state.status.map(|s| s.as_str()),
-                "cancellation_requested": true,
-                "version": executed.version,
-                "position": executed.append.map(|a| a.last_position),
+            body: json!(CancellationAccepted {
+                order_id,
+                status: executed.state.status.map(|s| s.as_str()),
+                cancellation_requested: true,
+                version: executed.version,
+                position: executed.append.map(|a| a.last_position),
             }),
         },
     )
     .await
 }
 
-/// `GET /orders/{id}` from the order-summary projection.
+/// An order, from the order-summary read model.
+#[utoipa::path(get, path = "/orders/{order_id}", tag = "orders",
+    params(("order_id" = Uuid, Path), Freshness),
+    responses(
+        (status = 200, description = "The order", body = OrderView),
+        (status = 404, description = "No such order", body = Problem, content_type = PROBLEM),
+        (status = 422, description = "Bad min_version/min_position", body = Problem, content_type = PROBLEM),
+        (status = 503, description = "The read model has not caught up within 2 s",
+            body = Problem, content_type = PROBLEM, headers(("Retry-After" = u32))),
+    ))]
 async fn get_order(
     State(state): State<AppState>,
     Path(order_id): Path<String>,
@@ -143,12 +211,25 @@ async fn get_order(
     found(order, || format!("order {order_id} not found"))
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 struct Page {
+    /// How many orders, 1 to 1000 (default 100).
+    #[param(value_type = Option<u32>)]
     limit: Option<String>,
 }
 
-/// `GET /customers/{id}/orders`: newest first (`?limit=`, default 100, at most 1000).
+/// A customer's orders, newest first, from the customer-orders read model.
+#[utoipa::path(get, path = "/customers/{customer_id}/orders", tag = "orders",
+    params(("customer_id" = Uuid, Path), Page, Freshness),
+    responses(
+        (status = 200, description = "The orders (empty for an unknown customer)",
+            body = Vec<CustomerOrderView>),
+        (status = 422, description = "Bad limit or min_position; min_version is refused here",
+            body = Problem, content_type = PROBLEM),
+        (status = 503, description = "The read model has not caught up within 2 s",
+            body = Problem, content_type = PROBLEM, headers(("Retry-After" = u32))),
+    ))]
 async fn customer_orders(
     State(state): State<AppState>,
     Path(customer_id): Path<String>,

@@ -7,18 +7,37 @@ use axum::response::Response;
 use axum::routing::get;
 use domain::payment::Payment;
 use eventstore::AggregateStore;
-use projections::payment::PaymentStatuses;
+use projections::payment::{PaymentStatuses, PaymentView};
+use utoipa::OpenApi;
 
 use super::AppState;
 use super::orders::parse_id;
-use super::problem::ApiError;
+use super::problem::{ApiError, PROBLEM, Problem};
 use super::read::{Freshness, found};
+
+/// The payment service's endpoints, for `/openapi.json`.
+#[derive(OpenApi)]
+#[openapi(
+    paths(get_payment),
+    tags((name = "payments", description = "Payment status per order"))
+)]
+pub struct Api;
 
 pub fn router() -> Router<AppState> {
     Router::new().route("/payments/{order_id}", get(get_payment))
 }
 
-/// `GET /payments/{order_id}` from the payment-status projection.
+/// An order's payment, from the payment-status read model.
+#[utoipa::path(get, path = "/payments/{order_id}", tag = "payments",
+    params(("order_id" = Uuid, Path), Freshness),
+    responses(
+        (status = 200, description = "The payment", body = PaymentView),
+        (status = 404, description = "No payment for this order", body = Problem,
+            content_type = PROBLEM),
+        (status = 422, description = "Bad min_version/min_position", body = Problem, content_type = PROBLEM),
+        (status = 503, description = "The read model has not caught up within 2 s",
+            body = Problem, content_type = PROBLEM, headers(("Retry-After" = u32))),
+    ))]
 async fn get_payment(
     State(state): State<AppState>,
     Path(order_id): Path<String>,

@@ -6,7 +6,11 @@ use domain::inventory::StockError;
 use domain::order::OrderError;
 use domain::payment::PaymentError;
 use eventstore::{ExecuteError, StoreError};
-use serde_json::json;
+use serde::Serialize;
+use utoipa::ToSchema;
+
+/// The media type of error bodies.
+pub const PROBLEM: &str = "application/problem+json";
 
 /// Every `type` starts with this; the rest is the stable kind, e.g. `invalid-field`.
 pub const TYPE_PREFIX: &str = "urn:orderflow:problem:";
@@ -87,22 +91,34 @@ impl ApiError {
     }
 }
 
+/// The body of every error response.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct Problem {
+    /// `urn:orderflow:problem:` and a stable kind, e.g. `invalid-field`.
+    #[schema(example = "urn:orderflow:problem:invalid-field")]
+    #[serde(rename = "type")]
+    pub problem_type: String,
+    pub title: &'static str,
+    pub status: u16,
+    pub detail: String,
+    /// The offending request field (`lines[0].quantity`) or header.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub field: Option<String>,
+}
+
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        let mut body = json!({
-            "type": format!("{TYPE_PREFIX}{}", self.kind),
-            "title": self.title(),
-            "status": self.status.as_u16(),
-            "detail": self.detail,
-        });
-        if let Some(field) = &self.field {
-            body["field"] = json!(field);
-        }
+        let body = Problem {
+            problem_type: format!("{TYPE_PREFIX}{}", self.kind),
+            title: self.title(),
+            status: self.status.as_u16(),
+            detail: self.detail,
+            field: self.field,
+        };
         let mut response = (self.status, axum::Json(body)).into_response();
-        response.headers_mut().insert(
-            header::CONTENT_TYPE,
-            HeaderValue::from_static("application/problem+json"),
-        );
+        response
+            .headers_mut()
+            .insert(header::CONTENT_TYPE, HeaderValue::from_static(PROBLEM));
         if let Some(seconds) = self.retry_after {
             response
                 .headers_mut()

@@ -4,12 +4,16 @@
 
 use std::time::Duration;
 
+use super::openapi;
 use super::problem::ApiError;
 use axum::extract::{FromRequestParts, Query};
 use axum::http::request::Parts;
 use axum::response::{IntoResponse, Json, Response};
 use eventstore::EventStore;
 use projections::Projection;
+use utoipa::IntoParams;
+use utoipa::openapi::Type;
+use utoipa::openapi::path::{Parameter, ParameterIn};
 
 /// How long a query waits for its read model.
 pub const WAIT: Duration = Duration::from_secs(2);
@@ -19,6 +23,24 @@ pub const WAIT: Duration = Duration::from_secs(2);
 pub struct Freshness {
     pub min_version: Option<i64>,
     pub min_position: Option<i64>,
+}
+
+/// The query parameters and headers a query reads, for the OpenAPI document.
+impl IntoParams for Freshness {
+    fn into_params(_: impl Fn() -> Option<ParameterIn>) -> Vec<Parameter> {
+        let integer =
+            |name, place, description| openapi::optional(name, place, Type::Integer, description);
+        let version = "Answer only once the read model includes this version of the stream \
+                       (a command's `version`); waits up to 2 s, then 503 with Retry-After.";
+        let position = "Answer only once the read model includes the event at this global \
+                        position (a command's `position`); waits up to 2 s, then 503.";
+        vec![
+            integer("min_version", ParameterIn::Query, version),
+            integer("min_position", ParameterIn::Query, position),
+            integer("x-min-version", ParameterIn::Header, "As `min_version`."),
+            integer("x-min-position", ParameterIn::Header, "As `min_position`."),
+        ]
+    }
 }
 
 #[derive(serde::Deserialize)]

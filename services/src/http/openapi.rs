@@ -1,0 +1,69 @@
+//! `GET /openapi.json`: each service's OpenAPI document, generated from the
+//! `#[utoipa::path]` annotations next to the handlers, so it cannot drift from them
+//! unnoticed (a test requests every path the document names).
+
+use axum::Json;
+use axum::extract::State;
+use utoipa::OpenApi;
+use utoipa::openapi::path::{Parameter, ParameterBuilder, ParameterIn};
+use utoipa::openapi::{ObjectBuilder, Required, Type};
+
+use super::{AppState, health, inventory, orders, payments};
+use crate::config::Service;
+
+/// What every service serves, whatever else it does.
+#[derive(OpenApi)]
+#[openapi(
+    paths(health::live, health::ready, super::metrics, openapi_json),
+    info(
+        description = "An event-sourced order platform. Errors are application/problem+json \
+                       (RFC 9457) with a stable `type`; commands accept `Idempotency-Key`; \
+                       queries accept `min_version`/`min_position` for read-your-writes."
+    )
+)]
+struct Common;
+
+/// The service's OpenAPI document.
+pub fn document(service: Service) -> utoipa::openapi::OpenApi {
+    let mut document = Common::openapi();
+    match service {
+        Service::Order => document.merge(orders::Api::openapi()),
+        Service::Inventory => document.merge(inventory::Api::openapi()),
+        Service::Payment => document.merge(payments::Api::openapi()),
+        _ => {}
+    }
+    document.info.title = format!("orderflow {service} service");
+    document.info.version = env!("CARGO_PKG_VERSION").to_owned();
+    // Every request accepts a correlation id, and every response returns it.
+    for item in document.paths.paths.values_mut() {
+        item.parameters.get_or_insert_with(Vec::new).push(header(
+            super::CORRELATION_HEADER,
+            "Ties this request to the events, messages and log lines it causes; \
+             generated when absent, always returned.",
+        ));
+    }
+    document
+}
+
+/// This document.
+#[utoipa::path(get, path = "/openapi.json", tag = "service",
+    responses((status = 200, description = "OpenAPI 3.1 document", content_type = "application/json")))]
+pub async fn openapi_json(State(state): State<AppState>) -> Json<utoipa::openapi::OpenApi> {
+    Json(document(state.service))
+}
+
+/// An optional string request header.
+pub fn header(name: &str, description: &str) -> Parameter {
+    optional(name, ParameterIn::Header, Type::String, description)
+}
+
+/// An optional request parameter of a simple type.
+pub fn optional(name: &str, place: ParameterIn, kind: Type, description: &str) -> Parameter {
+    ParameterBuilder::new()
+        .name(name)
+        .parameter_in(place)
+        .required(Required::False)
+        .description(Some(description))
+        .schema(Some(ObjectBuilder::new().schema_type(kind)))
+        .build()
+}
