@@ -81,6 +81,10 @@ pub trait Handler: Send + Sync + 'static {
     fn streams_to_lock(&self, _message: &Message) -> Vec<String> {
         Vec::new()
     }
+
+    /// Called once `message`'s effect has committed: a hook to wake whoever waits on
+    /// it (read-your-writes queries) without polling.
+    fn committed(&self, _message: &Message) {}
 }
 
 /// The version of `stream_id` that the consumer `queue` has applied, 0 if none: what a
@@ -779,6 +783,7 @@ async fn claim_and_handle<H: Handler>(
             .map_err(database)?;
     }
     transaction.commit().await.map_err(Failure::from_store)?;
+    shared.handler.committed(message);
     Ok(Claim::Applied)
 }
 

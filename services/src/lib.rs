@@ -9,6 +9,7 @@
 //! - [`serve`]: starts the chosen services (HTTP server, outbox relay, projections,
 //!   command consumers) and runs them until Ctrl-C or SIGTERM, then shuts them down
 //!   gracefully.
+//! - [`load`]: the load generator behind `orderflow load`.
 //! - [`workers`]: the inventory and payment services' command handlers and the
 //!   simulated payment provider.
 //!
@@ -16,6 +17,7 @@
 
 pub mod config;
 pub mod http;
+pub mod load;
 pub mod serve;
 pub mod setup;
 pub mod workers;

@@ -1,9 +1,11 @@
 //! `orderflow`: run the services and operate the system.
 
 use std::process::ExitCode;
+use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 use services::config::{Config, Service, parse_services};
+use services::load::LoadConfig;
 
 #[derive(Parser)]
 #[command(
@@ -31,6 +33,45 @@ enum Command {
         after_help = "Example:\n  ORDERFLOW_PG_URL=postgres://postgres@db:5432 orderflow migrate"
     )]
     Migrate,
+    /// Drive running services at a fixed rate of commands and report latencies
+    #[command(
+        after_help = "Creates stock items, then sends commands on an open-loop schedule \
+(nine in ten place an order, one adds stock), each followed by a read-your-writes query, \
+plus plain queries. Reports command latency, command-to-read-model latency and query \
+latency (p50/p90/p99/max) and the CPU steal seen.\n\nExample:\n  orderflow load --rate 500 --duration 30"
+    )]
+    Load {
+        /// Commands per second
+        #[arg(long, default_value_t = 200.0)]
+        rate: f64,
+        /// Seconds to measure, after the warm-up
+        #[arg(long, default_value_t = 30.0)]
+        duration: f64,
+        /// Seconds to run before measuring
+        #[arg(long, default_value_t = 5.0)]
+        warmup: f64,
+        /// Stock items to create and order from
+        #[arg(long, default_value_t = 100)]
+        skus: usize,
+        /// Distinct customers placing orders
+        #[arg(long, default_value_t = 1000)]
+        customers: usize,
+        /// Plain queries per command
+        #[arg(long, default_value_t = 1.0)]
+        query_ratio: f64,
+        /// Requests in flight at most
+        #[arg(long, default_value_t = 512)]
+        max_in_flight: usize,
+        /// The order service
+        #[arg(long, default_value = "http://127.0.0.1:8081")]
+        order_url: String,
+        /// The inventory service
+        #[arg(long, default_value = "http://127.0.0.1:8082")]
+        inventory_url: String,
+        /// Print the report as one JSON object
+        #[arg(long)]
+        json: bool,
+    },
     /// Work with the Avro schemas of events
     Schemas {
         #[command(subcommand)]
@@ -116,6 +157,44 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
             let config = Config::from_env()?;
             for (service, database) in services::setup::migrate_all(&config).await? {
                 println!("{service}: database {database} is migrated");
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Load {
+            rate,
+            duration,
+            warmup,
+            skus,
+            customers,
+            query_ratio,
+            max_in_flight,
+            order_url,
+            inventory_url,
+            json,
+        } => {
+            let seconds = |name: &str, value: f64| {
+                Duration::try_from_secs_f64(value)
+                    .map_err(|_| anyhow::anyhow!("--{name} must be a number of seconds"))
+            };
+            if skus == 0 || customers == 0 || max_in_flight == 0 {
+                anyhow::bail!("--skus, --customers and --max-in-flight must be at least 1");
+            }
+            let config = LoadConfig {
+                order_url: order_url.trim_end_matches('/').to_owned(),
+                inventory_url: inventory_url.trim_end_matches('/').to_owned(),
+                rate,
+                duration: seconds("duration", duration)?,
+                warmup: seconds("warmup", warmup)?,
+                skus,
+                customers,
+                query_ratio: query_ratio.max(0.0),
+                max_in_flight,
+            };
+            let report = services::load::run(config, |line| eprintln!("load: {line}")).await?;
+            if json {
+                println!("{}", serde_json::to_string(&report)?);
+            } else {
+                println!("{report}");
             }
             Ok(ExitCode::SUCCESS)
         }

@@ -21,7 +21,7 @@ use tokio::task::{JoinHandle, JoinSet};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{Config, Service};
-use crate::http::{AppState, Db, Health, app};
+use crate::http::{AppState, Db, Health, ProjectionWatch, app};
 use crate::setup::prepare_database;
 use crate::workers::{InventoryCommands, PaymentCommands, SimulatedProvider};
 
@@ -250,7 +250,11 @@ impl Plan<'_> {
             LAG_EVERY,
             self.shutdown.clone(),
         );
-        self.health.projections.push((P::queue(), lag));
+        self.health.projections.push(ProjectionWatch {
+            queue: P::queue(),
+            lag,
+            progress: runner.progress(),
+        });
         self.consumer(Runner::<P>::config(&self.config.amqp_url), runner);
     }
 

@@ -800,3 +800,43 @@ async fn each_service_documents_exactly_its_endpoints_in_openapi() {
     }
     system.stop().await;
 }
+
+#[tokio::test]
+async fn the_load_generator_measures_commands_and_read_models() {
+    let system = System::start(&[Order, Inventory]).await;
+    let config = services::load::LoadConfig {
+        order_url: system.url(Order, ""),
+        inventory_url: system.url(Inventory, ""),
+        rate: 40.0,
+        duration: Duration::from_secs(2),
+        warmup: Duration::from_millis(500),
+        skus: 3,
+        customers: 5,
+        query_ratio: 1.0,
+        max_in_flight: 16,
+    };
+    let report = services::load::run(config, |_| {}).await.expect("load run");
+    assert_eq!(report.commands_failed, 0, "{report}");
+    assert_eq!(report.queries_failed, 0, "{report}");
+    // 2 s at 40/s, give or take the edges of the window.
+    assert!((70..=90).contains(&report.commands_ok), "{report}");
+    assert_eq!(
+        report.command_to_read_model.count + report.read_model_behind,
+        report.commands_ok,
+        "{report}"
+    );
+    assert!(report.command.p50_ms <= report.command_to_read_model.p50_ms);
+    assert!(report.queries_ok >= 70, "{report}");
+    // What it placed is really there: its orders are in the read model.
+    let pool = system.pool(Order).await;
+    let orders: i64 = sqlx::query_scalar("SELECT count(*) FROM order_summaries")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    pool.close().await;
+    assert!(
+        orders >= report.commands_ok as i64 * 7 / 10,
+        "{orders} orders"
+    );
+    system.stop().await;
+}

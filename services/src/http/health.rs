@@ -9,7 +9,7 @@ use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Json};
 use axum::routing::get;
-use projections::Lag;
+use projections::{Lag, Progress};
 use serde_json::{Value, json};
 
 use super::AppState;
@@ -24,8 +24,29 @@ pub struct Health {
     pub amqp_url: Option<String>,
     /// Background workers (relay, consumers) and whether each is still running.
     pub workers: Vec<(String, Arc<AtomicBool>)>,
-    /// Each projection's lag, as its monitor last measured it.
-    pub projections: Vec<(String, tokio::sync::watch::Receiver<Lag>)>,
+    /// The projections the service runs in this process.
+    pub projections: Vec<ProjectionWatch>,
+}
+
+/// A projection running in this process, as queries and readiness see it.
+#[derive(Debug)]
+pub struct ProjectionWatch {
+    /// Its consumer queue, which names it.
+    pub queue: String,
+    /// Its lag, as its monitor last measured it.
+    pub lag: tokio::sync::watch::Receiver<Lag>,
+    /// Its runner's progress: read-your-writes queries wake on its commits.
+    pub progress: Arc<Progress>,
+}
+
+impl Health {
+    /// The progress of the projection with queue `queue`, if it runs here.
+    pub fn progress(&self, queue: &str) -> Option<&Progress> {
+        self.projections
+            .iter()
+            .find(|watch| watch.queue == queue)
+            .map(|watch| &*watch.progress)
+    }
 }
 
 pub fn router() -> Router<AppState> {
@@ -86,7 +107,10 @@ pub(super) async fn ready(State(state): State<AppState>) -> impl IntoResponse {
         check(name, outcome);
     }
     let mut lags = serde_json::Map::new();
-    for (name, lag) in &state.health.projections {
+    for ProjectionWatch {
+        queue: name, lag, ..
+    } in &state.health.projections
+    {
         let lag = *lag.borrow();
         lags.insert(
             name.clone(),

@@ -130,7 +130,7 @@ async fn get_item(
     let db = state.db()?;
     let stream_id = AggregateStore::stream_id::<StockItem>(&sku);
     freshness
-        .wait::<StockLevels>(db.aggregates.event_store(), Some(&stream_id))
+        .wait::<StockLevels>(&state, Some(&stream_id))
         .await?;
     let item = projections::inventory::find_item(&db.pool, &sku).await?;
     found(item, || format!("stock item {sku:?} not found"))

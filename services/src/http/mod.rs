@@ -30,7 +30,7 @@ use tracing::Instrument;
 use uuid::Uuid;
 
 use crate::config::Service;
-pub use health::Health;
+pub use health::{Health, ProjectionWatch};
 use problem::{ApiError, InternalCause};
 
 /// Largest request body accepted; larger ones get a 413.

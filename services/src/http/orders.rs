@@ -205,7 +205,7 @@ async fn get_order(
     let order_id = parse_id("order_id", &order_id)?;
     let stream_id = AggregateStore::stream_id::<Order>(order_id);
     freshness
-        .wait::<OrderSummaries>(db.aggregates.event_store(), Some(&stream_id))
+        .wait::<OrderSummaries>(&state, Some(&stream_id))
         .await?;
     let order = projections::order::find_order(&db.pool, order_id).await?;
     found(order, || format!("order {order_id} not found"))
@@ -243,9 +243,7 @@ async fn customer_orders(
         Some(Ok(limit)) if (1..=1000).contains(&limit) => limit,
         Some(_) => return Err(ApiError::invalid("limit", "limit must be 1 to 1000")),
     };
-    freshness
-        .wait::<CustomerOrders>(db.aggregates.event_store(), None)
-        .await?;
+    freshness.wait::<CustomerOrders>(&state, None).await?;
     let orders = projections::order::customer_orders(&db.pool, customer_id, limit).await?;
     Ok(Json(orders).into_response())
 }

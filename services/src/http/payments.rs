@@ -47,7 +47,7 @@ async fn get_payment(
     let order_id = parse_id("order_id", &order_id)?;
     let stream_id = AggregateStore::stream_id::<Payment>(order_id);
     freshness
-        .wait::<PaymentStatuses>(db.aggregates.event_store(), Some(&stream_id))
+        .wait::<PaymentStatuses>(&state, Some(&stream_id))
         .await?;
     let payment = projections::payment::find_payment(&db.pool, order_id).await?;
     found(payment, || format!("no payment for order {order_id}"))

@@ -4,12 +4,11 @@
 
 use std::time::Duration;
 
-use super::openapi;
 use super::problem::ApiError;
+use super::{AppState, openapi};
 use axum::extract::{FromRequestParts, Query};
 use axum::http::request::Parts;
 use axum::response::{IntoResponse, Json, Response};
-use eventstore::EventStore;
 use projections::Projection;
 use utoipa::IntoParams;
 use utoipa::openapi::Type;
@@ -96,10 +95,12 @@ impl Freshness {
     /// it has not within [`WAIT`].
     pub async fn wait<P: Projection>(
         &self,
-        store: &EventStore,
+        state: &AppState,
         stream_id: Option<&str>,
     ) -> Result<(), ApiError> {
+        let store = state.db()?.aggregates.event_store();
         let queue = P::queue();
+        let progress = state.health.progress(&queue);
         let mut targets = Vec::new();
         match (self.min_version, stream_id) {
             (Some(version), Some(stream_id)) => targets.push((stream_id.to_owned(), version)),
@@ -124,9 +125,15 @@ impl Freshness {
             }
         }
         for (stream_id, version) in targets {
-            let caught_up =
-                projections::wait_until_applied(store.pool(), &queue, &stream_id, version, WAIT)
-                    .await?;
+            let caught_up = projections::wait_until_applied(
+                store.pool(),
+                &queue,
+                &stream_id,
+                version,
+                WAIT,
+                progress,
+            )
+            .await?;
             if !caught_up {
                 return Err(ApiError::unavailable(
                     "read-model-behind",
