@@ -238,6 +238,8 @@ impl AggregateStore {
     /// transaction sees what the previous writer committed.
     ///
     /// `expected_version` pins the version the caller saw, as in [`execute`](Self::execute).
+    /// `Some(0)` says the stream must not exist yet (a fresh id): then there is nothing
+    /// to lock or load, and a stream that does exist fails the append as `Concurrency`.
     pub async fn execute_in<A>(
         &self,
         transaction: &mut StoreTransaction<'_>,
@@ -250,10 +252,18 @@ impl AggregateStore {
         A: Snapshot,
         A::Event: WireEvent,
     {
-        transaction.lock_streams(&[stream_id]).await?;
-        let loaded = self
-            .load_on::<A>(transaction.connection(), stream_id)
-            .await?;
+        let loaded = if expected_version == Some(0) {
+            Loaded {
+                state: A::default(),
+                version: 0,
+                events_read: 0,
+                from_snapshot: false,
+            }
+        } else {
+            transaction.lock_streams(&[stream_id]).await?;
+            self.load_on::<A>(transaction.connection(), stream_id)
+                .await?
+        };
         pinned_version_holds(stream_id, expected_version, loaded.version)?;
         let events = loaded.state.decide(command).map_err(ExecuteError::Domain)?;
         self.append_decided(transaction, stream_id, loaded, events, metadata)

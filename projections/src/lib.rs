@@ -2,10 +2,12 @@
 //!
 //! - [`Projection`]: a named read model of one service — the events it reads and a pure
 //!   `apply` that updates its tables through the connection it is given.
-//! - [`Runner`]: runs a projection as a [`Handler`] of the consumer runtime, so every
-//!   update commits in the same transaction as the message's inbox row (never applied
-//!   twice, never out of order per stream). [`Runner::config`] names its queue,
-//!   `<service>.<projection>`.
+//! - [`ReadModels`]: the projections of one service, taken together: a projection, or a
+//!   tuple of projections of the same events.
+//! - [`Runner`]: runs a service's read models as one [`Handler`] of the consumer
+//!   runtime, so each event is delivered once for all of them and every update commits
+//!   in the same transaction as the message's inbox row (never applied twice, never out
+//!   of order per stream). Its queue is `<service>.read-models` ([`queue`]).
 //! - [`Progress`]: how far a runner got, for projection lag and stall detection
 //!   ([`monitor`]), exported as metrics.
 //! - [`wait_until_applied`]: read-your-writes — a query waits (bounded) until the
@@ -20,6 +22,7 @@ pub mod inventory;
 pub mod order;
 pub mod payment;
 
+use std::collections::HashMap;
 use std::future::Future;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, Ordering};
@@ -34,7 +37,7 @@ use uuid::Uuid;
 
 /// A read model: which events it reads and how each one changes its tables.
 pub trait Projection: Send + Sync + 'static {
-    /// Names the projection; its queue (and inbox consumer) is `<SERVICE>.<NAME>`.
+    /// Names the projection (for rebuilding it, and in documents).
     const NAME: &'static str;
     /// The service whose events it reads and whose database holds its tables.
     const SERVICE: &'static str;
@@ -50,10 +53,63 @@ pub trait Projection: Send + Sync + 'static {
         context: &EventContext,
         connection: &mut PgConnection,
     ) -> impl Future<Output = Result<(), sqlx::Error>> + Send;
+}
 
-    /// The queue, which also names the consumer in the inbox and in metrics.
+/// The queue of a service's read-model consumer, which also names it in the inbox and
+/// in metrics.
+pub fn queue(service: &str) -> String {
+    format!("{service}.read-models")
+}
+
+/// What one consumer keeps up to date: a projection, or a tuple of projections of one
+/// service's events, applied one after the other in the same transaction. One
+/// delivery, one inbox claim and one commit per event serve them all, which halves the
+/// broker's and the database's work for a service with two read models.
+pub trait ReadModels: Send + Sync + 'static {
+    const SERVICE: &'static str;
+    const STREAM_PREFIX: &'static str;
+    type Event: WireEvent + Send + Sync;
+
+    fn apply_all(
+        &self,
+        event: &Self::Event,
+        context: &EventContext,
+        connection: &mut PgConnection,
+    ) -> impl Future<Output = Result<(), sqlx::Error>> + Send;
+
     fn queue() -> String {
-        format!("{}.{}", Self::SERVICE, Self::NAME)
+        queue(Self::SERVICE)
+    }
+}
+
+impl<P: Projection> ReadModels for P {
+    const SERVICE: &'static str = P::SERVICE;
+    const STREAM_PREFIX: &'static str = P::STREAM_PREFIX;
+    type Event = P::Event;
+
+    async fn apply_all(
+        &self,
+        event: &P::Event,
+        context: &EventContext,
+        connection: &mut PgConnection,
+    ) -> Result<(), sqlx::Error> {
+        self.apply(event, context, connection).await
+    }
+}
+
+impl<A: Projection, B: Projection<Event = A::Event>> ReadModels for (A, B) {
+    const SERVICE: &'static str = A::SERVICE;
+    const STREAM_PREFIX: &'static str = A::STREAM_PREFIX;
+    type Event = A::Event;
+
+    async fn apply_all(
+        &self,
+        event: &A::Event,
+        context: &EventContext,
+        connection: &mut PgConnection,
+    ) -> Result<(), sqlx::Error> {
+        self.0.apply(event, context, &mut *connection).await?;
+        self.1.apply(event, context, connection).await
     }
 }
 
@@ -95,8 +151,16 @@ pub struct Progress {
     /// Milliseconds since `epoch` at the last applied event.
     progressed_at_ms: AtomicI64,
     epoch: std::sync::OnceLock<Instant>,
-    /// Woken each time an event's update has committed.
-    committed: tokio::sync::Notify,
+    /// Read-your-writes queries waiting for a stream to reach a version, woken by the
+    /// commit that gets it there.
+    waiters: std::sync::Mutex<HashMap<String, Vec<Waiter>>>,
+}
+
+/// A query waiting for a stream version.
+#[derive(Debug)]
+struct Waiter {
+    version: i64,
+    wake: tokio::sync::oneshot::Sender<()>,
 }
 
 impl Progress {
@@ -110,6 +174,39 @@ impl Progress {
         self.progressed_at_ms.store(now, Ordering::Relaxed);
     }
 
+    /// Registers interest in `stream_id` reaching `version`; the receiver completes
+    /// when an update of this runner takes it there.
+    fn watch(&self, stream_id: &str, version: i64) -> tokio::sync::oneshot::Receiver<()> {
+        let (wake, woken) = tokio::sync::oneshot::channel();
+        let mut waiters = self.waiters.lock().unwrap_or_else(|e| e.into_inner());
+        waiters
+            .entry(stream_id.to_owned())
+            .or_default()
+            .push(Waiter { version, wake });
+        woken
+    }
+
+    /// Wakes the waiters `stream_id` at `version` satisfies, and forgets those that
+    /// gave up.
+    fn applied(&self, stream_id: &str, version: i64) {
+        let mut waiters = self.waiters.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(list) = waiters.get_mut(stream_id) else {
+            return;
+        };
+        let (ready, waiting) = std::mem::take(list)
+            .into_iter()
+            .filter(|waiter| !waiter.wake.is_closed())
+            .partition::<Vec<_>, _>(|waiter| waiter.version <= version);
+        for waiter in ready {
+            let _ = waiter.wake.send(());
+        }
+        if waiting.is_empty() {
+            waiters.remove(stream_id);
+        } else {
+            *list = waiting;
+        }
+    }
+
     pub fn applied_position(&self) -> i64 {
         self.applied_position.load(Ordering::Relaxed)
     }
@@ -121,18 +218,18 @@ impl Progress {
     }
 }
 
-/// Runs a [`Projection`] on the consumer runtime.
-pub struct Runner<P> {
-    projection: P,
+/// Runs a service's [`ReadModels`] on the consumer runtime.
+pub struct Runner<R> {
+    read_models: R,
     progress: Arc<Progress>,
 }
 
-impl<P: Projection> Runner<P> {
-    pub fn new(projection: P) -> Self {
+impl<R: ReadModels> Runner<R> {
+    pub fn new(read_models: R) -> Self {
         let progress = Arc::new(Progress::default());
         progress.record(0);
         Runner {
-            projection,
+            read_models,
             progress,
         }
     }
@@ -141,43 +238,46 @@ impl<P: Projection> Runner<P> {
         self.progress.clone()
     }
 
-    /// The consumer configuration of this projection: its queue, bound to every event
-    /// of its service.
+    /// The consumer configuration: its queue, bound to every event of its service.
     pub fn config(amqp_url: &str) -> ConsumerConfig {
-        let pattern = format!("{}.*", P::SERVICE);
-        let mut config = ConsumerConfig::events(P::SERVICE, P::NAME, amqp_url, &[&pattern]);
+        let pattern = format!("{}.*", R::SERVICE);
+        let mut config = ConsumerConfig::events(R::SERVICE, "read-models", amqp_url, &[&pattern]);
+        debug_assert_eq!(config.queue(), R::queue());
         // Read-model updates are short; a few connections keep up.
         config.connections = 4;
         config
     }
 }
 
-impl<P: Projection> Handler for Runner<P> {
+impl<R: ReadModels> Handler for Runner<R> {
     async fn handle(
         &self,
         message: &Message,
         transaction: &mut StoreTransaction<'_>,
     ) -> Result<(), HandlerError> {
-        let event: P::Event = message.decode()?;
+        let event: R::Event = message.decode()?;
         let context = EventContext::from_message(message)?;
-        self.projection
-            .apply(&event, &context, transaction.connection())
+        self.read_models
+            .apply_all(&event, &context, transaction.connection())
             .await?;
         self.progress.record(context.global_position);
         Ok(())
     }
 
-    fn committed(&self, _message: &Message) {
-        self.progress.committed.notify_waiters();
+    fn committed(&self, message: &Message) {
+        if let Some(version) = message.envelope.stream_version {
+            self.progress.applied(&message.envelope.stream_id, version);
+        }
     }
 }
 
 /// Waits until the projection with queue `queue` has applied `stream_id` up to
 /// `version`, for at most `timeout`. True when it has.
 ///
-/// With the `progress` of the projection's runner in this process, it rechecks each
-/// time an update commits; otherwise (the projection runs elsewhere) it polls, every
-/// 1 ms at first and at most every 16 ms.
+/// With the `progress` of the projection's runner in this process, the commit that
+/// applies the version wakes it, with no polling; it still rechecks the database every
+/// 25 ms, in case another instance of the service applied it. Without (the projection
+/// runs elsewhere) it polls, every 1 ms at first and at most every 16 ms.
 pub async fn wait_until_applied(
     pool: &PgPool,
     queue: &str,
@@ -187,14 +287,10 @@ pub async fn wait_until_applied(
     progress: Option<&Progress>,
 ) -> Result<bool, sqlx::Error> {
     let deadline = Instant::now() + timeout;
-    let mut pause = Duration::from_millis(1);
+    // Registered before the first check, so a commit in between still wakes us.
+    let mut woken = progress.map(|progress| progress.watch(stream_id, version));
+    let mut pause = Duration::from_millis(if woken.is_some() { 25 } else { 1 });
     loop {
-        // Registered before the check, so a commit between the two still wakes us.
-        let committed = progress.map(|progress| {
-            let mut notified = Box::pin(progress.committed.notified());
-            notified.as_mut().enable();
-            notified
-        });
         if eventstore::consumer::applied_version(pool, queue, stream_id).await? >= version {
             return Ok(true);
         }
@@ -203,16 +299,22 @@ pub async fn wait_until_applied(
             return Ok(false);
         }
         let sleep = tokio::time::sleep(pause.min(deadline - now));
-        match committed {
-            Some(committed) => {
+        match woken.as_mut() {
+            Some(receiver) => {
                 tokio::select! {
-                    () = committed => {}
+                    answer = receiver => match answer {
+                        Ok(()) => return Ok(true),
+                        // The runner is gone: poll from now on.
+                        Err(_) => woken = None,
+                    },
                     () = sleep => {}
                 }
             }
-            None => sleep.await,
+            None => {
+                sleep.await;
+                pause = (pause * 2).min(Duration::from_millis(16));
+            }
         }
-        pause = (pause * 2).min(Duration::from_millis(16));
     }
 }
 
@@ -301,4 +403,27 @@ async fn events_after(
     .bind(LAG_COUNT_LIMIT)
     .fetch_one(pool)
     .await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_waiter_wakes_once_its_stream_reaches_its_version() {
+        let progress = Progress::default();
+        let mut third = progress.watch("order-1", 3);
+        let mut other = progress.watch("order-2", 1);
+        let gave_up = progress.watch("order-1", 9);
+        drop(gave_up);
+        progress.applied("order-1", 2);
+        assert!(third.try_recv().is_err(), "version 2 is not 3");
+        progress.applied("order-1", 3);
+        assert!(third.try_recv().is_ok());
+        assert!(other.try_recv().is_err(), "another stream");
+        // The waiter that gave up is forgotten with the last live one of its stream.
+        let waiters = progress.waiters.lock().unwrap();
+        assert!(!waiters.contains_key("order-1"));
+        assert_eq!(waiters["order-2"].len(), 1);
+    }
 }

@@ -15,7 +15,7 @@ use eventstore::{
 use projections::inventory::StockLevels;
 use projections::order::{CustomerOrders, OrderSummaries};
 use projections::payment::PaymentStatuses;
-use projections::{Projection, Runner};
+use projections::{ReadModels, Runner};
 use tokio::net::TcpListener;
 use tokio::task::{JoinHandle, JoinSet};
 use tokio_util::sync::CancellationToken;
@@ -207,11 +207,10 @@ impl Plan<'_> {
     fn service_workers(&mut self, aggregates: &AggregateStore) {
         match self.service {
             Service::Order => {
-                self.projection(OrderSummaries);
-                self.projection(CustomerOrders);
+                self.read_models((OrderSummaries, CustomerOrders));
             }
             Service::Inventory => {
-                self.projection(StockLevels);
+                self.read_models(StockLevels);
                 let handler = InventoryCommands {
                     aggregates: aggregates.clone(),
                 };
@@ -219,7 +218,7 @@ impl Plan<'_> {
                 self.consumer(config, handler);
             }
             Service::Payment => {
-                self.projection(PaymentStatuses);
+                self.read_models(PaymentStatuses);
                 let handler = PaymentCommands {
                     aggregates: aggregates.clone(),
                     provider: SimulatedProvider,
@@ -239,23 +238,24 @@ impl Plan<'_> {
         config
     }
 
-    fn projection<P: Projection>(&mut self, projection: P) {
-        let runner = Runner::new(projection);
+    /// The service's read models, kept by one consumer.
+    fn read_models<R: ReadModels>(&mut self, read_models: R) {
+        let runner = Runner::new(read_models);
         let lag = projections::monitor(
             self.store.pool().clone(),
-            P::queue(),
-            P::STREAM_PREFIX,
+            R::queue(),
+            R::STREAM_PREFIX,
             runner.progress(),
             self.metrics.clone(),
             LAG_EVERY,
             self.shutdown.clone(),
         );
         self.health.projections.push(ProjectionWatch {
-            queue: P::queue(),
+            queue: R::queue(),
             lag,
             progress: runner.progress(),
         });
-        self.consumer(Runner::<P>::config(&self.config.amqp_url), runner);
+        self.consumer(Runner::<R>::config(&self.config.amqp_url), runner);
     }
 
     fn consumer<H: Handler>(&mut self, config: ConsumerConfig, handler: H) {

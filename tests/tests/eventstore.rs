@@ -684,6 +684,45 @@ async fn a_pinned_version_is_refused_once_the_stream_moved_and_unpinned_commands
     assert_eq!(item.available, 9);
 }
 
+/// `execute_in` with `Some(0)` creates a stream without loading it, and refuses a
+/// stream that already exists rather than appending to it.
+#[tokio::test]
+async fn creating_in_a_transaction_refuses_a_stream_that_exists() {
+    let db = TestDb::new(2).await.unwrap();
+    let aggregates = AggregateStore::new(db.store(), TestDb::registry());
+    let stream = AggregateStore::stream_id::<StockItem>("SKU-NEW");
+    let add = StockCommand::AddStock {
+        sku: "SKU-NEW".into(),
+        name: "New".into(),
+        quantity: 3,
+    };
+    let create = |aggregates: AggregateStore, stream: String, add: StockCommand| async move {
+        let mut transaction = aggregates.event_store().begin().await.unwrap();
+        let executed = aggregates
+            .execute_in::<StockItem>(&mut transaction, &stream, Some(0), &add, metadata())
+            .await?;
+        transaction.commit().await?;
+        Ok::<_, eventstore::ExecuteError<_>>(executed)
+    };
+    let created = create(aggregates.clone(), stream.clone(), add.clone())
+        .await
+        .unwrap();
+    assert_eq!(created.version, 2);
+    assert_eq!(created.state.available, 3);
+    let again = create(aggregates.clone(), stream.clone(), add).await;
+    assert!(
+        matches!(
+            again,
+            Err(eventstore::ExecuteError::Store(
+                StoreError::Concurrency { .. }
+            ))
+        ),
+        "{again:?}"
+    );
+    let item = aggregates.load::<StockItem>(&stream).await.unwrap();
+    assert_eq!((item.version, item.state.available), (2, 3));
+}
+
 /// The aggregate's stream reads back exactly what `decide` produced.
 #[tokio::test]
 async fn a_stream_reads_back_what_was_decided() {

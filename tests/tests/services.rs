@@ -687,7 +687,7 @@ async fn inventory_and_payment_handle_the_sagas_commands() {
         .await
         .unwrap();
     assert!(
-        metrics.contains("orderflow_projection_lag_events{projection=\"inventory.stock-levels\"}"),
+        metrics.contains("orderflow_projection_lag_events{projection=\"inventory.read-models\"}"),
         "{metrics}"
     );
     assert!(

@@ -129,12 +129,11 @@ async fn place_order(
         card_token: body.card_token,
     };
     let stream_id = AggregateStore::stream_id::<Order>(order_id);
-    command::run::<Order>(
-        &db.aggregates,
-        &request.context,
-        &stream_id,
-        &command,
-        |executed| Reply {
+    // The id is new, so its stream cannot exist: nothing to lock or load.
+    let mut context = request.context;
+    context.if_match = Some(0);
+    command::run::<Order>(&db.aggregates, &context, &stream_id, &command, |executed| {
+        Reply {
             status: StatusCode::ACCEPTED,
             body: json!(OrderAccepted {
                 order_id,
@@ -143,8 +142,8 @@ async fn place_order(
                 version: executed.version,
                 position: executed.append.map(|a| a.last_position),
             }),
-        },
-    )
+        }
+    })
     .await
 }
 

@@ -99,7 +99,7 @@ impl Freshness {
         stream_id: Option<&str>,
     ) -> Result<(), ApiError> {
         let store = state.db()?.aggregates.event_store();
-        let queue = P::queue();
+        let queue = projections::queue(P::SERVICE);
         let progress = state.health.progress(&queue);
         let mut targets = Vec::new();
         match (self.min_version, stream_id) {
