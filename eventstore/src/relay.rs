@@ -189,6 +189,10 @@ impl Relay {
                 ("tcp_keepalives_interval", "1"),
                 ("tcp_keepalives_count", "2"),
                 ("tcp_user_timeout", "3000"),
+                // The outbox churns: a generic plan cached while it was empty (before
+                // autovacuum first analyses it) would scan every retained row on each
+                // fetch. Plans made for the actual cursor use the unpublished-rows index.
+                ("plan_cache_mode", "force_custom_plan"),
             ]);
         let mut connection = PgConnection::connect_with(&options).await?;
         loop {
@@ -242,8 +246,13 @@ impl Relay {
         let mut listener = PgListener::connect_with(self.store.pool()).await?;
         listener.listen(OUTBOX_CHANNEL).await?;
         // The confirmer marks on a connection of its own: through the pool, every mark
-        // would also pay the pool's ping on release.
-        let marks = PgConnection::connect_with(&self.store.pool().connect_options()).await?;
+        // would also pay the pool's ping on release. Custom plans, as on the lock
+        // connection: a generic plan for `= ANY($1)` cached while the outbox was empty
+        // scans the whole table.
+        let marks_options = (*self.store.pool().connect_options())
+            .clone()
+            .options([("plan_cache_mode", "force_custom_plan")]);
+        let marks = PgConnection::connect_with(&marks_options).await?;
         let (to_confirmer, batches) = tokio::sync::mpsc::channel(BATCHES_IN_FLIGHT);
         let in_flight: Arc<Mutex<HashSet<i64>>> = Arc::default();
         let mut confirmer = AbortOnDrop(tokio::spawn(confirm_and_mark(
