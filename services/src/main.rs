@@ -12,7 +12,7 @@ use services::load::LoadConfig;
     name = "orderflow",
     version,
     about = "An event-sourced order platform: services, migrations and operator tools",
-    after_help = "Examples:\n  orderflow migrate\n  orderflow serve\n  orderflow serve --services order,inventory\n  orderflow schemas check --json\n\nConfiguration is by environment: ORDERFLOW_PG_URL (default postgres://postgres@127.0.0.1:5432),\nORDERFLOW_<SERVICE>_DATABASE_URL, ORDERFLOW_AMQP_URL (default amqp://guest:guest@127.0.0.1:5672/%2f),\nORDERFLOW_BIND_ADDRESS (default 127.0.0.1), RUST_LOG."
+    after_help = "Examples:\n  orderflow migrate\n  orderflow serve\n  orderflow serve --services order,inventory\n  orderflow schemas check --json\n  orderflow load --rate 200 --duration 30\n\nConfiguration is by environment: ORDERFLOW_PG_URL (default postgres://postgres@127.0.0.1:5432),\nORDERFLOW_<SERVICE>_DATABASE_URL, ORDERFLOW_AMQP_URL (default amqp://guest:guest@127.0.0.1:5672/%2f),\nORDERFLOW_BIND_ADDRESS (default 127.0.0.1), RUST_LOG."
 )]
 struct Cli {
     #[command(subcommand)]
