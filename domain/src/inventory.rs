@@ -75,7 +75,7 @@ pub enum StockError {
 }
 
 /// One SKU's part of a request to the inventory service.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct StockLine {
     pub sku: String,
     pub quantity: u32,

@@ -45,7 +45,8 @@ impl OrderStatus {
 }
 
 /// Why an order did not confirm. The strings are part of the public contract.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
 pub enum EndReason {
     OutOfStock,
     PaymentDeclined,

@@ -1,6 +1,50 @@
-//! Process managers (issue 5): the order-fulfilment saga, its persisted state,
-//! deadlines and compensation.
+//! Process managers (issue 5): the order-fulfilment saga.
 //!
-//! Its decisions will be pure (state + incoming event → new state + commands), apart
-//! from a runner that loads, stores, and sends through the outbox in one transaction.
-//! Nothing is built here yet.
+//! - [`ProcessManager`]: a saga's decisions, pure: given its state and one input, the
+//!   next state, the commands to send and what becomes of its deadline ([`Decision`]).
+//!   A runner (to come) loads the state, applies the decision and sends the commands
+//!   through the outbox in one transaction; nothing here does I/O.
+//! - [`fulfilment`]: the order-fulfilment saga of DESIGN §6.
+//! - [`testing`]: a given/when/then harness for decisions.
+//!
+//! Not built yet: the runner (persisted state with a version, the outbox, inputs
+//! mapped from events), the deadline scheduler, and `GET /sagas/{order_id}`.
+
+pub mod fulfilment;
+pub mod testing;
+
+use chrono::{DateTime, Utc};
+
+/// What a process manager decides on one input.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Decision<S, C> {
+    pub state: S,
+    /// Sent, in this order, in the same transaction as the new state.
+    pub commands: Vec<C>,
+    pub deadline: Deadline,
+}
+
+/// What a decision does to the saga's single pending deadline.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Deadline {
+    Keep,
+    /// Fire at this moment (replacing any pending one).
+    Set(DateTime<Utc>),
+    Clear,
+}
+
+/// A saga's decisions. Every input must be idempotent: an input the state has already
+/// taken into account (a redelivery, a duplicate) decides nothing and changes nothing.
+pub trait ProcessManager: Clone + Default {
+    type Input;
+    type Command;
+    /// Fixed for a run: timeouts and the like.
+    type Settings;
+
+    fn decide(
+        &self,
+        input: &Self::Input,
+        now: DateTime<Utc>,
+        settings: &Self::Settings,
+    ) -> Decision<Self, Self::Command>;
+}

@@ -1,0 +1,613 @@
+//! The order-fulfilment saga (DESIGN §6): reserve stock, authorize payment, then
+//! confirm the order, commit the stock and capture the payment; compensate whatever
+//! was done when a step fails, the payment does not answer in time, or the customer
+//! cancels.
+//!
+//! One saga per order, keyed by its id. Inputs carry no order id: the runner routes
+//! each event to the saga of its order.
+
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use domain::inventory::{StockLine, StockRequest};
+use domain::order::{EndReason, OrderCommand, OrderLine};
+use domain::payment::PaymentRequest;
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+use crate::{Deadline, Decision, ProcessManager};
+
+/// How long the saga waits, fixed for a run.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// For a payment answer (`ORDERFLOW_PAYMENT_DEADLINE_MS`); then it compensates.
+    pub payment_deadline: Duration,
+    /// Between capture attempts once the order is confirmed.
+    pub capture_retry: Duration,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Settings {
+            payment_deadline: Duration::from_secs(30),
+            capture_retry: Duration::from_secs(30),
+        }
+    }
+}
+
+/// Where the saga is.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Step {
+    /// No order placed yet.
+    #[default]
+    NotStarted,
+    ReservingStock,
+    AuthorizingPayment,
+    /// Confirmed; the capture is not yet acknowledged.
+    Capturing,
+    /// Confirmed and captured.
+    Completed,
+    Rejected,
+    Cancelled,
+}
+
+impl Step {
+    /// The order has ended (confirmed or not); only late answers arrive now.
+    pub fn order_ended(self) -> bool {
+        matches!(
+            self,
+            Step::Capturing | Step::Completed | Step::Rejected | Step::Cancelled
+        )
+    }
+}
+
+/// The saga's state, persisted as JSON between inputs.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Fulfilment {
+    pub step: Step,
+    pub order_id: Uuid,
+    pub customer_id: Uuid,
+    /// Quantities per SKU (lines of one SKU merged), in SKU order.
+    pub lines: Vec<StockLine>,
+    pub total_cents: i64,
+    pub currency: String,
+    pub card_token: String,
+    /// SKUs whose reservation for this order is confirmed.
+    pub reserved: BTreeSet<String>,
+    /// The customer asked to cancel while the outcome of a step was pending.
+    pub cancellation_requested: bool,
+    /// Why the order did not confirm.
+    pub reason: Option<EndReason>,
+    /// Captures sent (the first, then one per retry).
+    pub capture_attempts: u32,
+}
+
+/// What the saga reacts to: the order's own events, the inventory's and payment's
+/// answers, and its deadline.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Input {
+    OrderPlaced {
+        order_id: Uuid,
+        customer_id: Uuid,
+        lines: Vec<OrderLine>,
+        total_cents: i64,
+        currency: String,
+        card_token: String,
+    },
+    CancellationRequested,
+    StockReserved {
+        sku: String,
+    },
+    StockReservationFailed {
+        sku: String,
+    },
+    PaymentAuthorized,
+    PaymentDeclined,
+    PaymentCaptured,
+    /// The pending deadline fell due.
+    DeadlinePassed,
+}
+
+/// What the saga asks for: of the inventory and payment services through their
+/// command queues, and of its own order aggregate.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Command {
+    Stock(StockRequest),
+    Payment(PaymentRequest),
+    Order(OrderCommand),
+}
+
+impl ProcessManager for Fulfilment {
+    type Input = Input;
+    type Command = Command;
+    type Settings = Settings;
+
+    fn decide(
+        &self,
+        input: &Input,
+        now: DateTime<Utc>,
+        settings: &Settings,
+    ) -> Decision<Self, Command> {
+        let mut next = self.clone();
+        let mut commands = Vec::new();
+        let mut deadline = Deadline::Keep;
+        let after = |wait: Duration| {
+            Deadline::Set(now + chrono::Duration::from_std(wait).unwrap_or(chrono::TimeDelta::MAX))
+        };
+        match (self.step, input) {
+            (
+                Step::NotStarted,
+                Input::OrderPlaced {
+                    order_id,
+                    customer_id,
+                    lines,
+                    total_cents,
+                    currency,
+                    card_token,
+                },
+            ) => {
+                next.step = Step::ReservingStock;
+                next.order_id = *order_id;
+                next.customer_id = *customer_id;
+                next.lines = merged(*order_id, lines);
+                next.total_cents = *total_cents;
+                next.currency.clone_from(currency);
+                next.card_token.clone_from(card_token);
+                commands.push(
+                    next.stock(|order_id, lines| StockRequest::ReserveStock { order_id, lines }),
+                );
+            }
+
+            // Reserving stock: wait for every SKU's answer. A cancellation waits too:
+            // only the answer says whether there is anything to release.
+            (Step::ReservingStock, Input::StockReserved { sku }) => {
+                next.reserved.insert(sku.clone());
+                if next
+                    .lines
+                    .iter()
+                    .all(|line| next.reserved.contains(&line.sku))
+                {
+                    if next.cancellation_requested {
+                        commands.push(next.release());
+                        next.end(Step::Cancelled, EndReason::CustomerRequest, &mut commands);
+                    } else {
+                        next.step = Step::AuthorizingPayment;
+                        commands.push(Command::Payment(PaymentRequest::AuthorizePayment {
+                            order_id: next.order_id,
+                            amount_cents: next.total_cents,
+                            card_token: next.card_token.clone(),
+                        }));
+                        deadline = after(settings.payment_deadline);
+                    }
+                }
+            }
+            // All or nothing: a failed line means nothing was reserved.
+            (Step::ReservingStock, Input::StockReservationFailed { .. }) => {
+                if next.cancellation_requested {
+                    next.end(Step::Cancelled, EndReason::CustomerRequest, &mut commands);
+                } else {
+                    next.end(Step::Rejected, EndReason::OutOfStock, &mut commands);
+                }
+            }
+            (Step::ReservingStock, Input::CancellationRequested) => {
+                next.cancellation_requested = true;
+            }
+
+            // Authorizing the payment.
+            (Step::AuthorizingPayment, Input::PaymentAuthorized) => {
+                next.step = Step::Capturing;
+                next.capture_attempts = 1;
+                commands.push(Command::Order(OrderCommand::ConfirmOrder));
+                commands.push(
+                    next.stock(|order_id, lines| StockRequest::CommitStock { order_id, lines }),
+                );
+                commands.push(next.capture());
+                deadline = after(settings.capture_retry);
+            }
+            (Step::AuthorizingPayment, Input::PaymentDeclined) => {
+                commands.push(next.release());
+                next.end(Step::Cancelled, EndReason::PaymentDeclined, &mut commands);
+                deadline = Deadline::Clear;
+            }
+            (Step::AuthorizingPayment, Input::DeadlinePassed) => {
+                commands.push(next.release());
+                // An authorization may still be on its way: void it, and void again
+                // if it arrives later.
+                commands.push(next.void());
+                next.end(Step::Cancelled, EndReason::PaymentTimeout, &mut commands);
+                deadline = Deadline::Clear;
+            }
+            (Step::AuthorizingPayment, Input::CancellationRequested) => {
+                next.cancellation_requested = true;
+                commands.push(next.release());
+                commands.push(next.void());
+                next.end(Step::Cancelled, EndReason::CustomerRequest, &mut commands);
+                deadline = Deadline::Clear;
+            }
+
+            // Confirmed: the capture must land; it is retried until it does.
+            (Step::Capturing, Input::PaymentCaptured) => {
+                next.step = Step::Completed;
+                deadline = Deadline::Clear;
+            }
+            (Step::Capturing, Input::DeadlinePassed) => {
+                next.capture_attempts += 1;
+                commands.push(next.capture());
+                deadline = after(settings.capture_retry);
+            }
+
+            // Late answers after the order ended without confirming: undo them.
+            (Step::Cancelled | Step::Rejected, Input::PaymentAuthorized) => {
+                commands.push(next.void());
+            }
+            (Step::Cancelled | Step::Rejected, Input::StockReserved { sku }) => {
+                if let Some(line) = next.lines.iter().find(|line| &line.sku == sku) {
+                    commands.push(Command::Stock(StockRequest::ReleaseStock {
+                        order_id: next.order_id,
+                        lines: vec![line.clone()],
+                    }));
+                }
+            }
+
+            // Anything else is a duplicate, or too late to matter.
+            _ => {}
+        }
+        Decision {
+            state: next,
+            commands,
+            deadline,
+        }
+    }
+}
+
+impl Fulfilment {
+    fn stock(&self, request: impl FnOnce(Uuid, Vec<StockLine>) -> StockRequest) -> Command {
+        Command::Stock(request(self.order_id, self.lines.clone()))
+    }
+
+    fn release(&self) -> Command {
+        self.stock(|order_id, lines| StockRequest::ReleaseStock { order_id, lines })
+    }
+
+    fn void(&self) -> Command {
+        Command::Payment(PaymentRequest::VoidPayment {
+            order_id: self.order_id,
+        })
+    }
+
+    fn capture(&self) -> Command {
+        Command::Payment(PaymentRequest::CapturePayment {
+            order_id: self.order_id,
+        })
+    }
+
+    /// Ends the order without confirming it.
+    fn end(&mut self, step: Step, reason: EndReason, commands: &mut Vec<Command>) {
+        self.step = step;
+        self.reason = Some(reason);
+        commands.push(Command::Order(match step {
+            Step::Rejected => OrderCommand::RejectOrder { reason },
+            _ => OrderCommand::CancelOrder { reason },
+        }));
+    }
+}
+
+/// The order's lines with each SKU once, in SKU order.
+fn merged(order_id: Uuid, lines: &[OrderLine]) -> Vec<StockLine> {
+    let lines = lines
+        .iter()
+        .map(|line| StockLine {
+            sku: line.sku.clone(),
+            quantity: line.quantity,
+        })
+        .collect();
+    StockRequest::ReserveStock { order_id, lines }.lines_by_sku()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testing::GivenWhenThen;
+
+    fn order_id() -> Uuid {
+        Uuid::from_u128(7)
+    }
+
+    fn placed() -> Input {
+        let line = |sku: &str, quantity| OrderLine {
+            sku: sku.into(),
+            quantity,
+            unit_price_cents: 100,
+        };
+        Input::OrderPlaced {
+            order_id: order_id(),
+            customer_id: Uuid::from_u128(1),
+            // Two lines of A are one stock line of 3.
+            lines: vec![line("B", 1), line("A", 1), line("A", 2)],
+            total_cents: 400,
+            currency: "EUR".into(),
+            card_token: "tok_visa".into(),
+        }
+    }
+
+    fn lines() -> Vec<StockLine> {
+        vec![
+            StockLine {
+                sku: "A".into(),
+                quantity: 3,
+            },
+            StockLine {
+                sku: "B".into(),
+                quantity: 1,
+            },
+        ]
+    }
+
+    fn reserved(sku: &str) -> Input {
+        Input::StockReserved { sku: sku.into() }
+    }
+
+    fn reserve() -> Command {
+        Command::Stock(StockRequest::ReserveStock {
+            order_id: order_id(),
+            lines: lines(),
+        })
+    }
+
+    fn release() -> Command {
+        Command::Stock(StockRequest::ReleaseStock {
+            order_id: order_id(),
+            lines: lines(),
+        })
+    }
+
+    fn commit() -> Command {
+        Command::Stock(StockRequest::CommitStock {
+            order_id: order_id(),
+            lines: lines(),
+        })
+    }
+
+    fn authorize() -> Command {
+        Command::Payment(PaymentRequest::AuthorizePayment {
+            order_id: order_id(),
+            amount_cents: 400,
+            card_token: "tok_visa".into(),
+        })
+    }
+
+    fn capture() -> Command {
+        Command::Payment(PaymentRequest::CapturePayment {
+            order_id: order_id(),
+        })
+    }
+
+    fn void() -> Command {
+        Command::Payment(PaymentRequest::VoidPayment {
+            order_id: order_id(),
+        })
+    }
+
+    fn order(command: OrderCommand) -> Command {
+        Command::Order(command)
+    }
+
+    fn saga() -> GivenWhenThen<Fulfilment> {
+        GivenWhenThen::new(Settings {
+            payment_deadline: Duration::from_secs(5),
+            capture_retry: Duration::from_secs(60),
+        })
+    }
+
+    fn ended(step: Step, reason: EndReason) -> impl FnOnce(&Fulfilment) {
+        move |state| {
+            assert_eq!(state.step, step);
+            assert_eq!(state.reason, Some(reason));
+        }
+    }
+
+    #[test]
+    fn a_placed_order_reserves_its_stock_merged_by_sku() {
+        saga()
+            .given(&[])
+            .when(placed())
+            .then_commands(&[reserve()])
+            .then_deadline(Deadline::Keep)
+            .then_state(|state| {
+                assert_eq!(state.step, Step::ReservingStock);
+                assert_eq!(state.lines, lines());
+            });
+    }
+
+    #[test]
+    fn payment_is_asked_for_once_every_sku_is_reserved_with_a_deadline() {
+        saga()
+            .given(&[placed()])
+            .when(reserved("A"))
+            .then_commands(&[])
+            .then_state(|state| assert_eq!(state.step, Step::ReservingStock));
+        let given = saga().given(&[placed(), reserved("A")]);
+        let then = given.when(reserved("B")).then_commands(&[authorize()]);
+        let due = then.at + chrono::Duration::seconds(5);
+        then.then_deadline(Deadline::Set(due))
+            .then_state(|state| assert_eq!(state.step, Step::AuthorizingPayment));
+    }
+
+    #[test]
+    fn an_authorized_payment_confirms_commits_and_captures() {
+        let then = saga()
+            .given(&[placed(), reserved("A"), reserved("B")])
+            .when(Input::PaymentAuthorized)
+            .then_commands(&[order(OrderCommand::ConfirmOrder), commit(), capture()])
+            .then_state(|state| assert_eq!(state.step, Step::Capturing));
+        let retry = then.at + chrono::Duration::seconds(60);
+        then.then_deadline(Deadline::Set(retry));
+        saga()
+            .given(&[
+                placed(),
+                reserved("A"),
+                reserved("B"),
+                Input::PaymentAuthorized,
+            ])
+            .when(Input::PaymentCaptured)
+            .then_commands(&[])
+            .then_deadline(Deadline::Clear)
+            .then_state(|state| assert_eq!(state.step, Step::Completed));
+    }
+
+    #[test]
+    fn a_capture_without_answer_is_sent_again_and_counted() {
+        saga()
+            .given(&[
+                placed(),
+                reserved("A"),
+                reserved("B"),
+                Input::PaymentAuthorized,
+                Input::DeadlinePassed,
+            ])
+            .when(Input::DeadlinePassed)
+            .then_commands(&[capture()])
+            .then_state(|state| {
+                assert_eq!(state.step, Step::Capturing);
+                assert_eq!(state.capture_attempts, 3);
+            });
+    }
+
+    #[test]
+    fn short_stock_rejects_the_order_and_releases_nothing() {
+        saga()
+            .given(&[placed()])
+            .when(Input::StockReservationFailed { sku: "B".into() })
+            .then_commands(&[order(OrderCommand::RejectOrder {
+                reason: EndReason::OutOfStock,
+            })])
+            .then_state(ended(Step::Rejected, EndReason::OutOfStock));
+    }
+
+    #[test]
+    fn a_declined_payment_releases_the_stock_and_cancels() {
+        saga()
+            .given(&[placed(), reserved("A"), reserved("B")])
+            .when(Input::PaymentDeclined)
+            .then_commands(&[
+                release(),
+                order(OrderCommand::CancelOrder {
+                    reason: EndReason::PaymentDeclined,
+                }),
+            ])
+            .then_deadline(Deadline::Clear)
+            .then_state(ended(Step::Cancelled, EndReason::PaymentDeclined));
+    }
+
+    #[test]
+    fn no_payment_answer_in_time_releases_voids_and_cancels_then_voids_a_late_one() {
+        let timed_out = [
+            placed(),
+            reserved("A"),
+            reserved("B"),
+            Input::DeadlinePassed,
+        ];
+        saga()
+            .given(&timed_out[..3])
+            .when(Input::DeadlinePassed)
+            .then_commands(&[
+                release(),
+                void(),
+                order(OrderCommand::CancelOrder {
+                    reason: EndReason::PaymentTimeout,
+                }),
+            ])
+            .then_deadline(Deadline::Clear)
+            .then_state(ended(Step::Cancelled, EndReason::PaymentTimeout));
+        saga()
+            .given(&timed_out)
+            .when(Input::PaymentAuthorized)
+            .then_commands(&[void()])
+            .then_state(ended(Step::Cancelled, EndReason::PaymentTimeout));
+    }
+
+    #[test]
+    fn a_cancellation_compensates_exactly_what_was_done() {
+        let cancelled = order(OrderCommand::CancelOrder {
+            reason: EndReason::CustomerRequest,
+        });
+        // While stock is pending: wait for the answer, then release what it reserved.
+        saga()
+            .given(&[placed()])
+            .when(Input::CancellationRequested)
+            .then_commands(&[]);
+        saga()
+            .given(&[placed(), Input::CancellationRequested, reserved("A")])
+            .when(reserved("B"))
+            .then_commands(&[release(), cancelled.clone()])
+            .then_state(ended(Step::Cancelled, EndReason::CustomerRequest));
+        // ...or, if it reserved nothing, release nothing.
+        saga()
+            .given(&[placed(), Input::CancellationRequested])
+            .when(Input::StockReservationFailed { sku: "A".into() })
+            .then_commands(std::slice::from_ref(&cancelled))
+            .then_state(ended(Step::Cancelled, EndReason::CustomerRequest));
+        // While the payment is pending: release the stock and void any authorization.
+        saga()
+            .given(&[placed(), reserved("A"), reserved("B")])
+            .when(Input::CancellationRequested)
+            .then_commands(&[release(), void(), cancelled])
+            .then_deadline(Deadline::Clear);
+        // Once confirmed, there is nothing to cancel.
+        saga()
+            .given(&[
+                placed(),
+                reserved("A"),
+                reserved("B"),
+                Input::PaymentAuthorized,
+            ])
+            .when(Input::CancellationRequested)
+            .then_commands(&[])
+            .then_state(|state| assert_eq!(state.step, Step::Capturing));
+    }
+
+    #[test]
+    fn every_input_delivered_twice_decides_nothing_the_second_time() {
+        let script = [
+            placed(),
+            reserved("A"),
+            reserved("B"),
+            Input::PaymentAuthorized,
+            Input::PaymentCaptured,
+        ];
+        for end in 1..=script.len() {
+            let given = saga().given(&script[..end]);
+            let before = given.state().clone();
+            let duplicate = script[end - 1].clone();
+            given
+                .when(duplicate)
+                .then_commands(&[])
+                .then_deadline(Deadline::Keep)
+                .then_state(|after| assert_eq!(after, &before));
+        }
+    }
+
+    #[test]
+    fn the_state_round_trips_through_json() {
+        let state = saga()
+            .given(&[placed(), reserved("A")])
+            .when(Input::CancellationRequested)
+            .decision
+            .state;
+        let json = serde_json::to_value(&state).unwrap();
+        assert_eq!(json["step"], "reserving_stock");
+        let back: Fulfilment = serde_json::from_value(json).unwrap();
+        assert_eq!(back, state);
+        let ended = saga()
+            .given(&[placed()])
+            .when(Input::StockReservationFailed { sku: "A".into() })
+            .decision
+            .state;
+        assert_eq!(
+            serde_json::to_value(&ended).unwrap()["reason"],
+            "out_of_stock"
+        );
+    }
+}
