@@ -75,7 +75,7 @@ pub enum StockError {
 }
 
 /// One SKU's part of a request to the inventory service.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct StockLine {
     pub sku: String,
     pub quantity: u32,

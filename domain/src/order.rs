@@ -45,8 +45,7 @@ impl OrderStatus {
 }
 
 /// Why an order did not confirm. The strings are part of the public contract.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-#[serde(rename_all = "snake_case")]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum EndReason {
     OutOfStock,
     PaymentDeclined,

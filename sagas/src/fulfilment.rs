@@ -63,14 +63,22 @@ impl Step {
     }
 }
 
-/// The saga's state, persisted as JSON between inputs.
+/// One SKU of the order, as the saga stores it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Line {
+    pub sku: String,
+    pub quantity: u32,
+}
+
+/// The saga's state, persisted as JSON between inputs (its own types, not the
+/// domain's, so the domain can change without breaking stored sagas).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Fulfilment {
     pub step: Step,
     pub order_id: Uuid,
     pub customer_id: Uuid,
     /// Quantities per SKU (lines of one SKU merged), in SKU order.
-    pub lines: Vec<StockLine>,
+    pub lines: Vec<Line>,
     pub total_cents: i64,
     pub currency: String,
     pub card_token: String,
@@ -78,8 +86,8 @@ pub struct Fulfilment {
     pub reserved: BTreeSet<String>,
     /// The customer asked to cancel while the outcome of a step was pending.
     pub cancellation_requested: bool,
-    /// Why the order did not confirm.
-    pub reason: Option<EndReason>,
+    /// Why the order did not confirm: an [`EndReason`] string (`out_of_stock`, …).
+    pub reason: Option<String>,
     /// Captures sent (the first, then one per retry).
     pub capture_attempts: u32,
 }
@@ -246,7 +254,7 @@ impl ProcessManager for Fulfilment {
                 if let Some(line) = next.lines.iter().find(|line| &line.sku == sku) {
                     commands.push(Command::Stock(StockRequest::ReleaseStock {
                         order_id: next.order_id,
-                        lines: vec![line.clone()],
+                        lines: vec![line.stock()],
                     }));
                 }
             }
@@ -262,9 +270,26 @@ impl ProcessManager for Fulfilment {
     }
 }
 
+impl Line {
+    fn stock(&self) -> StockLine {
+        StockLine {
+            sku: self.sku.clone(),
+            quantity: self.quantity,
+        }
+    }
+}
+
 impl Fulfilment {
+    /// Why the order did not confirm, if it ended so.
+    pub fn end_reason(&self) -> Option<EndReason> {
+        self.reason.as_deref().and_then(EndReason::parse)
+    }
+
     fn stock(&self, request: impl FnOnce(Uuid, Vec<StockLine>) -> StockRequest) -> Command {
-        Command::Stock(request(self.order_id, self.lines.clone()))
+        Command::Stock(request(
+            self.order_id,
+            self.lines.iter().map(Line::stock).collect(),
+        ))
     }
 
     fn release(&self) -> Command {
@@ -286,7 +311,7 @@ impl Fulfilment {
     /// Ends the order without confirming it.
     fn end(&mut self, step: Step, reason: EndReason, commands: &mut Vec<Command>) {
         self.step = step;
-        self.reason = Some(reason);
+        self.reason = Some(reason.as_str().to_owned());
         commands.push(Command::Order(match step {
             Step::Rejected => OrderCommand::RejectOrder { reason },
             _ => OrderCommand::CancelOrder { reason },
@@ -295,7 +320,7 @@ impl Fulfilment {
 }
 
 /// The order's lines with each SKU once, in SKU order.
-fn merged(order_id: Uuid, lines: &[OrderLine]) -> Vec<StockLine> {
+fn merged(order_id: Uuid, lines: &[OrderLine]) -> Vec<Line> {
     let lines = lines
         .iter()
         .map(|line| StockLine {
@@ -303,7 +328,14 @@ fn merged(order_id: Uuid, lines: &[OrderLine]) -> Vec<StockLine> {
             quantity: line.quantity,
         })
         .collect();
-    StockRequest::ReserveStock { order_id, lines }.lines_by_sku()
+    StockRequest::ReserveStock { order_id, lines }
+        .lines_by_sku()
+        .into_iter()
+        .map(|line| Line {
+            sku: line.sku,
+            quantity: line.quantity,
+        })
+        .collect()
 }
 
 #[cfg(test)]
@@ -404,7 +436,7 @@ mod tests {
     fn ended(step: Step, reason: EndReason) -> impl FnOnce(&Fulfilment) {
         move |state| {
             assert_eq!(state.step, step);
-            assert_eq!(state.reason, Some(reason));
+            assert_eq!(state.end_reason(), Some(reason));
         }
     }
 
@@ -417,7 +449,8 @@ mod tests {
             .then_deadline(Deadline::Keep)
             .then_state(|state| {
                 assert_eq!(state.step, Step::ReservingStock);
-                assert_eq!(state.lines, lines());
+                let stock: Vec<StockLine> = state.lines.iter().map(Line::stock).collect();
+                assert_eq!(stock, lines());
             });
     }
 
