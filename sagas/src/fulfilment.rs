@@ -127,6 +127,64 @@ pub enum Command {
     Order(OrderCommand),
 }
 
+impl Step {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Step::NotStarted => "not_started",
+            Step::ReservingStock => "reserving_stock",
+            Step::AuthorizingPayment => "authorizing_payment",
+            Step::Capturing => "capturing",
+            Step::Completed => "completed",
+            Step::Rejected => "rejected",
+            Step::Cancelled => "cancelled",
+        }
+    }
+}
+
+impl Input {
+    /// A short description for the saga's history.
+    pub fn describe(&self) -> String {
+        match self {
+            Input::OrderPlaced { .. } => "OrderPlaced".to_owned(),
+            Input::CancellationRequested => "OrderCancellationRequested".to_owned(),
+            Input::StockReserved { sku } => format!("StockReserved {sku}"),
+            Input::StockReservationFailed { sku } => format!("StockReservationFailed {sku}"),
+            Input::PaymentAuthorized => "PaymentAuthorized".to_owned(),
+            Input::PaymentDeclined => "PaymentDeclined".to_owned(),
+            Input::PaymentCaptured => "PaymentCaptured".to_owned(),
+            Input::DeadlinePassed => "DeadlinePassed".to_owned(),
+        }
+    }
+}
+
+impl Command {
+    /// A short description for the saga's history.
+    pub fn describe(&self) -> String {
+        match self {
+            Command::Stock(StockRequest::ReserveStock { .. }) => "ReserveStock".to_owned(),
+            Command::Stock(StockRequest::ReleaseStock { lines, .. }) => {
+                let skus: Vec<&str> = lines.iter().map(|line| line.sku.as_str()).collect();
+                format!("ReleaseStock {}", skus.join(","))
+            }
+            Command::Stock(StockRequest::CommitStock { .. }) => "CommitStock".to_owned(),
+            Command::Payment(PaymentRequest::AuthorizePayment { .. }) => {
+                "AuthorizePayment".to_owned()
+            }
+            Command::Payment(PaymentRequest::CapturePayment { .. }) => "CapturePayment".to_owned(),
+            Command::Payment(PaymentRequest::VoidPayment { .. }) => "VoidPayment".to_owned(),
+            Command::Payment(PaymentRequest::RefundPayment { .. }) => "RefundPayment".to_owned(),
+            Command::Order(OrderCommand::ConfirmOrder) => "ConfirmOrder".to_owned(),
+            Command::Order(OrderCommand::RejectOrder { reason }) => {
+                format!("RejectOrder {}", reason.as_str())
+            }
+            Command::Order(OrderCommand::CancelOrder { reason }) => {
+                format!("CancelOrder {}", reason.as_str())
+            }
+            Command::Order(other) => format!("{other:?}"),
+        }
+    }
+}
+
 impl ProcessManager for Fulfilment {
     type Input = Input;
     type Command = Command;

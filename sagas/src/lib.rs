@@ -2,15 +2,17 @@
 //!
 //! - [`ProcessManager`]: a saga's decisions, pure: given its state and one input, the
 //!   next state, the commands to send and what becomes of its deadline ([`Decision`]).
-//!   A runner (to come) loads the state, applies the decision and sends the commands
-//!   through the outbox in one transaction; nothing here does I/O.
+//!   The runner loads the state, applies the decision and sends the commands through
+//!   the outbox in one transaction; the decisions do no I/O.
 //! - [`fulfilment`]: the order-fulfilment saga of DESIGN §6.
+//! - [`runner`]: runs the saga on the consumer runtime (events in, commands out
+//!   through the outbox, state and history in `sagas`/`saga_steps`, one transaction
+//!   per input) and fires its deadlines from PostgreSQL; [`runner::find`] reads a saga
+//!   for `GET /sagas/{order_id}`.
 //! - [`testing`]: a given/when/then harness for decisions.
-//!
-//! Not built yet: the runner (persisted state with a version, the outbox, inputs
-//! mapped from events), the deadline scheduler, and `GET /sagas/{order_id}`.
 
 pub mod fulfilment;
+pub mod runner;
 pub mod testing;
 
 use chrono::{DateTime, Utc};

@@ -97,6 +97,9 @@ pub struct Config {
     database_urls: Vec<(Service, String)>,
     /// `ORDERFLOW_<SERVICE>_PORT` overrides of the ports of DESIGN §2 (0: any free port).
     ports: Vec<(Service, u16)>,
+    /// `ORDERFLOW_PAYMENT_DEADLINE_MS`: how long the order-fulfilment saga waits for a
+    /// payment answer before it compensates (default 30 s).
+    pub payment_deadline: std::time::Duration,
 }
 
 impl Config {
@@ -137,12 +140,27 @@ impl Config {
                 ports.push((service, port));
             }
         }
+        let payment_deadline = match lookup("ORDERFLOW_PAYMENT_DEADLINE_MS") {
+            Some(text) => text
+                .trim()
+                .parse()
+                .ok()
+                .filter(|ms| *ms > 0)
+                .map(std::time::Duration::from_millis)
+                .ok_or_else(|| {
+                    anyhow::anyhow!(
+                        "ORDERFLOW_PAYMENT_DEADLINE_MS={text:?} is not a positive number of milliseconds"
+                    )
+                })?,
+            None => std::time::Duration::from_secs(30),
+        };
         Ok(Config {
             pg_url,
             bind_address,
             amqp_url,
             database_urls,
             ports,
+            payment_deadline,
         })
     }
 

@@ -16,6 +16,7 @@ use projections::inventory::StockLevels;
 use projections::order::{CustomerOrders, OrderSummaries};
 use projections::payment::PaymentStatuses;
 use projections::{ReadModels, Runner};
+use sagas::runner::FulfilmentRunner;
 use tokio::net::TcpListener;
 use tokio::task::{JoinHandle, JoinSet};
 use tokio_util::sync::CancellationToken;
@@ -208,6 +209,16 @@ impl Plan<'_> {
         match self.service {
             Service::Order => {
                 self.read_models((OrderSummaries, CustomerOrders));
+                let saga = FulfilmentRunner {
+                    aggregates: aggregates.clone(),
+                    settings: sagas::fulfilment::Settings {
+                        payment_deadline: self.config.payment_deadline,
+                        ..Default::default()
+                    },
+                };
+                let deadlines = saga.clone().run_deadlines(self.shutdown.clone());
+                self.worker("saga deadlines".to_owned(), deadlines);
+                self.consumer(FulfilmentRunner::config(&self.config.amqp_url), saga);
             }
             Service::Inventory => {
                 self.read_models(StockLevels);

@@ -89,6 +89,15 @@ pub struct System {
 
 impl System {
     pub async fn start(list: &[services::config::Service]) -> System {
+        Self::start_with(list, &[]).await
+    }
+
+    /// As [`start`](Self::start), with these environment variables set for the
+    /// services' configuration (`ORDERFLOW_PAYMENT_DEADLINE_MS`, say).
+    pub async fn start_with(
+        list: &[services::config::Service],
+        variables: &[(&str, &str)],
+    ) -> System {
         let vhost = tokio::task::spawn_blocking(Vhost::new)
             .await
             .expect("vhost task")
@@ -97,7 +106,10 @@ impl System {
         let mut config = services::config::Config::from_lookup(|name| match name {
             "ORDERFLOW_PG_URL" => Some(server_url()),
             "ORDERFLOW_AMQP_URL" => Some(vhost.url.clone()),
-            _ => None,
+            other => variables
+                .iter()
+                .find(|(name, _)| *name == other)
+                .map(|(_, value)| (*value).to_owned()),
         })
         .expect("test configuration");
         let suffix = uuid::Uuid::now_v7().simple().to_string();

@@ -14,6 +14,7 @@ mod orders;
 mod payments;
 pub mod problem;
 pub mod read;
+mod sagas;
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -74,7 +75,7 @@ pub struct CorrelationId {
 /// A service's whole HTTP surface. Tests call this without binding a socket.
 pub fn app(state: AppState) -> Router {
     let resources = match state.service {
-        Service::Order => orders::router(),
+        Service::Order => orders::router().merge(sagas::router()),
         Service::Inventory => inventory::router(),
         Service::Payment => payments::router(),
         _ => Router::new(),

@@ -8,7 +8,7 @@ use utoipa::OpenApi;
 use utoipa::openapi::path::{Parameter, ParameterBuilder, ParameterIn};
 use utoipa::openapi::{ObjectBuilder, Required, Type};
 
-use super::{AppState, health, inventory, orders, payments};
+use super::{AppState, health, inventory, orders, payments, sagas};
 use crate::config::Service;
 
 /// What every service serves, whatever else it does.
@@ -27,7 +27,10 @@ struct Common;
 pub fn document(service: Service) -> utoipa::openapi::OpenApi {
     let mut document = Common::openapi();
     match service {
-        Service::Order => document.merge(orders::Api::openapi()),
+        Service::Order => {
+            document.merge(orders::Api::openapi());
+            document.merge(sagas::Api::openapi());
+        }
         Service::Inventory => document.merge(inventory::Api::openapi()),
         Service::Payment => document.merge(payments::Api::openapi()),
         _ => {}

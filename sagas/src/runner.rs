@@ -1,0 +1,358 @@
+//! Runs the order-fulfilment saga: a [`Handler`] of the consumer runtime for the events
+//! it reacts to, and a scheduler for its deadlines. Each input is one transaction: the
+//! saga row locked, the decision taken, its order commands executed on the order
+//! aggregate, its other commands queued in the outbox, the new state, deadline and
+//! history step written, and (for an event) the inbox row: all or nothing.
+
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use domain::inventory::StockEvent;
+use domain::order::{Order, OrderEvent};
+use domain::payment::PaymentEvent;
+use eventstore::{
+    AggregateStore, ConsumerConfig, Handler, HandlerError, Message, Metadata, OutgoingCommand,
+    StoreTransaction,
+};
+use serde::Serialize;
+use sqlx::{PgPool, Row};
+use tokio_util::sync::CancellationToken;
+use utoipa::ToSchema;
+use uuid::Uuid;
+
+use crate::fulfilment::{Command, Fulfilment, Input, Settings};
+use crate::{Deadline, ProcessManager};
+
+/// The saga type recorded with each instance.
+pub const SAGA_TYPE: &str = "order-fulfilment";
+/// How often the scheduler looks for deadlines that fell due.
+const DEADLINE_POLL: Duration = Duration::from_millis(100);
+
+/// The order-fulfilment saga as the order service runs it.
+#[derive(Clone)]
+pub struct FulfilmentRunner {
+    pub aggregates: AggregateStore,
+    pub settings: Settings,
+}
+
+impl FulfilmentRunner {
+    /// Its consumer: every event of the order, inventory and payment services.
+    pub fn config(amqp_url: &str) -> ConsumerConfig {
+        let mut config = ConsumerConfig::events(
+            "order",
+            "fulfilment-saga",
+            amqp_url,
+            &["order.*", "inventory.*", "payment.*"],
+        );
+        config.connections = 4;
+        config
+    }
+
+    /// Fires due deadlines until `cancel` fires: every [`DEADLINE_POLL`], each saga
+    /// whose deadline has passed gets a `DeadlinePassed` input in its own transaction.
+    pub async fn run_deadlines(self, cancel: CancellationToken) {
+        loop {
+            if let Err(error) = self.fire_due_deadlines().await {
+                tracing::warn!(%error, "could not fire saga deadlines");
+            }
+            tokio::select! {
+                () = cancel.cancelled() => return,
+                () = tokio::time::sleep(DEADLINE_POLL) => {}
+            }
+        }
+    }
+
+    /// Fires the deadlines due now; returns how many fired.
+    pub async fn fire_due_deadlines(&self) -> Result<usize, HandlerError> {
+        let store = self.aggregates.event_store();
+        let due: Vec<Uuid> = sqlx::query_scalar(
+            "SELECT saga_id FROM sagas WHERE deadline_at <= now() ORDER BY deadline_at LIMIT 100",
+        )
+        .fetch_all(store.pool())
+        .await?;
+        let mut fired = 0;
+        for order_id in due {
+            let mut transaction = store.begin().await?;
+            // The order stream before the saga row, as the event handler locks them.
+            transaction.lock_streams(&[&order_stream(order_id)]).await?;
+            let still_due: Option<Uuid> = sqlx::query_scalar(
+                "SELECT correlation_id FROM sagas WHERE saga_id = $1 AND deadline_at <= now() \
+                 FOR UPDATE SKIP LOCKED",
+            )
+            .bind(order_id)
+            .fetch_optional(transaction.connection())
+            .await?;
+            let Some(correlation_id) = still_due else {
+                continue;
+            };
+            // Commands sent because of this firing name it as their cause.
+            let cause = Uuid::new_v5(&order_id, format!("deadline {}", Utc::now()).as_bytes());
+            let metadata = Metadata::new(correlation_id, cause);
+            self.step(&mut transaction, order_id, &Input::DeadlinePassed, metadata)
+                .await?;
+            transaction.commit().await?;
+            fired += 1;
+        }
+        Ok(fired)
+    }
+
+    /// Takes one input: locks and loads the saga, decides, and writes the outcome in
+    /// `transaction`. An input for a saga that has not started (other than the order
+    /// being placed) is not for this saga and is ignored.
+    async fn step(
+        &self,
+        transaction: &mut StoreTransaction<'_>,
+        order_id: Uuid,
+        input: &Input,
+        metadata: Metadata,
+    ) -> Result<(), HandlerError> {
+        let row = sqlx::query(
+            "SELECT version, state, deadline_at FROM sagas WHERE saga_id = $1 FOR UPDATE",
+        )
+        .bind(order_id)
+        .fetch_optional(transaction.connection())
+        .await?;
+        let (state, version, deadline_at) = match row {
+            Some(row) => {
+                let state: serde_json::Value = row.try_get("state")?;
+                let state: Fulfilment = serde_json::from_value(state)
+                    .map_err(|error| format!("unreadable saga state: {error}"))?;
+                let deadline: Option<DateTime<Utc>> = row.try_get("deadline_at")?;
+                (state, row.try_get::<i64, _>("version")?, deadline)
+            }
+            None if matches!(input, Input::OrderPlaced { .. }) => (Fulfilment::default(), 0, None),
+            None => {
+                tracing::debug!(%order_id, input = %input.describe(), "no saga for this input");
+                return Ok(());
+            }
+        };
+        let now = Utc::now();
+        let decision = state.decide(input, now, &self.settings);
+        let deadline = match decision.deadline {
+            // A deadline that fired is used up, whatever the saga made of it.
+            Deadline::Keep if matches!(input, Input::DeadlinePassed) => None,
+            Deadline::Keep => deadline_at,
+            Deadline::Set(at) => Some(at),
+            Deadline::Clear => None,
+        };
+        if decision.state == state && decision.commands.is_empty() && deadline == deadline_at {
+            return Ok(());
+        }
+        let stream_id = order_stream(order_id);
+        for (index, command) in decision.commands.iter().enumerate() {
+            let command_id = Uuid::new_v5(&metadata.causation_id, &index.to_le_bytes());
+            match command {
+                Command::Order(command) => {
+                    self.aggregates
+                        .execute_in::<Order>(transaction, &stream_id, None, command, metadata)
+                        .await?;
+                }
+                Command::Stock(request) => {
+                    let encoded = self.aggregates.registry().encode(request)?;
+                    let mut outgoing =
+                        OutgoingCommand::new("inventory", &stream_id, encoded, metadata);
+                    outgoing.command_id = command_id;
+                    transaction.send_command(&outgoing).await?;
+                }
+                Command::Payment(request) => {
+                    let encoded = self.aggregates.registry().encode(request)?;
+                    let mut outgoing =
+                        OutgoingCommand::new("payment", &stream_id, encoded, metadata);
+                    outgoing.command_id = command_id;
+                    transaction.send_command(&outgoing).await?;
+                }
+            }
+        }
+        let state_json = serde_json::to_value(&decision.state)
+            .map_err(|error| format!("cannot store saga state: {error}"))?;
+        let written = sqlx::query(
+            "INSERT INTO sagas (saga_id, saga_type, version, state, deadline_at, correlation_id) \
+             VALUES ($1, $2, 1, $3, $4, $5) \
+             ON CONFLICT (saga_id) DO UPDATE SET version = sagas.version + 1, \
+             state = excluded.state, deadline_at = excluded.deadline_at, updated_at = now() \
+             WHERE sagas.version = $6",
+        )
+        .bind(order_id)
+        .bind(SAGA_TYPE)
+        .bind(&state_json)
+        .bind(deadline)
+        .bind(metadata.correlation_id)
+        .bind(version)
+        .execute(transaction.connection())
+        .await?;
+        if written.rows_affected() != 1 {
+            // Another transaction moved the saga on first: roll back and retry.
+            return Err(format!("saga {order_id} changed under us (version {version})").into());
+        }
+        let commands: Vec<String> = decision.commands.iter().map(Command::describe).collect();
+        sqlx::query(
+            "INSERT INTO saga_steps (saga_id, version, at, input, step, commands) \
+             VALUES ($1, $2, $3, $4, $5, $6)",
+        )
+        .bind(order_id)
+        .bind(version + 1)
+        .bind(now)
+        .bind(input.describe())
+        .bind(decision.state.step.as_str())
+        .bind(&commands)
+        .execute(transaction.connection())
+        .await?;
+        Ok(())
+    }
+}
+
+impl Handler for FulfilmentRunner {
+    fn streams_to_lock(&self, message: &Message) -> Vec<String> {
+        match input_of(message) {
+            Ok(Some((order_id, _))) => vec![order_stream(order_id)],
+            _ => Vec::new(),
+        }
+    }
+
+    async fn handle(
+        &self,
+        message: &Message,
+        transaction: &mut StoreTransaction<'_>,
+    ) -> Result<(), HandlerError> {
+        let Some((order_id, input)) = input_of(message)? else {
+            return Ok(());
+        };
+        let metadata = Metadata::new(message.envelope.correlation_id, message.envelope.message_id);
+        self.step(transaction, order_id, &input, metadata).await
+    }
+}
+
+/// The saga input an event is, and for which order; `None` for events the saga does
+/// not react to.
+fn input_of(message: &Message) -> Result<Option<(Uuid, Input)>, HandlerError> {
+    let service = message.routing_key.split('.').next().unwrap_or_default();
+    Ok(match service {
+        "order" => match message.decode::<OrderEvent>()? {
+            OrderEvent::OrderPlaced {
+                order_id,
+                customer_id,
+                lines,
+                total_cents,
+                currency,
+                card_token,
+            } => Some((
+                order_id,
+                Input::OrderPlaced {
+                    order_id,
+                    customer_id,
+                    lines,
+                    total_cents,
+                    currency,
+                    card_token,
+                },
+            )),
+            OrderEvent::OrderCancellationRequested { order_id } => {
+                Some((order_id, Input::CancellationRequested))
+            }
+            _ => None,
+        },
+        "inventory" => match message.decode::<StockEvent>()? {
+            StockEvent::StockReserved { sku, order_id, .. } => {
+                Some((order_id, Input::StockReserved { sku }))
+            }
+            StockEvent::StockReservationFailed { sku, order_id, .. } => {
+                Some((order_id, Input::StockReservationFailed { sku }))
+            }
+            _ => None,
+        },
+        "payment" => match message.decode::<PaymentEvent>()? {
+            PaymentEvent::PaymentAuthorized { order_id, .. } => {
+                Some((order_id, Input::PaymentAuthorized))
+            }
+            PaymentEvent::PaymentDeclined { order_id, .. } => {
+                Some((order_id, Input::PaymentDeclined))
+            }
+            PaymentEvent::PaymentCaptured { order_id, .. } => {
+                Some((order_id, Input::PaymentCaptured))
+            }
+            _ => None,
+        },
+        _ => None,
+    })
+}
+
+fn order_stream(order_id: Uuid) -> String {
+    AggregateStore::stream_id::<Order>(order_id)
+}
+
+/// A saga as `GET /sagas/{order_id}` shows it.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct SagaView {
+    pub order_id: Uuid,
+    #[schema(example = "order-fulfilment")]
+    pub saga_type: String,
+    /// `reserving_stock`, `authorizing_payment`, `capturing`, `completed`, `rejected`
+    /// or `cancelled`.
+    #[schema(example = "completed")]
+    pub step: String,
+    pub version: i64,
+    /// Everything the saga keeps: lines, totals, what is reserved, the end reason.
+    #[schema(value_type = Object)]
+    pub state: serde_json::Value,
+    /// When the pending deadline falls due, if one is pending.
+    pub deadline_at: Option<DateTime<Utc>>,
+    pub started_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+    pub history: Vec<StepView>,
+}
+
+/// One input that changed the saga.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct StepView {
+    pub version: i64,
+    pub at: DateTime<Utc>,
+    pub input: String,
+    /// Where the saga got to.
+    pub step: String,
+    /// What it sent, in order.
+    pub commands: Vec<String>,
+}
+
+/// The saga of `order_id` with its history, oldest step first.
+pub async fn find(pool: &PgPool, order_id: Uuid) -> Result<Option<SagaView>, sqlx::Error> {
+    let Some(row) = sqlx::query(
+        "SELECT saga_type, version, state, deadline_at, started_at, updated_at \
+         FROM sagas WHERE saga_id = $1",
+    )
+    .bind(order_id)
+    .fetch_optional(pool)
+    .await?
+    else {
+        return Ok(None);
+    };
+    let history = sqlx::query(
+        "SELECT version, at, input, step, commands FROM saga_steps \
+         WHERE saga_id = $1 ORDER BY version",
+    )
+    .bind(order_id)
+    .fetch_all(pool)
+    .await?
+    .into_iter()
+    .map(|step| {
+        Ok(StepView {
+            version: step.try_get("version")?,
+            at: step.try_get("at")?,
+            input: step.try_get("input")?,
+            step: step.try_get("step")?,
+            commands: step.try_get("commands")?,
+        })
+    })
+    .collect::<Result<Vec<_>, sqlx::Error>>()?;
+    let state: serde_json::Value = row.try_get("state")?;
+    Ok(Some(SagaView {
+        order_id,
+        saga_type: row.try_get("saga_type")?,
+        step: state["step"].as_str().unwrap_or_default().to_owned(),
+        version: row.try_get("version")?,
+        state,
+        deadline_at: row.try_get("deadline_at")?,
+        started_at: row.try_get("started_at")?,
+        updated_at: row.try_get("updated_at")?,
+        history,
+    }))
+}

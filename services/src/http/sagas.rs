@@ -1,0 +1,44 @@
+//! The order service's view of its sagas: `GET /sagas/{order_id}`.
+
+use axum::Router;
+use axum::extract::{Path, State};
+use axum::response::Response;
+use axum::routing::get;
+use sagas::runner::SagaView;
+use utoipa::OpenApi;
+
+use super::AppState;
+use super::orders::parse_id;
+use super::problem::{ApiError, PROBLEM, Problem};
+use super::read::found;
+
+/// The saga endpoints, for `/openapi.json`.
+#[derive(OpenApi)]
+#[openapi(
+    paths(get_saga),
+    tags((name = "sagas", description = "The order-fulfilment saga of each order"))
+)]
+pub struct Api;
+
+pub fn router() -> Router<AppState> {
+    Router::new().route("/sagas/{order_id}", get(get_saga))
+}
+
+/// An order's fulfilment saga: where it is, its pending deadline, and every step it
+/// took with what it sent.
+#[utoipa::path(get, path = "/sagas/{order_id}", tag = "sagas",
+    params(("order_id" = Uuid, Path)),
+    responses(
+        (status = 200, description = "The saga", body = SagaView),
+        (status = 404, description = "No saga for this order (yet)", body = Problem,
+            content_type = PROBLEM),
+    ))]
+async fn get_saga(
+    State(state): State<AppState>,
+    Path(order_id): Path<String>,
+) -> Result<Response, ApiError> {
+    let db = state.db()?;
+    let order_id = parse_id("order_id", &order_id)?;
+    let saga = sagas::runner::find(&db.pool, order_id).await?;
+    found(saga, || format!("no saga for order {order_id}"))
+}

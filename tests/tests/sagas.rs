@@ -1,0 +1,289 @@
+//! The order-fulfilment saga end to end: order, inventory and payment in-process on
+//! free ports, each with a fresh database, all in a fresh RabbitMQ virtual host. Each
+//! test places orders over HTTP and waits (with a deadline) for the saga to end them,
+//! then checks the order, the stock, the payment and the saga's history.
+
+use std::time::Duration;
+
+use reqwest::StatusCode;
+use serde_json::{Value, json};
+use services::config::Service::{self, Inventory, Order, Payment};
+use tests::{System, wait_for};
+use uuid::Uuid;
+
+const TRIO: [Service; 3] = [Order, Inventory, Payment];
+const DEADLINE: Duration = Duration::from_secs(30);
+
+async fn get(system: &System, service: Service, path: &str) -> (StatusCode, Value) {
+    let response = system
+        .http
+        .get(system.url(service, path))
+        .send()
+        .await
+        .expect("request");
+    let status = response.status();
+    (status, response.json().await.unwrap_or(Value::Null))
+}
+
+async fn post(system: &System, service: Service, path: &str, body: Value) -> (StatusCode, Value) {
+    let response = system
+        .http
+        .post(system.url(service, path))
+        .json(&body)
+        .send()
+        .await
+        .expect("request");
+    let status = response.status();
+    (status, response.json().await.unwrap_or(Value::Null))
+}
+
+async fn add_stock(system: &System, sku: &str, quantity: u32) {
+    let body = json!({ "sku": sku, "name": sku, "quantity": quantity });
+    let (status, answer) = post(system, Inventory, "/inventory/items", body).await;
+    assert!(status.is_success(), "{answer}");
+}
+
+/// Places an order and returns its id.
+async fn place(system: &System, lines: &[(&str, u32)], card_token: &str) -> String {
+    let lines: Vec<Value> = lines
+        .iter()
+        .map(
+            |(sku, quantity)| json!({ "sku": sku, "quantity": quantity, "unit_price_cents": 1000 }),
+        )
+        .collect();
+    let body = json!({ "customer_id": Uuid::now_v7(), "lines": lines, "card_token": card_token });
+    let (status, answer) = post(system, Order, "/orders", body).await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{answer}");
+    answer["order_id"].as_str().unwrap().to_owned()
+}
+
+/// Waits until the order's read model shows a status other than `pending`.
+async fn ended(system: &System, order_id: &str) -> Value {
+    wait_for(DEADLINE, "the order to end", || async {
+        let (status, order) = get(system, Order, &format!("/orders/{order_id}")).await;
+        (status == StatusCode::OK && order["status"] != "pending").then_some(order)
+    })
+    .await
+}
+
+/// Waits until the saga reaches `step`.
+async fn saga_at(system: &System, order_id: &str, step: &str) -> Value {
+    wait_for(DEADLINE, step, || async {
+        let (status, saga) = get(system, Order, &format!("/sagas/{order_id}")).await;
+        (status == StatusCode::OK && saga["step"] == step).then_some(saga)
+    })
+    .await
+}
+
+/// Waits until the item shows these (available, reserved, sold).
+async fn stock_is(system: &System, sku: &str, expected: (u64, u64, u64)) {
+    wait_for(DEADLINE, &format!("{sku} at {expected:?}"), || async {
+        let (_, item) = get(system, Inventory, &format!("/inventory/items/{sku}")).await;
+        let levels = (
+            item["available"].as_u64()?,
+            item["reserved"].as_u64()?,
+            item["sold"].as_u64()?,
+        );
+        (levels == expected).then_some(())
+    })
+    .await
+}
+
+async fn payment_status(system: &System, order_id: &str) -> Option<String> {
+    let (status, payment) = get(system, Payment, &format!("/payments/{order_id}")).await;
+    (status == StatusCode::OK).then(|| payment["status"].as_str().unwrap().to_owned())
+}
+
+fn history(saga: &Value) -> Vec<(String, Vec<String>)> {
+    saga["history"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|step| {
+            let commands = step["commands"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|c| c.as_str().unwrap().to_owned())
+                .collect();
+            (step["input"].as_str().unwrap().to_owned(), commands)
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn a_paid_order_is_confirmed_its_stock_sold_and_its_payment_captured() {
+    let system = System::start(&TRIO).await;
+    add_stock(&system, "A", 10).await;
+    add_stock(&system, "B", 5).await;
+    let order_id = place(&system, &[("A", 2), ("B", 1), ("A", 1)], "tok_visa").await;
+    let order = ended(&system, &order_id).await;
+    assert_eq!(order["status"], "confirmed", "{order}");
+    let saga = saga_at(&system, &order_id, "completed").await;
+    assert!(saga["deadline_at"].is_null(), "{saga}");
+    stock_is(&system, "A", (7, 0, 3)).await;
+    stock_is(&system, "B", (4, 0, 1)).await;
+    wait_for(DEADLINE, "the capture", || async {
+        (payment_status(&system, &order_id).await.as_deref() == Some("captured")).then_some(())
+    })
+    .await;
+    let steps = history(&saga);
+    let inputs: Vec<&str> = steps.iter().map(|(input, _)| input.as_str()).collect();
+    assert_eq!(inputs[0], "OrderPlaced");
+    assert_eq!(steps[0].1, ["ReserveStock"]);
+    let confirm = steps
+        .iter()
+        .find(|(input, _)| input == "PaymentAuthorized")
+        .expect("authorized");
+    assert_eq!(confirm.1, ["ConfirmOrder", "CommitStock", "CapturePayment"]);
+    assert_eq!(inputs.last(), Some(&"PaymentCaptured"));
+    system.stop().await;
+}
+
+#[tokio::test]
+async fn short_stock_rejects_the_order_and_holds_nothing() {
+    let system = System::start(&TRIO).await;
+    add_stock(&system, "A", 10).await;
+    add_stock(&system, "B", 1).await;
+    let order_id = place(&system, &[("A", 2), ("B", 2)], "tok_visa").await;
+    let order = ended(&system, &order_id).await;
+    assert_eq!(
+        (&order["status"], &order["reason"]),
+        (&json!("rejected"), &json!("out_of_stock")),
+        "{order}"
+    );
+    stock_is(&system, "A", (10, 0, 0)).await;
+    stock_is(&system, "B", (1, 0, 0)).await;
+    assert_eq!(
+        payment_status(&system, &order_id).await,
+        None,
+        "never charged"
+    );
+    system.stop().await;
+}
+
+#[tokio::test]
+async fn a_declined_payment_releases_the_stock_and_cancels_the_order() {
+    let system = System::start(&TRIO).await;
+    add_stock(&system, "A", 10).await;
+    let order_id = place(&system, &[("A", 4)], "tok_decline").await;
+    let order = ended(&system, &order_id).await;
+    assert_eq!(
+        (&order["status"], &order["reason"]),
+        (&json!("cancelled"), &json!("payment_declined")),
+        "{order}"
+    );
+    stock_is(&system, "A", (10, 0, 0)).await;
+    assert_eq!(
+        payment_status(&system, &order_id).await.as_deref(),
+        Some("declined")
+    );
+    system.stop().await;
+}
+
+#[tokio::test]
+async fn no_payment_answer_within_the_deadline_compensates() {
+    let system = System::start_with(&TRIO, &[("ORDERFLOW_PAYMENT_DEADLINE_MS", "300")]).await;
+    add_stock(&system, "A", 10).await;
+    let order_id = place(&system, &[("A", 3)], "tok_timeout").await;
+    let order = ended(&system, &order_id).await;
+    assert_eq!(
+        (&order["status"], &order["reason"]),
+        (&json!("cancelled"), &json!("payment_timeout")),
+        "{order}"
+    );
+    stock_is(&system, "A", (10, 0, 0)).await;
+    let saga = saga_at(&system, &order_id, "cancelled").await;
+    let timed_out = history(&saga)
+        .into_iter()
+        .find(|(input, _)| input == "DeadlinePassed")
+        .expect("the deadline fired");
+    assert_eq!(
+        timed_out.1,
+        [
+            "ReleaseStock A",
+            "VoidPayment",
+            "CancelOrder payment_timeout"
+        ]
+    );
+    assert!(saga["deadline_at"].is_null(), "{saga}");
+    system.stop().await;
+}
+
+#[tokio::test]
+async fn cancelling_a_pending_order_compensates_what_was_done() {
+    let system = System::start(&TRIO).await;
+    add_stock(&system, "A", 10).await;
+    // The payment never answers and the deadline is 30 s: the order waits for it.
+    let order_id = place(&system, &[("A", 2)], "tok_timeout").await;
+    let saga = saga_at(&system, &order_id, "authorizing_payment").await;
+    assert!(
+        saga["deadline_at"].is_string(),
+        "a deadline is pending: {saga}"
+    );
+    stock_is(&system, "A", (8, 2, 0)).await;
+    let (status, answer) = post(
+        &system,
+        Order,
+        &format!("/orders/{order_id}/cancel"),
+        json!({}),
+    )
+    .await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{answer}");
+    let order = ended(&system, &order_id).await;
+    assert_eq!(
+        (&order["status"], &order["reason"]),
+        (&json!("cancelled"), &json!("customer_request")),
+        "{order}"
+    );
+    stock_is(&system, "A", (10, 0, 0)).await;
+    let saga = saga_at(&system, &order_id, "cancelled").await;
+    assert!(saga["deadline_at"].is_null(), "{saga}");
+    system.stop().await;
+}
+
+/// DESIGN §8 invariants 1–3 under contention: more orders than stock, mixed cards.
+#[tokio::test]
+async fn concurrent_orders_for_scarce_stock_all_end_and_the_books_balance() {
+    let system = System::start_with(&TRIO, &[("ORDERFLOW_PAYMENT_DEADLINE_MS", "1000")]).await;
+    add_stock(&system, "SCARCE", 50).await;
+    let tokens = ["tok_visa", "tok_visa", "tok_decline", "tok_timeout"];
+    let placing = (0..80).map(|i| {
+        let system = &system;
+        async move {
+            let token = tokens[i % tokens.len()];
+            (place(system, &[("SCARCE", 1)], token).await, token)
+        }
+    });
+    let orders = futures_util::future::join_all(placing).await;
+    let mut confirmed = 0;
+    for (order_id, token) in &orders {
+        let order = ended(&system, order_id).await;
+        let status = order["status"].as_str().unwrap();
+        let payment = payment_status(&system, order_id).await;
+        match status {
+            "confirmed" => {
+                confirmed += 1;
+                assert_eq!(*token, "tok_visa", "{order}");
+                wait_for(DEADLINE, "the capture", || async {
+                    (payment_status(&system, order_id).await.as_deref() == Some("captured"))
+                        .then_some(())
+                })
+                .await;
+            }
+            "rejected" => assert_eq!(order["reason"], "out_of_stock", "{order}"),
+            "cancelled" => {
+                // Never captured; an authorization, if any, was voided.
+                assert!(
+                    matches!(payment.as_deref(), None | Some("declined" | "voided")),
+                    "{order} {payment:?}"
+                );
+            }
+            other => panic!("order {order_id} ended {other}"),
+        }
+    }
+    assert!(confirmed > 0 && confirmed <= 50, "{confirmed} confirmed");
+    // Every unit is available or sold; nothing stays reserved for an ended order.
+    stock_is(&system, "SCARCE", (50 - confirmed, 0, confirmed)).await;
+    system.stop().await;
+}
