@@ -137,6 +137,8 @@ async fn migrate_creates_and_migrates_every_service_database() {
                 "parked_messages",
                 "parked_streams",
                 "payment_statuses",
+                "saga_steps",
+                "sagas",
                 "schema_registry",
                 "snapshots",
                 "stock_levels"
