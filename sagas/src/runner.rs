@@ -36,13 +36,23 @@ pub struct FulfilmentRunner {
 }
 
 impl FulfilmentRunner {
-    /// Its consumer: every event of the order, inventory and payment services.
+    /// Its consumer, bound to exactly the events it reacts to: every delivery costs a
+    /// transaction, and most events of these services (stock committed or released,
+    /// payments voided, the order's own outcome) are not inputs.
     pub fn config(amqp_url: &str) -> ConsumerConfig {
         let mut config = ConsumerConfig::events(
             "order",
             "fulfilment-saga",
             amqp_url,
-            &["order.*", "inventory.*", "payment.*"],
+            &[
+                "order.OrderPlaced",
+                "order.OrderCancellationRequested",
+                "inventory.StockReserved",
+                "inventory.StockReservationFailed",
+                "payment.PaymentAuthorized",
+                "payment.PaymentDeclined",
+                "payment.PaymentCaptured",
+            ],
         );
         config.connections = 4;
         config
