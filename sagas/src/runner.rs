@@ -150,28 +150,21 @@ impl FulfilmentRunner {
         }
         let stream_id = order_stream(order_id);
         for (index, command) in decision.commands.iter().enumerate() {
-            let command_id = Uuid::new_v5(&metadata.causation_id, &index.to_le_bytes());
-            match command {
+            let registry = self.aggregates.registry();
+            let (target, encoded) = match command {
                 Command::Order(command) => {
                     self.aggregates
                         .execute_in::<Order>(transaction, &stream_id, None, command, metadata)
                         .await?;
+                    continue;
                 }
-                Command::Stock(request) => {
-                    let encoded = self.aggregates.registry().encode(request)?;
-                    let mut outgoing =
-                        OutgoingCommand::new("inventory", &stream_id, encoded, metadata);
-                    outgoing.command_id = command_id;
-                    transaction.send_command(&outgoing).await?;
-                }
-                Command::Payment(request) => {
-                    let encoded = self.aggregates.registry().encode(request)?;
-                    let mut outgoing =
-                        OutgoingCommand::new("payment", &stream_id, encoded, metadata);
-                    outgoing.command_id = command_id;
-                    transaction.send_command(&outgoing).await?;
-                }
-            }
+                Command::Stock(request) => ("inventory", registry.encode(request)?),
+                Command::Payment(request) => ("payment", registry.encode(request)?),
+            };
+            // Derived from the input, so a retried input sends the same command ids.
+            let mut outgoing = OutgoingCommand::new(target, &stream_id, encoded, metadata);
+            outgoing.command_id = Uuid::new_v5(&metadata.causation_id, &index.to_le_bytes());
+            transaction.send_command(&outgoing).await?;
         }
         let state_json = serde_json::to_value(&decision.state)
             .map_err(|error| format!("cannot store saga state: {error}"))?;

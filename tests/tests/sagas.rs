@@ -174,10 +174,10 @@ async fn a_declined_payment_releases_the_stock_and_cancels_the_order() {
         "{order}"
     );
     stock_is(&system, "A", (10, 0, 0)).await;
-    assert_eq!(
-        payment_status(&system, &order_id).await.as_deref(),
-        Some("declined")
-    );
+    wait_for(DEADLINE, "the payment declined", || async {
+        (payment_status(&system, &order_id).await.as_deref() == Some("declined")).then_some(())
+    })
+    .await;
     system.stop().await;
 }
 
