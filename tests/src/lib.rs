@@ -154,6 +154,29 @@ impl System {
         eventstore::db::connect(options, 2).await.expect("connect")
     }
 
+    /// Stops the services gracefully, keeping their databases and virtual host, as a
+    /// stopped process would; [`resume`](Self::resume) starts them again.
+    pub async fn halt(&mut self) {
+        if let Some(running) = self.running.take() {
+            running.stop().await.expect("services stop cleanly");
+        }
+    }
+
+    /// Starts halted services again on the same databases and virtual host (on new
+    /// ports), as a restarted process would.
+    pub async fn resume(&mut self) {
+        assert!(self.running.is_none(), "resume after halt");
+        let list: Vec<_> = self.databases.iter().map(|(service, _)| *service).collect();
+        let running = services::serve::start(
+            &self.config,
+            &list,
+            tokio_util::sync::CancellationToken::new(),
+        )
+        .await
+        .expect("services start again");
+        self.running = Some(running);
+    }
+
     /// Stops the services gracefully (then drop removes their databases and vhost).
     pub async fn stop(mut self) {
         if let Some(running) = self.running.take() {

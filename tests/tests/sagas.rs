@@ -242,13 +242,13 @@ async fn cancelling_a_pending_order_compensates_what_was_done() {
     system.stop().await;
 }
 
-/// DESIGN §8 invariants 1–3 under contention: more orders than stock, mixed cards.
+/// DESIGN §8 invariants 1–4 under contention: 200 orders for 50 units, mixed cards.
 #[tokio::test]
 async fn concurrent_orders_for_scarce_stock_all_end_and_the_books_balance() {
     let system = System::start_with(&TRIO, &[("ORDERFLOW_PAYMENT_DEADLINE_MS", "1000")]).await;
     add_stock(&system, "SCARCE", 50).await;
     let tokens = ["tok_visa", "tok_visa", "tok_decline", "tok_timeout"];
-    let placing = (0..80).map(|i| {
+    let placing = (0..200).map(|i| {
         let system = &system;
         async move {
             let token = tokens[i % tokens.len()];
@@ -285,5 +285,82 @@ async fn concurrent_orders_for_scarce_stock_all_end_and_the_books_balance() {
     assert!(confirmed > 0 && confirmed <= 50, "{confirmed} confirmed");
     // Every unit is available or sold; nothing stays reserved for an ended order.
     stock_is(&system, "SCARCE", (50 - confirmed, 0, confirmed)).await;
+    // No effect twice: one stock movement per command, one capture per payment.
+    let inventory = system.pool(Inventory).await;
+    let repeated: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM (SELECT 1 FROM events \
+         WHERE event_type IN ('StockReserved', 'StockReleased', 'StockCommitted') \
+         GROUP BY causation_id, stream_id HAVING count(*) > 1) AS twice",
+    )
+    .fetch_one(&inventory)
+    .await
+    .unwrap();
+    assert_eq!(repeated, 0, "a stock command moved stock twice");
+    inventory.close().await;
+    let payment = system.pool(Payment).await;
+    let captures: Vec<(String, i64)> = sqlx::query_as(
+        "SELECT stream_id, count(*) FROM events WHERE event_type = 'PaymentCaptured' \
+         GROUP BY stream_id",
+    )
+    .fetch_all(&payment)
+    .await
+    .unwrap();
+    assert_eq!(
+        captures.len() as u64,
+        confirmed,
+        "one capture per confirmed order"
+    );
+    assert!(
+        captures.iter().all(|(_, count)| *count == 1),
+        "{captures:?}"
+    );
+    payment.close().await;
+    system.stop().await;
+}
+
+#[tokio::test]
+async fn an_order_placed_just_before_a_restart_completes_after_it() {
+    let mut system = System::start(&TRIO).await;
+    add_stock(&system, "A", 10).await;
+    let order_id = place(&system, &[("A", 1)], "tok_visa").await;
+    // Wherever the saga got to (the event still in the outbox, a command in a queue,
+    // a step half done and rolled back), it carries on after the restart.
+    system.halt().await;
+    system.resume().await;
+    let order = ended(&system, &order_id).await;
+    assert_eq!(order["status"], "confirmed", "{order}");
+    saga_at(&system, &order_id, "completed").await;
+    stock_is(&system, "A", (9, 0, 1)).await;
+    system.stop().await;
+}
+
+#[tokio::test]
+async fn a_deadline_that_fell_due_while_the_service_was_down_fires_when_it_returns() {
+    let mut system = System::start_with(&TRIO, &[("ORDERFLOW_PAYMENT_DEADLINE_MS", "1000")]).await;
+    add_stock(&system, "A", 10).await;
+    let order_id = place(&system, &[("A", 2)], "tok_timeout").await;
+    saga_at(&system, &order_id, "authorizing_payment").await;
+    system.halt().await;
+    let db = system.pool(Order).await;
+    let saga_id = Uuid::parse_str(&order_id).unwrap();
+    wait_for(DEADLINE, "the deadline to pass while down", || async {
+        let due: bool =
+            sqlx::query_scalar("SELECT deadline_at <= now() FROM sagas WHERE saga_id = $1")
+                .bind(saga_id)
+                .fetch_one(&db)
+                .await
+                .unwrap();
+        due.then_some(())
+    })
+    .await;
+    db.close().await;
+    system.resume().await;
+    let order = ended(&system, &order_id).await;
+    assert_eq!(
+        (&order["status"], &order["reason"]),
+        (&json!("cancelled"), &json!("payment_timeout")),
+        "{order}"
+    );
+    stock_is(&system, "A", (10, 0, 0)).await;
     system.stop().await;
 }
