@@ -61,6 +61,12 @@ impl Message {
     pub fn decode<E: domain::wire::WireEvent>(&self) -> Result<E, domain::wire::WireError> {
         E::from_avro(&self.envelope.message_type, &self.value)
     }
+
+    /// Metadata for what handling this message records or sends: the conversation
+    /// carries on, and this message is the cause.
+    pub fn caused_metadata(&self) -> crate::Metadata {
+        crate::Metadata::new(self.envelope.correlation_id, self.envelope.message_id)
+    }
 }
 
 /// Applies messages. `handle` runs inside the transaction that claimed the message's

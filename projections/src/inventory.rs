@@ -2,7 +2,7 @@
 
 use domain::inventory::StockEvent;
 use serde::Serialize;
-use sqlx::{PgConnection, PgPool, Row};
+use sqlx::{FromRow, PgConnection, PgPool};
 use utoipa::ToSchema;
 
 use crate::{EventContext, Projection};
@@ -10,7 +10,7 @@ use crate::{EventContext, Projection};
 /// `GET /inventory/items/{sku}`.
 pub struct StockLevels;
 
-#[derive(Debug, Clone, Serialize, PartialEq, Eq, ToSchema)]
+#[derive(Debug, Clone, Serialize, PartialEq, Eq, ToSchema, FromRow)]
 pub struct StockView {
     pub sku: String,
     pub name: String,
@@ -82,21 +82,10 @@ impl Projection for StockLevels {
 }
 
 pub async fn find_item(pool: &PgPool, sku: &str) -> Result<Option<StockView>, sqlx::Error> {
-    let row = sqlx::query(
+    sqlx::query_as(
         "SELECT sku, name, available, reserved, sold, version FROM stock_levels WHERE sku = $1",
     )
     .bind(sku)
     .fetch_optional(pool)
-    .await?;
-    row.map(|row| {
-        Ok(StockView {
-            sku: row.try_get("sku")?,
-            name: row.try_get("name")?,
-            available: row.try_get("available")?,
-            reserved: row.try_get("reserved")?,
-            sold: row.try_get("sold")?,
-            version: row.try_get("version")?,
-        })
-    })
-    .transpose()
+    .await
 }

@@ -3,8 +3,8 @@
 
 use chrono::{DateTime, Utc};
 use domain::order::{OrderEvent, OrderStatus};
-use serde::Serialize;
-use sqlx::{PgConnection, PgPool, Row};
+use serde::{Deserialize, Serialize};
+use sqlx::{FromRow, PgConnection, PgPool};
 use utoipa::ToSchema;
 use uuid::Uuid;
 
@@ -16,14 +16,14 @@ pub struct OrderSummaries;
 /// `GET /customers/{id}/orders`.
 pub struct CustomerOrders;
 
-#[derive(Debug, Clone, Serialize, PartialEq, Eq, ToSchema)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, ToSchema)]
 pub struct OrderLineView {
     pub sku: String,
     pub quantity: u32,
     pub unit_price_cents: i64,
 }
 
-#[derive(Debug, Clone, Serialize, PartialEq, Eq, ToSchema)]
+#[derive(Debug, Clone, Serialize, PartialEq, Eq, ToSchema, FromRow)]
 pub struct OrderView {
     pub order_id: Uuid,
     pub customer_id: Uuid,
@@ -32,6 +32,8 @@ pub struct OrderView {
         pattern = "^(pending|confirmed|rejected|cancelled)$"
     )]
     pub status: String,
+    /// Stored as JSON in the summary row.
+    #[sqlx(json)]
     pub lines: Vec<OrderLineView>,
     pub total_cents: i64,
     pub currency: String,
@@ -42,7 +44,7 @@ pub struct OrderView {
     pub version: i64,
 }
 
-#[derive(Debug, Clone, Serialize, PartialEq, Eq, ToSchema)]
+#[derive(Debug, Clone, Serialize, PartialEq, Eq, ToSchema, FromRow)]
 pub struct CustomerOrderView {
     pub order_id: Uuid,
     pub customer_id: Uuid,
@@ -198,45 +200,13 @@ impl Projection for CustomerOrders {
 
 /// One order's summary, if the projection has it.
 pub async fn find_order(pool: &PgPool, order_id: Uuid) -> Result<Option<OrderView>, sqlx::Error> {
-    let row = sqlx::query(
+    sqlx::query_as(
         "SELECT order_id, customer_id, status, lines, total_cents, currency, reason, \
          cancellation_requested, placed_at, version FROM order_summaries WHERE order_id = $1",
     )
     .bind(order_id)
     .fetch_optional(pool)
-    .await?;
-    let Some(row) = row else {
-        return Ok(None);
-    };
-    let lines: sqlx::types::Json<Vec<StoredLine>> = row.try_get("lines")?;
-    Ok(Some(OrderView {
-        order_id: row.try_get("order_id")?,
-        customer_id: row.try_get("customer_id")?,
-        status: row.try_get("status")?,
-        lines: lines
-            .0
-            .into_iter()
-            .map(|line| OrderLineView {
-                sku: line.sku,
-                quantity: line.quantity,
-                unit_price_cents: line.unit_price_cents,
-            })
-            .collect(),
-        total_cents: row.try_get("total_cents")?,
-        currency: row.try_get("currency")?,
-        reason: row.try_get("reason")?,
-        cancellation_requested: row.try_get("cancellation_requested")?,
-        placed_at: row.try_get("placed_at")?,
-        version: row.try_get("version")?,
-    }))
-}
-
-/// A line as stored in the summary's JSON column.
-#[derive(serde::Deserialize)]
-struct StoredLine {
-    sku: String,
-    quantity: u32,
-    unit_price_cents: i64,
+    .await
 }
 
 /// A customer's orders, newest first, at most `limit` of them.
@@ -245,26 +215,12 @@ pub async fn customer_orders(
     customer_id: Uuid,
     limit: i64,
 ) -> Result<Vec<CustomerOrderView>, sqlx::Error> {
-    let rows = sqlx::query(
+    sqlx::query_as(
         "SELECT order_id, customer_id, status, total_cents, currency, reason, placed_at, version \
          FROM customer_orders WHERE customer_id = $1 ORDER BY placed_at DESC, order_id DESC LIMIT $2",
     )
     .bind(customer_id)
     .bind(limit)
     .fetch_all(pool)
-    .await?;
-    rows.iter()
-        .map(|row| {
-            Ok(CustomerOrderView {
-                order_id: row.try_get("order_id")?,
-                customer_id: row.try_get("customer_id")?,
-                status: row.try_get("status")?,
-                total_cents: row.try_get("total_cents")?,
-                currency: row.try_get("currency")?,
-                reason: row.try_get("reason")?,
-                placed_at: row.try_get("placed_at")?,
-                version: row.try_get("version")?,
-            })
-        })
-        .collect()
+    .await
 }

@@ -2,7 +2,7 @@
 
 use domain::payment::PaymentEvent;
 use serde::Serialize;
-use sqlx::{PgConnection, PgPool, Row};
+use sqlx::{FromRow, PgConnection, PgPool};
 use utoipa::ToSchema;
 use uuid::Uuid;
 
@@ -11,7 +11,7 @@ use crate::{EventContext, Projection};
 /// `GET /payments/{order_id}`.
 pub struct PaymentStatuses;
 
-#[derive(Debug, Clone, Serialize, PartialEq, Eq, ToSchema)]
+#[derive(Debug, Clone, Serialize, PartialEq, Eq, ToSchema, FromRow)]
 pub struct PaymentView {
     pub order_id: Uuid,
     #[schema(
@@ -60,19 +60,10 @@ pub async fn find_payment(
     pool: &PgPool,
     order_id: Uuid,
 ) -> Result<Option<PaymentView>, sqlx::Error> {
-    let row = sqlx::query(
+    sqlx::query_as(
         "SELECT order_id, status, amount_cents, version FROM payment_statuses WHERE order_id = $1",
     )
     .bind(order_id)
     .fetch_optional(pool)
-    .await?;
-    row.map(|row| {
-        Ok(PaymentView {
-            order_id: row.try_get("order_id")?,
-            status: row.try_get("status")?,
-            amount_cents: row.try_get("amount_cents")?,
-            version: row.try_get("version")?,
-        })
-    })
-    .transpose()
+    .await
 }

@@ -83,60 +83,69 @@ impl FulfilmentRunner {
         let mut fired = 0;
         for order_id in due {
             let mut transaction = store.begin().await?;
-            // The order stream before the saga row, as the event handler locks them.
+            // The order stream before the saga row, as the event handler locks them;
+            // every writer of the row holds that lock, so the row is ours now.
             transaction.lock_streams(&[&order_stream(order_id)]).await?;
-            let still_due: Option<Uuid> = sqlx::query_scalar(
-                "SELECT correlation_id FROM sagas WHERE saga_id = $1 AND deadline_at <= now() \
-                 FOR UPDATE SKIP LOCKED",
-            )
-            .bind(order_id)
-            .fetch_optional(transaction.connection())
-            .await?;
-            let Some(correlation_id) = still_due else {
-                continue;
-            };
-            // Commands sent because of this firing name it as their cause.
-            let cause = Uuid::new_v5(&order_id, format!("deadline {}", Utc::now()).as_bytes());
-            let metadata = Metadata::new(correlation_id, cause);
-            self.step(&mut transaction, order_id, &Input::DeadlinePassed, metadata)
-                .await?;
-            transaction.commit().await?;
-            fired += 1;
+            let deadline = Input::DeadlinePassed;
+            if self
+                .step(&mut transaction, order_id, &deadline, Cause::Deadline)
+                .await?
+            {
+                transaction.commit().await?;
+                fired += 1;
+            }
         }
         Ok(fired)
     }
 
     /// Takes one input: locks and loads the saga, decides, and writes the outcome in
-    /// `transaction`. An input for a saga that has not started (other than the order
-    /// being placed) is not for this saga and is ignored.
+    /// `transaction`; true if the saga changed. An input for a saga that has not
+    /// started (other than the order being placed) is not for this saga and is
+    /// ignored, and so is a deadline that is no longer due.
     async fn step(
         &self,
         transaction: &mut StoreTransaction<'_>,
         order_id: Uuid,
         input: &Input,
-        metadata: Metadata,
-    ) -> Result<(), HandlerError> {
+        cause: Cause,
+    ) -> Result<bool, HandlerError> {
         let row = sqlx::query(
-            "SELECT version, state, deadline_at FROM sagas WHERE saga_id = $1 FOR UPDATE",
+            "SELECT version, state, deadline_at, correlation_id FROM sagas \
+             WHERE saga_id = $1 FOR UPDATE",
         )
         .bind(order_id)
         .fetch_optional(transaction.connection())
         .await?;
-        let (state, version, deadline_at) = match row {
+        let now = Utc::now();
+        let (state, version, deadline_at, metadata) = match row {
             Some(row) => {
                 let state: serde_json::Value = row.try_get("state")?;
                 let state: Fulfilment = serde_json::from_value(state)
                     .map_err(|error| format!("unreadable saga state: {error}"))?;
                 let deadline: Option<DateTime<Utc>> = row.try_get("deadline_at")?;
-                (state, row.try_get::<i64, _>("version")?, deadline)
+                let version: i64 = row.try_get("version")?;
+                let metadata = match cause {
+                    Cause::Message(metadata) => metadata,
+                    Cause::Deadline if deadline.is_some_and(|at| at <= now) => {
+                        // Named after the version it fires at: a retried firing sends
+                        // the same command ids.
+                        let firing = Uuid::new_v5(&order_id, &version.to_le_bytes());
+                        Metadata::new(row.try_get("correlation_id")?, firing)
+                    }
+                    Cause::Deadline => return Ok(false),
+                };
+                (state, version, deadline, metadata)
             }
-            None if matches!(input, Input::OrderPlaced { .. }) => (Fulfilment::default(), 0, None),
-            None => {
-                tracing::debug!(%order_id, input = %input.describe(), "no saga for this input");
-                return Ok(());
-            }
+            None => match cause {
+                Cause::Message(metadata) if matches!(input, Input::OrderPlaced { .. }) => {
+                    (Fulfilment::default(), 0, None, metadata)
+                }
+                _ => {
+                    tracing::debug!(%order_id, input = %input.describe(), "no saga for this input");
+                    return Ok(false);
+                }
+            },
         };
-        let now = Utc::now();
         let decision = state.decide(input, now, &self.settings);
         let deadline = match decision.deadline {
             // A deadline that fired is used up, whatever the saga made of it.
@@ -146,7 +155,7 @@ impl FulfilmentRunner {
             Deadline::Clear => None,
         };
         if decision.state == state && decision.commands.is_empty() && deadline == deadline_at {
-            return Ok(());
+            return Ok(false);
         }
         let stream_id = order_stream(order_id);
         for (index, command) in decision.commands.iter().enumerate() {
@@ -200,8 +209,16 @@ impl FulfilmentRunner {
         .bind(&commands)
         .execute(transaction.connection())
         .await?;
-        Ok(())
+        Ok(true)
     }
+}
+
+/// Why a saga takes an input.
+enum Cause {
+    /// An event, whose metadata the saga's commands carry on.
+    Message(Metadata),
+    /// Its deadline, if still due once the saga is locked.
+    Deadline,
 }
 
 impl Handler for FulfilmentRunner {
@@ -220,8 +237,10 @@ impl Handler for FulfilmentRunner {
         let Some((order_id, input)) = input_of(message)? else {
             return Ok(());
         };
-        let metadata = Metadata::new(message.envelope.correlation_id, message.envelope.message_id);
-        self.step(transaction, order_id, &input, metadata).await
+        let cause = Cause::Message(message.caused_metadata());
+        self.step(transaction, order_id, &input, cause)
+            .await
+            .map(drop)
     }
 }
 
@@ -305,7 +324,7 @@ pub struct SagaView {
 }
 
 /// One input that changed the saga.
-#[derive(Debug, Clone, Serialize, ToSchema)]
+#[derive(Debug, Clone, Serialize, ToSchema, sqlx::FromRow)]
 pub struct StepView {
     pub version: i64,
     pub at: DateTime<Utc>,
@@ -328,24 +347,13 @@ pub async fn find(pool: &PgPool, order_id: Uuid) -> Result<Option<SagaView>, sql
     else {
         return Ok(None);
     };
-    let history = sqlx::query(
+    let history = sqlx::query_as(
         "SELECT version, at, input, step, commands FROM saga_steps \
          WHERE saga_id = $1 ORDER BY version",
     )
     .bind(order_id)
     .fetch_all(pool)
-    .await?
-    .into_iter()
-    .map(|step| {
-        Ok(StepView {
-            version: step.try_get("version")?,
-            at: step.try_get("at")?,
-            input: step.try_get("input")?,
-            step: step.try_get("step")?,
-            commands: step.try_get("commands")?,
-        })
-    })
-    .collect::<Result<Vec<_>, sqlx::Error>>()?;
+    .await?;
     let state: serde_json::Value = row.try_get("state")?;
     Ok(Some(SagaView {
         order_id,

@@ -7,9 +7,7 @@ use std::collections::HashMap;
 
 use domain::inventory::{StockCommand, StockError, StockItem, StockRequest, reserve_all};
 use domain::payment::{Payment, PaymentCommand, PaymentError, PaymentRequest, ProviderAnswer};
-use eventstore::{
-    AggregateStore, ExecuteError, Handler, HandlerError, Message, Metadata, StoreTransaction,
-};
+use eventstore::{AggregateStore, ExecuteError, Handler, HandlerError, Message, StoreTransaction};
 use uuid::Uuid;
 
 /// The inventory service's command handler.
@@ -21,11 +19,6 @@ pub struct InventoryCommands {
 pub struct PaymentCommands {
     pub aggregates: AggregateStore,
     pub provider: SimulatedProvider,
-}
-
-fn metadata(message: &Message) -> Metadata {
-    // The command is the cause of what it records; the conversation carries on.
-    Metadata::new(message.envelope.correlation_id, message.envelope.message_id)
 }
 
 fn stock_stream(sku: &str) -> String {
@@ -50,7 +43,7 @@ impl Handler for InventoryCommands {
         transaction: &mut StoreTransaction<'_>,
     ) -> Result<(), HandlerError> {
         let request: StockRequest = message.decode()?;
-        let metadata = metadata(message);
+        let metadata = message.caused_metadata();
         let order_id = request.order_id();
         let lines = request.lines_by_sku();
         match request {
@@ -147,7 +140,13 @@ impl Handler for PaymentCommands {
         let void = matches!(command, PaymentCommand::VoidPayment);
         let outcome = self
             .aggregates
-            .execute_in::<Payment>(transaction, &stream_id, None, &command, metadata(message))
+            .execute_in::<Payment>(
+                transaction,
+                &stream_id,
+                None,
+                &command,
+                message.caused_metadata(),
+            )
             .await;
         match outcome {
             Ok(_) => Ok(()),

@@ -14,6 +14,7 @@ use utoipa::{OpenApi, ToSchema};
 
 use super::AppState;
 use super::command::{self, Command, CommandContext, Reply};
+use super::openapi::{CommandProblems, QueryProblems};
 use super::problem::{ApiError, PROBLEM, Problem};
 use super::read::{Freshness, found};
 
@@ -61,12 +62,8 @@ struct StockChanged {
     responses(
         (status = 201, description = "Created", body = StockChanged),
         (status = 200, description = "Added to an existing item", body = StockChanged),
-        (status = 400, description = "Malformed JSON or header", body = Problem, content_type = PROBLEM),
         (status = 409, description = "If-Match is stale", body = Problem, content_type = PROBLEM),
-        (status = 413, description = "Body over 64 KiB", body = Problem, content_type = PROBLEM),
-        (status = 415, description = "Not JSON", body = Problem, content_type = PROBLEM),
-        (status = 422, description = "Invalid field (named in `field`) or reused Idempotency-Key",
-            body = Problem, content_type = PROBLEM),
+        CommandProblems,
     ))]
 async fn add_stock(
     State(state): State<AppState>,
@@ -118,9 +115,7 @@ async fn add_stock(
     responses(
         (status = 200, description = "The item", body = StockView),
         (status = 404, description = "No such item", body = Problem, content_type = PROBLEM),
-        (status = 422, description = "Bad min_version/min_position", body = Problem, content_type = PROBLEM),
-        (status = 503, description = "The read model has not caught up within 2 s",
-            body = Problem, content_type = PROBLEM, headers(("Retry-After" = u32))),
+        QueryProblems,
     ))]
 async fn get_item(
     State(state): State<AppState>,

@@ -4,9 +4,13 @@
 
 use axum::Json;
 use axum::extract::State;
-use utoipa::OpenApi;
+use std::collections::BTreeMap;
+
+use utoipa::openapi::header::Header;
 use utoipa::openapi::path::{Parameter, ParameterBuilder, ParameterIn};
-use utoipa::openapi::{ObjectBuilder, Required, Type};
+use utoipa::openapi::response::{Response, ResponseBuilder};
+use utoipa::openapi::{ContentBuilder, ObjectBuilder, Ref, RefOr, Required, Type};
+use utoipa::{IntoResponses, OpenApi};
 
 use super::{AppState, health, inventory, orders, payments, sagas};
 use crate::config::Service;
@@ -15,6 +19,7 @@ use crate::config::Service;
 #[derive(OpenApi)]
 #[openapi(
     paths(health::live, health::ready, super::metrics, openapi_json),
+    components(schemas(super::problem::Problem)),
     info(
         description = "An event-sourced order platform. Errors are application/problem+json \
                        (RFC 9457) with a stable `type`; commands accept `Idempotency-Key`; \
@@ -53,6 +58,57 @@ pub fn document(service: Service) -> utoipa::openapi::OpenApi {
     responses((status = 200, description = "OpenAPI 3.1 document", content_type = "application/json")))]
 pub async fn openapi_json(State(state): State<AppState>) -> Json<utoipa::openapi::OpenApi> {
     Json(document(state.service))
+}
+
+/// The problems every command endpoint may answer, beyond its own.
+pub struct CommandProblems;
+
+impl IntoResponses for CommandProblems {
+    fn responses() -> BTreeMap<String, RefOr<Response>> {
+        responses([
+            (400, problem("Malformed JSON or header")),
+            (413, problem("Body over 64 KiB")),
+            (415, problem("Not JSON")),
+            (
+                422,
+                problem("Invalid field (named in `field`) or reused Idempotency-Key"),
+            ),
+        ])
+    }
+}
+
+/// The problems every read-your-writes query may answer, beyond its own.
+pub struct QueryProblems;
+
+impl IntoResponses for QueryProblems {
+    fn responses() -> BTreeMap<String, RefOr<Response>> {
+        let retry = Header::new(ObjectBuilder::new().schema_type(Type::Integer));
+        responses([
+            (422, problem("Bad min_version or min_position")),
+            (
+                503,
+                problem("The read model has not caught up within 2 s").header("Retry-After", retry),
+            ),
+        ])
+    }
+}
+
+/// A problem+json response.
+fn problem(description: &str) -> ResponseBuilder {
+    let content = ContentBuilder::new()
+        .schema(Some(Ref::from_schema_name("Problem")))
+        .build();
+    ResponseBuilder::new()
+        .description(description)
+        .content(super::problem::PROBLEM, content)
+}
+
+fn responses<const N: usize>(
+    list: [(u16, ResponseBuilder); N],
+) -> BTreeMap<String, RefOr<Response>> {
+    list.into_iter()
+        .map(|(status, response)| (status.to_string(), RefOr::T(response.build())))
+        .collect()
 }
 
 /// An optional string request header.

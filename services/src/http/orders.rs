@@ -16,6 +16,7 @@ use uuid::Uuid;
 
 use super::AppState;
 use super::command::{self, Command, CommandContext, Reply};
+use super::openapi::{CommandProblems, QueryProblems};
 use super::problem::{ApiError, PROBLEM, Problem};
 use super::read::{Freshness, found};
 
@@ -90,11 +91,7 @@ struct CancellationAccepted {
     params(CommandContext),
     responses(
         (status = 202, description = "Recorded", body = OrderAccepted),
-        (status = 400, description = "Malformed JSON or header", body = Problem, content_type = PROBLEM),
-        (status = 413, description = "Body over 64 KiB", body = Problem, content_type = PROBLEM),
-        (status = 415, description = "Not JSON", body = Problem, content_type = PROBLEM),
-        (status = 422, description = "Invalid field (named in `field`) or reused Idempotency-Key",
-            body = Problem, content_type = PROBLEM),
+        CommandProblems,
     ))]
 async fn place_order(
     State(state): State<AppState>,
@@ -157,6 +154,7 @@ async fn place_order(
         (status = 404, description = "No such order", body = Problem, content_type = PROBLEM),
         (status = 409, description = "The order has ended, or If-Match is stale",
             body = Problem, content_type = PROBLEM),
+        CommandProblems,
     ))]
 async fn cancel_order(
     State(state): State<AppState>,
@@ -191,9 +189,7 @@ async fn cancel_order(
     responses(
         (status = 200, description = "The order", body = OrderView),
         (status = 404, description = "No such order", body = Problem, content_type = PROBLEM),
-        (status = 422, description = "Bad min_version/min_position", body = Problem, content_type = PROBLEM),
-        (status = 503, description = "The read model has not caught up within 2 s",
-            body = Problem, content_type = PROBLEM, headers(("Retry-After" = u32))),
+        QueryProblems,
     ))]
 async fn get_order(
     State(state): State<AppState>,
@@ -224,10 +220,9 @@ struct Page {
     responses(
         (status = 200, description = "The orders (empty for an unknown customer)",
             body = Vec<CustomerOrderView>),
+        QueryProblems,
         (status = 422, description = "Bad limit or min_position; min_version is refused here",
             body = Problem, content_type = PROBLEM),
-        (status = 503, description = "The read model has not caught up within 2 s",
-            body = Problem, content_type = PROBLEM, headers(("Retry-After" = u32))),
     ))]
 async fn customer_orders(
     State(state): State<AppState>,

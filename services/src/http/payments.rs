@@ -11,6 +11,7 @@ use projections::payment::{PaymentStatuses, PaymentView};
 use utoipa::OpenApi;
 
 use super::AppState;
+use super::openapi::QueryProblems;
 use super::orders::parse_id;
 use super::problem::{ApiError, PROBLEM, Problem};
 use super::read::{Freshness, found};
@@ -34,9 +35,7 @@ pub fn router() -> Router<AppState> {
         (status = 200, description = "The payment", body = PaymentView),
         (status = 404, description = "No payment for this order", body = Problem,
             content_type = PROBLEM),
-        (status = 422, description = "Bad min_version/min_position", body = Problem, content_type = PROBLEM),
-        (status = 503, description = "The read model has not caught up within 2 s",
-            body = Problem, content_type = PROBLEM, headers(("Retry-After" = u32))),
+        QueryProblems,
     ))]
 async fn get_payment(
     State(state): State<AppState>,
