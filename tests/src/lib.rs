@@ -144,6 +144,36 @@ impl System {
         format!("http://{address}{path}")
     }
 
+    /// GETs `path` on a service: the status and the JSON body (null when there is none).
+    pub async fn get(
+        &self,
+        service: services::config::Service,
+        path: &str,
+    ) -> (reqwest::StatusCode, serde_json::Value) {
+        let response = self
+            .http
+            .get(self.url(service, path))
+            .send()
+            .await
+            .expect("request");
+        answer(response).await
+    }
+
+    /// POSTs `body` as JSON to `path` on a service.
+    pub async fn post(
+        &self,
+        service: services::config::Service,
+        path: &str,
+        body: serde_json::Value,
+    ) -> reqwest::Response {
+        self.http
+            .post(self.url(service, path))
+            .json(&body)
+            .send()
+            .await
+            .expect("request")
+    }
+
     /// A pool on a service's database, for looking behind the API.
     pub async fn pool(&self, service: services::config::Service) -> PgPool {
         let options = self
@@ -321,4 +351,13 @@ pub mod bench {
             .and_then(|v| v.parse().ok())
             .unwrap_or(default)
     }
+}
+
+/// A response's status and JSON body (null when it has none).
+pub async fn answer(response: reqwest::Response) -> (reqwest::StatusCode, serde_json::Value) {
+    let status = response.status();
+    (
+        status,
+        response.json().await.unwrap_or(serde_json::Value::Null),
+    )
 }

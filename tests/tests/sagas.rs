@@ -8,39 +8,16 @@ use std::time::Duration;
 use reqwest::StatusCode;
 use serde_json::{Value, json};
 use services::config::Service::{self, Inventory, Order, Payment};
-use tests::{System, wait_for};
+use tests::{System, answer, wait_for};
 use uuid::Uuid;
 
 const TRIO: [Service; 3] = [Order, Inventory, Payment];
 const DEADLINE: Duration = Duration::from_secs(30);
 
-async fn get(system: &System, service: Service, path: &str) -> (StatusCode, Value) {
-    let response = system
-        .http
-        .get(system.url(service, path))
-        .send()
-        .await
-        .expect("request");
-    let status = response.status();
-    (status, response.json().await.unwrap_or(Value::Null))
-}
-
-async fn post(system: &System, service: Service, path: &str, body: Value) -> (StatusCode, Value) {
-    let response = system
-        .http
-        .post(system.url(service, path))
-        .json(&body)
-        .send()
-        .await
-        .expect("request");
-    let status = response.status();
-    (status, response.json().await.unwrap_or(Value::Null))
-}
-
 async fn add_stock(system: &System, sku: &str, quantity: u32) {
     let body = json!({ "sku": sku, "name": sku, "quantity": quantity });
-    let (status, answer) = post(system, Inventory, "/inventory/items", body).await;
-    assert!(status.is_success(), "{answer}");
+    let (status, reply) = answer(system.post(Inventory, "/inventory/items", body).await).await;
+    assert!(status.is_success(), "{reply}");
 }
 
 /// Places an order and returns its id.
@@ -52,24 +29,33 @@ async fn place(system: &System, lines: &[(&str, u32)], card_token: &str) -> Stri
         )
         .collect();
     let body = json!({ "customer_id": Uuid::now_v7(), "lines": lines, "card_token": card_token });
-    let (status, answer) = post(system, Order, "/orders", body).await;
-    assert_eq!(status, StatusCode::ACCEPTED, "{answer}");
-    answer["order_id"].as_str().unwrap().to_owned()
+    let (status, reply) = answer(system.post(Order, "/orders", body).await).await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{reply}");
+    reply["order_id"].as_str().unwrap().to_owned()
 }
 
 /// Waits until the order's read model shows a status other than `pending`.
 async fn ended(system: &System, order_id: &str) -> Value {
     wait_for(DEADLINE, "the order to end", || async {
-        let (status, order) = get(system, Order, &format!("/orders/{order_id}")).await;
+        let (status, order) = system.get(Order, &format!("/orders/{order_id}")).await;
         (status == StatusCode::OK && order["status"] != "pending").then_some(order)
     })
     .await
 }
 
+/// Asserts how an order that did not confirm ended, and why.
+fn assert_outcome(order: &Value, status: &str, reason: &str) {
+    assert_eq!(
+        (&order["status"], &order["reason"]),
+        (&json!(status), &json!(reason)),
+        "{order}"
+    );
+}
+
 /// Waits until the saga reaches `step`.
 async fn saga_at(system: &System, order_id: &str, step: &str) -> Value {
     wait_for(DEADLINE, step, || async {
-        let (status, saga) = get(system, Order, &format!("/sagas/{order_id}")).await;
+        let (status, saga) = system.get(Order, &format!("/sagas/{order_id}")).await;
         (status == StatusCode::OK && saga["step"] == step).then_some(saga)
     })
     .await
@@ -78,7 +64,9 @@ async fn saga_at(system: &System, order_id: &str, step: &str) -> Value {
 /// Waits until the item shows these (available, reserved, sold).
 async fn stock_is(system: &System, sku: &str, expected: (u64, u64, u64)) {
     wait_for(DEADLINE, &format!("{sku} at {expected:?}"), || async {
-        let (_, item) = get(system, Inventory, &format!("/inventory/items/{sku}")).await;
+        let (_, item) = system
+            .get(Inventory, &format!("/inventory/items/{sku}"))
+            .await;
         let levels = (
             item["available"].as_u64()?,
             item["reserved"].as_u64()?,
@@ -90,7 +78,7 @@ async fn stock_is(system: &System, sku: &str, expected: (u64, u64, u64)) {
 }
 
 async fn payment_status(system: &System, order_id: &str) -> Option<String> {
-    let (status, payment) = get(system, Payment, &format!("/payments/{order_id}")).await;
+    let (status, payment) = system.get(Payment, &format!("/payments/{order_id}")).await;
     (status == StatusCode::OK).then(|| payment["status"].as_str().unwrap().to_owned())
 }
 
@@ -147,11 +135,7 @@ async fn short_stock_rejects_the_order_and_holds_nothing() {
     add_stock(&system, "B", 1).await;
     let order_id = place(&system, &[("A", 2), ("B", 2)], "tok_visa").await;
     let order = ended(&system, &order_id).await;
-    assert_eq!(
-        (&order["status"], &order["reason"]),
-        (&json!("rejected"), &json!("out_of_stock")),
-        "{order}"
-    );
+    assert_outcome(&order, "rejected", "out_of_stock");
     stock_is(&system, "A", (10, 0, 0)).await;
     stock_is(&system, "B", (1, 0, 0)).await;
     assert_eq!(
@@ -168,11 +152,7 @@ async fn a_declined_payment_releases_the_stock_and_cancels_the_order() {
     add_stock(&system, "A", 10).await;
     let order_id = place(&system, &[("A", 4)], "tok_decline").await;
     let order = ended(&system, &order_id).await;
-    assert_eq!(
-        (&order["status"], &order["reason"]),
-        (&json!("cancelled"), &json!("payment_declined")),
-        "{order}"
-    );
+    assert_outcome(&order, "cancelled", "payment_declined");
     stock_is(&system, "A", (10, 0, 0)).await;
     wait_for(DEADLINE, "the payment declined", || async {
         (payment_status(&system, &order_id).await.as_deref() == Some("declined")).then_some(())
@@ -187,11 +167,7 @@ async fn no_payment_answer_within_the_deadline_compensates() {
     add_stock(&system, "A", 10).await;
     let order_id = place(&system, &[("A", 3)], "tok_timeout").await;
     let order = ended(&system, &order_id).await;
-    assert_eq!(
-        (&order["status"], &order["reason"]),
-        (&json!("cancelled"), &json!("payment_timeout")),
-        "{order}"
-    );
+    assert_outcome(&order, "cancelled", "payment_timeout");
     stock_is(&system, "A", (10, 0, 0)).await;
     let saga = saga_at(&system, &order_id, "cancelled").await;
     let timed_out = history(&saga)
@@ -222,20 +198,11 @@ async fn cancelling_a_pending_order_compensates_what_was_done() {
         "a deadline is pending: {saga}"
     );
     stock_is(&system, "A", (8, 2, 0)).await;
-    let (status, answer) = post(
-        &system,
-        Order,
-        &format!("/orders/{order_id}/cancel"),
-        json!({}),
-    )
-    .await;
-    assert_eq!(status, StatusCode::ACCEPTED, "{answer}");
+    let cancel = format!("/orders/{order_id}/cancel");
+    let (status, reply) = answer(system.post(Order, &cancel, json!({})).await).await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{reply}");
     let order = ended(&system, &order_id).await;
-    assert_eq!(
-        (&order["status"], &order["reason"]),
-        (&json!("cancelled"), &json!("customer_request")),
-        "{order}"
-    );
+    assert_outcome(&order, "cancelled", "customer_request");
     stock_is(&system, "A", (10, 0, 0)).await;
     let saga = saga_at(&system, &order_id, "cancelled").await;
     assert!(saga["deadline_at"].is_null(), "{saga}");
@@ -356,11 +323,7 @@ async fn a_deadline_that_fell_due_while_the_service_was_down_fires_when_it_retur
     db.close().await;
     system.resume().await;
     let order = ended(&system, &order_id).await;
-    assert_eq!(
-        (&order["status"], &order["reason"]),
-        (&json!("cancelled"), &json!("payment_timeout")),
-        "{order}"
-    );
+    assert_outcome(&order, "cancelled", "payment_timeout");
     stock_is(&system, "A", (10, 0, 0)).await;
     system.stop().await;
 }

@@ -18,27 +18,6 @@ use uuid::Uuid;
 const TRIO: [Service; 3] = [Order, Inventory, Payment];
 const DEADLINE: Duration = Duration::from_secs(20);
 
-async fn post(system: &System, service: Service, path: &str, body: Value) -> reqwest::Response {
-    system
-        .http
-        .post(system.url(service, path))
-        .json(&body)
-        .send()
-        .await
-        .expect("request")
-}
-
-async fn get(system: &System, service: Service, path: &str) -> (StatusCode, Value) {
-    let response = system
-        .http
-        .get(system.url(service, path))
-        .send()
-        .await
-        .expect("request");
-    let status = response.status();
-    (status, response.json().await.unwrap_or(Value::Null))
-}
-
 async fn json_of(response: reqwest::Response) -> (StatusCode, Value) {
     let status = response.status();
     (status, response.json().await.expect("a JSON body"))
@@ -87,35 +66,35 @@ async fn stock_orders_and_their_read_models() {
 
     // Stock: created (201), then added to (200); read back at the version written.
     let (status, created) = json_of(
-        post(
-            &system,
-            Inventory,
-            "/inventory/items",
-            json!({"sku": "SKU-1", "name": "Widget", "quantity": 10}),
-        )
-        .await,
+        system
+            .post(
+                Inventory,
+                "/inventory/items",
+                json!({"sku": "SKU-1", "name": "Widget", "quantity": 10}),
+            )
+            .await,
     )
     .await;
     assert_eq!(status, StatusCode::CREATED, "{created}");
     let (status, added) = json_of(
-        post(
-            &system,
-            Inventory,
-            "/inventory/items",
-            json!({"sku": "SKU-1", "quantity": 5}),
-        )
-        .await,
+        system
+            .post(
+                Inventory,
+                "/inventory/items",
+                json!({"sku": "SKU-1", "quantity": 5}),
+            )
+            .await,
     )
     .await;
     assert_eq!(status, StatusCode::OK, "{added}");
     assert_eq!(added["available"], 15);
     let version = added["version"].as_i64().unwrap();
-    let (status, item) = get(
-        &system,
-        Inventory,
-        &format!("/inventory/items/SKU-1?min_version={version}"),
-    )
-    .await;
+    let (status, item) = system
+        .get(
+            Inventory,
+            &format!("/inventory/items/SKU-1?min_version={version}"),
+        )
+        .await;
     assert_eq!(status, StatusCode::OK, "{item}");
     assert_eq!(
         item,
@@ -144,7 +123,9 @@ async fn stock_orders_and_their_read_models() {
     let position = placed["position"].as_i64().unwrap();
     assert_eq!(placed["version"], 1);
 
-    let (status, order) = get(&system, Order, &format!("/orders/{order_id}?min_version=1")).await;
+    let (status, order) = system
+        .get(Order, &format!("/orders/{order_id}?min_version=1"))
+        .await;
     assert_eq!(status, StatusCode::OK, "{order}");
     assert_eq!(order["status"], "pending");
     assert_eq!(order["customer_id"], customer.to_string());
@@ -189,26 +170,28 @@ async fn stock_orders_and_their_read_models() {
 
     // Cancelling records the request (the saga acts on it: tests/tests/sagas.rs).
     let (status, cancelled) = json_of(
-        post(
-            &system,
-            Order,
-            &format!("/orders/{order_id}/cancel"),
-            json!({}),
-        )
-        .await,
+        system
+            .post(Order, &format!("/orders/{order_id}/cancel"), json!({}))
+            .await,
     )
     .await;
     assert_eq!(status, StatusCode::ACCEPTED, "{cancelled}");
     assert_eq!(cancelled["version"], 2);
-    let (_, order) = get(&system, Order, &format!("/orders/{order_id}?min_version=2")).await;
+    let (_, order) = system
+        .get(Order, &format!("/orders/{order_id}?min_version=2"))
+        .await;
     assert_eq!(order["cancellation_requested"], true, "{order}");
 
     // Unknown things are 404s.
-    let (status, _) = get(&system, Order, &format!("/orders/{}", Uuid::now_v7())).await;
+    let (status, _) = system
+        .get(Order, &format!("/orders/{}", Uuid::now_v7()))
+        .await;
     assert_eq!(status, StatusCode::NOT_FOUND);
-    let (status, _) = get(&system, Inventory, "/inventory/items/NOPE").await;
+    let (status, _) = system.get(Inventory, "/inventory/items/NOPE").await;
     assert_eq!(status, StatusCode::NOT_FOUND);
-    let (status, _) = get(&system, Payment, &format!("/payments/{}", Uuid::now_v7())).await;
+    let (status, _) = system
+        .get(Payment, &format!("/payments/{}", Uuid::now_v7()))
+        .await;
     assert_eq!(status, StatusCode::NOT_FOUND);
     order_db.close().await;
     system.stop().await;
@@ -244,7 +227,7 @@ async fn errors_are_problem_documents_naming_the_field() {
     let mut missing = order_body(customer, "SKU-1", 1);
     missing.as_object_mut().unwrap().remove("card_token");
     assert_problem(
-        post(&system, Order, "/orders", missing).await,
+        system.post(Order, "/orders", missing).await,
         StatusCode::UNPROCESSABLE_ENTITY,
         "invalid-field",
         Some("card_token"),
@@ -253,7 +236,7 @@ async fn errors_are_problem_documents_naming_the_field() {
     let mut wrong_type = order_body(customer, "SKU-1", 1);
     wrong_type["lines"][0]["quantity"] = json!("two");
     assert_problem(
-        post(&system, Order, "/orders", wrong_type).await,
+        system.post(Order, "/orders", wrong_type).await,
         StatusCode::UNPROCESSABLE_ENTITY,
         "invalid-field",
         Some("lines[0].quantity"),
@@ -262,20 +245,16 @@ async fn errors_are_problem_documents_naming_the_field() {
     let mut empty = order_body(customer, "SKU-1", 1);
     empty["lines"] = json!([]);
     assert_problem(
-        post(&system, Order, "/orders", empty).await,
+        system.post(Order, "/orders", empty).await,
         StatusCode::UNPROCESSABLE_ENTITY,
         "invalid-field",
         Some("lines"),
     )
     .await;
     assert_problem(
-        post(
-            &system,
-            Order,
-            "/orders",
-            order_body(customer, "bad sku", 1),
-        )
-        .await,
+        system
+            .post(Order, "/orders", order_body(customer, "bad sku", 1))
+            .await,
         StatusCode::UNPROCESSABLE_ENTITY,
         "invalid-field",
         Some("lines[0].sku"),
@@ -283,33 +262,33 @@ async fn errors_are_problem_documents_naming_the_field() {
     .await;
     let huge = json!({ "customer_id": customer, "lines": [], "card_token": "x".repeat(100_000) });
     assert_problem(
-        post(&system, Order, "/orders", huge).await,
+        system.post(Order, "/orders", huge).await,
         StatusCode::PAYLOAD_TOO_LARGE,
         "body-too-large",
         None,
     )
     .await;
     assert_problem(
-        post(
-            &system,
-            Inventory,
-            "/inventory/items",
-            json!({"sku": "a/b", "name": "x", "quantity": 1}),
-        )
-        .await,
+        system
+            .post(
+                Inventory,
+                "/inventory/items",
+                json!({"sku": "a/b", "name": "x", "quantity": 1}),
+            )
+            .await,
         StatusCode::UNPROCESSABLE_ENTITY,
         "invalid-field",
         Some("sku"),
     )
     .await;
     assert_problem(
-        post(
-            &system,
-            Inventory,
-            "/inventory/items",
-            json!({"sku": "NEW", "quantity": 1}),
-        )
-        .await,
+        system
+            .post(
+                Inventory,
+                "/inventory/items",
+                json!({"sku": "NEW", "quantity": 1}),
+            )
+            .await,
         StatusCode::UNPROCESSABLE_ENTITY,
         "invalid-field",
         Some("name"),
@@ -318,13 +297,13 @@ async fn errors_are_problem_documents_naming_the_field() {
 
     // Not found: an unknown order, an id that is not a UUID, a path that does not exist.
     assert_problem(
-        post(
-            &system,
-            Order,
-            &format!("/orders/{}/cancel", Uuid::now_v7()),
-            json!({}),
-        )
-        .await,
+        system
+            .post(
+                Order,
+                &format!("/orders/{}/cancel", Uuid::now_v7()),
+                json!({}),
+            )
+            .await,
         StatusCode::NOT_FOUND,
         "not-found",
         None,
@@ -352,27 +331,26 @@ async fn errors_are_problem_documents_naming_the_field() {
     assert_problem(response, StatusCode::NOT_FOUND, "not-found", None).await;
 
     // If-Match: a stale version is a 409, a malformed one a 400.
-    let (_, placed) =
-        json_of(post(&system, Order, "/orders", order_body(customer, "SKU-1", 1)).await).await;
+    let (_, placed) = json_of(
+        system
+            .post(Order, "/orders", order_body(customer, "SKU-1", 1))
+            .await,
+    )
+    .await;
     let cancel_url = system.url(
         Order,
         &format!("/orders/{}/cancel", placed["order_id"].as_str().unwrap()),
     );
-    let stale = system
-        .http
-        .post(&cancel_url)
-        .header("if-match", "\"7\"")
-        .send()
-        .await
-        .unwrap();
+    let cancel_with = |if_match: &'static str| {
+        system
+            .http
+            .post(&cancel_url)
+            .header("if-match", if_match)
+            .send()
+    };
+    let stale = cancel_with("\"7\"").await.unwrap();
     assert_problem(stale, StatusCode::CONFLICT, "version-conflict", None).await;
-    let malformed = system
-        .http
-        .post(&cancel_url)
-        .header("if-match", "seven")
-        .send()
-        .await
-        .unwrap();
+    let malformed = cancel_with("seven").await.unwrap();
     assert_problem(
         malformed,
         StatusCode::BAD_REQUEST,
@@ -380,22 +358,10 @@ async fn errors_are_problem_documents_naming_the_field() {
         Some("if-match"),
     )
     .await;
-    let current = system
-        .http
-        .post(&cancel_url)
-        .header("if-match", "\"1\"")
-        .send()
-        .await
-        .unwrap();
+    let current = cancel_with("\"1\"").await.unwrap();
     assert_eq!(current.status(), StatusCode::ACCEPTED);
     // A second cancellation request changes nothing; a stale If-Match still conflicts.
-    let again = system
-        .http
-        .post(&cancel_url)
-        .header("if-match", "1")
-        .send()
-        .await
-        .unwrap();
+    let again = cancel_with("1").await.unwrap();
     assert_problem(again, StatusCode::CONFLICT, "version-conflict", None).await;
     // A read model that cannot catch up in time answers 503 with Retry-After.
     let response = system
@@ -497,7 +463,8 @@ fn command<R: domain::wire::WireEvent>(target: &str, key: String, request: &R) -
 }
 
 async fn item(system: &System, sku: &str) -> Value {
-    get(system, Inventory, &format!("/inventory/items/{sku}"))
+    system
+        .get(Inventory, &format!("/inventory/items/{sku}"))
         .await
         .1
 }
@@ -506,13 +473,13 @@ async fn item(system: &System, sku: &str) -> Value {
 async fn inventory_and_payment_handle_the_sagas_commands() {
     let system = System::start(&TRIO).await;
     for (sku, quantity) in [("A", 5), ("B", 3)] {
-        let response = post(
-            &system,
-            Inventory,
-            "/inventory/items",
-            json!({"sku": sku, "name": sku, "quantity": quantity}),
-        )
-        .await;
+        let response = system
+            .post(
+                Inventory,
+                "/inventory/items",
+                json!({"sku": sku, "name": sku, "quantity": quantity}),
+            )
+            .await;
         assert_eq!(response.status(), StatusCode::CREATED);
     }
     let order_db = system.pool(Order).await;
@@ -651,7 +618,7 @@ async fn inventory_and_payment_handle_the_sagas_commands() {
     .await;
     let status = |order_id: Uuid| {
         let system = &system;
-        async move { get(system, Payment, &format!("/payments/{order_id}")).await }
+        async move { system.get(Payment, &format!("/payments/{order_id}")).await }
     };
     wait_for(DEADLINE, "the payment captured", || async {
         let (_, body) = status(paid).await;
@@ -678,7 +645,7 @@ async fn inventory_and_payment_handle_the_sagas_commands() {
     assert_eq!(status(silent).await.0, StatusCode::NOT_FOUND);
 
     // Health and metrics reflect the running workers and projections.
-    let (status, ready) = get(&system, Payment, "/health/ready").await;
+    let (status, ready) = system.get(Payment, "/health/ready").await;
     assert_eq!(status, StatusCode::OK, "{ready}");
     assert_eq!(ready["checks"]["broker"], "ok");
     assert_eq!(ready["checks"]["consumer payment.commands"], "ok");
@@ -739,7 +706,7 @@ async fn each_service_documents_exactly_its_endpoints_in_openapi() {
         (Payment, &["/payments/{order_id}"]),
     ];
     for (service, paths) in own {
-        let (status, document) = get(&system, service, "/openapi.json").await;
+        let (status, document) = system.get(service, "/openapi.json").await;
         assert_eq!(status, StatusCode::OK);
         assert!(document["openapi"].as_str().unwrap().starts_with("3."));
         assert_eq!(
