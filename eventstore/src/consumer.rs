@@ -7,8 +7,14 @@
 //!
 //! Order: messages with one stream id (an event's stream, a command's ordering key) are
 //! handled one at a time, in delivery order; different streams run in parallel, up to
-//! `concurrency`. A failing handler is retried in process (3 attempts, 100 ms then
-//! 200 ms apart), blocking only its own stream. After the last attempt the message goes
+//! `concurrency` transactions at once. Messages of different streams that are ready
+//! while every transaction is busy go together into the next one (up to
+//! `batch_size`): one claim statement, one commit, one connection for all of them, so
+//! under load the per-message cost of a transaction is divided, and an idle consumer
+//! still handles each message at once. If a batch fails, each of its messages is tried
+//! again on its own, so batching never changes a message's outcome. A failing handler
+//! is retried in process (3 attempts, 100 ms then 200 ms apart), blocking only its own
+//! stream. After the last attempt the message goes
 //! to `dlq.<service>.retry` with the error, the attempt count and its original routing
 //! in headers, and its stream is parked: the stream's later messages follow it into the
 //! dead-letter queue untried, so none is applied ahead of it, until the dead letter is
@@ -120,11 +126,12 @@ pub struct ConsumerConfig {
     pub amqp_url: String,
     /// Unacknowledged messages the broker may hand over at once.
     pub prefetch: u16,
-    /// Streams handled at the same time.
+    /// Transactions in flight at once, each on a connection the consumer keeps open.
     pub concurrency: usize,
-    /// Database connections the consumer keeps open for its handlers (at most
-    /// `concurrency` are used).
-    pub connections: usize,
+    /// Most messages (of different streams) applied in one transaction. Messages that
+    /// are ready while every transaction slot is busy go together, which divides the
+    /// commits and round trips per message under load and costs nothing when idle.
+    pub batch_size: usize,
     /// Handler attempts before a message is dead-lettered.
     pub max_attempts: u32,
     /// The pause after the first failed attempt; it doubles after each further one.
@@ -160,8 +167,8 @@ impl ConsumerConfig {
             bindings,
             amqp_url: amqp_url.to_owned(),
             prefetch: 256,
-            concurrency: 32,
-            connections: 8,
+            concurrency: 4,
+            batch_size: 64,
             max_attempts: 3,
             first_retry_delay: Duration::from_millis(100),
         }
@@ -221,9 +228,7 @@ impl<H: Handler> Consumer<H> {
         let connections = Connections {
             options: store.pool().connect_options().as_ref().clone(),
             idle: std::sync::Mutex::new(Vec::new()),
-            permits: tokio::sync::Semaphore::new(
-                config.connections.clamp(1, config.concurrency.max(1)),
-            ),
+            permits: tokio::sync::Semaphore::new(config.concurrency.max(1)),
         };
         Consumer {
             shared: Arc::new(Shared {
@@ -291,18 +296,36 @@ impl<H: Handler> Consumer<H> {
             )
             .await?;
         tracing::info!("consuming");
-        let (done_sender, mut done) = tokio::sync::mpsc::unbounded_channel::<String>();
-        let mut dispatcher = Dispatcher::new(config.concurrency);
-        let start = |(key, delivery): (String, Delivery)| {
-            let done = DoneGuard {
-                key: Some(key),
-                sender: done_sender.clone(),
-            };
+        let (done_sender, mut done) = tokio::sync::mpsc::unbounded_channel::<Done>();
+        let mut dispatcher = Dispatcher::new(config.concurrency, config.batch_size);
+        let start = |batch: Vec<(String, Delivery)>| {
+            let keys = batch.iter().map(|(key, _)| key.clone()).collect();
+            let mut done = DoneGuard::new(keys, true, done_sender.clone());
             let (shared, channels) = (self.shared.clone(), channels.clone());
+            let sender = done_sender.clone();
             tokio::spawn(
                 async move {
-                    process(&shared, &channels, delivery).await;
+                    let retries = process_batch(&shared, &channels, batch).await;
+                    // Messages that must be retried leave the batch's slot to the next
+                    // batch and keep only their own stream busy while they wait.
+                    let guards: Vec<DoneGuard> = retries
+                        .iter()
+                        .map(|retry| {
+                            done.hand_off(&retry.key);
+                            DoneGuard::new(vec![retry.key.clone()], false, sender.clone())
+                        })
+                        .collect();
                     drop(done);
+                    for (retry, guard) in retries.into_iter().zip(guards) {
+                        let (shared, channels) = (shared.clone(), channels.clone());
+                        tokio::spawn(
+                            async move {
+                                process(&shared, &channels, retry.delivery, retry.attempts).await;
+                                drop(guard);
+                            }
+                            .in_current_span(),
+                        );
+                    }
                 }
                 .in_current_span(),
             );
@@ -310,16 +333,36 @@ impl<H: Handler> Consumer<H> {
         let outcome = loop {
             tokio::select! {
                 biased;
-                Some(key) = done.recv() => dispatcher.finished(&key).into_iter().for_each(&start),
+                Some(finished) = done.recv() => {
+                    dispatcher.finished(finished);
+                    dispatcher.startable().into_iter().for_each(&start);
+                }
                 _ = cancel.cancelled() => break Ok(()),
-                delivery = deliveries.next() => match delivery {
-                    Some(Ok(delivery)) => {
-                        let key = ordering_key(&delivery);
-                        dispatcher.arrived(key, delivery).into_iter().for_each(&start);
+                delivery = deliveries.next() => {
+                    // Take every delivery already here before starting any, so what
+                    // arrived together can go in one transaction.
+                    let mut next = Some(delivery);
+                    let mut taken = 0;
+                    let mut lost = None;
+                    while let Some(delivery) = next.take() {
+                        match delivery {
+                            Some(Ok(delivery)) => {
+                                let key = ordering_key(&delivery);
+                                dispatcher.arrived(key, delivery);
+                            }
+                            Some(Err(error)) => lost = Some(ConsumerError::Broker(error)),
+                            None => lost = Some(ConsumerError::CancelledByBroker),
+                        }
+                        taken += 1;
+                        if lost.is_none() && taken < config.batch_size {
+                            next = deliveries.next().now_or_never();
+                        }
                     }
-                    Some(Err(error)) => break Err(ConsumerError::Broker(error)),
-                    None => break Err(ConsumerError::CancelledByBroker),
-                },
+                    dispatcher.startable().into_iter().for_each(&start);
+                    if let Some(error) = lost {
+                        break Err(error);
+                    }
+                }
             }
         };
         // Finish what is in hand; what waits behind it was never started and goes
@@ -327,9 +370,9 @@ impl<H: Handler> Consumer<H> {
         if cancel.is_cancelled() {
             shared.cancel.cancel();
         }
-        while dispatcher.running() > 0 {
+        while dispatcher.in_flight() > 0 {
             match done.recv().await {
-                Some(_) => dispatcher.stop_one(),
+                Some(finished) => dispatcher.finished(finished),
                 None => break,
             }
         }
@@ -458,16 +501,55 @@ impl SessionChannels {
     }
 }
 
-/// Tells the dispatcher a key is free again, even if the task panicked.
+/// What a task tells the dispatcher when it ends.
+#[derive(Debug, PartialEq)]
+struct Done {
+    /// Streams free for their next message.
+    keys: Vec<String>,
+    /// A batch's slot is free (false: a retry task ended).
+    slot: bool,
+    /// Retry tasks the batch started, which keep their streams busy.
+    handed_off: usize,
+}
+
+/// Tells the dispatcher a task ended, even if it panicked.
 struct DoneGuard {
-    key: Option<String>,
-    sender: tokio::sync::mpsc::UnboundedSender<String>,
+    done: Option<Done>,
+    sender: tokio::sync::mpsc::UnboundedSender<Done>,
+}
+
+impl DoneGuard {
+    fn new(
+        keys: Vec<String>,
+        slot: bool,
+        sender: tokio::sync::mpsc::UnboundedSender<Done>,
+    ) -> Self {
+        let done = Done {
+            keys,
+            slot,
+            handed_off: 0,
+        };
+        DoneGuard {
+            done: Some(done),
+            sender,
+        }
+    }
+
+    /// `key` stays busy after this task: a retry task took it over.
+    fn hand_off(&mut self, key: &str) {
+        if let Some(done) = self.done.as_mut()
+            && let Some(index) = done.keys.iter().position(|held| held == key)
+        {
+            done.keys.swap_remove(index);
+            done.handed_off += 1;
+        }
+    }
 }
 
 impl Drop for DoneGuard {
     fn drop(&mut self) {
-        if let Some(key) = self.key.take() {
-            let _ = self.sender.send(key);
+        if let Some(done) = self.done.take() {
+            let _ = self.sender.send(done);
         }
     }
 }
@@ -556,10 +638,118 @@ enum Park {
     Behind(Uuid),
 }
 
-/// Handles one delivery to its end: acknowledged once applied, skipped as a duplicate,
-/// or safely in the dead-letter queue; or left unacknowledged (to be redelivered) when
-/// the session or the consumer stops first.
-async fn process<H: Handler>(shared: &Shared<H>, channels: &SessionChannels, delivery: Delivery) {
+/// A delivery whose first try failed, to be tried again on its own.
+struct Retry {
+    key: String,
+    delivery: Delivery,
+    /// Failed attempts so far (a failed batch counts none).
+    attempts: u32,
+}
+
+/// Tries a batch of deliveries of different streams once, in one transaction, and
+/// settles every message that reached a verdict (applied, duplicate, dead-lettered).
+/// Returns those to try again on their own: all of them if the batch failed (a handler
+/// error, a lost connection, a deadlock between batches), so a batch never changes
+/// what happens to a message, only how many commits it shares; attempts are counted
+/// per message, by [`process`].
+async fn process_batch<H: Handler>(
+    shared: &Shared<H>,
+    channels: &SessionChannels,
+    batch: Vec<(String, Delivery)>,
+) -> Vec<Retry> {
+    let received = Instant::now();
+    let mut retries = Vec::new();
+    let mut decoded = Vec::with_capacity(batch.len());
+    for (key, delivery) in batch {
+        let envelope = match Envelope::from_properties(&delivery.properties) {
+            Ok(envelope) => envelope,
+            Err(why) => {
+                let error = format!("malformed message: {why}");
+                let letter = DeadLetter::new(&delivery, None, Park::No, error, 0);
+                dead_letter(shared, channels, letter).await;
+                continue;
+            }
+        };
+        match decode(shared, &delivery, &envelope).await {
+            Ok(message) => decoded.push((key, delivery, message)),
+            Err(Failure::Handler(error)) => {
+                let error = format!("undecodable payload: {error}");
+                let letter = DeadLetter::new(&delivery, Some(&envelope), Park::Stream, error, 0);
+                dead_letter(shared, channels, letter).await;
+            }
+            Err(Failure::Infrastructure(_)) => retries.push(Retry {
+                key,
+                delivery,
+                attempts: 0,
+            }),
+        }
+    }
+    if decoded.is_empty() {
+        return retries;
+    }
+    let messages: Vec<&Message> = decoded.iter().map(|(_, _, message)| message).collect();
+    match try_once(shared, &messages).await {
+        Ok(claims) => {
+            let settled = decoded
+                .iter()
+                .zip(claims)
+                .map(|((_, delivery, message), claim)| {
+                    settle(
+                        shared,
+                        channels,
+                        delivery,
+                        &message.envelope,
+                        claim,
+                        0,
+                        received,
+                    )
+                });
+            futures_util::future::join_all(settled).await;
+        }
+        Err(Failed { failure, culprit }) => {
+            // The message whose handler failed has used an attempt; the others of its
+            // batch were only rolled back with it and try again at once.
+            if let (Some(index), Failure::Handler(error)) = (culprit, &failure) {
+                let (key, delivery, message) = decoded.swap_remove(index);
+                shared.metrics.failed(&shared.queue);
+                let message_id = message.envelope.message_id;
+                tracing::warn!(%error, attempt = 1, %message_id, "handler failed");
+                if shared.config.max_attempts <= 1 {
+                    let envelope = Some(&message.envelope);
+                    let letter =
+                        DeadLetter::new(&delivery, envelope, Park::Stream, error.clone(), 1);
+                    dead_letter(shared, channels, letter).await;
+                } else {
+                    retries.push(Retry {
+                        key,
+                        delivery,
+                        attempts: 1,
+                    });
+                }
+            } else {
+                let (Failure::Handler(error) | Failure::Infrastructure(error)) = &failure;
+                tracing::debug!(%error, size = decoded.len(), "batch failed; trying its messages one by one");
+            }
+            retries.extend(decoded.into_iter().map(|(key, delivery, _)| Retry {
+                key,
+                delivery,
+                attempts: 0,
+            }));
+        }
+    }
+    retries
+}
+
+/// Tries one delivery again until it is acknowledged as applied or a duplicate, or is
+/// safely in the dead-letter queue (after `max_attempts` failed attempts, counting
+/// the `attempts` made before); or leaves it unacknowledged (to be redelivered) when the
+/// session or the consumer stops first.
+async fn process<H: Handler>(
+    shared: &Shared<H>,
+    channels: &SessionChannels,
+    delivery: Delivery,
+    mut attempts: u32,
+) {
     let received = Instant::now();
     let envelope = match Envelope::from_properties(&delivery.properties) {
         Ok(envelope) => envelope,
@@ -569,11 +759,22 @@ async fn process<H: Handler>(shared: &Shared<H>, channels: &SessionChannels, del
             return dead_letter(shared, channels, letter).await;
         }
     };
-    let mut attempts = 0;
     let mut infrastructure_delays = reconnect_backoff();
+    let mut delay = None;
     loop {
+        if attempts > 0 && delay.is_none() {
+            delay = Some(shared.config.first_retry_delay * 2u32.saturating_pow(attempts - 1));
+        }
+        if let Some(delay) = delay.take()
+            && !pause(shared, delay).await
+        {
+            return;
+        }
         let outcome = match decode(shared, &delivery, &envelope).await {
-            Ok(message) => try_once(shared, &message).await,
+            Ok(message) => try_once(shared, &[&message])
+                .await
+                .map(|mut claims| claims.pop().unwrap_or(Claim::Duplicate))
+                .map_err(|failed| failed.failure),
             Err(Failure::Handler(error)) => {
                 let error = format!("undecodable payload: {error}");
                 let letter = DeadLetter::new(&delivery, Some(&envelope), Park::Stream, error, 0);
@@ -581,60 +782,73 @@ async fn process<H: Handler>(shared: &Shared<H>, channels: &SessionChannels, del
             }
             Err(failure) => Err(failure),
         };
-        let letter = |park, error, attempts| {
-            DeadLetter::new(&delivery, Some(&envelope), park, error, attempts)
-        };
         match outcome {
-            Ok(Claim::Applied) => {
-                if acknowledge(&delivery).await {
-                    shared.metrics.consumed(&shared.queue, received.elapsed());
-                }
-                return;
-            }
-            Ok(Claim::Duplicate) => {
-                if acknowledge(&delivery).await {
-                    shared.metrics.duplicate(&shared.queue);
-                }
-                return;
-            }
-            Ok(Claim::Parked(behind)) => {
-                let error = format!("stream {} is parked behind {behind}", envelope.stream_id);
-                return dead_letter(shared, channels, letter(Park::Behind(behind), error, 0)).await;
-            }
-            Ok(Claim::OutOfOrder) => {
-                // Never applied: parked until an operator looks (replaying it cannot
-                // help; skipping it lets the stream flow on).
-                let error = format!(
-                    "out of order: a later version of stream {} was already applied",
-                    envelope.stream_id
-                );
-                return dead_letter(shared, channels, letter(Park::Stream, error, attempts)).await;
+            Ok(claim) => {
+                return settle(
+                    shared, channels, &delivery, &envelope, claim, attempts, received,
+                )
+                .await;
             }
             Err(Failure::Infrastructure(error)) => {
                 if !channels.alive() {
                     return; // redelivered on the next session
                 }
-                let delay = infrastructure_delays
+                let wait = infrastructure_delays
                     .next()
                     .unwrap_or(Duration::from_secs(5));
-                tracing::warn!(%error, ?delay, message_id = %envelope.message_id, "cannot reach the database; retrying");
-                if !pause(shared, delay).await {
-                    return;
-                }
+                tracing::warn!(%error, delay = ?wait, message_id = %envelope.message_id, "cannot reach the database; retrying");
+                delay = Some(wait);
             }
             Err(Failure::Handler(error)) => {
                 attempts += 1;
                 shared.metrics.failed(&shared.queue);
                 tracing::warn!(%error, attempt = attempts, message_id = %envelope.message_id, "handler failed");
                 if attempts >= shared.config.max_attempts {
-                    return dead_letter(shared, channels, letter(Park::Stream, error, attempts))
-                        .await;
-                }
-                let delay = shared.config.first_retry_delay * 2u32.saturating_pow(attempts - 1);
-                if !pause(shared, delay).await {
-                    return;
+                    let letter =
+                        DeadLetter::new(&delivery, Some(&envelope), Park::Stream, error, attempts);
+                    return dead_letter(shared, channels, letter).await;
                 }
             }
+        }
+    }
+}
+
+/// Finishes a delivery whose claim reached a verdict: acknowledges what was applied or
+/// was a duplicate, dead-letters what may not be applied (yet).
+async fn settle<H>(
+    shared: &Shared<H>,
+    channels: &SessionChannels,
+    delivery: &Delivery,
+    envelope: &Envelope,
+    claim: Claim,
+    attempts: u32,
+    received: Instant,
+) {
+    let letter =
+        |park, error, attempts| DeadLetter::new(delivery, Some(envelope), park, error, attempts);
+    match claim {
+        Claim::Applied => {
+            if acknowledge(delivery).await {
+                shared.metrics.consumed(&shared.queue, received.elapsed());
+            }
+        }
+        Claim::Duplicate => {
+            if acknowledge(delivery).await {
+                shared.metrics.duplicate(&shared.queue);
+            }
+        }
+        Claim::Parked(behind) => {
+            let error = format!("stream {} is parked behind {behind}", envelope.stream_id);
+            dead_letter(shared, channels, letter(Park::Behind(behind), error, 0)).await;
+        }
+        Claim::OutOfOrder => {
+            // Never applied: parked until an operator looks (replaying it cannot
+            // help; skipping it lets the stream flow on).
+            let error = format!(
+                "out of order: a later version of stream {} was already applied",
+                envelope.stream_id
+            );
+            dead_letter(shared, channels, letter(Park::Stream, error, attempts)).await;
         }
     }
 }
@@ -691,37 +905,77 @@ async fn decode<H>(
     })
 }
 
-/// Claims the inbox row (unless the message is a duplicate, parked behind another, or
-/// older than what was applied), then runs the handler in the same transaction. The
-/// message a parked stream waits for (a dead letter being replayed) is the one message
-/// it lets through; when that succeeds, the stream moves on to its next parked message
-/// in the same transaction.
+/// Claims the inbox rows of a batch of messages of different streams, in one
+/// statement. A message is claimed unless it is a duplicate (its inbox row exists),
+/// parked behind another message of its stream, or older than what its stream already
+/// applied; a message that is not claimed writes nothing, so the others of its batch
+/// can still commit. The message a parked stream waits for (a dead letter being
+/// replayed) is the one message it lets through; when that succeeds, the stream moves
+/// on to its next parked message in the same transaction.
 const CLAIM: &str = "
-WITH parked AS (
-    SELECT blocking_message_id FROM parked_streams WHERE consumer = $1 AND stream_id = $3
+WITH batch AS (
+    SELECT * FROM unnest($2::uuid[], $3::text[], $4::bigint[])
+        WITH ORDINALITY AS b (message_id, stream_id, version, ordinal)
+), checked AS (
+    SELECT b.ordinal, b.message_id, b.stream_id, b.version,
+           p.blocking_message_id AS parked_behind,
+           EXISTS (SELECT 1 FROM inbox i WHERE i.consumer = $1 AND i.message_id = b.message_id)
+               AS seen,
+           (b.version IS NULL OR s.last_version IS NULL OR s.last_version < b.version) AS in_order
+    FROM batch b
+    LEFT JOIN parked_streams p ON p.consumer = $1 AND p.stream_id = b.stream_id
+    LEFT JOIN consumer_streams s ON s.consumer = $1 AND s.stream_id = b.stream_id
 ), claimed AS (
     INSERT INTO inbox (consumer, message_id)
-    SELECT $1, $2 WHERE NOT EXISTS (SELECT 1 FROM parked WHERE blocking_message_id <> $2)
+    SELECT $1, message_id FROM checked
+    WHERE NOT seen AND in_order AND (parked_behind IS NULL OR parked_behind = message_id)
     ON CONFLICT DO NOTHING
     RETURNING message_id
 ), advanced AS (
     INSERT INTO consumer_streams (consumer, stream_id, last_version)
-    SELECT $1, $3, $4 FROM claimed WHERE $4::bigint IS NOT NULL
+    SELECT $1, c.stream_id, c.version FROM checked c JOIN claimed USING (message_id)
+    WHERE c.version IS NOT NULL
     ON CONFLICT (consumer, stream_id) DO UPDATE SET last_version = excluded.last_version
         WHERE consumer_streams.last_version < excluded.last_version
-    RETURNING 1
+    RETURNING stream_id
 )
-SELECT EXISTS (SELECT 1 FROM claimed) AS claimed,
-       (SELECT blocking_message_id FROM parked) AS parked_behind,
-       ($4::bigint IS NULL OR EXISTS (SELECT 1 FROM advanced)) AS in_order";
+SELECT c.message_id,
+       EXISTS (SELECT 1 FROM claimed WHERE claimed.message_id = c.message_id) AS claimed,
+       c.parked_behind,
+       c.seen,
+       c.in_order AND (c.version IS NULL
+           OR NOT EXISTS (SELECT 1 FROM claimed WHERE claimed.message_id = c.message_id)
+           OR EXISTS (SELECT 1 FROM advanced WHERE advanced.stream_id = c.stream_id)) AS in_order
+FROM checked c ORDER BY c.ordinal";
 
-async fn try_once<H: Handler>(shared: &Shared<H>, message: &Message) -> Result<Claim, Failure> {
+/// Why a transaction failed, and the message whose handler failed, if one did.
+struct Failed {
+    failure: Failure,
+    /// Index of the message whose handler failed (or whose claim went wrong).
+    culprit: Option<usize>,
+}
+
+impl From<Failure> for Failed {
+    fn from(failure: Failure) -> Self {
+        Failed {
+            failure,
+            culprit: None,
+        }
+    }
+}
+
+/// Claims and applies `messages` (of different streams) in one transaction on one of
+/// the consumer's connections; the verdict for each, in order.
+async fn try_once<H: Handler>(
+    shared: &Shared<H>,
+    messages: &[&Message],
+) -> Result<Vec<Claim>, Failed> {
     let (_permit, mut connection) = shared
         .connections
         .take()
         .await
         .map_err(|error| Failure::from_database(&error))?;
-    let outcome = claim_and_handle(shared, message, &mut connection).await;
+    let outcome = claim_and_handle(shared, messages, &mut connection).await;
     // After a failure the connection may be mid-transaction or broken: let it go.
     if outcome.is_ok() {
         shared.connections.give_back(connection);
@@ -731,17 +985,19 @@ async fn try_once<H: Handler>(shared: &Shared<H>, message: &Message) -> Result<C
 
 async fn claim_and_handle<H: Handler>(
     shared: &Shared<H>,
-    message: &Message,
+    messages: &[&Message],
     connection: &mut sqlx::PgConnection,
-) -> Result<Claim, Failure> {
-    let envelope = &message.envelope;
+) -> Result<Vec<Claim>, Failed> {
     let database = |error: sqlx::Error| Failure::from_database(&error);
     let mut transaction = shared
         .store
         .begin_on(connection)
         .await
         .map_err(Failure::from_store)?;
-    let streams = shared.handler.streams_to_lock(message);
+    let streams: Vec<String> = messages
+        .iter()
+        .flat_map(|message| shared.handler.streams_to_lock(message))
+        .collect();
     if !streams.is_empty() {
         // Before the claim writes anything: the transaction id (which orders global
         // positions) is then assigned after the streams' previous writer committed.
@@ -751,46 +1007,89 @@ async fn claim_and_handle<H: Handler>(
             .await
             .map_err(Failure::from_store)?;
     }
-    let row = sqlx::query(CLAIM)
+    let envelopes = messages.iter().map(|message| &message.envelope);
+    let rows = sqlx::query(CLAIM)
         .bind(shared.queue.as_str())
-        .bind(envelope.message_id)
-        .bind(envelope.stream_id.as_str())
-        .bind(envelope.stream_version)
-        .fetch_one(transaction.connection())
+        .bind(envelopes.clone().map(|e| e.message_id).collect::<Vec<_>>())
+        .bind(
+            envelopes
+                .clone()
+                .map(|e| e.stream_id.as_str())
+                .collect::<Vec<_>>(),
+        )
+        .bind(envelopes.map(|e| e.stream_version).collect::<Vec<_>>())
+        .fetch_all(transaction.connection())
         .await
         .map_err(database)?;
-    let claimed: bool = row.try_get("claimed").map_err(database)?;
-    let parked_behind: Option<Uuid> = row.try_get("parked_behind").map_err(database)?;
-    let in_order: bool = row.try_get("in_order").map_err(database)?;
-    let verdict = match parked_behind {
-        Some(behind) if behind != envelope.message_id => Some(Claim::Parked(behind)),
-        _ if !claimed => Some(Claim::Duplicate),
-        _ if !in_order => Some(Claim::OutOfOrder),
-        _ => None,
-    };
-    if let Some(verdict) = verdict {
+    if rows.len() != messages.len() {
+        return Err(Failure::Handler(format!(
+            "claimed {} rows for {} messages",
+            rows.len(),
+            messages.len()
+        ))
+        .into());
+    }
+    let mut claims = Vec::with_capacity(messages.len());
+    let mut applied = Vec::new();
+    for (index, (message, row)) in messages.iter().zip(&rows).enumerate() {
+        let id = message.envelope.message_id;
+        let claimed: bool = row.try_get("claimed").map_err(database)?;
+        let parked_behind: Option<Uuid> = row.try_get("parked_behind").map_err(database)?;
+        let seen: bool = row.try_get("seen").map_err(database)?;
+        let in_order: bool = row.try_get("in_order").map_err(database)?;
+        let claim = match parked_behind {
+            Some(behind) if behind != id => Claim::Parked(behind),
+            _ if claimed && in_order => Claim::Applied,
+            // Claimed, but its stream moved past it meanwhile: that claim must not
+            // commit. Alone, it is rolled back below; in a batch, the batch fails
+            // and the message is tried alone.
+            _ if claimed && messages.len() > 1 => {
+                return Err(Failed {
+                    failure: Failure::Handler(format!("{id} lost its stream's order")),
+                    culprit: Some(index),
+                });
+            }
+            _ if claimed => Claim::OutOfOrder,
+            _ if seen || in_order => Claim::Duplicate,
+            _ => Claim::OutOfOrder,
+        };
+        if matches!(claim, Claim::Applied) {
+            applied.push((index, *message, parked_behind.is_some()));
+        }
+        claims.push(claim);
+    }
+    if applied.is_empty() {
         transaction.rollback().await.map_err(Failure::from_store)?;
-        return Ok(verdict);
+        return Ok(claims);
     }
-    // A panicking handler counts as a failed attempt; it must not free the stream
-    // for the next message while this one is still unapplied.
-    let handled = AssertUnwindSafe(shared.handler.handle(message, &mut transaction))
-        .catch_unwind()
-        .await
-        .unwrap_or_else(|_| Err("the handler panicked".into()));
-    if let Err(error) = handled {
-        // Dropping the transaction rolls back the claim with the handler's writes.
-        drop(transaction);
-        return Err(Failure::Handler(error.to_string()));
-    }
-    if parked_behind.is_some() {
-        advance_park(transaction.connection(), &shared.queue, &envelope.stream_id)
+    for &(index, message, replaying_dead_letter) in &applied {
+        // A panicking handler counts as a failed attempt; it must not free the stream
+        // for the next message while this one is still unapplied.
+        let handled = AssertUnwindSafe(shared.handler.handle(message, &mut transaction))
+            .catch_unwind()
             .await
-            .map_err(database)?;
+            .unwrap_or_else(|_| Err("the handler panicked".into()));
+        if let Err(error) = handled {
+            // Dropping the transaction rolls back the claims with the handlers' writes.
+            drop(transaction);
+            return Err(Failed {
+                failure: Failure::Handler(error.to_string()),
+                culprit: Some(index),
+            });
+        }
+        if replaying_dead_letter {
+            let stream_id = &message.envelope.stream_id;
+            advance_park(transaction.connection(), &shared.queue, stream_id)
+                .await
+                .map_err(database)?;
+        }
     }
     transaction.commit().await.map_err(Failure::from_store)?;
-    shared.handler.committed(message);
-    Ok(Claim::Applied)
+    shared.metrics.transaction(&shared.queue);
+    for &(_, message, _) in &applied {
+        shared.handler.committed(message);
+    }
+    Ok(claims)
 }
 
 /// A delivery on its way to the dead-letter queue, with why.
@@ -945,34 +1244,42 @@ async fn try_dead_letter<H>(
     }
 }
 
-/// Decides which deliveries may start: one at a time per key, at most `concurrency`
-/// at once, each key's deliveries in arrival order. Generic so it can be tested
-/// without a broker.
+/// Decides which deliveries may start, and together: one at a time per key, each key's
+/// deliveries in arrival order, at most `concurrency` batches at once, each of at most
+/// `batch_size` deliveries with different keys. Generic so it can be tested without a
+/// broker.
 struct Dispatcher<T> {
     concurrency: usize,
+    batch_size: usize,
+    /// Batches being handled.
     running: usize,
-    /// Keys with a delivery being handled, and what waits behind it.
+    /// Messages being retried outside any batch.
+    retrying: usize,
+    /// Keys with a delivery being handled or ready, and what waits behind it.
     busy: HashMap<String, VecDeque<T>>,
-    /// Deliveries free to start once a slot frees up, oldest first.
+    /// Deliveries free to start once a slot frees up, oldest first; no key twice.
     ready: VecDeque<(String, T)>,
 }
 
 impl<T> Dispatcher<T> {
-    fn new(concurrency: usize) -> Self {
+    fn new(concurrency: usize, batch_size: usize) -> Self {
         Dispatcher {
             concurrency: concurrency.max(1),
+            batch_size: batch_size.max(1),
             running: 0,
+            retrying: 0,
             busy: HashMap::new(),
             ready: VecDeque::new(),
         }
     }
 
-    fn running(&self) -> usize {
-        self.running
+    /// Tasks still running: batches and retries.
+    fn in_flight(&self) -> usize {
+        self.running + self.retrying
     }
 
-    /// A delivery arrived; returns what may start now.
-    fn arrived(&mut self, key: String, item: T) -> Vec<(String, T)> {
+    /// A delivery arrived; [`startable`](Self::startable) says whether it may start.
+    fn arrived(&mut self, key: String, item: T) {
         match self.busy.get_mut(&key) {
             Some(waiting) => waiting.push_back(item),
             None => {
@@ -980,34 +1287,34 @@ impl<T> Dispatcher<T> {
                 self.ready.push_back((key, item));
             }
         }
-        self.startable()
     }
 
-    /// The delivery of `key` is done; returns what may start now.
-    fn finished(&mut self, key: &str) -> Vec<(String, T)> {
-        self.running -= 1;
-        match self.busy.get_mut(key).and_then(VecDeque::pop_front) {
-            Some(next) => self.ready.push_back((key.to_owned(), next)),
-            None => {
-                self.busy.remove(key);
+    /// A task ended: its keys' next deliveries become ready, and a batch frees its
+    /// slot.
+    fn finished(&mut self, done: Done) {
+        if done.slot {
+            self.running -= 1;
+            self.retrying += done.handed_off;
+        } else {
+            self.retrying -= 1;
+        }
+        for key in done.keys {
+            match self.busy.get_mut(&key).and_then(VecDeque::pop_front) {
+                Some(next) => self.ready.push_back((key, next)),
+                None => {
+                    self.busy.remove(&key);
+                }
             }
         }
-        self.startable()
     }
 
-    /// A delivery ended while shutting down: nothing new starts.
-    fn stop_one(&mut self) {
-        self.running -= 1;
-    }
-
-    fn startable(&mut self) -> Vec<(String, T)> {
+    /// The batches that may start now, taking ready deliveries oldest first.
+    fn startable(&mut self) -> Vec<Vec<(String, T)>> {
         let mut start = Vec::new();
-        while self.running < self.concurrency {
-            let Some(next) = self.ready.pop_front() else {
-                break;
-            };
+        while self.running < self.concurrency && !self.ready.is_empty() {
+            let size = self.batch_size.min(self.ready.len());
+            start.push(self.ready.drain(..size).collect());
             self.running += 1;
-            start.push(next);
         }
         start
     }
@@ -1015,40 +1322,108 @@ impl<T> Dispatcher<T> {
 
 #[cfg(test)]
 mod tests {
-    use super::Dispatcher;
+    use super::{Dispatcher, Done};
 
-    fn keys(started: Vec<(String, u32)>) -> Vec<(String, u32)> {
-        started
+    fn items(batches: Vec<Vec<(String, u32)>>) -> Vec<Vec<u32>> {
+        batches
+            .into_iter()
+            .map(|batch| batch.into_iter().map(|(_, item)| item).collect())
+            .collect()
+    }
+
+    /// A batch of these keys ended, handing `handed_off` of them to retry tasks.
+    fn batch(names: &[&str], handed_off: usize) -> Done {
+        Done {
+            keys: names.iter().map(|name| (*name).to_owned()).collect(),
+            slot: true,
+            handed_off,
+        }
+    }
+
+    fn retry(name: &str) -> Done {
+        Done {
+            keys: vec![name.to_owned()],
+            slot: false,
+            handed_off: 0,
+        }
     }
 
     #[test]
     fn one_key_runs_one_at_a_time_in_arrival_order() {
-        let mut dispatcher = Dispatcher::new(8);
-        assert_eq!(
-            keys(dispatcher.arrived("a".into(), 1)),
-            vec![("a".into(), 1)]
-        );
-        assert!(dispatcher.arrived("a".into(), 2).is_empty());
-        assert!(dispatcher.arrived("a".into(), 3).is_empty());
-        assert_eq!(dispatcher.arrived("b".into(), 9), vec![("b".into(), 9)]);
-        assert_eq!(dispatcher.finished("a"), vec![("a".into(), 2)]);
-        assert_eq!(dispatcher.finished("a"), vec![("a".into(), 3)]);
-        assert!(dispatcher.finished("a").is_empty());
-        assert_eq!(dispatcher.running(), 1);
+        let mut dispatcher = Dispatcher::new(8, 1);
+        dispatcher.arrived("a".into(), 1);
+        assert_eq!(items(dispatcher.startable()), vec![vec![1]]);
+        dispatcher.arrived("a".into(), 2);
+        dispatcher.arrived("a".into(), 3);
+        assert!(dispatcher.startable().is_empty(), "a is busy");
+        dispatcher.arrived("b".into(), 9);
+        assert_eq!(items(dispatcher.startable()), vec![vec![9]]);
+        dispatcher.finished(batch(&["a"], 0));
+        assert_eq!(items(dispatcher.startable()), vec![vec![2]]);
+        dispatcher.finished(batch(&["a"], 0));
+        assert_eq!(items(dispatcher.startable()), vec![vec![3]]);
+        dispatcher.finished(batch(&["a"], 0));
+        assert!(dispatcher.startable().is_empty());
+        assert_eq!(dispatcher.in_flight(), 1);
         // The key is free again.
-        assert_eq!(dispatcher.arrived("a".into(), 4), vec![("a".into(), 4)]);
+        dispatcher.arrived("a".into(), 4);
+        assert_eq!(items(dispatcher.startable()), vec![vec![4]]);
     }
 
     #[test]
-    fn concurrency_caps_running_keys_and_frees_in_arrival_order() {
-        let mut dispatcher = Dispatcher::new(2);
-        assert_eq!(dispatcher.arrived("a".into(), 1).len(), 1);
-        assert_eq!(dispatcher.arrived("b".into(), 2).len(), 1);
-        assert!(dispatcher.arrived("c".into(), 3).is_empty());
-        assert!(dispatcher.arrived("a".into(), 4).is_empty());
+    fn concurrency_caps_running_batches_and_frees_in_arrival_order() {
+        let mut dispatcher = Dispatcher::new(2, 1);
+        dispatcher.arrived("a".into(), 1);
+        dispatcher.arrived("b".into(), 2);
+        assert_eq!(items(dispatcher.startable()), vec![vec![1], vec![2]]);
+        dispatcher.arrived("c".into(), 3);
+        dispatcher.arrived("a".into(), 4);
+        assert!(dispatcher.startable().is_empty());
         // "c" arrived before a's second delivery became ready.
-        assert_eq!(dispatcher.finished("a"), vec![("c".into(), 3)]);
-        assert_eq!(dispatcher.finished("b"), vec![("a".into(), 4)]);
-        assert_eq!(dispatcher.running(), 2);
+        dispatcher.finished(batch(&["a"], 0));
+        assert_eq!(items(dispatcher.startable()), vec![vec![3]]);
+        dispatcher.finished(batch(&["b"], 0));
+        assert_eq!(items(dispatcher.startable()), vec![vec![4]]);
+        assert_eq!(dispatcher.in_flight(), 2);
+    }
+
+    #[test]
+    fn what_waits_for_a_slot_goes_together_with_one_delivery_per_key() {
+        let mut dispatcher = Dispatcher::new(1, 3);
+        dispatcher.arrived("a".into(), 1);
+        assert_eq!(items(dispatcher.startable()), vec![vec![1]]);
+        for (key, item) in [("a", 2), ("b", 3), ("a", 4), ("c", 5), ("d", 6), ("e", 7)] {
+            dispatcher.arrived(key.into(), item);
+        }
+        assert!(dispatcher.startable().is_empty(), "the one slot is busy");
+        dispatcher.finished(batch(&["a"], 0));
+        // a's second delivery became ready after b..e: b, c, d go first, at most 3.
+        assert_eq!(items(dispatcher.startable()), vec![vec![3, 5, 6]]);
+        dispatcher.finished(batch(&["b", "c", "d"], 0));
+        assert_eq!(items(dispatcher.startable()), vec![vec![7, 2]]);
+        dispatcher.finished(batch(&["e", "a"], 0));
+        assert_eq!(items(dispatcher.startable()), vec![vec![4]]);
+    }
+
+    #[test]
+    fn a_retried_message_frees_its_batch_slot_but_not_its_stream() {
+        let mut dispatcher = Dispatcher::new(1, 4);
+        dispatcher.arrived("a".into(), 1);
+        dispatcher.arrived("b".into(), 2);
+        assert_eq!(items(dispatcher.startable()), vec![vec![1, 2]]);
+        dispatcher.arrived("a".into(), 3);
+        dispatcher.arrived("c".into(), 4);
+        // The batch failed for a; b was applied. a is retried on its own.
+        dispatcher.finished(batch(&["b"], 1));
+        assert_eq!(dispatcher.in_flight(), 1, "the retry");
+        assert_eq!(
+            items(dispatcher.startable()),
+            vec![vec![4]],
+            "a waits for its retry"
+        );
+        dispatcher.finished(batch(&["c"], 0));
+        dispatcher.finished(retry("a"));
+        assert_eq!(dispatcher.in_flight(), 0);
+        assert_eq!(items(dispatcher.startable()), vec![vec![3]]);
     }
 }

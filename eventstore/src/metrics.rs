@@ -38,6 +38,7 @@ struct Inner {
     failed: Family<Labels, Counter>,
     duplicates: Family<Labels, Counter>,
     dead_lettered: Family<Labels, Counter>,
+    transactions: Family<Labels, Counter>,
     processing: HistogramFamily,
     projection_lag: Family<Labels, Gauge>,
     projection_stalled: Family<Labels, Gauge>,
@@ -60,6 +61,7 @@ impl Metrics {
         let failed = Family::<Labels, Counter>::default();
         let duplicates = Family::<Labels, Counter>::default();
         let dead_lettered = Family::<Labels, Counter>::default();
+        let transactions = Family::<Labels, Counter>::default();
         let processing: HistogramFamily = Family::new_with_constructor(latency_histogram);
         let projection_lag = Family::<Labels, Gauge>::default();
         let projection_stalled = Family::<Labels, Gauge>::default();
@@ -104,6 +106,11 @@ impl Metrics {
             dead_lettered.clone(),
         );
         registry.register(
+            "consumer_transactions",
+            "Transactions that applied messages (several at once under load)",
+            transactions.clone(),
+        );
+        registry.register(
             "consumer_processing_seconds",
             "From delivery to the handler's transaction committed",
             processing.clone(),
@@ -129,6 +136,7 @@ impl Metrics {
                 failed,
                 duplicates,
                 dead_lettered,
+                transactions,
                 processing,
                 projection_lag,
                 projection_stalled,
@@ -161,6 +169,7 @@ impl Metrics {
         let _ = self.inner.failed.get_or_create(&labels);
         let _ = self.inner.duplicates.get_or_create(&labels);
         let _ = self.inner.dead_lettered.get_or_create(&labels);
+        let _ = self.inner.transactions.get_or_create(&labels);
         let _ = self.inner.processing.get_or_create(&labels);
     }
 
@@ -226,6 +235,18 @@ impl Metrics {
             .dead_lettered
             .get_or_create(&consumer_labels(consumer))
             .inc();
+    }
+
+    pub(crate) fn transaction(&self, consumer: &str) {
+        self.inner
+            .transactions
+            .get_or_create(&consumer_labels(consumer))
+            .inc();
+    }
+
+    /// Transactions in which a consumer applied messages.
+    pub fn transaction_count(&self, consumer: &str) -> u64 {
+        count(&self.inner.transactions, &consumer_labels(consumer))
     }
 
     /// Messages a consumer applied so far (for health checks and tests).

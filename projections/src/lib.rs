@@ -241,10 +241,8 @@ impl<R: ReadModels> Runner<R> {
     /// The consumer configuration: its queue, bound to every event of its service.
     pub fn config(amqp_url: &str) -> ConsumerConfig {
         let pattern = format!("{}.*", R::SERVICE);
-        let mut config = ConsumerConfig::events(R::SERVICE, "read-models", amqp_url, &[&pattern]);
+        let config = ConsumerConfig::events(R::SERVICE, "read-models", amqp_url, &[&pattern]);
         debug_assert_eq!(config.queue(), R::queue());
-        // Read-model updates are short; a few connections keep up.
-        config.connections = 4;
         config
     }
 }

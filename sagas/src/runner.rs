@@ -40,7 +40,7 @@ impl FulfilmentRunner {
     /// transaction, and most events of these services (stock committed or released,
     /// payments voided, the order's own outcome) are not inputs.
     pub fn config(amqp_url: &str) -> ConsumerConfig {
-        let mut config = ConsumerConfig::events(
+        ConsumerConfig::events(
             "order",
             "fulfilment-saga",
             amqp_url,
@@ -53,9 +53,7 @@ impl FulfilmentRunner {
                 "payment.PaymentDeclined",
                 "payment.PaymentCaptured",
             ],
-        );
-        config.connections = 4;
-        config
+        )
     }
 
     /// Fires due deadlines until `cancel` fires: every [`DEADLINE_POLL`], each saga

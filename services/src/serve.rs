@@ -241,12 +241,10 @@ impl Plan<'_> {
         }
     }
 
-    /// The service's command consumer: commands are few per order, so a few
-    /// connections serve them (PostgreSQL's default allows 100 in all).
+    /// The service's command consumer (the default few connections: PostgreSQL's
+    /// default allows 100 in all, and batches carry the load).
     fn commands_config(&self) -> ConsumerConfig {
-        let mut config = ConsumerConfig::commands(self.service.name(), &self.config.amqp_url);
-        config.connections = 4;
-        config
+        ConsumerConfig::commands(self.service.name(), &self.config.amqp_url)
     }
 
     /// The service's read models, kept by one consumer.

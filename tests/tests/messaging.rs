@@ -60,9 +60,7 @@ impl World {
     }
 
     fn consumer_config(&self) -> ConsumerConfig {
-        let mut config = ConsumerConfig::events(SERVICE, "recorder", &self.vhost.url, &["order.#"]);
-        config.concurrency = 16;
-        config
+        ConsumerConfig::events(SERVICE, "recorder", &self.vhost.url, &["order.#"])
     }
 
     fn start_relay(&self, config: RelayConfig, metrics: &Metrics) -> JoinHandle<()> {
@@ -389,6 +387,55 @@ async fn five_thousand_events_survive_forced_connection_closes_once_each_and_in_
     world.wait_outbox_published().await;
     assert_eq!(closes, 3);
     assert_once_in_order(&applied, &streams, 100);
+}
+
+/// Under load the consumer applies ready messages of different streams together, many
+/// to a transaction. A message whose handler fails takes only itself out of its batch:
+/// the others are applied once and in order, and it uses its 3 attempts on its own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_backlog_is_applied_in_batches_and_a_failing_message_leaves_its_batch() {
+    let world = World::new().await;
+    let config = world.consumer_config();
+    world.declare(&config).await;
+    let healthy = streams("stock-backlog", 40);
+    let poisoned = "stock-poisoned".to_owned();
+    append_round_robin(&world.store, &healthy[..20], 10, 10).await;
+    append_round_robin(&world.store, std::slice::from_ref(&poisoned), 3, 3).await;
+    append_round_robin(&world.store, &healthy[20..], 10, 10).await;
+    let metrics = Metrics::new();
+    world.start_relay(world.relay_config(), &metrics);
+    // The whole backlog waits in the queue before the consumer connects.
+    world.wait_outbox_published().await;
+
+    let recorder = Recorder::new(|message, _| {
+        message.envelope.stream_id == "stock-poisoned" && message.envelope.stream_version == Some(2)
+    });
+    world.start_consumer(config.clone(), recorder.clone(), &metrics);
+    let dead = read_dead_letters(&world, 2).await;
+    let applied = world.wait_applied(401, Duration::from_secs(60)).await;
+
+    let (poisoned_applied, rest): (Vec<Applied>, Vec<Applied>) = applied
+        .into_iter()
+        .partition(|row| row.stream_id == poisoned);
+    assert_once_in_order(&rest, &healthy, 10);
+    let versions: Vec<Option<i64>> = poisoned_applied.iter().map(|row| row.version).collect();
+    assert_eq!(versions, vec![Some(1)], "v2 failed, v3 is parked behind it");
+    let failed = dead
+        .iter()
+        .find(|letter| letter.parked_behind.is_none())
+        .expect("the failing message is dead-lettered");
+    assert_eq!(failed.envelope.stream_version, Some(2));
+    assert_eq!(failed.attempts, Some(3));
+    assert_eq!(
+        recorder.attempts_of(failed.envelope.message_id).len(),
+        3,
+        "a failed batch neither spends nor adds attempts"
+    );
+    let transactions = metrics.transaction_count(&config.queue());
+    assert!(
+        transactions * 4 <= 401,
+        "{transactions} transactions applied 401 messages: the backlog went in batches"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
