@@ -11,7 +11,9 @@
 //!
 //! `cargo bench -p tests --bench relay`. Settings: BENCH_MESSAGES (per throughput
 //! run, default 30000), BENCH_REPEATS (pairs, default 3), BENCH_RATE (events/s for the
-//! latency run, default 1000), BENCH_SECONDS (latency run length, default 10).
+//! latency run, default 1000), BENCH_SECONDS (latency run length, default 10),
+//! BENCH_PARTS (which of `relay,consumer,latency` to run, default all), and the
+//! consumer's BENCH_CONCURRENCY and BENCH_BATCH (default: the consumer's defaults).
 //! Prints markdown rows with medians and the CPU steal seen during each part.
 
 use std::collections::HashMap;
@@ -44,11 +46,13 @@ async fn main() -> anyhow::Result<()> {
     let repeats: usize = env_or("BENCH_REPEATS", 3);
     let rate: u64 = env_or("BENCH_RATE", 1_000);
     let seconds: u64 = env_or("BENCH_SECONDS", 10);
+    let parts: String = env_or("BENCH_PARTS", "relay,consumer,latency".to_owned());
+    let runs = |part: &str| parts.split(',').any(|listed| listed == part);
 
     let db = TestDb::new(16).await?;
     let vhost = Vhost::new()?;
     let store = db.store();
-    let sink = ConsumerConfig::events(SERVICE, "sink", &vhost.url, &["order.#"]);
+    let sink = consumer_config("sink", &vhost.url);
     let connection = amqp::connect(&vhost.url, "bench").await?;
     let channel = amqp::confirming_channel(&connection).await?;
     sink.declare(&channel).await?;
@@ -62,7 +66,7 @@ async fn main() -> anyhow::Result<()> {
     );
     println!("|---|---|---|---|---|---|");
     let mut ratios = Vec::new();
-    for run in 1..=repeats {
+    for run in (1..=repeats).filter(|_| runs("relay")) {
         let before = cpu_times();
         fill_outbox(&store, messages).await?;
         let ceiling = plain_publisher(&store, &channel, messages).await?;
@@ -78,28 +82,39 @@ async fn main() -> anyhow::Result<()> {
             steal * 100.0
         );
     }
-    println!("\nmedian relay/ceiling: {:.2}", median(ratios));
+    if !ratios.is_empty() {
+        println!("\nmedian relay/ceiling: {:.2}", median(ratios));
+    }
 
-    // Consumer throughput: the queue is filled by the relay, then drained.
+    // Consumer throughput: the queue is filled by the relay, then drained; for the
+    // consumer with the inbox, with 1,000 streams interleaved (its messages of one
+    // stream are handled one at a time, so 100 streams in runs of 100 would measure
+    // the round trip of one stream rather than the consumer).
     println!();
-    println!("| run | plain consume+ack msg/s | consumer with inbox msg/s | ratio | steal |");
-    println!("|---|---|---|---|---|");
-    for run in 1..=repeats {
+    println!(
+        "| run | plain consume+ack msg/s | consumer with inbox msg/s | ratio | messages per transaction | steal |"
+    );
+    println!("|---|---|---|---|---|---|");
+    for run in (1..=repeats).filter(|_| runs("consumer")) {
         let before = cpu_times();
         fill_outbox(&store, messages).await?;
         relay_throughput(&store, &vhost, messages).await?;
         let plain = plain_consumer(&connection, &sink.queue(), messages).await?;
-        fill_outbox(&store, messages).await?;
+        fill_outbox_interleaved(&store, messages).await?;
         relay_throughput(&store, &vhost, messages).await?;
-        let inbox = consumer_throughput(&store, &sink, messages).await?;
+        let (inbox, per_transaction) = consumer_throughput(&store, &sink, messages).await?;
         println!(
-            "| {run} | {plain:.0} | {inbox:.0} | {:.2} | {:.1} % |",
+            "| {run} | {plain:.0} | {inbox:.0} | {:.2} | {per_transaction:.1} | {:.1} % |",
             inbox / plain,
             steal_share(before, cpu_times()) * 100.0
         );
     }
 
     // Latency at a steady rate, relay and consumer running together.
+    if !runs("latency") {
+        connection.close(200, "done".into()).await?;
+        return Ok(());
+    }
     let before = cpu_times();
     let (sent, latencies) = latency(&store, &vhost, rate, seconds).await?;
     let steal = steal_share(before, cpu_times());
@@ -122,6 +137,14 @@ async fn main() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// A consumer of every `order` event, with BENCH_CONCURRENCY and BENCH_BATCH applied.
+fn consumer_config(name: &str, url: &str) -> ConsumerConfig {
+    let mut config = ConsumerConfig::events(SERVICE, name, url, &["order.#"]);
+    config.concurrency = env_or("BENCH_CONCURRENCY", config.concurrency);
+    config.batch_size = env_or("BENCH_BATCH", config.batch_size);
+    config
+}
+
 fn event(stream: &str) -> NewEvent {
     let event = StockEvent::StockAdded {
         sku: stream.to_owned(),
@@ -136,15 +159,45 @@ fn event(stream: &str) -> NewEvent {
 /// Empties the outbox, appends `count` events (100 streams, batches of 100), and
 /// vacuums, so that every timed run starts from the same table state. Untimed.
 async fn fill_outbox(store: &EventStore, count: usize) -> anyhow::Result<()> {
-    sqlx::query("DELETE FROM outbox")
-        .execute(store.pool())
-        .await?;
+    empty_outbox(store).await?;
     for batch in 0..count.div_ceil(100) {
         let stream = format!("stock-bench-{}", batch % 100);
         let size = 100.min(count - batch * 100);
         let events: Vec<NewEvent> = (0..size).map(|_| event(&stream)).collect();
         store.append(&stream, ExpectedVersion::Any, &events).await?;
     }
+    vacuum(store).await
+}
+
+/// As [`fill_outbox`], but as many small streams written side by side are (orders,
+/// say): `count` events over 1,000 streams, one event per stream in turn, so that
+/// the queue interleaves them. Untimed.
+async fn fill_outbox_interleaved(store: &EventStore, count: usize) -> anyhow::Result<()> {
+    empty_outbox(store).await?;
+    let streams: Vec<String> = (0..1_000).map(|i| format!("stock-many-{i}")).collect();
+    let mut transaction = store.begin().await?;
+    for i in 0..count {
+        let stream = &streams[i % streams.len()];
+        transaction
+            .append(stream, ExpectedVersion::Any, &[event(stream)])
+            .await?;
+        if i % 100 == 99 {
+            transaction.commit().await?;
+            transaction = store.begin().await?;
+        }
+    }
+    transaction.commit().await?;
+    vacuum(store).await
+}
+
+async fn empty_outbox(store: &EventStore) -> anyhow::Result<()> {
+    sqlx::query("DELETE FROM outbox")
+        .execute(store.pool())
+        .await?;
+    Ok(())
+}
+
+async fn vacuum(store: &EventStore) -> anyhow::Result<()> {
     sqlx::query("VACUUM ANALYZE outbox, events")
         .execute(store.pool())
         .await?;
@@ -289,11 +342,12 @@ impl Handler for NoOp {
     }
 }
 
+/// Drains `count` messages; returns messages/s and messages per transaction.
 async fn consumer_throughput(
     store: &EventStore,
     sink: &ConsumerConfig,
     count: usize,
-) -> anyhow::Result<f64> {
+) -> anyhow::Result<(f64, f64)> {
     let metrics = Metrics::new();
     let cancel = CancellationToken::new();
     let consumer = Consumer::new(
@@ -311,7 +365,8 @@ async fn consumer_throughput(
     let rate = count as f64 / started.elapsed().as_secs_f64();
     cancel.cancel();
     task.await?;
-    Ok(rate)
+    let transactions = metrics.transaction_count(&sink.queue()).max(1);
+    Ok((rate, count as f64 / transactions as f64))
 }
 
 /// Records when each message's handler finished (before the consumer's commit).
@@ -344,7 +399,7 @@ async fn latency(
 ) -> anyhow::Result<(usize, Vec<f64>)> {
     let metrics = Metrics::new();
     let cancel = CancellationToken::new();
-    let config = ConsumerConfig::events(SERVICE, "latency", &vhost.url, &["order.#"]);
+    let config = consumer_config("latency", &vhost.url);
     let stopwatch = Stopwatch::default();
     let consumer = Consumer::new(
         config.clone(),
