@@ -269,6 +269,30 @@ impl Vhost {
     pub fn close_all_connections(&self) -> anyhow::Result<()> {
         rabbitmqctl(&["close_all_connections", "--vhost", &self.name, "test fault"])
     }
+
+    /// Messages in this virtual host's queues, ready or delivered and not yet
+    /// acknowledged, leaving out the dead-letter queues (`dlq.*`).
+    pub fn queued_messages(&self) -> anyhow::Result<u64> {
+        let listing = rabbitmqctl_output(&[
+            "list_queues",
+            "-p",
+            &self.name,
+            "--no-table-headers",
+            "name",
+            "messages",
+        ])?;
+        let mut queued = 0;
+        for line in listing.lines() {
+            let mut fields = line.split_whitespace();
+            let (Some(name), Some(count)) = (fields.next(), fields.next()) else {
+                continue;
+            };
+            if !name.starts_with("dlq.") {
+                queued += count.parse::<u64>()?;
+            }
+        }
+        Ok(queued)
+    }
 }
 
 impl Drop for Vhost {
@@ -280,6 +304,10 @@ impl Drop for Vhost {
 }
 
 fn rabbitmqctl(arguments: &[&str]) -> anyhow::Result<()> {
+    rabbitmqctl_output(arguments).map(drop)
+}
+
+fn rabbitmqctl_output(arguments: &[&str]) -> anyhow::Result<String> {
     let output = std::process::Command::new("rabbitmqctl")
         .arg("--quiet")
         .args(arguments)
@@ -291,7 +319,7 @@ fn rabbitmqctl(arguments: &[&str]) -> anyhow::Result<()> {
         arguments.join(" "),
         String::from_utf8_lossy(&output.stderr).trim()
     );
-    Ok(())
+    Ok(String::from_utf8_lossy(&output.stdout).into_owned())
 }
 
 /// Polls `condition` until it yields `Some`, failing after `deadline`. Tests wait on

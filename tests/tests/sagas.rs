@@ -5,10 +5,17 @@
 
 use std::time::Duration;
 
+use domain::inventory::StockEvent;
+use domain::order::{OrderEvent, OrderLine};
+use domain::wire::WireEvent;
+use eventstore::amqp::{EVENTS_EXCHANGE, Envelope};
+use eventstore::{AggregateStore, EventStore, Handler, Message, SchemaRegistry};
 use reqwest::StatusCode;
+use sagas::fulfilment::Settings;
+use sagas::runner::FulfilmentRunner;
 use serde_json::{Value, json};
 use services::config::Service::{self, Inventory, Order, Payment};
-use tests::{System, answer, wait_for};
+use tests::{System, TestDb, answer, wait_for};
 use uuid::Uuid;
 
 const TRIO: [Service; 3] = [Order, Inventory, Payment];
@@ -326,4 +333,295 @@ async fn a_deadline_that_fell_due_while_the_service_was_down_fires_when_it_retur
     assert_outcome(&order, "cancelled", "payment_timeout");
     stock_is(&system, "A", (10, 0, 0)).await;
     system.stop().await;
+}
+
+/// DESIGN §8.4 under redelivery of everything: once the orders have ended, every
+/// message the three services ever sent (events and commands) is published again, as a
+/// relay that lost its marks would. Every consumer recognises each one as a duplicate
+/// and nothing changes: no event recorded, no saga moved, no read model touched.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_message_delivered_twice_changes_nothing() {
+    let mut system = System::start(&TRIO).await;
+    add_stock(&system, "A", 10).await;
+    add_stock(&system, "B", 5).await;
+    let paid = place(&system, &[("A", 2), ("B", 1)], "tok_visa").await;
+    let declined = place(&system, &[("A", 1)], "tok_decline").await;
+    let short = place(&system, &[("B", 9)], "tok_visa").await;
+    assert_eq!(ended(&system, &paid).await["status"], "confirmed");
+    assert_outcome(
+        &ended(&system, &declined).await,
+        "cancelled",
+        "payment_declined",
+    );
+    assert_outcome(&ended(&system, &short).await, "rejected", "out_of_stock");
+    saga_at(&system, &paid, "completed").await;
+    let before = quiet_books(&system).await;
+
+    system.halt().await;
+    let mut republished = 0;
+    for service in TRIO {
+        let db = system.pool(service).await;
+        let (rows, events): (i64, i64) = sqlx::query_as(
+            "SELECT (SELECT count(*) FROM outbox), \
+             (SELECT count(*) FROM outbox o JOIN events e USING (global_position))",
+        )
+        .fetch_one(&db)
+        .await
+        .unwrap();
+        let recorded: i64 = sqlx::query_scalar("SELECT count(*) FROM events")
+            .fetch_one(&db)
+            .await
+            .unwrap();
+        assert_eq!(events, recorded, "{service}: no outbox row cleaned up yet");
+        sqlx::query("UPDATE outbox SET published_at = NULL")
+            .execute(&db)
+            .await
+            .unwrap();
+        republished += rows;
+        db.close().await;
+    }
+    assert!(republished > 20, "{republished} messages to send again");
+    system.resume().await;
+
+    // Each consumer gets again every message it applied, and counts it a duplicate.
+    let applied = inbox_counts(&system).await;
+    wait_for(DEADLINE, "every message seen again", || async {
+        let text = metrics(&system).await;
+        let seen: Vec<(String, i64)> = applied
+            .iter()
+            .map(|(consumer, _)| (consumer.clone(), duplicates(&text, consumer)))
+            .collect();
+        (seen == applied).then_some(())
+    })
+    .await;
+    assert_eq!(
+        quiet_books(&system).await,
+        before,
+        "a redelivery changed something"
+    );
+    system.stop().await;
+}
+
+/// Every table a message can change, in every service's database, as "service table"
+/// and a digest of its rows; read once nothing is in flight (no unpublished outbox row,
+/// no queued or unacknowledged message) and nothing changed while that was checked.
+async fn quiet_books(system: &System) -> Vec<(String, String)> {
+    wait_for(DEADLINE, "the system to come to rest", || async {
+        let first = books(system).await;
+        let unpublished = unpublished_rows(system).await;
+        let vhost = &system.vhost;
+        let queued = tokio::task::block_in_place(|| vhost.queued_messages()).unwrap();
+        let second = books(system).await;
+        (unpublished == 0 && queued == 0 && first == second).then_some(second)
+    })
+    .await
+}
+
+async fn books(system: &System) -> Vec<(String, String)> {
+    const TABLES: [&str; 10] = [
+        "events",
+        "snapshots",
+        "inbox",
+        "consumer_streams",
+        "order_summaries",
+        "customer_orders",
+        "stock_levels",
+        "payment_statuses",
+        "sagas",
+        "saga_steps",
+    ];
+    let mut books = Vec::new();
+    for service in TRIO {
+        let db = system.pool(service).await;
+        for table in TABLES {
+            // The table names are the constants above.
+            let digest: String = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
+                "SELECT count(*) || ' rows ' || \
+                 coalesce(md5(string_agg(t::text, '|' ORDER BY t::text)), '') FROM {table} t"
+            )))
+            .fetch_one(&db)
+            .await
+            .unwrap();
+            books.push((format!("{service} {table}"), digest));
+        }
+        db.close().await;
+    }
+    books
+}
+
+async fn unpublished_rows(system: &System) -> i64 {
+    let mut unpublished = 0;
+    for service in TRIO {
+        let db = system.pool(service).await;
+        let rows: i64 =
+            sqlx::query_scalar("SELECT count(*) FROM outbox WHERE published_at IS NULL")
+                .fetch_one(&db)
+                .await
+                .unwrap();
+        unpublished += rows;
+        db.close().await;
+    }
+    unpublished
+}
+
+/// (consumer, messages it applied), over every service's database.
+async fn inbox_counts(system: &System) -> Vec<(String, i64)> {
+    let mut counts = Vec::new();
+    for service in TRIO {
+        let db = system.pool(service).await;
+        let rows: Vec<(String, i64)> = sqlx::query_as(
+            "SELECT consumer, count(*) FROM inbox GROUP BY consumer ORDER BY consumer",
+        )
+        .fetch_all(&db)
+        .await
+        .unwrap();
+        counts.extend(rows);
+        db.close().await;
+    }
+    counts
+}
+
+/// The process's metrics exposition (one for all its services).
+async fn metrics(system: &System) -> String {
+    let response = system.http.get(system.url(Order, "/metrics")).send().await;
+    response
+        .expect("metrics")
+        .text()
+        .await
+        .expect("metrics text")
+}
+
+/// The `orderflow_consumer_duplicates_total` of `consumer` in a metrics exposition.
+fn duplicates(exposition: &str, consumer: &str) -> i64 {
+    let series = format!("orderflow_consumer_duplicates_total{{consumer=\"{consumer}\"}} ");
+    exposition
+        .lines()
+        .find_map(|line| line.strip_prefix(&series))
+        .and_then(|count| count.trim().parse().ok())
+        .unwrap_or(0)
+}
+
+/// Two answers for one saga handled at the same moment in two transactions, as the
+/// consumer may (the stock of an order's two SKUs arrives as events of two streams):
+/// the second waits for the first, sees what it decided, and the payment is asked for
+/// exactly once, with neither answer lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_answers_for_one_saga_handled_at_once_are_both_taken() {
+    let db = TestDb::new(4).await.unwrap();
+    let registry = TestDb::registry();
+    let runner = FulfilmentRunner {
+        aggregates: AggregateStore::new(db.store(), registry.clone()),
+        settings: Settings::default(),
+    };
+    let order_id = Uuid::now_v7();
+    let line = |sku: &str| OrderLine {
+        sku: sku.to_owned(),
+        quantity: 1,
+        unit_price_cents: 500,
+    };
+    let placed = OrderEvent::OrderPlaced {
+        order_id,
+        customer_id: Uuid::now_v7(),
+        lines: vec![line("A"), line("B")],
+        total_cents: 1000,
+        currency: "EUR".to_owned(),
+        card_token: "tok_visa".to_owned(),
+    };
+    let order_stream = format!("order-{order_id}");
+    let placed = message(&registry, "order", &order_stream, &placed);
+    let reserved = |sku: &str| {
+        let event = StockEvent::StockReserved {
+            sku: sku.to_owned(),
+            order_id,
+            quantity: 1,
+        };
+        message(&registry, "inventory", &format!("stock-{sku}"), &event)
+    };
+    let store = db.store();
+    let placing = take(&runner, &store, &placed).await;
+    placing.commit().await.unwrap();
+
+    // The first answer is decided and not yet committed when the second comes in.
+    let first = take(&runner, &store, &reserved("A")).await;
+    let second = tokio::spawn({
+        let (runner, store, answer) = (runner.clone(), store.clone(), reserved("B"));
+        async move { take(&runner, &store, &answer).await.commit().await }
+    });
+    wait_for(
+        DEADLINE,
+        "the second answer to wait for the first",
+        || async {
+            let waiting: i64 = sqlx::query_scalar(
+                "SELECT count(*) FROM pg_stat_activity \
+             WHERE datname = current_database() AND wait_event_type = 'Lock'",
+            )
+            .fetch_one(&db.pool)
+            .await
+            .unwrap();
+            (waiting == 1).then_some(())
+        },
+    )
+    .await;
+    first.commit().await.unwrap();
+    second.await.unwrap().unwrap();
+
+    let (version, step): (i64, String) =
+        sqlx::query_as("SELECT version, state->>'step' FROM sagas WHERE saga_id = $1")
+            .bind(order_id)
+            .fetch_one(&db.pool)
+            .await
+            .unwrap();
+    assert_eq!((version, step.as_str()), (3, "authorizing_payment"));
+    let commands: Vec<String> = sqlx::query_scalar(
+        "SELECT message_type FROM outbox WHERE target_service IS NOT NULL ORDER BY global_position",
+    )
+    .fetch_all(&db.pool)
+    .await
+    .unwrap();
+    assert_eq!(commands, ["ReserveStock", "AuthorizePayment"]);
+}
+
+/// Runs the saga on `message` as its consumer does (its streams locked first), and
+/// returns the open transaction.
+async fn take<'a>(
+    runner: &FulfilmentRunner,
+    store: &'a EventStore,
+    message: &Message,
+) -> eventstore::StoreTransaction<'a> {
+    let mut transaction = store.begin().await.unwrap();
+    let streams = runner.streams_to_lock(message);
+    let streams: Vec<&str> = streams.iter().map(String::as_str).collect();
+    transaction.lock_streams(&streams).await.unwrap();
+    runner.handle(message, &mut transaction).await.unwrap();
+    transaction
+}
+
+/// `event` as the consumer hands it to a handler: encoded, then decoded by the
+/// registry, with its envelope.
+fn message(
+    registry: &SchemaRegistry,
+    service: &str,
+    stream_id: &str,
+    event: &impl WireEvent,
+) -> Message {
+    let encoded = registry.encode(event).unwrap();
+    let (_, value) = registry.decode_value(&encoded.payload).unwrap();
+    Message {
+        envelope: Envelope {
+            message_id: Uuid::now_v7(),
+            message_type: encoded.event_type.to_owned(),
+            correlation_id: Uuid::now_v7(),
+            causation_id: Uuid::now_v7(),
+            stream_id: stream_id.to_owned(),
+            stream_version: Some(1),
+            global_position: 1,
+            schema_fingerprint: encoded.fingerprint,
+            timestamp_ms: 0,
+        },
+        value,
+        payload: encoded.payload,
+        exchange: EVENTS_EXCHANGE.to_owned(),
+        routing_key: format!("{service}.{}", encoded.event_type),
+        redelivered: false,
+    }
 }
