@@ -36,6 +36,17 @@ pub enum ProviderAnswer {
     Declined { reason: String },
 }
 
+/// What the payment provider answered to a capture request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CaptureAnswer {
+    Captured,
+    /// Refused for now (the provider is down, say): the payment stays authorized and
+    /// the capture may be asked for again.
+    Refused {
+        reason: String,
+    },
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum PaymentCommand {
     AuthorizePayment {
@@ -43,7 +54,9 @@ pub enum PaymentCommand {
         amount_cents: i64,
         answer: ProviderAnswer,
     },
-    CapturePayment,
+    CapturePayment {
+        answer: CaptureAnswer,
+    },
     VoidPayment,
     RefundPayment,
 }
@@ -63,6 +76,12 @@ pub enum PaymentEvent {
     PaymentCaptured {
         order_id: Uuid,
         amount_cents: i64,
+    },
+    /// The provider refused a capture; the payment is still authorized.
+    PaymentCaptureFailed {
+        order_id: Uuid,
+        amount_cents: i64,
+        reason: String,
     },
     PaymentVoided {
         order_id: Uuid,
@@ -128,6 +147,10 @@ pub struct Payment {
     pub order_id: Option<Uuid>,
     pub status: Option<PaymentStatus>,
     pub amount_cents: i64,
+    /// The provider's id for the authorization, which a capture names.
+    pub authorization_id: Option<String>,
+    /// Captures the provider refused so far.
+    pub failed_captures: u32,
 }
 
 impl Payment {
@@ -195,13 +218,20 @@ impl Aggregate for Payment {
                     },
                 }])
             }
-            PaymentCommand::CapturePayment => self.transition(
+            PaymentCommand::CapturePayment { answer } => self.transition(
                 Authorized,
                 Captured,
                 &[Refunded],
-                |order_id, amount_cents| PaymentEvent::PaymentCaptured {
-                    order_id,
-                    amount_cents,
+                |order_id, amount_cents| match answer {
+                    CaptureAnswer::Captured => PaymentEvent::PaymentCaptured {
+                        order_id,
+                        amount_cents,
+                    },
+                    CaptureAnswer::Refused { reason } => PaymentEvent::PaymentCaptureFailed {
+                        order_id,
+                        amount_cents,
+                        reason: reason.clone(),
+                    },
                 },
             ),
             // A declined payment holds no money: voiding it has nothing to do.
@@ -229,6 +259,13 @@ impl Aggregate for Payment {
         self.order_id = Some(order_id);
         self.amount_cents = amount_cents;
         self.status = Some(status);
+        match event {
+            PaymentEvent::PaymentAuthorized {
+                authorization_id, ..
+            } => self.authorization_id = Some(authorization_id.clone()),
+            PaymentEvent::PaymentCaptureFailed { .. } => self.failed_captures += 1,
+            _ => {}
+        }
         self
     }
 }
@@ -251,6 +288,11 @@ impl PaymentEvent {
                 order_id,
                 amount_cents,
             } => (order_id, amount_cents, PaymentStatus::Captured),
+            PaymentEvent::PaymentCaptureFailed {
+                order_id,
+                amount_cents,
+                ..
+            } => (order_id, amount_cents, PaymentStatus::Authorized),
             PaymentEvent::PaymentVoided {
                 order_id,
                 amount_cents,
@@ -282,6 +324,12 @@ mod tests {
     fn approved() -> ProviderAnswer {
         ProviderAnswer::Approved {
             authorization_id: "auth-1".into(),
+        }
+    }
+
+    fn capture() -> PaymentCommand {
+        PaymentCommand::CapturePayment {
+            answer: CaptureAnswer::Captured,
         }
     }
 
@@ -319,7 +367,7 @@ mod tests {
         assert_eq!(payment.status, Some(PaymentStatus::Declined));
         assert_eq!(payment.decide(&PaymentCommand::VoidPayment), Ok(vec![]));
         assert!(matches!(
-            payment.decide(&PaymentCommand::CapturePayment),
+            payment.decide(&capture()),
             Err(PaymentError::InvalidTransition { .. })
         ));
     }
@@ -327,7 +375,7 @@ mod tests {
     #[test]
     fn capture_then_refund() {
         let payment = given::<Payment>(&[authorized()]);
-        let captured = payment.decide(&PaymentCommand::CapturePayment).unwrap();
+        let captured = payment.decide(&capture()).unwrap();
         assert_eq!(
             captured,
             vec![PaymentEvent::PaymentCaptured {
@@ -336,7 +384,7 @@ mod tests {
             }]
         );
         let payment = payment.replay(&captured);
-        assert_eq!(payment.decide(&PaymentCommand::CapturePayment), Ok(vec![]));
+        assert_eq!(payment.decide(&capture()), Ok(vec![]));
         assert!(matches!(
             payment.decide(&PaymentCommand::VoidPayment),
             Err(PaymentError::InvalidTransition {
@@ -352,18 +400,48 @@ mod tests {
     }
 
     #[test]
+    fn a_refused_capture_keeps_the_authorization_for_the_next_attempt() {
+        let payment = given::<Payment>(&[authorized()]);
+        assert_eq!(payment.authorization_id.as_deref(), Some("auth-1"));
+        let refused = PaymentCommand::CapturePayment {
+            answer: CaptureAnswer::Refused {
+                reason: "provider_unavailable".into(),
+            },
+        };
+        let failed = payment.decide(&refused).unwrap();
+        assert_eq!(
+            failed,
+            vec![PaymentEvent::PaymentCaptureFailed {
+                order_id: ORDER,
+                amount_cents: 2500,
+                reason: "provider_unavailable".into(),
+            }]
+        );
+        let payment = payment.replay(&failed);
+        assert_eq!(payment.status, Some(PaymentStatus::Authorized));
+        assert_eq!(payment.failed_captures, 1);
+        let captured = payment.decide(&capture()).unwrap();
+        assert!(matches!(
+            captured.as_slice(),
+            [PaymentEvent::PaymentCaptured { .. }]
+        ));
+        // Once captured, a refusal that comes late changes nothing.
+        assert_eq!(payment.replay(&captured).decide(&refused), Ok(vec![]));
+    }
+
+    #[test]
     fn a_voided_authorization_cannot_be_captured() {
         let payment = given::<Payment>(&[authorized()]);
         let voided = payment.decide(&PaymentCommand::VoidPayment).unwrap();
         let payment = payment.replay(&voided);
         assert_eq!(payment.status, Some(PaymentStatus::Voided));
-        assert!(payment.decide(&PaymentCommand::CapturePayment).is_err());
+        assert!(payment.decide(&capture()).is_err());
     }
 
     #[test]
     fn commands_before_authorization_are_not_found() {
         assert_eq!(
-            given::<Payment>(&[]).decide(&PaymentCommand::CapturePayment),
+            given::<Payment>(&[]).decide(&capture()),
             Err(PaymentError::NotFound)
         );
     }

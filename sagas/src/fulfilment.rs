@@ -90,6 +90,12 @@ pub struct Fulfilment {
     pub reason: Option<String>,
     /// Captures sent (the first, then one per retry).
     pub capture_attempts: u32,
+    /// Captures the payment provider refused; each is retried after `capture_retry`.
+    #[serde(default)]
+    pub capture_failures: u32,
+    /// Why the last capture was refused, until one succeeds.
+    #[serde(default)]
+    pub last_capture_error: Option<String>,
 }
 
 /// What the saga reacts to: the order's own events, the inventory's and payment's
@@ -114,6 +120,9 @@ pub enum Input {
     PaymentAuthorized,
     PaymentDeclined,
     PaymentCaptured,
+    PaymentCaptureFailed {
+        reason: String,
+    },
     /// The pending deadline fell due.
     DeadlinePassed,
 }
@@ -152,6 +161,7 @@ impl Input {
             Input::PaymentAuthorized => "PaymentAuthorized".to_owned(),
             Input::PaymentDeclined => "PaymentDeclined".to_owned(),
             Input::PaymentCaptured => "PaymentCaptured".to_owned(),
+            Input::PaymentCaptureFailed { reason } => format!("PaymentCaptureFailed {reason}"),
             Input::DeadlinePassed => "DeadlinePassed".to_owned(),
         }
     }
@@ -296,7 +306,14 @@ impl ProcessManager for Fulfilment {
             // Confirmed: the capture must land; it is retried until it does.
             (Step::Capturing, Input::PaymentCaptured) => {
                 next.step = Step::Completed;
+                next.last_capture_error = None;
                 deadline = Deadline::Clear;
+            }
+            // Refused: recorded for whoever looks, and asked again when the retry
+            // deadline (already pending) falls due.
+            (Step::Capturing, Input::PaymentCaptureFailed { reason }) => {
+                next.capture_failures += 1;
+                next.last_capture_error = Some(reason.clone());
             }
             (Step::Capturing, Input::DeadlinePassed) => {
                 next.capture_attempts += 1;
@@ -563,6 +580,47 @@ mod tests {
             .then_state(|state| {
                 assert_eq!(state.step, Step::Capturing);
                 assert_eq!(state.capture_attempts, 3);
+            });
+    }
+
+    #[test]
+    fn a_refused_capture_is_recorded_and_asked_again_when_the_retry_falls_due() {
+        let refused = || Input::PaymentCaptureFailed {
+            reason: "provider_unavailable".into(),
+        };
+        let confirmed = [
+            placed(),
+            reserved("A"),
+            reserved("B"),
+            Input::PaymentAuthorized,
+        ];
+        saga()
+            .given(&confirmed)
+            .when(refused())
+            .then_commands(&[])
+            .then_deadline(Deadline::Keep)
+            .then_state(|state| {
+                assert_eq!(state.step, Step::Capturing);
+                assert_eq!(state.capture_failures, 1);
+                assert_eq!(
+                    state.last_capture_error.as_deref(),
+                    Some("provider_unavailable")
+                );
+            });
+        let refused_once = [&confirmed[..], &[refused()]].concat();
+        saga()
+            .given(&refused_once)
+            .when(Input::DeadlinePassed)
+            .then_commands(&[capture()]);
+        let captured_at_last = [&refused_once[..], &[Input::DeadlinePassed]].concat();
+        saga()
+            .given(&captured_at_last)
+            .when(Input::PaymentCaptured)
+            .then_deadline(Deadline::Clear)
+            .then_state(|state| {
+                assert_eq!(state.step, Step::Completed);
+                assert_eq!((state.capture_attempts, state.capture_failures), (2, 1));
+                assert_eq!(state.last_capture_error, None);
             });
     }
 

@@ -36,9 +36,9 @@ pub struct FulfilmentRunner {
 }
 
 impl FulfilmentRunner {
-    /// Its consumer, bound to exactly the events it reacts to: every delivery costs a
-    /// transaction, and most events of these services (stock committed or released,
-    /// payments voided, the order's own outcome) are not inputs.
+    /// Its consumer, bound to exactly the events it reacts to: every delivery costs
+    /// work, and most events of these services (stock committed or released, payments
+    /// voided, the order's own outcome) are not inputs.
     pub fn config(amqp_url: &str) -> ConsumerConfig {
         ConsumerConfig::events(
             "order",
@@ -52,6 +52,7 @@ impl FulfilmentRunner {
                 "payment.PaymentAuthorized",
                 "payment.PaymentDeclined",
                 "payment.PaymentCaptured",
+                "payment.PaymentCaptureFailed",
             ],
         )
     }
@@ -290,6 +291,9 @@ fn input_of(message: &Message) -> Result<Option<(Uuid, Input)>, HandlerError> {
             PaymentEvent::PaymentCaptured { order_id, .. } => {
                 Some((order_id, Input::PaymentCaptured))
             }
+            PaymentEvent::PaymentCaptureFailed {
+                order_id, reason, ..
+            } => Some((order_id, Input::PaymentCaptureFailed { reason })),
             _ => None,
         },
         _ => None,

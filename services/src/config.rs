@@ -100,6 +100,9 @@ pub struct Config {
     /// `ORDERFLOW_PAYMENT_DEADLINE_MS`: how long the order-fulfilment saga waits for a
     /// payment answer before it compensates (default 30 s).
     pub payment_deadline: std::time::Duration,
+    /// `ORDERFLOW_CAPTURE_RETRY_MS`: how long the saga waits for a confirmed order's
+    /// capture before it asks again (default 30 s).
+    pub capture_retry: std::time::Duration,
 }
 
 impl Config {
@@ -140,20 +143,8 @@ impl Config {
                 ports.push((service, port));
             }
         }
-        let payment_deadline = match lookup("ORDERFLOW_PAYMENT_DEADLINE_MS") {
-            Some(text) => text
-                .trim()
-                .parse()
-                .ok()
-                .filter(|ms| *ms > 0)
-                .map(std::time::Duration::from_millis)
-                .ok_or_else(|| {
-                    anyhow::anyhow!(
-                        "ORDERFLOW_PAYMENT_DEADLINE_MS={text:?} is not a positive number of milliseconds"
-                    )
-                })?,
-            None => std::time::Duration::from_secs(30),
-        };
+        let payment_deadline = milliseconds(&lookup, "ORDERFLOW_PAYMENT_DEADLINE_MS")?;
+        let capture_retry = milliseconds(&lookup, "ORDERFLOW_CAPTURE_RETRY_MS")?;
         Ok(Config {
             pg_url,
             bind_address,
@@ -161,6 +152,7 @@ impl Config {
             database_urls,
             ports,
             payment_deadline,
+            capture_retry,
         })
     }
 
@@ -221,6 +213,24 @@ pub fn parse_services(list: Option<&str>) -> Result<Vec<Service>, String> {
         }
     }
     Ok(services)
+}
+
+/// A positive number of milliseconds from `variable`, 30 s when it is not set.
+fn milliseconds(
+    lookup: impl Fn(&str) -> Option<String>,
+    variable: &str,
+) -> anyhow::Result<std::time::Duration> {
+    let Some(text) = lookup(variable) else {
+        return Ok(std::time::Duration::from_secs(30));
+    };
+    text.trim()
+        .parse()
+        .ok()
+        .filter(|ms| *ms > 0)
+        .map(std::time::Duration::from_millis)
+        .ok_or_else(|| {
+            anyhow::anyhow!("{variable}={text:?} is not a positive number of milliseconds")
+        })
 }
 
 #[cfg(test)]

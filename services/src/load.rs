@@ -9,6 +9,10 @@
 //! for what it wrote (`?min_version=`); the time from the command's due moment to
 //! that query's answer is the command-to-read-model latency. Alongside, plain queries
 //! (a customer's orders, an item's levels) run at `query_ratio` per command.
+//!
+//! With `outcome`, an order's query waits instead for the order's next version, which
+//! is how it ended (confirmed, rejected or cancelled by the order-fulfilment saga,
+//! across the order, inventory and payment services): the order-to-outcome latency.
 
 use std::fmt;
 use std::sync::Arc;
@@ -40,6 +44,8 @@ pub struct LoadConfig {
     pub query_ratio: f64,
     /// Requests in flight at most; beyond it, due commands wait (and their wait counts).
     pub max_in_flight: usize,
+    /// Follow each order to its outcome rather than to its own write.
+    pub outcome: bool,
 }
 
 /// Latency percentiles, in milliseconds.
@@ -94,6 +100,10 @@ pub struct Report {
     pub read_model_behind: usize,
     pub command: Latency,
     pub command_to_read_model: Latency,
+    /// From `POST /orders` to the order reading its outcome (with `outcome` only).
+    pub order_to_outcome: Latency,
+    /// How the followed orders ended: (status, count), by status.
+    pub outcomes: Vec<(String, usize)>,
     pub query: Latency,
     /// The first few failures, for the operator.
     pub failures: Vec<String>,
@@ -121,6 +131,19 @@ impl fmt::Display for Report {
             "command to read model: {}; {} not caught up within 2 s",
             self.command_to_read_model, self.read_model_behind
         )?;
+        if self.order_to_outcome.count > 0 {
+            let ended: Vec<String> = self
+                .outcomes
+                .iter()
+                .map(|(status, count)| format!("{count} {status}"))
+                .collect();
+            writeln!(
+                f,
+                "order to outcome: {}; {}",
+                self.order_to_outcome,
+                ended.join(", ")
+            )?;
+        }
         writeln!(
             f,
             "queries: {} ok, {} failed; {}",
@@ -144,6 +167,8 @@ impl fmt::Display for Report {
 struct Samples {
     command: Vec<f64>,
     read_model: Vec<f64>,
+    outcome: Vec<f64>,
+    outcomes: std::collections::BTreeMap<String, usize>,
     query: Vec<f64>,
     commands_failed: usize,
     queries_failed: usize,
@@ -276,6 +301,8 @@ pub async fn run(config: LoadConfig, progress: impl Fn(String)) -> anyhow::Resul
         read_model_behind: samples.read_model_behind,
         command: Latency::of(samples.command),
         command_to_read_model: Latency::of(samples.read_model),
+        order_to_outcome: Latency::of(samples.outcome),
+        outcomes: samples.outcomes.into_iter().collect(),
         query: Latency::of(samples.query),
         failures: samples.failures,
         cpu_steal_percent: steal,
@@ -348,7 +375,12 @@ impl Run {
         if self.measured(due) {
             self.samples.lock().await.command.push(command_ms);
         }
-        let version = reply["version"].as_i64().unwrap_or(0);
+        let mut version = reply["version"].as_i64().unwrap_or(0);
+        let outcome = read.is_none() && self.config.outcome;
+        if outcome {
+            // The order's next event is its outcome.
+            version += 1;
+        }
         let read = read.unwrap_or_else(|| {
             let order_id = reply["order_id"].as_str().unwrap_or_default();
             format!("{}/orders/{order_id}", self.config.order_url)
@@ -363,6 +395,17 @@ impl Run {
         if !self.measured(due) {
             return;
         }
+        let answer = match answer {
+            Ok(response) if outcome && response.status() == StatusCode::OK => {
+                let order = response.json::<Value>().await.unwrap_or_default();
+                let status = order["status"].as_str().unwrap_or("unreadable").to_owned();
+                let mut samples = self.samples.lock().await;
+                samples.outcome.push(read_ms);
+                *samples.outcomes.entry(status).or_default() += 1;
+                return;
+            }
+            other => other,
+        };
         let mut samples = self.samples.lock().await;
         match answer {
             Ok(response) if response.status() == StatusCode::OK => samples.read_model.push(read_ms),

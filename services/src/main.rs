@@ -38,7 +38,8 @@ enum Command {
         after_help = "Creates stock items, then sends commands on an open-loop schedule \
 (nine in ten place an order, one adds stock), each followed by a read-your-writes query, \
 plus plain queries. Reports command latency, command-to-read-model latency and query \
-latency (p50/p90/p99/max) and the CPU steal seen.\n\nExample:\n  orderflow load --rate 500 --duration 30"
+latency (p50/p90/p99/max) and the CPU steal seen. With --outcome, each order is followed to \
+its outcome (confirmed, rejected or cancelled by the saga) instead.\n\nExamples:\n  orderflow load --rate 500 --duration 30\n  orderflow load --rate 100 --outcome"
     )]
     Load {
         /// Commands per second
@@ -68,6 +69,9 @@ latency (p50/p90/p99/max) and the CPU steal seen.\n\nExample:\n  orderflow load 
         /// The inventory service
         #[arg(long, default_value = "http://127.0.0.1:8082")]
         inventory_url: String,
+        /// Follow each order to its outcome (POST /orders to confirmed)
+        #[arg(long)]
+        outcome: bool,
         /// Print the report as one JSON object
         #[arg(long)]
         json: bool,
@@ -170,6 +174,7 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
             max_in_flight,
             order_url,
             inventory_url,
+            outcome,
             json,
         } => {
             let seconds = |name: &str, value: f64| {
@@ -189,6 +194,7 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
                 customers,
                 query_ratio: query_ratio.max(0.0),
                 max_in_flight,
+                outcome,
             };
             let report = services::load::run(config, |line| eprintln!("load: {line}")).await?;
             if json {

@@ -213,7 +213,7 @@ impl Plan<'_> {
                     aggregates: aggregates.clone(),
                     settings: sagas::fulfilment::Settings {
                         payment_deadline: self.config.payment_deadline,
-                        ..Default::default()
+                        capture_retry: self.config.capture_retry,
                     },
                 };
                 let deadlines = saga.clone().run_deadlines(self.shutdown.clone());

@@ -5,8 +5,12 @@
 
 use std::collections::HashMap;
 
+use domain::Aggregate;
 use domain::inventory::{StockCommand, StockError, StockItem, StockRequest, reserve_all};
-use domain::payment::{Payment, PaymentCommand, PaymentError, PaymentRequest, ProviderAnswer};
+use domain::payment::{
+    CaptureAnswer, Payment, PaymentCommand, PaymentError, PaymentRequest, PaymentStatus,
+    ProviderAnswer,
+};
 use eventstore::{AggregateStore, ExecuteError, Handler, HandlerError, Message, StoreTransaction};
 use uuid::Uuid;
 
@@ -133,7 +137,23 @@ impl Handler for PaymentCommands {
                     return Ok(());
                 }
             },
-            PaymentRequest::CapturePayment { .. } => PaymentCommand::CapturePayment,
+            PaymentRequest::CapturePayment { .. } => {
+                // The provider is asked only for an authorized payment; its answer
+                // is decided on the state it was given.
+                transaction.lock_streams(&[&stream_id]).await?;
+                let loaded = self
+                    .aggregates
+                    .load_on::<Payment>(transaction.connection(), &stream_id)
+                    .await?;
+                let answer = self.provider.capture(&loaded.state);
+                let command = PaymentCommand::CapturePayment { answer };
+                let events = loaded.state.decide(&command)?;
+                let metadata = message.caused_metadata();
+                self.aggregates
+                    .append_decided(transaction, &stream_id, loaded, events, metadata)
+                    .await?;
+                return Ok(());
+            }
             PaymentRequest::VoidPayment { .. } => PaymentCommand::VoidPayment,
             PaymentRequest::RefundPayment { .. } => PaymentCommand::RefundPayment,
         };
@@ -158,11 +178,34 @@ impl Handler for PaymentCommands {
 }
 
 /// The payment provider of DESIGN §7, simulated: `tok_decline` is declined,
-/// `tok_timeout` never answers, any other token is approved.
+/// `tok_timeout` never answers, any other token is approved. `tok_capture_flaky` is
+/// approved, but the provider refuses to capture it twice before it succeeds.
 #[derive(Debug, Clone, Default)]
 pub struct SimulatedProvider;
 
+/// How the simulated provider marks the authorizations of `tok_capture_flaky`.
+const FLAKY_CAPTURE: &str = "auth_flaky_";
+/// Captures refused for such an authorization before one succeeds.
+const FLAKY_REFUSALS: u32 = 2;
+
 impl SimulatedProvider {
+    /// The provider's answer to capturing `payment` (consulted for an authorized
+    /// payment only).
+    pub fn capture(&self, payment: &Payment) -> CaptureAnswer {
+        let flaky = payment
+            .authorization_id
+            .as_deref()
+            .is_some_and(|id| id.starts_with(FLAKY_CAPTURE));
+        let authorized = payment.status == Some(PaymentStatus::Authorized);
+        if flaky && authorized && payment.failed_captures < FLAKY_REFUSALS {
+            CaptureAnswer::Refused {
+                reason: "provider_unavailable".to_owned(),
+            }
+        } else {
+            CaptureAnswer::Captured
+        }
+    }
+
     /// The provider's answer, or `None` when it does not answer.
     pub fn authorize(&self, card_token: &str) -> Option<ProviderAnswer> {
         match card_token {
@@ -170,6 +213,9 @@ impl SimulatedProvider {
                 reason: "card_declined".to_owned(),
             }),
             "tok_timeout" => None,
+            "tok_capture_flaky" => Some(ProviderAnswer::Approved {
+                authorization_id: format!("{FLAKY_CAPTURE}{}", Uuid::now_v7().simple()),
+            }),
             _ => Some(ProviderAnswer::Approved {
                 authorization_id: format!("auth_{}", Uuid::now_v7().simple()),
             }),

@@ -216,6 +216,101 @@ async fn cancelling_a_pending_order_compensates_what_was_done() {
     system.stop().await;
 }
 
+/// A capture the provider refuses after the order is confirmed is never dropped: the
+/// saga records each refusal (its history and state show it) and asks again after
+/// `ORDERFLOW_CAPTURE_RETRY_MS` until the capture lands, exactly once.
+#[tokio::test]
+async fn a_refused_capture_is_retried_and_shown_until_it_lands() {
+    let system = System::start_with(&TRIO, &[("ORDERFLOW_CAPTURE_RETRY_MS", "200")]).await;
+    add_stock(&system, "A", 10).await;
+    // The simulated provider refuses this card's capture twice.
+    let order_id = place(&system, &[("A", 1)], "tok_capture_flaky").await;
+    assert_eq!(ended(&system, &order_id).await["status"], "confirmed");
+    let saga = saga_at(&system, &order_id, "completed").await;
+    let steps = history(&saga);
+    let after_confirming: Vec<(&str, Vec<&str>)> = steps
+        .iter()
+        .skip_while(|(input, _)| input != "PaymentAuthorized")
+        .skip(1)
+        .map(|(input, commands)| {
+            let commands = commands.iter().map(String::as_str).collect();
+            (input.as_str(), commands)
+        })
+        .collect();
+    let refused = "PaymentCaptureFailed provider_unavailable";
+    assert_eq!(
+        after_confirming,
+        [
+            (refused, vec![]),
+            ("DeadlinePassed", vec!["CapturePayment"]),
+            (refused, vec![]),
+            ("DeadlinePassed", vec!["CapturePayment"]),
+            ("PaymentCaptured", vec![]),
+        ],
+        "{saga}"
+    );
+    assert_eq!(saga["state"]["capture_attempts"], 3, "{saga}");
+    assert_eq!(saga["state"]["capture_failures"], 2, "{saga}");
+    assert!(saga["state"]["last_capture_error"].is_null(), "{saga}");
+    wait_for(DEADLINE, "the capture", || async {
+        (payment_status(&system, &order_id).await.as_deref() == Some("captured")).then_some(())
+    })
+    .await;
+    let payment = system.pool(Payment).await;
+    let outcomes: Vec<String> = sqlx::query_scalar(
+        "SELECT event_type FROM events WHERE event_type LIKE 'PaymentCapture%' \
+         ORDER BY global_position",
+    )
+    .fetch_all(&payment)
+    .await
+    .unwrap();
+    assert_eq!(
+        outcomes,
+        [
+            "PaymentCaptureFailed",
+            "PaymentCaptureFailed",
+            "PaymentCaptured"
+        ]
+    );
+    payment.close().await;
+    system.stop().await;
+}
+
+/// The load generator's outcome mode (issue 5's benchmark) follows each order through
+/// the three services to its outcome.
+#[tokio::test]
+async fn the_load_generator_follows_orders_to_their_outcome() {
+    let system = System::start(&TRIO).await;
+    let config = services::load::LoadConfig {
+        order_url: system.url(Order, ""),
+        inventory_url: system.url(Inventory, ""),
+        rate: 20.0,
+        duration: Duration::from_secs(2),
+        warmup: Duration::from_millis(500),
+        skus: 3,
+        customers: 5,
+        query_ratio: 0.0,
+        max_in_flight: 16,
+        outcome: true,
+    };
+    let report = services::load::run(config, |_| {}).await.expect("load run");
+    assert_eq!(report.commands_failed, 0, "{report}");
+    let followed = report.order_to_outcome.count;
+    assert!(followed >= 20, "{report}");
+    assert_eq!(
+        report.outcomes,
+        [("confirmed".to_owned(), followed)],
+        "{report}"
+    );
+    // The rest were stock additions, read back as usual.
+    assert_eq!(
+        followed + report.command_to_read_model.count + report.read_model_behind,
+        report.commands_ok,
+        "{report}"
+    );
+    system.stop().await;
+}
+
 /// DESIGN §8 invariants 1–4 under contention: 200 orders for 50 units, mixed cards.
 #[tokio::test]
 async fn concurrent_orders_for_scarce_stock_all_end_and_the_books_balance() {

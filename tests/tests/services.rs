@@ -787,6 +787,7 @@ async fn the_load_generator_measures_commands_and_read_models() {
         customers: 5,
         query_ratio: 1.0,
         max_in_flight: 16,
+        outcome: false,
     };
     let report = services::load::run(config, |_| {}).await.expect("load run");
     assert_eq!(report.commands_failed, 0, "{report}");

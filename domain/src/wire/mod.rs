@@ -81,6 +81,7 @@ pub static SCHEMA_FILES: &[SchemaFile] = schema_files![
     "payment" / "PaymentAuthorized" v 1,
     "payment" / "PaymentDeclined" v 1,
     "payment" / "PaymentCaptured" v 1,
+    "payment" / "PaymentCaptureFailed" v 1,
     "payment" / "PaymentVoided" v 1,
     "payment" / "PaymentRefunded" v 1,
     "inventory" / "ReserveStock" v 1,
@@ -331,6 +332,11 @@ mod tests {
             round_trip(PaymentEvent::PaymentCaptured {
                 order_id: order,
                 amount_cents: 300,
+            }),
+            round_trip(PaymentEvent::PaymentCaptureFailed {
+                order_id: order,
+                amount_cents: 300,
+                reason: "provider_unavailable".into(),
             }),
             round_trip(PaymentEvent::PaymentVoided {
                 order_id: order,

@@ -13,8 +13,9 @@ struct PaymentAuthorized {
     authorization_id: String,
 }
 
+/// The shape of a declined authorization and of a refused capture.
 #[derive(Serialize, Deserialize)]
-struct PaymentDeclined {
+struct PaymentRefused {
     order_id: String,
     amount_cents: i64,
     reason: String,
@@ -33,6 +34,7 @@ impl WireEvent for PaymentEvent {
             PaymentEvent::PaymentAuthorized { .. } => "PaymentAuthorized",
             PaymentEvent::PaymentDeclined { .. } => "PaymentDeclined",
             PaymentEvent::PaymentCaptured { .. } => "PaymentCaptured",
+            PaymentEvent::PaymentCaptureFailed { .. } => "PaymentCaptureFailed",
             PaymentEvent::PaymentVoided { .. } => "PaymentVoided",
             PaymentEvent::PaymentRefunded { .. } => "PaymentRefunded",
         }
@@ -53,7 +55,12 @@ impl WireEvent for PaymentEvent {
                 order_id,
                 amount_cents,
                 reason,
-            } => to_avro(&PaymentDeclined {
+            }
+            | PaymentEvent::PaymentCaptureFailed {
+                order_id,
+                amount_cents,
+                reason,
+            } => to_avro(&PaymentRefused {
                 order_id: order_id.to_string(),
                 amount_cents: *amount_cents,
                 reason: reason.clone(),
@@ -84,6 +91,11 @@ impl WireEvent for PaymentEvent {
                 record.amount_cents,
             ))
         };
+        let refused = |value| -> Result<(uuid::Uuid, i64, String), WireError> {
+            let record: PaymentRefused = from_avro(value)?;
+            let order_id = parse_uuid("order_id", &record.order_id)?;
+            Ok((order_id, record.amount_cents, record.reason))
+        };
         match event_type {
             "PaymentAuthorized" => {
                 let record: PaymentAuthorized = from_avro(value)?;
@@ -93,14 +105,20 @@ impl WireEvent for PaymentEvent {
                     authorization_id: record.authorization_id,
                 })
             }
-            "PaymentDeclined" => {
-                let record: PaymentDeclined = from_avro(value)?;
-                Ok(PaymentEvent::PaymentDeclined {
-                    order_id: parse_uuid("order_id", &record.order_id)?,
-                    amount_cents: record.amount_cents,
-                    reason: record.reason,
-                })
-            }
+            "PaymentDeclined" => refused(value).map(|(order_id, amount_cents, reason)| {
+                PaymentEvent::PaymentDeclined {
+                    order_id,
+                    amount_cents,
+                    reason,
+                }
+            }),
+            "PaymentCaptureFailed" => refused(value).map(|(order_id, amount_cents, reason)| {
+                PaymentEvent::PaymentCaptureFailed {
+                    order_id,
+                    amount_cents,
+                    reason,
+                }
+            }),
             "PaymentCaptured" => {
                 settled(value).map(|(order_id, amount_cents)| PaymentEvent::PaymentCaptured {
                     order_id,
