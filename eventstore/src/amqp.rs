@@ -36,6 +36,11 @@ pub mod dead_letter_headers {
     /// Set on a message that was not tried because its stream is parked behind this
     /// earlier dead letter.
     pub const PARKED_BEHIND: &str = "x-orderflow-parked-behind";
+    /// When the message was first dead-lettered, in milliseconds since the Unix epoch
+    /// (kept when a replayed dead letter fails again).
+    pub const FIRST_FAILED_AT: &str = "x-orderflow-first-failed-at";
+    /// When it was last dead-lettered.
+    pub const LAST_FAILED_AT: &str = "x-orderflow-last-failed-at";
 }
 
 /// The queue a service's commands arrive on.
@@ -165,6 +170,22 @@ pub struct Envelope {
     pub schema_fingerprint: i64,
     /// Milliseconds since the Unix epoch when it was recorded.
     pub timestamp_ms: u64,
+}
+
+impl From<&crate::RecordedEvent> for Envelope {
+    fn from(event: &crate::RecordedEvent) -> Self {
+        Envelope {
+            message_id: event.event_id,
+            message_type: event.event_type.clone(),
+            correlation_id: event.correlation_id,
+            causation_id: event.causation_id,
+            stream_id: event.stream_id.clone(),
+            stream_version: Some(event.stream_version),
+            global_position: event.global_position,
+            schema_fingerprint: event.schema_fingerprint,
+            timestamp_ms: u64::try_from(event.recorded_at.timestamp_millis()).unwrap_or(0),
+        }
+    }
 }
 
 /// Header names of the envelope.

@@ -249,6 +249,26 @@ impl SchemaRegistry {
         Ok((writer.event_type.clone(), value))
     }
 
+    /// Decodes a payload into its event type and its data as JSON (in the current
+    /// schema of its type), learning a writer schema this code does not know from the
+    /// registry table in `pool` first: what operator tools show.
+    pub async fn decode_json(
+        &self,
+        pool: &PgPool,
+        payload: &[u8],
+    ) -> Result<(String, serde_json::Value), CodecError> {
+        let decoded = match self.decode_value(payload) {
+            Err(CodecError::UnknownFingerprint(fingerprint)) => {
+                self.learn(pool, fingerprint).await?;
+                self.decode_value(payload)
+            }
+            other => other,
+        };
+        let (event_type, value) = decoded?;
+        let json = serde_json::Value::try_from(value).map_err(avro)?;
+        Ok((event_type, json))
+    }
+
     fn read_known(&self) -> std::sync::RwLockReadGuard<'_, HashMap<i64, Arc<KnownSchema>>> {
         self.inner
             .by_fingerprint

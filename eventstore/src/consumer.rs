@@ -415,6 +415,36 @@ pub async fn unpark(pool: &PgPool, consumer: &str, stream_id: &str) -> Result<bo
     Ok(deleted.rows_affected() > 0)
 }
 
+/// Forgets a dead letter that will never be applied (`orderflow dlq purge`): if its
+/// stream waits for it, the stream moves on to its next parked message (or flows
+/// again); if it was parked behind another, it is no longer waited for.
+pub async fn forget(
+    pool: &PgPool,
+    consumer: &str,
+    stream_id: &str,
+    message_id: Uuid,
+) -> Result<(), sqlx::Error> {
+    let mut transaction = pool.begin().await?;
+    let blocking: Option<Uuid> = sqlx::query_scalar(
+        "SELECT blocking_message_id FROM parked_streams \
+         WHERE consumer = $1 AND stream_id = $2 FOR UPDATE",
+    )
+    .bind(consumer)
+    .bind(stream_id)
+    .fetch_optional(&mut *transaction)
+    .await?;
+    if blocking == Some(message_id) {
+        advance_park(&mut transaction, consumer, stream_id).await?;
+    } else {
+        sqlx::query("DELETE FROM parked_messages WHERE consumer = $1 AND message_id = $2")
+            .bind(consumer)
+            .bind(message_id)
+            .execute(&mut *transaction)
+            .await?;
+    }
+    transaction.commit().await
+}
+
 /// Moves a parked stream on to its next parked message, or unparks it when none is
 /// left. Returns the message the stream now waits for.
 async fn advance_park(
@@ -1239,6 +1269,11 @@ async fn try_dead_letter<H>(
             dead_letter_headers::PARKED_BEHIND,
             amqp::long_string(behind.to_string()),
         );
+    }
+    let now = AMQPValue::LongLongInt(chrono::Utc::now().timestamp_millis());
+    set(dead_letter_headers::LAST_FAILED_AT, now.clone());
+    if amqp::header_integer(&headers, dead_letter_headers::FIRST_FAILED_AT).is_none() {
+        headers.insert(dead_letter_headers::FIRST_FAILED_AT.into(), now);
     }
     let properties: BasicProperties = delivery
         .properties

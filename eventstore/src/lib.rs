@@ -13,6 +13,8 @@
 //! - [`relay`]: the outbox relay, one leader per database, publishing with confirms.
 //! - [`consumer`]: the consumer runtime (inbox, per-stream order, retries, dead
 //!   letters) that projections, sagas and command handlers run on.
+//! - [`dlq`]: listing, replaying and purging a service's dead letters.
+//! - [`republish`]: sending recorded events to RabbitMQ again.
 //! - [`metrics`]: Prometheus metrics of all of the above.
 //!
 //! Invariants: only this crate knows the SQL of the event, outbox and inbox tables and
@@ -23,8 +25,10 @@ pub mod amqp;
 pub mod codec;
 pub mod consumer;
 pub mod db;
+pub mod dlq;
 pub mod metrics;
 pub mod relay;
+pub mod republish;
 pub mod store;
 
 pub use aggregates::{AggregateStore, ExecuteError, Executed, Loaded, Snapshot};

@@ -24,6 +24,7 @@ impl Projection for StockLevels {
     const NAME: &'static str = "stock-levels";
     const SERVICE: &'static str = "inventory";
     const STREAM_PREFIX: &'static str = "stock-";
+    const TABLES: &'static [&'static str] = &["stock_levels"];
     type Event = StockEvent;
 
     async fn apply(

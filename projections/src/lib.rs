@@ -14,6 +14,8 @@
 //!   projection has applied a given stream version.
 //! - [`order`], [`inventory`], [`payment`]: the read models — order summaries and
 //!   customer order history, stock levels, payment statuses — and their queries.
+//! - [`rebuild`]: rebuilding a read model from the event store into fresh tables,
+//!   swapped in atomically (`orderflow replay`).
 //!
 //! Invariant: only this crate knows the SQL of read-model tables; `apply` writes only
 //! through the connection it is handed (the consumer's transaction).
@@ -21,6 +23,7 @@
 pub mod inventory;
 pub mod order;
 pub mod payment;
+pub mod rebuild;
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -43,6 +46,8 @@ pub trait Projection: Send + Sync + 'static {
     const SERVICE: &'static str;
     /// Its streams' id prefix (`order-`), for measuring lag in the event store.
     const STREAM_PREFIX: &'static str;
+    /// The tables it writes, and only it: a rebuild builds fresh copies of them.
+    const TABLES: &'static [&'static str];
     type Event: WireEvent + Send + Sync;
 
     /// Applies one event. Called once per event, in stream order, inside the
@@ -125,7 +130,16 @@ pub struct EventContext {
 
 impl EventContext {
     fn from_message(message: &Message) -> Result<Self, HandlerError> {
-        let envelope = &message.envelope;
+        Self::from_envelope(&message.envelope)
+    }
+
+    /// The context of a recorded event as the live consumer sees it once it travelled
+    /// through RabbitMQ (times to the millisecond), so a rebuild writes the same rows.
+    pub fn from_recorded(event: &eventstore::RecordedEvent) -> Result<Self, HandlerError> {
+        Self::from_envelope(&eventstore::amqp::Envelope::from(event))
+    }
+
+    fn from_envelope(envelope: &eventstore::amqp::Envelope) -> Result<Self, HandlerError> {
         let stream_version = envelope
             .stream_version
             .ok_or("an event without a stream version cannot be projected")?;

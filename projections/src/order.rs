@@ -78,6 +78,7 @@ impl Projection for OrderSummaries {
     const NAME: &'static str = "order-summary";
     const SERVICE: &'static str = "order";
     const STREAM_PREFIX: &'static str = "order-";
+    const TABLES: &'static [&'static str] = &["order_summaries"];
     type Event = OrderEvent;
 
     async fn apply(
@@ -150,6 +151,7 @@ impl Projection for CustomerOrders {
     const NAME: &'static str = "customer-orders";
     const SERVICE: &'static str = "order";
     const STREAM_PREFIX: &'static str = "order-";
+    const TABLES: &'static [&'static str] = &["customer_orders"];
     type Event = OrderEvent;
 
     async fn apply(

@@ -27,6 +27,7 @@ impl Projection for PaymentStatuses {
     const NAME: &'static str = "payment-status";
     const SERVICE: &'static str = "payment";
     const STREAM_PREFIX: &'static str = "payment-";
+    const TABLES: &'static [&'static str] = &["payment_statuses"];
     type Event = PaymentEvent;
 
     async fn apply(

@@ -54,6 +54,16 @@ pub enum Step {
 }
 
 impl Step {
+    pub const ALL: [Step; 7] = [
+        Step::NotStarted,
+        Step::ReservingStock,
+        Step::AuthorizingPayment,
+        Step::Capturing,
+        Step::Completed,
+        Step::Rejected,
+        Step::Cancelled,
+    ];
+
     /// The order has ended (confirmed or not); only late answers arrive now.
     pub fn order_ended(self) -> bool {
         matches!(

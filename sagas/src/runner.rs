@@ -369,3 +369,36 @@ pub async fn find(pool: &PgPool, order_id: Uuid) -> Result<Option<SagaView>, sql
         history,
     }))
 }
+
+/// A saga in a listing (`orderflow sagas list`).
+#[derive(Debug, Clone, Serialize, sqlx::FromRow)]
+pub struct SagaSummary {
+    pub order_id: Uuid,
+    pub saga_type: String,
+    pub step: String,
+    pub version: i64,
+    /// Why the order did not confirm, once it ended so.
+    pub reason: Option<String>,
+    pub deadline_at: Option<DateTime<Utc>>,
+    pub started_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+}
+
+/// The sagas at `step` (any step when `None`), most recently changed first, at most
+/// `limit` of them.
+pub async fn list(
+    pool: &PgPool,
+    step: Option<&str>,
+    limit: i64,
+) -> Result<Vec<SagaSummary>, sqlx::Error> {
+    sqlx::query_as(
+        "SELECT saga_id AS order_id, saga_type, state->>'step' AS step, version, \
+         state->>'reason' AS reason, deadline_at, started_at, updated_at FROM sagas \
+         WHERE $1::text IS NULL OR state->>'step' = $1 \
+         ORDER BY updated_at DESC, saga_id LIMIT $2",
+    )
+    .bind(step)
+    .bind(limit)
+    .fetch_all(pool)
+    .await
+}

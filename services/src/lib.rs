@@ -10,6 +10,7 @@
 //!   command consumers) and runs them until Ctrl-C or SIGTERM, then shuts them down
 //!   gracefully.
 //! - [`load`]: the load generator behind `orderflow load`.
+//! - [`ops`]: the operator's tools behind `orderflow events`, `dlq` and `sagas`.
 //! - [`workers`]: the inventory and payment services' command handlers and the
 //!   simulated payment provider.
 //!
@@ -18,6 +19,7 @@
 pub mod config;
 pub mod http;
 pub mod load;
+pub mod ops;
 pub mod serve;
 pub mod setup;
 pub mod workers;

@@ -3,16 +3,22 @@
 use std::process::ExitCode;
 use std::time::Duration;
 
-use clap::{Parser, Subcommand};
+use anyhow::Context;
+
+use clap::builder::PossibleValuesParser;
+use clap::{ArgGroup, Args, Parser, Subcommand};
 use services::config::{Config, Service, parse_services};
 use services::load::LoadConfig;
+use services::ops;
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
 
 #[derive(Parser)]
 #[command(
     name = "orderflow",
     version,
     about = "An event-sourced order platform: services, migrations and operator tools",
-    after_help = "Examples:\n  orderflow migrate\n  orderflow serve\n  orderflow serve --services order,inventory\n  orderflow schemas check --json\n  orderflow load --rate 200 --duration 30\n\nConfiguration is by environment: ORDERFLOW_PG_URL (default postgres://postgres@127.0.0.1:5432),\nORDERFLOW_<SERVICE>_DATABASE_URL, ORDERFLOW_AMQP_URL (default amqp://guest:guest@127.0.0.1:5672/%2f),\nORDERFLOW_BIND_ADDRESS (default 127.0.0.1), RUST_LOG."
+    after_help = "Examples:\n  orderflow migrate\n  orderflow serve\n  orderflow serve --services order,inventory\n  orderflow schemas check --json\n  orderflow load --rate 200 --duration 30\n  orderflow events tail --service order --follow\n  orderflow replay order-summary\n  orderflow dlq list --service inventory\n  orderflow sagas list --status capturing\n\nConfiguration is by environment: ORDERFLOW_PG_URL (default postgres://postgres@127.0.0.1:5432),\nORDERFLOW_<SERVICE>_DATABASE_URL, ORDERFLOW_AMQP_URL (default amqp://guest:guest@127.0.0.1:5672/%2f),\nORDERFLOW_BIND_ADDRESS (default 127.0.0.1), RUST_LOG."
 )]
 struct Cli {
     #[command(subcommand)]
@@ -81,6 +87,190 @@ its outcome (confirmed, rejected or cancelled by the saga) instead.\n\nExamples:
         #[command(subcommand)]
         command: SchemasCommand,
     },
+    /// Show recorded events, decoded from Avro to JSON
+    Events {
+        #[command(subcommand)]
+        command: EventsCommand,
+    },
+    /// Rebuild a read model from its event store, or send recorded events again
+    #[command(
+        after_help = "A rebuild reads the service's event store into fresh tables \
+while queries keep answering from the live ones, then swaps them in atomically; Ctrl-C \
+leaves the live read model untouched.\n\nExamples:\n  orderflow replay --list\n  \
+orderflow replay stock-levels\n  orderflow replay --republish --service order --from 0 \
+--stream order-0192f0c4-9b6e-7a41-9d6f-3c2a1b4e5d60"
+    )]
+    Replay(ReplayArgs),
+    /// List, show, replay or purge a service's dead letters
+    Dlq {
+        #[command(subcommand)]
+        command: DlqCommand,
+    },
+    /// List the order-fulfilment sagas, or show one with its history
+    Sagas {
+        #[command(subcommand)]
+        command: SagasCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum EventsCommand {
+    /// One stream's events in version order
+    #[command(after_help = "Example:\n  orderflow events read stock-SKU-1 --json")]
+    Read {
+        /// The stream id (`order-<id>`, `stock-<sku>`, `payment-<order id>`, `user-<id>`)
+        stream: String,
+        /// The first version to show
+        #[arg(long, default_value_t = 1)]
+        from: i64,
+        /// The service storing the stream (found from its id when omitted)
+        #[arg(long, value_parser = store_service)]
+        service: Option<Service>,
+        /// One JSON object per line
+        #[arg(long)]
+        json: bool,
+    },
+    /// A service's events in global order
+    #[command(after_help = "Example:\n  orderflow events tail --service order --follow --json")]
+    Tail {
+        #[arg(long, value_parser = store_service)]
+        service: Service,
+        /// Only events after this global position
+        #[arg(long, default_value_t = 0)]
+        from: i64,
+        /// Keep waiting for new events (until Ctrl-C)
+        #[arg(long)]
+        follow: bool,
+        /// One JSON object per line
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Args)]
+#[command(group(ArgGroup::new("what").required(true).args(["list", "projection", "republish"])))]
+struct ReplayArgs {
+    /// Name every projection, one per line, name first
+    #[arg(long)]
+    list: bool,
+    /// The projection to rebuild
+    #[arg(value_parser = PossibleValuesParser::new(projection_names()))]
+    projection: Option<String>,
+    /// Send the recorded events of --service to RabbitMQ again (consumers deduplicate)
+    #[arg(long, requires = "service")]
+    republish: bool,
+    /// The service whose events to send again
+    #[arg(long, value_parser = store_service)]
+    service: Option<Service>,
+    /// Only events after this global position
+    #[arg(long, default_value_t = 0)]
+    from: i64,
+    /// Only events up to this global position (with --republish)
+    #[arg(long, requires = "republish")]
+    to: Option<i64>,
+    /// Only this stream's events (with --republish)
+    #[arg(long, requires = "republish")]
+    stream: Option<String>,
+    /// Print JSON
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Subcommand)]
+enum DlqCommand {
+    /// Every dead letter, in queue order, with its error and attempts
+    #[command(after_help = "Example:\n  orderflow dlq list --service inventory --json")]
+    List {
+        #[arg(long, value_parser = store_service)]
+        service: Service,
+        /// One JSON object per line
+        #[arg(long)]
+        json: bool,
+    },
+    /// One dead letter, with its payload decoded
+    #[command(after_help = "Example:\n  orderflow dlq show --service payment --id <message id>")]
+    Show {
+        #[arg(long, value_parser = store_service)]
+        service: Service,
+        #[arg(long)]
+        id: Uuid,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Send dead letters back to their consumer, in order (all, or one with --id)
+    #[command(after_help = "Example:\n  orderflow dlq replay --service inventory --dry-run")]
+    Replay {
+        #[arg(long, value_parser = store_service)]
+        service: Service,
+        #[arg(long)]
+        id: Option<Uuid>,
+        /// Say what would be replayed, and do nothing
+        #[arg(long)]
+        dry_run: bool,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Delete dead letters for good (all, or one with --id), letting their streams flow
+    #[command(after_help = "Example:\n  orderflow dlq purge --service order --id <message id>")]
+    Purge {
+        #[arg(long, value_parser = store_service)]
+        service: Service,
+        #[arg(long)]
+        id: Option<Uuid>,
+        /// Say what would be purged, and do nothing
+        #[arg(long)]
+        dry_run: bool,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum SagasCommand {
+    /// Sagas, most recently changed first
+    #[command(after_help = "Example:\n  orderflow sagas list --status capturing --json")]
+    List {
+        /// Only sagas at this step
+        #[arg(long, value_parser = PossibleValuesParser::new(saga_steps()))]
+        status: Option<String>,
+        /// At most this many
+        #[arg(long, default_value_t = 100)]
+        limit: i64,
+        /// One JSON object per line
+        #[arg(long)]
+        json: bool,
+    },
+    /// One saga: its state, pending deadline and every step with its time
+    #[command(after_help = "Example:\n  orderflow sagas show 0192f0c4-9b6e-7a41-9d6f-3c2a1b4e5d60")]
+    Show {
+        order_id: Uuid,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+/// A service with an event store (every one but the gateway).
+fn store_service(name: &str) -> Result<Service, String> {
+    let service = Service::parse(name)?;
+    if service.database().is_none() {
+        return Err(format!("the {service} has no event store"));
+    }
+    Ok(service)
+}
+
+fn projection_names() -> Vec<&'static str> {
+    projections::rebuild::CATALOG
+        .iter()
+        .map(|p| p.name)
+        .collect()
+}
+
+fn saga_steps() -> Vec<&'static str> {
+    sagas::fulfilment::Step::ALL
+        .iter()
+        .filter(|step| **step != sagas::fulfilment::Step::NotStarted)
+        .map(|step| step.as_str())
+        .collect()
 }
 
 #[derive(Subcommand)]
@@ -207,6 +397,421 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
         Command::Schemas {
             command: SchemasCommand::Check { json },
         } => Ok(schemas_check(json)),
+        Command::Events { command } => events(&Config::from_env()?, command).await,
+        Command::Replay(args) => replay(&Config::from_env()?, args).await,
+        Command::Dlq { command } => dlq(&Config::from_env()?, command).await,
+        Command::Sagas { command } => sagas_command(&Config::from_env()?, command).await,
+    }
+}
+
+/// Prints a value as one JSON line.
+fn json_line(value: &impl serde::Serialize) -> anyhow::Result<()> {
+    println!("{}", serde_json::to_string(value)?);
+    Ok(())
+}
+
+/// Cancelled on Ctrl-C.
+fn interrupted() -> CancellationToken {
+    let cancel = CancellationToken::new();
+    let trigger = cancel.clone();
+    tokio::spawn(async move {
+        if tokio::signal::ctrl_c().await.is_ok() {
+            trigger.cancel();
+        }
+    });
+    cancel
+}
+
+async fn events(config: &Config, command: EventsCommand) -> anyhow::Result<ExitCode> {
+    match command {
+        EventsCommand::Read {
+            stream,
+            from,
+            service,
+            json,
+        } => {
+            let events = ops::read_stream(config, &stream, from, service).await?;
+            if events.is_empty() && !json {
+                eprintln!("no events in {stream}");
+            }
+            for event in &events {
+                if json {
+                    json_line(event)?;
+                } else {
+                    println!("{event}");
+                }
+            }
+        }
+        EventsCommand::Tail {
+            service,
+            from,
+            follow,
+            json,
+        } => {
+            let cancel = interrupted();
+            ops::tail(config, service, from, follow, &cancel, |event| {
+                if json {
+                    json_line(&event)
+                } else {
+                    println!("{event}");
+                    Ok(())
+                }
+            })
+            .await?;
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn replay(config: &Config, args: ReplayArgs) -> anyhow::Result<ExitCode> {
+    if args.list {
+        for projection in projections::rebuild::CATALOG {
+            if args.json {
+                json_line(&serde_json::json!({
+                    "name": projection.name,
+                    "service": projection.service,
+                    "tables": projection.tables,
+                    "about": projection.about,
+                }))?;
+            } else {
+                println!(
+                    "{}  {} service, tables {}: {}",
+                    projection.name,
+                    projection.service,
+                    projection.tables.join(", "),
+                    projection.about
+                );
+            }
+        }
+        return Ok(ExitCode::SUCCESS);
+    }
+    if args.republish {
+        let service = args
+            .service
+            .ok_or_else(|| anyhow::anyhow!("--republish needs --service"))?;
+        let pool = ops::connect(config, service).await?;
+        let selection = eventstore::republish::Selection {
+            after: args.from,
+            up_to: args.to,
+            stream: args.stream,
+        };
+        let mut report = progress::Lines::new("republish");
+        let sent = eventstore::republish::republish(
+            &eventstore::EventStore::new(pool),
+            &config.amqp_url,
+            service.name(),
+            &selection,
+            |sent, position| report.line(&format!("{sent} events sent, at position {position}")),
+        )
+        .await?;
+        if args.json {
+            json_line(&serde_json::json!({ "service": service.name(), "republished": sent }))?;
+        } else {
+            println!("{service}: {sent} events sent again");
+        }
+        return Ok(ExitCode::SUCCESS);
+    }
+    let Some(name) = args.projection else {
+        anyhow::bail!("name a projection, or use --list or --republish");
+    };
+    let Some(projection) = projections::rebuild::find(&name) else {
+        anyhow::bail!("no projection is called {name:?}");
+    };
+    let service = Service::parse(projection.service).map_err(anyhow::Error::msg)?;
+    let pool = ops::connect(config, service).await?;
+    let registry = eventstore::SchemaRegistry::builtin()?;
+    let cancel = interrupted();
+    let mut bar = progress::Bar::new(&name);
+    let outcome = projections::rebuild::rebuild(
+        &name,
+        &pool,
+        &registry,
+        args.from,
+        |status| bar.update(status),
+        &cancel,
+    )
+    .await;
+    bar.finish();
+    match outcome {
+        Ok(rebuilt) => {
+            if args.json {
+                json_line(&serde_json::json!({
+                    "projection": name,
+                    "events": rebuilt.events,
+                    "caught_up": rebuilt.caught_up,
+                    "seconds": rebuilt.seconds,
+                }))?;
+            } else {
+                println!(
+                    "{name}: rebuilt from {} events in {:.1} s ({:.0} events/s), {} more applied while swapping in",
+                    rebuilt.events,
+                    rebuilt.seconds,
+                    rebuilt.events as f64 / rebuilt.seconds.max(f64::EPSILON),
+                    rebuilt.caught_up
+                );
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Err(projections::rebuild::RebuildError::Cancelled) => {
+            eprintln!("orderflow: {name}: stopped; the live read model is untouched");
+            Ok(ExitCode::from(130))
+        }
+        Err(error) => Err(error.into()),
+    }
+}
+
+async fn dlq(config: &Config, command: DlqCommand) -> anyhow::Result<ExitCode> {
+    match command {
+        DlqCommand::List { service, json } => {
+            let letters = ops::dead_letters(config, service).await?;
+            if letters.is_empty() && !json {
+                eprintln!("no dead letters for {service}");
+            }
+            for letter in &letters {
+                let view = ops::DeadLetterView::from(letter);
+                if json {
+                    json_line(&view)?;
+                } else {
+                    println!("{view}");
+                }
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        DlqCommand::Show { service, id, json } => {
+            let Some(view) = ops::dead_letter(config, service, id).await? else {
+                anyhow::bail!("no dead letter {id} for {service}");
+            };
+            if json {
+                json_line(&view)?;
+            } else {
+                println!("{view}");
+                println!("{}", serde_json::to_string_pretty(&view.data)?);
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        DlqCommand::Replay {
+            service,
+            id,
+            dry_run,
+            json,
+        } => {
+            let select = |letter: &eventstore::dlq::DeadLetter| {
+                id.is_none_or(|id| letter.message_id == Some(id))
+            };
+            let outcome =
+                eventstore::dlq::replay(&config.amqp_url, service.name(), select, dry_run)
+                    .await
+                    .with_context(|| format!("cannot replay the {service} dead letters"))?;
+            report_dead_letters(
+                &outcome,
+                if dry_run { "would replay" } else { "replayed" },
+                json,
+                id,
+            )
+        }
+        DlqCommand::Purge {
+            service,
+            id,
+            dry_run,
+            json,
+        } => {
+            let pool = ops::connect(config, service).await?;
+            let select = |letter: &eventstore::dlq::DeadLetter| {
+                id.is_none_or(|id| letter.message_id == Some(id))
+            };
+            let outcome =
+                eventstore::dlq::purge(&config.amqp_url, service.name(), &pool, select, dry_run)
+                    .await
+                    .with_context(|| format!("cannot purge the {service} dead letters"))?;
+            report_dead_letters(
+                &outcome,
+                if dry_run { "would purge" } else { "purged" },
+                json,
+                id,
+            )
+        }
+    }
+}
+
+/// Prints what a replay or purge did; fails when `--id` named no dead letter.
+fn report_dead_letters(
+    outcome: &eventstore::dlq::Outcome,
+    verb: &str,
+    json: bool,
+    id: Option<Uuid>,
+) -> anyhow::Result<ExitCode> {
+    for letter in &outcome.done {
+        let view = ops::DeadLetterView::from(letter);
+        if json {
+            json_line(&serde_json::json!({ "action": verb, "letter": view }))?;
+        } else {
+            println!("{verb} {view}");
+        }
+    }
+    for (letter, why) in &outcome.skipped {
+        let view = ops::DeadLetterView::from(letter);
+        eprintln!(
+            "left {}: {why}",
+            view.id.map(|id| id.to_string()).unwrap_or_default()
+        );
+    }
+    if !json {
+        eprintln!(
+            "{verb} {} dead letter(s); {} left as they were",
+            outcome.done.len(),
+            outcome.others + outcome.skipped.len()
+        );
+    }
+    if let (Some(id), true) = (id, outcome.done.is_empty() && outcome.skipped.is_empty()) {
+        anyhow::bail!("no dead letter {id}");
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn sagas_command(config: &Config, command: SagasCommand) -> anyhow::Result<ExitCode> {
+    let pool = ops::connect(config, Service::Order).await?;
+    match command {
+        SagasCommand::List {
+            status,
+            limit,
+            json,
+        } => {
+            let sagas = sagas::runner::list(&pool, status.as_deref(), limit.max(0)).await?;
+            if sagas.is_empty() && !json {
+                eprintln!("no sagas");
+            }
+            for saga in &sagas {
+                if json {
+                    json_line(saga)?;
+                } else {
+                    println!(
+                        "{}  {}  v{}  {}{}",
+                        saga.order_id,
+                        saga.step,
+                        saga.version,
+                        saga.updated_at.to_rfc3339(),
+                        saga.reason
+                            .as_deref()
+                            .map(|reason| format!("  ({reason})"))
+                            .unwrap_or_default()
+                    );
+                }
+            }
+        }
+        SagasCommand::Show { order_id, json } => {
+            let Some(saga) = sagas::runner::find(&pool, order_id).await? else {
+                anyhow::bail!("no saga for order {order_id}");
+            };
+            if json {
+                json_line(&saga)?;
+            } else {
+                println!(
+                    "saga {} ({}), step {}, version {}",
+                    saga.order_id, saga.saga_type, saga.step, saga.version
+                );
+                if let Some(at) = saga.deadline_at {
+                    println!("deadline pending at {}", at.to_rfc3339());
+                }
+                println!("state {}", saga.state);
+                for step in &saga.history {
+                    println!(
+                        "  v{}  {}  {} -> {}  sent [{}]",
+                        step.version,
+                        step.at.to_rfc3339(),
+                        step.input,
+                        step.step,
+                        step.commands.join(", ")
+                    );
+                }
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Progress on long work: a bar on a terminal, a plain line at most every second
+/// otherwise (both on standard error).
+mod progress {
+    use std::io::IsTerminal;
+    use std::time::{Duration, Instant};
+
+    use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+    use projections::rebuild::Progress;
+
+    /// Plain lines, at most one a second.
+    pub struct Lines {
+        label: String,
+        last: Option<Instant>,
+    }
+
+    impl Lines {
+        pub fn new(label: &str) -> Self {
+            Lines {
+                label: label.to_owned(),
+                last: None,
+            }
+        }
+
+        pub fn line(&mut self, text: &str) {
+            if self
+                .last
+                .is_none_or(|at| at.elapsed() >= Duration::from_secs(1))
+            {
+                eprintln!("{}: {text}", self.label);
+                self.last = Some(Instant::now());
+            }
+        }
+    }
+
+    /// A rebuild's progress: events applied of those expected, rate and time left.
+    pub struct Bar {
+        bar: Option<ProgressBar>,
+        lines: Lines,
+        started: Instant,
+    }
+
+    impl Bar {
+        pub fn new(label: &str) -> Self {
+            let bar = std::io::stderr().is_terminal().then(|| {
+                let bar = ProgressBar::with_draw_target(Some(0), ProgressDrawTarget::stderr());
+                let style = ProgressStyle::with_template(
+                    "{msg} [{bar:30}] {pos}/{len} events, {per_sec}, ETA {eta}",
+                )
+                .unwrap_or_else(|_| ProgressStyle::default_bar());
+                bar.set_style(style.progress_chars("=> "));
+                bar.set_message(label.to_owned());
+                bar
+            });
+            Bar {
+                bar,
+                lines: Lines::new(label),
+                started: Instant::now(),
+            }
+        }
+
+        pub fn update(&mut self, status: Progress) {
+            match &self.bar {
+                Some(bar) => {
+                    bar.set_length(status.total.max(status.applied));
+                    bar.set_position(status.applied);
+                }
+                None => {
+                    let seconds = self.started.elapsed().as_secs_f64().max(f64::EPSILON);
+                    let rate = status.applied as f64 / seconds;
+                    let left = status.total.saturating_sub(status.applied) as f64 / rate.max(1.0);
+                    self.lines.line(&format!(
+                        "{}/{} events, {rate:.0} events/s, about {left:.0} s left (position {})",
+                        status.applied, status.total, status.position
+                    ));
+                }
+            }
+        }
+
+        pub fn finish(&self) {
+            if let Some(bar) = &self.bar {
+                bar.finish_and_clear();
+            }
+        }
     }
 }
 

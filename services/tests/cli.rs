@@ -36,6 +36,16 @@ fn bad_arguments_exit_2_with_a_message() {
         &["serve", "--services", "gateway"][..],
         &["no-such-command"][..],
         &["schemas"][..],
+        &["replay"][..],
+        &["replay", "no-such-projection"][..],
+        &["replay", "--list", "order-summary"][..],
+        &["replay", "--republish"][..],
+        &["events", "read"][..],
+        &["events", "tail", "--service", "gateway"][..],
+        &["dlq", "list"][..],
+        &["dlq", "show", "--service", "order", "--id", "not-a-uuid"][..],
+        &["sagas", "list", "--status", "sleeping"][..],
+        &["sagas", "show", "42"][..],
     ] {
         let out = orderflow(args, &[]);
         assert_eq!(out.status.code(), Some(2), "{args:?}");
@@ -58,6 +68,14 @@ fn an_unreachable_database_is_one_line_and_exit_1() {
     for arguments in [
         &["migrate"][..],
         &["serve", "--services", "order,inventory"][..],
+        &[
+            "events",
+            "read",
+            "order-0192f0c4-9b6e-7a41-9d6f-3c2a1b4e5d60",
+        ][..],
+        &["events", "tail", "--service", "inventory"][..],
+        &["replay", "stock-levels"][..],
+        &["sagas", "list"][..],
     ] {
         let out = orderflow(arguments, &env);
         assert_eq!(out.status.code(), Some(1), "{arguments:?}");
@@ -65,6 +83,47 @@ fn an_unreachable_database_is_one_line_and_exit_1() {
         assert_eq!(stderr.trim_end().lines().count(), 1, "{stderr}");
         assert!(stderr.starts_with("orderflow: "), "{stderr}");
         assert!(stderr.contains("Connection refused"), "{stderr}");
+    }
+}
+
+#[test]
+fn an_unreachable_broker_is_one_line_and_exit_1() {
+    let env = [(
+        "ORDERFLOW_AMQP_URL".to_owned(),
+        "amqp://guest:guest@127.0.0.1:1/%2f".to_owned(),
+    )];
+    for arguments in [
+        &["dlq", "list", "--service", "inventory"][..],
+        &["dlq", "replay", "--service", "payment", "--dry-run"][..],
+    ] {
+        let out = orderflow(arguments, &env);
+        assert_eq!(out.status.code(), Some(1), "{arguments:?}");
+        let stderr = text(&out.stderr);
+        assert_eq!(stderr.trim_end().lines().count(), 1, "{stderr}");
+        assert!(stderr.starts_with("orderflow: "), "{stderr}");
+    }
+}
+
+#[test]
+fn every_operator_command_has_an_example_in_its_help() {
+    for command in [
+        &["events", "read"][..],
+        &["events", "tail"][..],
+        &["replay"][..],
+        &["dlq", "list"][..],
+        &["dlq", "show"][..],
+        &["dlq", "replay"][..],
+        &["dlq", "purge"][..],
+        &["sagas", "list"][..],
+        &["sagas", "show"][..],
+    ] {
+        let mut arguments = command.to_vec();
+        arguments.push("--help");
+        let out = orderflow(&arguments, &[]);
+        assert!(out.status.success(), "{command:?}");
+        let help = text(&out.stdout);
+        assert!(help.contains("Example"), "{command:?}: {help}");
+        assert!(help.contains("orderflow "), "{command:?}: {help}");
     }
 }
 

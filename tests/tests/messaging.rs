@@ -439,6 +439,119 @@ async fn a_backlog_is_applied_in_batches_and_a_failing_message_leaves_its_batch(
     );
 }
 
+/// What `orderflow dlq` does: list dead letters (leaving the queue as it was) with
+/// error, attempts and failure times; replay a parked stream's letters, which applies
+/// them in order; purge a poison message, which lets its stream flow on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_dlq_tools_list_replay_in_order_and_purge() {
+    let world = World::new().await;
+    let config = world.consumer_config();
+    world.declare(&config).await;
+    let healed = Arc::new(AtomicBool::new(false));
+    let recorder = {
+        let healed = healed.clone();
+        Recorder::new(move |message, _| {
+            message.envelope.stream_id == "stock-dlq"
+                && message.envelope.stream_version == Some(2)
+                && !healed.load(Ordering::SeqCst)
+        })
+    };
+    let metrics = Metrics::new();
+    world.start_consumer(config.clone(), recorder, &metrics);
+    world.start_relay(world.relay_config(), &metrics);
+    append_round_robin(&world.store, &["stock-dlq".to_owned()], 4, 1).await;
+    world.wait_applied(1, Duration::from_secs(30)).await;
+    let garbage = publish_garbage(&world).await;
+
+    let url = world.vhost.url.as_str();
+    let letters = wait_for(Duration::from_secs(30), "4 dead letters", || async {
+        let letters = eventstore::dlq::list(url, SERVICE).await.unwrap();
+        (letters.len() == 4).then_some(letters)
+    })
+    .await;
+    let again = eventstore::dlq::list(url, SERVICE).await.unwrap();
+    let ids = |letters: &[eventstore::dlq::DeadLetter]| -> Vec<Option<Uuid>> {
+        letters.iter().map(|letter| letter.message_id).collect()
+    };
+    assert_eq!(
+        ids(&again),
+        ids(&letters),
+        "listing leaves the queue as it was"
+    );
+    let dlq_letters: Vec<_> = letters
+        .iter()
+        .filter(|l| {
+            l.envelope
+                .as_ref()
+                .is_some_and(|e| e.stream_id == "stock-dlq")
+        })
+        .collect();
+    let versions: Vec<Option<i64>> = dlq_letters
+        .iter()
+        .map(|l| l.envelope.as_ref().and_then(|e| e.stream_version))
+        .collect();
+    assert_eq!(versions, [Some(2), Some(3), Some(4)], "in queue order");
+    let failed = dlq_letters[0];
+    assert_eq!(failed.attempts, Some(3));
+    assert!(
+        failed
+            .error
+            .as_deref()
+            .unwrap_or("")
+            .contains("scripted failure")
+    );
+    assert_eq!(failed.queue.as_deref(), Some("order.recorder"));
+    let (first, last) = (
+        failed.first_failed_at.unwrap(),
+        failed.last_failed_at.unwrap(),
+    );
+    assert!(first <= last && last <= chrono::Utc::now());
+    assert!(
+        dlq_letters[1..]
+            .iter()
+            .all(|l| l.parked_behind == failed.message_id)
+    );
+
+    // A dry run changes nothing; the real replay applies v2, v3, v4 in order.
+    let is_dlq_stream = |letter: &eventstore::dlq::DeadLetter| {
+        letter
+            .envelope
+            .as_ref()
+            .is_some_and(|e| e.stream_id == "stock-dlq")
+    };
+    let dry = eventstore::dlq::replay(url, SERVICE, is_dlq_stream, true)
+        .await
+        .unwrap();
+    assert_eq!((dry.done.len(), dry.others), (3, 1));
+    assert_eq!(eventstore::dlq::list(url, SERVICE).await.unwrap().len(), 4);
+    healed.store(true, Ordering::SeqCst);
+    let replayed = eventstore::dlq::replay(url, SERVICE, is_dlq_stream, false)
+        .await
+        .unwrap();
+    assert_eq!(replayed.done.len(), 3);
+    let applied = world.wait_applied(4, Duration::from_secs(30)).await;
+    let order: Vec<Option<i64>> = applied.iter().map(|row| row.version).collect();
+    assert_eq!(order, [Some(1), Some(2), Some(3), Some(4)]);
+
+    // The poison message: purged, and its stream is no longer parked.
+    let is_garbage = |letter: &eventstore::dlq::DeadLetter| letter.message_id == Some(garbage);
+    let purged = eventstore::dlq::purge(url, SERVICE, &world.db.pool, is_garbage, false)
+        .await
+        .unwrap();
+    assert_eq!(purged.done.len(), 1);
+    assert!(
+        eventstore::dlq::list(url, SERVICE)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    wait_for(Duration::from_secs(10), "no parked stream", || async {
+        let parked = world.count("SELECT count(*) FROM parked_streams").await;
+        (parked == 0).then_some(())
+    })
+    .await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_standby_relay_takes_over_within_five_seconds_of_the_leader_dying() {
     let world = World::new().await;

@@ -1,0 +1,247 @@
+//! A service's dead-letter queue (`dlq.<service>.retry`), as `orderflow dlq` operates
+//! it: list what is there, send dead letters back to the consumer that gave up on them
+//! (in queue order, so a parked stream is applied in order), or purge them (and let
+//! their streams move on).
+//!
+//! Each operation takes the queue's messages with `basic.get` without acknowledging
+//! them, acknowledges the ones it replayed or purged, and returns the others to the
+//! queue, where RabbitMQ puts them back in their original order.
+
+use chrono::{DateTime, Utc};
+use lapin::options::{BasicAckOptions, BasicGetOptions, BasicNackOptions, BasicPublishOptions};
+use lapin::{BasicProperties, Channel, Confirmation};
+use sqlx::PgPool;
+use uuid::Uuid;
+
+use crate::amqp::{self, Envelope, dead_letter_headers};
+
+/// Dead letters taken from the queue in one operation, at most.
+pub const MAX_LETTERS: usize = 100_000;
+
+/// A message in a dead-letter queue, with why it is there.
+#[derive(Debug, Clone)]
+pub struct DeadLetter {
+    /// The event or command id, when the message carried one.
+    pub message_id: Option<Uuid>,
+    pub message_type: Option<String>,
+    /// The envelope, unless the message was malformed.
+    pub envelope: Option<Envelope>,
+    /// The consumer (queue) that gave up on it, where a replay sends it.
+    pub queue: Option<String>,
+    pub exchange: Option<String>,
+    pub routing_key: Option<String>,
+    pub error: Option<String>,
+    pub attempts: Option<i64>,
+    /// The earlier dead letter of its stream it waits behind, if it was never tried.
+    pub parked_behind: Option<Uuid>,
+    pub first_failed_at: Option<DateTime<Utc>>,
+    pub last_failed_at: Option<DateTime<Utc>>,
+    pub payload: Vec<u8>,
+    properties: BasicProperties,
+    delivery_tag: u64,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum DlqError {
+    #[error("broker: {0}")]
+    Broker(#[from] lapin::Error),
+    #[error("database: {0}")]
+    Database(#[from] sqlx::Error),
+    #[error("the broker refused to take back dead letter {0}")]
+    Refused(String),
+}
+
+/// What an operation did with the letters it selected.
+#[derive(Debug, Default)]
+pub struct Outcome {
+    /// Replayed or purged, in queue order.
+    pub done: Vec<DeadLetter>,
+    /// Selected but left in the queue, and why.
+    pub skipped: Vec<(DeadLetter, String)>,
+    /// Letters in the queue that were not selected.
+    pub others: usize,
+}
+
+/// Every dead letter of `service`, in queue order; the queue is left as it was.
+pub async fn list(amqp_url: &str, service: &str) -> Result<Vec<DeadLetter>, DlqError> {
+    let session = Session::open(amqp_url, service).await?;
+    let letters = session.take_all().await?;
+    session.give_back().await?;
+    Ok(letters)
+}
+
+/// Sends the selected dead letters back to the queue of the consumer that gave up on
+/// them, in queue order, each removed from the dead-letter queue once the broker
+/// confirmed it; with `dry_run`, only says which.
+pub async fn replay(
+    amqp_url: &str,
+    service: &str,
+    select: impl Fn(&DeadLetter) -> bool,
+    dry_run: bool,
+) -> Result<Outcome, DlqError> {
+    let session = Session::open(amqp_url, service).await?;
+    let mut outcome = Outcome::default();
+    for letter in session.take_all().await? {
+        if !select(&letter) {
+            outcome.others += 1;
+            continue;
+        }
+        let Some(queue) = letter.queue.clone() else {
+            let why = "it names no consumer queue to go back to".to_owned();
+            outcome.skipped.push((letter, why));
+            continue;
+        };
+        if !dry_run {
+            session.send_back(&letter, &queue).await?;
+        }
+        outcome.done.push(letter);
+    }
+    session.give_back().await?;
+    Ok(outcome)
+}
+
+/// Deletes the selected dead letters for good, and lets each one's stream move on in
+/// the consumer's parking records (in `pool`, the service's database); with
+/// `dry_run`, only says which.
+pub async fn purge(
+    amqp_url: &str,
+    service: &str,
+    pool: &PgPool,
+    select: impl Fn(&DeadLetter) -> bool,
+    dry_run: bool,
+) -> Result<Outcome, DlqError> {
+    let session = Session::open(amqp_url, service).await?;
+    let mut outcome = Outcome::default();
+    for letter in session.take_all().await? {
+        if !select(&letter) {
+            outcome.others += 1;
+            continue;
+        }
+        if !dry_run {
+            if let (Some(queue), Some(envelope)) = (&letter.queue, &letter.envelope) {
+                crate::consumer::forget(pool, queue, &envelope.stream_id, envelope.message_id)
+                    .await?;
+            }
+            session
+                .channel
+                .basic_ack(letter.delivery_tag, BasicAckOptions::default())
+                .await?;
+        }
+        outcome.done.push(letter);
+    }
+    session.give_back().await?;
+    Ok(outcome)
+}
+
+/// One connection to the broker, holding the dead letters it took unacknowledged.
+struct Session {
+    connection: lapin::Connection,
+    channel: Channel,
+    queue: String,
+}
+
+impl Session {
+    async fn open(amqp_url: &str, service: &str) -> Result<Session, DlqError> {
+        let connection = amqp::connect(amqp_url, "orderflow-dlq").await?;
+        let channel = amqp::confirming_channel(&connection).await?;
+        amqp::declare_service(&channel, service).await?;
+        Ok(Session {
+            connection,
+            channel,
+            queue: amqp::dead_letter_queue(service),
+        })
+    }
+
+    /// Takes every message of the queue (up to [`MAX_LETTERS`]) without
+    /// acknowledging it.
+    async fn take_all(&self) -> Result<Vec<DeadLetter>, DlqError> {
+        let mut letters = Vec::new();
+        while letters.len() < MAX_LETTERS {
+            let message = self
+                .channel
+                .basic_get(
+                    self.queue.as_str().into(),
+                    BasicGetOptions { no_ack: false },
+                )
+                .await?;
+            let Some(message) = message else { break };
+            letters.push(DeadLetter::from_delivery(&message.delivery));
+        }
+        Ok(letters)
+    }
+
+    /// Publishes a dead letter to `queue` (through the default exchange) and removes
+    /// it from the dead-letter queue once the broker confirmed it.
+    async fn send_back(&self, letter: &DeadLetter, queue: &str) -> Result<(), DlqError> {
+        let options = BasicPublishOptions {
+            mandatory: true,
+            ..BasicPublishOptions::default()
+        };
+        let confirm = self
+            .channel
+            .basic_publish(
+                "".into(),
+                amqp::short_string(queue),
+                options,
+                &letter.payload,
+                letter.properties.clone(),
+            )
+            .await?
+            .await?;
+        match confirm {
+            Confirmation::Ack(None) => {}
+            _ => return Err(DlqError::Refused(format!("{queue} (no such queue?)"))),
+        }
+        self.channel
+            .basic_ack(letter.delivery_tag, BasicAckOptions::default())
+            .await?;
+        Ok(())
+    }
+
+    /// Returns every message still held to the queue, in order, and closes.
+    async fn give_back(self) -> Result<(), DlqError> {
+        self.channel
+            .basic_nack(
+                0,
+                BasicNackOptions {
+                    multiple: true,
+                    requeue: true,
+                },
+            )
+            .await?;
+        self.connection.close(200, "done".into()).await?;
+        Ok(())
+    }
+}
+
+impl DeadLetter {
+    fn from_delivery(delivery: &lapin::message::Delivery) -> DeadLetter {
+        let properties = delivery.properties.clone();
+        let headers = properties.headers().clone().unwrap_or_default();
+        let text = |name| amqp::header_string(&headers, name);
+        let time = |name| {
+            amqp::header_integer(&headers, name).and_then(DateTime::<Utc>::from_timestamp_millis)
+        };
+        let envelope = Envelope::from_properties(&properties).ok();
+        DeadLetter {
+            message_id: properties
+                .message_id()
+                .as_ref()
+                .and_then(|id| Uuid::parse_str(id.as_str()).ok()),
+            message_type: properties.kind().as_ref().map(|kind| kind.to_string()),
+            queue: text(dead_letter_headers::QUEUE),
+            exchange: text(dead_letter_headers::EXCHANGE),
+            routing_key: text(dead_letter_headers::ROUTING_KEY),
+            error: text(dead_letter_headers::ERROR),
+            attempts: amqp::header_integer(&headers, dead_letter_headers::ATTEMPTS),
+            parked_behind: text(dead_letter_headers::PARKED_BEHIND)
+                .and_then(|id| Uuid::parse_str(&id).ok()),
+            first_failed_at: time(dead_letter_headers::FIRST_FAILED_AT),
+            last_failed_at: time(dead_letter_headers::LAST_FAILED_AT),
+            payload: delivery.data.clone(),
+            envelope,
+            properties,
+            delivery_tag: delivery.delivery_tag,
+        }
+    }
+}

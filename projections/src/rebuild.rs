@@ -1,0 +1,397 @@
+//! Rebuilding a read model from its service's event store (`orderflow replay
+//! <projection>`), with the same `apply` the live consumer runs.
+//!
+//! The rebuild writes into fresh copies of the projection's tables, in a schema of its
+//! own (`rebuild_<name>`), by putting that schema first on its connection's
+//! `search_path`: `apply`'s SQL names its tables without a schema, so the same code
+//! writes the copies. Queries keep reading the live tables meanwhile. When the event
+//! store has been read to its end, one transaction locks the live tables, applies to
+//! the copies whatever the live consumer applied that the rebuild had not seen (from the
+//! consumer's per-stream progress), and swaps the copies in. So the swapped-in model
+//! holds every event the live consumer applied, and the live consumer carries on from
+//! where it was: events it applies later that the rebuild already saw change nothing,
+//! since every read-model row is guarded by its stream version.
+//!
+//! Stopping a rebuild (cancel, a crash) leaves the live tables untouched; the copies
+//! are dropped then or by the next rebuild. One rebuild of a projection runs at a time.
+
+use std::collections::HashMap;
+use std::time::Instant;
+
+use eventstore::{EventStore, RecordedEvent, SchemaRegistry, StoreError};
+use sqlx::{AssertSqlSafe, Connection, PgConnection, PgPool};
+use tokio_util::sync::CancellationToken;
+
+use crate::inventory::StockLevels;
+use crate::order::{CustomerOrders, OrderSummaries};
+use crate::payment::PaymentStatuses;
+use crate::{EventContext, Projection};
+
+/// A projection as the operator names it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Catalogued {
+    pub name: &'static str,
+    pub service: &'static str,
+    pub tables: &'static [&'static str],
+    pub about: &'static str,
+}
+
+/// Every projection, by name.
+pub const CATALOG: &[Catalogued] = &[
+    entry::<OrderSummaries>("one summary per order (GET /orders/{id})"),
+    entry::<CustomerOrders>("each customer's orders (GET /customers/{id}/orders)"),
+    entry::<StockLevels>("stock per SKU (GET /inventory/items/{sku})"),
+    entry::<PaymentStatuses>("each order's payment (GET /payments/{order_id})"),
+];
+
+const fn entry<P: Projection>(about: &'static str) -> Catalogued {
+    Catalogued {
+        name: P::NAME,
+        service: P::SERVICE,
+        tables: P::TABLES,
+        about,
+    }
+}
+
+/// The projection called `name`.
+pub fn find(name: &str) -> Option<&'static Catalogued> {
+    CATALOG.iter().find(|projection| projection.name == name)
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RebuildError {
+    #[error("no projection is called {0:?}")]
+    Unknown(String),
+    #[error("another rebuild of {0} is running")]
+    Busy(&'static str),
+    #[error("stopped; the live read model is untouched")]
+    Cancelled,
+    #[error("database: {0}")]
+    Database(#[from] sqlx::Error),
+    #[error("event store: {0}")]
+    Store(#[from] StoreError),
+    #[error("event at position {position} cannot be read: {error}")]
+    Undecodable { position: i64, error: String },
+}
+
+/// How far a rebuild got.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Progress {
+    /// Events applied to the copies so far.
+    pub applied: u64,
+    /// Events the rebuild expects to apply (counted when it started).
+    pub total: u64,
+    /// The global position read up to.
+    pub position: i64,
+}
+
+/// What a finished rebuild did.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Rebuilt {
+    /// Events applied from the event store.
+    pub events: u64,
+    /// Events applied while swapping, that the live consumer had applied meanwhile.
+    pub caught_up: u64,
+    pub seconds: f64,
+}
+
+/// Events read from the store and applied per transaction.
+const PAGE: i64 = 2_000;
+
+/// Rebuilds the projection called `name` from the events after `from` in `pool` (its
+/// service's database) and swaps it in. `progress` is told after every page.
+pub async fn rebuild(
+    name: &str,
+    pool: &PgPool,
+    registry: &SchemaRegistry,
+    from: i64,
+    progress: impl FnMut(Progress),
+    cancel: &CancellationToken,
+) -> Result<Rebuilt, RebuildError> {
+    let run = Run {
+        pool,
+        registry,
+        from,
+        cancel,
+    };
+    match name {
+        OrderSummaries::NAME => run.rebuild(OrderSummaries, progress).await,
+        CustomerOrders::NAME => run.rebuild(CustomerOrders, progress).await,
+        StockLevels::NAME => run.rebuild(StockLevels, progress).await,
+        PaymentStatuses::NAME => run.rebuild(PaymentStatuses, progress).await,
+        other => Err(RebuildError::Unknown(other.to_owned())),
+    }
+}
+
+struct Run<'a> {
+    pool: &'a PgPool,
+    registry: &'a SchemaRegistry,
+    from: i64,
+    cancel: &'a CancellationToken,
+}
+
+impl Run<'_> {
+    async fn rebuild<P: Projection>(
+        &self,
+        projection: P,
+        mut progress: impl FnMut(Progress),
+    ) -> Result<Rebuilt, RebuildError> {
+        let started = Instant::now();
+        // A connection of its own: its search_path must not go back to the pool.
+        let mut work = self.pool.acquire().await?.detach();
+        let locked: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock(2, hashtext($1))")
+            .bind(P::NAME)
+            .fetch_one(&mut work)
+            .await?;
+        if !locked {
+            return Err(RebuildError::Busy(P::NAME));
+        }
+        let copies = Copies::<P>::new();
+        copies.create(&mut work).await?;
+        let outcome = self
+            .fill_and_swap(&projection, &copies, &mut work, &mut progress)
+            .await;
+        if outcome.is_err() {
+            // Best effort: the next rebuild drops them anyway.
+            let _ = copies.drop_schema(&mut work).await;
+        }
+        let _ = work.close().await;
+        let (events, caught_up) = outcome?;
+        Ok(Rebuilt {
+            events,
+            caught_up,
+            seconds: started.elapsed().as_secs_f64(),
+        })
+    }
+
+    async fn fill_and_swap<P: Projection>(
+        &self,
+        projection: &P,
+        copies: &Copies<P>,
+        work: &mut PgConnection,
+        progress: &mut impl FnMut(Progress),
+    ) -> Result<(u64, u64), RebuildError> {
+        let store = EventStore::new(self.pool.clone());
+        let total: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM events WHERE global_position > $1 AND stream_id LIKE $2 || '%'",
+        )
+        .bind(self.from)
+        .bind(P::STREAM_PREFIX)
+        .fetch_one(&mut *work)
+        .await?;
+        let mut status = Progress {
+            applied: 0,
+            total: total.max(0) as u64,
+            position: self.from,
+        };
+        // The version of each stream the copies reflect.
+        let mut versions: HashMap<String, i64> = HashMap::new();
+        loop {
+            if self.cancel.is_cancelled() {
+                return Err(RebuildError::Cancelled);
+            }
+            let page = store.read_all(status.position, PAGE).await?;
+            let Some(last) = page.last() else { break };
+            status.position = last.global_position;
+            let mut transaction = work.begin().await?;
+            for event in page
+                .iter()
+                .filter(|e| e.stream_id.starts_with(P::STREAM_PREFIX))
+            {
+                self.apply(projection, event, &mut transaction).await?;
+                versions.insert(event.stream_id.clone(), event.stream_version);
+                status.applied += 1;
+            }
+            transaction.commit().await?;
+            progress(status);
+            if (page.len() as i64) < PAGE {
+                break;
+            }
+        }
+        if self.cancel.is_cancelled() {
+            return Err(RebuildError::Cancelled);
+        }
+        let caught_up = self.swap(projection, copies, work, &versions).await?;
+        Ok((status.applied, caught_up))
+    }
+
+    /// Locks the live tables, brings the copies up to what the live consumer applied,
+    /// and puts the copies in their place, in one transaction.
+    async fn swap<P: Projection>(
+        &self,
+        projection: &P,
+        copies: &Copies<P>,
+        work: &mut PgConnection,
+        versions: &HashMap<String, i64>,
+    ) -> Result<u64, RebuildError> {
+        let mut transaction = work.begin().await?;
+        let live = P::TABLES
+            .iter()
+            .map(|table| format!("public.{table}"))
+            .collect::<Vec<_>>()
+            .join(", ");
+        execute(
+            &mut transaction,
+            format!("LOCK TABLE {live} IN ACCESS EXCLUSIVE MODE"),
+        )
+        .await?;
+        let applied: Vec<(String, i64)> = sqlx::query_as(
+            "SELECT stream_id, last_version FROM consumer_streams \
+             WHERE consumer = $1 AND stream_id LIKE $2 || '%'",
+        )
+        .bind(crate::queue(P::SERVICE))
+        .bind(P::STREAM_PREFIX)
+        .fetch_all(&mut *transaction)
+        .await?;
+        let mut caught_up = 0;
+        for (stream_id, live_version) in applied {
+            let have = versions.get(&stream_id).copied().unwrap_or(0);
+            if live_version <= have {
+                continue;
+            }
+            let events = eventstore::store::read_stream_on(
+                &mut transaction,
+                &stream_id,
+                have + 1,
+                live_version - have,
+            )
+            .await?;
+            for event in &events {
+                self.apply(projection, event, &mut transaction).await?;
+                caught_up += 1;
+            }
+        }
+        copies.move_in(&mut transaction).await?;
+        transaction.commit().await?;
+        copies.drop_schema(work).await?;
+        Ok(caught_up)
+    }
+
+    async fn apply<P: Projection>(
+        &self,
+        projection: &P,
+        event: &RecordedEvent,
+        connection: &mut PgConnection,
+    ) -> Result<(), RebuildError> {
+        let undecodable = |error: String| RebuildError::Undecodable {
+            position: event.global_position,
+            error,
+        };
+        let decoded = match self.registry.decode::<P::Event>(&event.payload) {
+            Err(eventstore::CodecError::UnknownFingerprint(fingerprint)) => {
+                self.registry
+                    .learn(self.pool, fingerprint)
+                    .await
+                    .map_err(|error| undecodable(error.to_string()))?;
+                self.registry.decode::<P::Event>(&event.payload)
+            }
+            other => other,
+        }
+        .map_err(|error| undecodable(error.to_string()))?;
+        let context =
+            EventContext::from_recorded(event).map_err(|error| undecodable(error.to_string()))?;
+        projection.apply(&decoded, &context, connection).await?;
+        Ok(())
+    }
+}
+
+/// The fresh copies of a projection's tables, in the schema `rebuild_<name>`.
+struct Copies<P> {
+    schema: String,
+    projection: std::marker::PhantomData<P>,
+}
+
+impl<P: Projection> Copies<P> {
+    fn new() -> Self {
+        Copies {
+            schema: format!("rebuild_{}", P::NAME.replace('-', "_")),
+            projection: std::marker::PhantomData,
+        }
+    }
+
+    /// Makes empty copies (what an earlier, stopped rebuild left is dropped first),
+    /// with the live tables' index names, and points the connection at them.
+    async fn create(&self, work: &mut PgConnection) -> Result<(), sqlx::Error> {
+        let schema = &self.schema;
+        self.drop_schema(work).await?;
+        execute(work, format!("CREATE SCHEMA {schema}")).await?;
+        for table in P::TABLES {
+            execute(
+                work,
+                format!("CREATE TABLE {schema}.{table} (LIKE public.{table} INCLUDING ALL)"),
+            )
+            .await?;
+            // Copied indexes get generated names; give them the live ones, so the
+            // swapped-in table looks exactly like the one it replaces.
+            let renames: Vec<(String, String)> = sqlx::query_as(
+                "SELECT c.indexname::text, l.indexname::text FROM pg_indexes c \
+                 JOIN pg_indexes l ON l.schemaname = 'public' AND l.tablename = c.tablename \
+                  AND split_part(l.indexdef, ' USING ', 2) = split_part(c.indexdef, ' USING ', 2) \
+                  AND (l.indexdef LIKE 'CREATE UNIQUE %') = (c.indexdef LIKE 'CREATE UNIQUE %') \
+                 WHERE c.schemaname = $1 AND c.tablename = $2 AND c.indexname <> l.indexname",
+            )
+            .bind(schema)
+            .bind(table)
+            .fetch_all(&mut *work)
+            .await?;
+            for (copy, live) in renames {
+                execute(
+                    work,
+                    format!("ALTER INDEX {schema}.\"{copy}\" RENAME TO \"{live}\""),
+                )
+                .await?;
+            }
+        }
+        execute(work, format!("SET search_path = {schema}, public")).await
+    }
+
+    /// Drops the live tables and moves the copies into their place.
+    async fn move_in(&self, transaction: &mut PgConnection) -> Result<(), sqlx::Error> {
+        for table in P::TABLES {
+            execute(transaction, format!("DROP TABLE public.{table}")).await?;
+            execute(
+                transaction,
+                format!("ALTER TABLE {}.{table} SET SCHEMA public", self.schema),
+            )
+            .await?;
+        }
+        Ok(())
+    }
+
+    async fn drop_schema(&self, work: &mut PgConnection) -> Result<(), sqlx::Error> {
+        execute(work, "RESET search_path".to_owned()).await?;
+        execute(
+            work,
+            format!("DROP SCHEMA IF EXISTS {} CASCADE", self.schema),
+        )
+        .await
+    }
+}
+
+/// Runs a statement built from the projection's own constant names (never from
+/// input).
+async fn execute(connection: &mut PgConnection, statement: String) -> Result<(), sqlx::Error> {
+    sqlx::query(AssertSqlSafe(statement))
+        .execute(connection)
+        .await
+        .map(drop)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_projection_is_catalogued_once_with_its_tables() {
+        let mut names: Vec<&str> = CATALOG.iter().map(|p| p.name).collect();
+        names.sort_unstable();
+        names.dedup();
+        assert_eq!(names.len(), CATALOG.len());
+        assert_eq!(
+            find("stock-levels").map(|p| p.tables),
+            Some(&["stock_levels"][..])
+        );
+        assert!(CATALOG.iter().all(|p| !p.tables.is_empty()));
+        assert_eq!(find("nope"), None);
+    }
+}

@@ -1,0 +1,273 @@
+//! The operator's tools behind `orderflow events`, `replay`, `dlq` and `sagas`. Each
+//! returns what it found or did as plain data that serialises to JSON; `main` prints
+//! it as text or, with `--json`, one object per line.
+
+use std::fmt;
+use std::time::Duration;
+
+use anyhow::Context;
+use chrono::{DateTime, Utc};
+use eventstore::dlq::DeadLetter;
+use eventstore::{EventStore, RecordedEvent, SchemaRegistry};
+use serde::Serialize;
+use sqlx::PgPool;
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+use crate::config::{Config, Service};
+
+/// A pool on a service's database, checked by connecting.
+pub async fn connect(config: &Config, service: Service) -> anyhow::Result<PgPool> {
+    let options = config
+        .database(service)?
+        .with_context(|| format!("the {service} service has no database"))?;
+    let unreachable = || format!("cannot reach the {service} database");
+    // One connection first: it fails at once with the real cause, where the pool
+    // would retry until its timeout and report only that.
+    let probe = <sqlx::PgConnection as sqlx::Connection>::connect_with(&options)
+        .await
+        .with_context(unreachable)?;
+    let _ = sqlx::Connection::close(probe).await;
+    eventstore::db::connect(options, 2)
+        .await
+        .with_context(unreachable)
+}
+
+/// The service whose event store holds a stream, by the aggregate kind its id starts
+/// with (`order-…`, `stock-…`, `payment-…`, `user-…`).
+pub fn service_of_stream(stream_id: &str) -> Option<Service> {
+    let kind = stream_id.split('-').next()?;
+    [
+        (Service::Order, "order"),
+        (Service::Inventory, "stock"),
+        (Service::Payment, "payment"),
+        (Service::User, "user"),
+    ]
+    .into_iter()
+    .find(|(_, prefix)| *prefix == kind)
+    .map(|(service, _)| service)
+}
+
+/// An event as the tools show it: its metadata and its data decoded to JSON.
+#[derive(Debug, Clone, Serialize)]
+pub struct EventView {
+    pub position: i64,
+    pub stream_id: String,
+    pub version: i64,
+    #[serde(rename = "type")]
+    pub event_type: String,
+    pub event_id: Uuid,
+    pub correlation_id: Uuid,
+    pub causation_id: Uuid,
+    pub recorded_at: DateTime<Utc>,
+    pub data: serde_json::Value,
+}
+
+impl fmt::Display for EventView {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{:>20}  {}@{}  {}  {}  {}",
+            self.position,
+            self.stream_id,
+            self.version,
+            self.event_type,
+            self.recorded_at.format("%Y-%m-%dT%H:%M:%S%.3fZ"),
+            self.data
+        )
+    }
+}
+
+/// Decodes recorded events for display, learning unknown writer schemas from `pool`.
+struct Decoder {
+    pool: PgPool,
+    registry: SchemaRegistry,
+}
+
+impl Decoder {
+    fn new(pool: PgPool) -> anyhow::Result<Self> {
+        let registry = SchemaRegistry::builtin().context("the built-in schemas")?;
+        Ok(Decoder { pool, registry })
+    }
+
+    async fn view(&self, event: RecordedEvent) -> anyhow::Result<EventView> {
+        let (_, data) = self
+            .registry
+            .decode_json(&self.pool, &event.payload)
+            .await
+            .with_context(|| {
+                format!("event at position {} is unreadable", event.global_position)
+            })?;
+        Ok(EventView {
+            position: event.global_position,
+            stream_id: event.stream_id,
+            version: event.stream_version,
+            event_type: event.event_type,
+            event_id: event.event_id,
+            correlation_id: event.correlation_id,
+            causation_id: event.causation_id,
+            recorded_at: event.recorded_at,
+            data,
+        })
+    }
+}
+
+/// The events of one stream from version `from` on. The service is found from the
+/// stream's id unless given.
+pub async fn read_stream(
+    config: &Config,
+    stream_id: &str,
+    from: i64,
+    service: Option<Service>,
+) -> anyhow::Result<Vec<EventView>> {
+    let service = match service.or_else(|| service_of_stream(stream_id)) {
+        Some(service) => service,
+        None => {
+            anyhow::bail!("cannot tell which service stores {stream_id:?}; name it with --service")
+        }
+    };
+    let pool = connect(config, service).await?;
+    let store = EventStore::new(pool.clone());
+    let decoder = Decoder::new(pool)?;
+    let mut views = Vec::new();
+    for event in store.read_stream(stream_id, from.max(1), i64::MAX).await? {
+        views.push(decoder.view(event).await?);
+    }
+    Ok(views)
+}
+
+/// How often a following tail looks for new events.
+const TAIL_POLL: Duration = Duration::from_millis(200);
+
+/// Hands every event of a service's store after position `from` to `each`, in global
+/// order; with `follow`, keeps waiting for new ones until `cancel`. Returns how many.
+pub async fn tail(
+    config: &Config,
+    service: Service,
+    from: i64,
+    follow: bool,
+    cancel: &CancellationToken,
+    mut each: impl FnMut(EventView) -> anyhow::Result<()>,
+) -> anyhow::Result<u64> {
+    let pool = connect(config, service).await?;
+    let store = EventStore::new(pool.clone());
+    let decoder = Decoder::new(pool)?;
+    let mut after = from;
+    let mut shown = 0;
+    while !cancel.is_cancelled() {
+        // Following needs the gap-safe read (an event committing late with a lower
+        // position must not be passed by); reading to the end once does not.
+        let page = if follow {
+            store.read_all(after, 500).await?
+        } else {
+            store.read_committed(after, 500).await?
+        };
+        let full = page.len() == 500;
+        for event in page {
+            after = event.global_position;
+            each(decoder.view(event).await?)?;
+            shown += 1;
+        }
+        if full {
+            continue;
+        }
+        if !follow {
+            break;
+        }
+        tokio::select! {
+            () = cancel.cancelled() => break,
+            () = tokio::time::sleep(TAIL_POLL) => {}
+        }
+    }
+    Ok(shown)
+}
+
+/// A dead letter as the tools show it.
+#[derive(Debug, Clone, Serialize)]
+pub struct DeadLetterView {
+    pub id: Option<Uuid>,
+    #[serde(rename = "type")]
+    pub message_type: Option<String>,
+    /// The consumer that gave up on it.
+    pub queue: Option<String>,
+    pub stream_id: Option<String>,
+    pub stream_version: Option<i64>,
+    pub error: Option<String>,
+    pub attempts: Option<i64>,
+    pub parked_behind: Option<Uuid>,
+    pub first_failed_at: Option<DateTime<Utc>>,
+    pub last_failed_at: Option<DateTime<Utc>>,
+    pub routing_key: Option<String>,
+    /// The payload decoded to JSON (`dlq show` only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub data: Option<serde_json::Value>,
+}
+
+impl From<&DeadLetter> for DeadLetterView {
+    fn from(letter: &DeadLetter) -> Self {
+        DeadLetterView {
+            id: letter.message_id,
+            message_type: letter.message_type.clone(),
+            queue: letter.queue.clone(),
+            stream_id: letter.envelope.as_ref().map(|e| e.stream_id.clone()),
+            stream_version: letter.envelope.as_ref().and_then(|e| e.stream_version),
+            error: letter.error.clone(),
+            attempts: letter.attempts,
+            parked_behind: letter.parked_behind,
+            first_failed_at: letter.first_failed_at,
+            last_failed_at: letter.last_failed_at,
+            routing_key: letter.routing_key.clone(),
+            data: None,
+        }
+    }
+}
+
+impl fmt::Display for DeadLetterView {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let or_dash = |value: Option<String>| value.unwrap_or_else(|| "-".to_owned());
+        write!(
+            f,
+            "{}  {}  {}@{}  {}  attempts {}  last failed {}: {}",
+            or_dash(self.id.map(|id| id.to_string())),
+            or_dash(self.message_type.clone()),
+            or_dash(self.stream_id.clone()),
+            or_dash(self.stream_version.map(|v| v.to_string())),
+            or_dash(self.queue.clone()),
+            or_dash(self.attempts.map(|a| a.to_string())),
+            or_dash(self.last_failed_at.map(|at| at.to_rfc3339())),
+            or_dash(self.error.clone()),
+        )?;
+        if let Some(behind) = self.parked_behind {
+            write!(f, " (parked behind {behind})")?;
+        }
+        Ok(())
+    }
+}
+
+/// Every dead letter of a service.
+pub async fn dead_letters(config: &Config, service: Service) -> anyhow::Result<Vec<DeadLetter>> {
+    eventstore::dlq::list(&config.amqp_url, service.name())
+        .await
+        .with_context(|| format!("cannot read the {service} dead-letter queue"))
+}
+
+/// One dead letter, with its payload decoded (from the service's own schemas and
+/// registry table).
+pub async fn dead_letter(
+    config: &Config,
+    service: Service,
+    id: Uuid,
+) -> anyhow::Result<Option<DeadLetterView>> {
+    let letters = dead_letters(config, service).await?;
+    let Some(letter) = letters.iter().find(|letter| letter.message_id == Some(id)) else {
+        return Ok(None);
+    };
+    let mut view = DeadLetterView::from(letter);
+    let pool = connect(config, service).await?;
+    let registry = SchemaRegistry::builtin().context("the built-in schemas")?;
+    view.data = Some(match registry.decode_json(&pool, &letter.payload).await {
+        Ok((_, data)) => data,
+        Err(error) => serde_json::json!({ "undecodable": error.to_string() }),
+    });
+    Ok(Some(view))
+}
