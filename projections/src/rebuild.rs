@@ -16,6 +16,8 @@
 //! are dropped then or by the next rebuild. One rebuild of a projection runs at a time.
 
 use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
 
 use eventstore::{EventStore, RecordedEvent, SchemaRegistry, StoreError};
@@ -72,6 +74,8 @@ pub enum RebuildError {
     Store(#[from] StoreError),
     #[error("event at position {position} cannot be read: {error}")]
     Undecodable { position: i64, error: String },
+    #[error("a rebuild worker failed: {0}")]
+    Worker(String),
 }
 
 /// How far a rebuild got.
@@ -130,6 +134,10 @@ struct Run<'a> {
     cancel: &'a CancellationToken,
 }
 
+/// Connections filling the copies side by side, each with the streams that hash to
+/// it, so a stream's events are still applied one after the other, in order.
+const WORKERS: usize = 8;
+
 impl Run<'_> {
     async fn rebuild<P: Projection>(
         &self,
@@ -148,8 +156,13 @@ impl Run<'_> {
         }
         let copies = Copies::<P>::new();
         copies.create(&mut work).await?;
+        let applier = Arc::new(Applier {
+            projection,
+            registry: self.registry.clone(),
+            pool: self.pool.clone(),
+        });
         let outcome = self
-            .fill_and_swap(&projection, &copies, &mut work, &mut progress)
+            .fill_and_swap(&applier, &copies, &mut work, &mut progress)
             .await;
         if outcome.is_err() {
             // Best effort: the next rebuild drops them anyway.
@@ -166,7 +179,7 @@ impl Run<'_> {
 
     async fn fill_and_swap<P: Projection>(
         &self,
-        projection: &P,
+        applier: &Arc<Applier<P>>,
         copies: &Copies<P>,
         work: &mut PgConnection,
         progress: &mut impl FnMut(Progress),
@@ -184,92 +197,152 @@ impl Run<'_> {
             total: total.max(0) as u64,
             position: self.from,
         };
-        // The version of each stream the copies reflect.
-        let mut versions: HashMap<String, i64> = HashMap::new();
+        let applied = Arc::new(AtomicU64::new(0));
+        let mut senders = Vec::with_capacity(WORKERS);
+        let mut workers = tokio::task::JoinSet::new();
+        for _ in 0..WORKERS {
+            let connection = copies.connect(self.pool).await?;
+            let (sender, batches) = tokio::sync::mpsc::channel(2);
+            senders.push(sender);
+            workers.spawn(fill(applier.clone(), connection, batches, applied.clone()));
+        }
+        let mut stopped = false;
         loop {
             if self.cancel.is_cancelled() {
-                return Err(RebuildError::Cancelled);
+                stopped = true;
+                break;
             }
             let page = store.read_all(status.position, PAGE).await?;
             let Some(last) = page.last() else { break };
             status.position = last.global_position;
-            let mut transaction = work.begin().await?;
-            for event in page
-                .iter()
-                .filter(|e| e.stream_id.starts_with(P::STREAM_PREFIX))
-            {
-                self.apply(projection, event, &mut transaction).await?;
-                versions.insert(event.stream_id.clone(), event.stream_version);
-                status.applied += 1;
+            let full = page.len() as i64 == PAGE;
+            let mut batches: Vec<Vec<RecordedEvent>> = vec![Vec::new(); WORKERS];
+            for event in page {
+                if event.stream_id.starts_with(P::STREAM_PREFIX) {
+                    batches[worker_of(&event.stream_id)].push(event);
+                }
             }
-            transaction.commit().await?;
+            let mut failed = false;
+            for (sender, batch) in senders.iter().zip(batches) {
+                if !batch.is_empty() && sender.send(batch).await.is_err() {
+                    failed = true; // that worker stopped on an error, reported below
+                }
+            }
+            status.applied = applied.load(Ordering::Relaxed);
             progress(status);
-            if (page.len() as i64) < PAGE {
+            if failed || !full {
                 break;
             }
         }
-        if self.cancel.is_cancelled() {
+        drop(senders);
+        // The version of each stream the copies reflect.
+        let mut versions: HashMap<String, i64> = HashMap::new();
+        while let Some(done) = workers.join_next().await {
+            let filled = done.map_err(|error| RebuildError::Worker(error.to_string()))??;
+            versions.extend(filled);
+        }
+        status.applied = applied.load(Ordering::Relaxed);
+        progress(status);
+        if stopped || self.cancel.is_cancelled() {
             return Err(RebuildError::Cancelled);
         }
-        let caught_up = self.swap(projection, copies, work, &versions).await?;
+        let caught_up = swap(applier, copies, work, &versions).await?;
         Ok((status.applied, caught_up))
     }
+}
 
-    /// Locks the live tables, brings the copies up to what the live consumer applied,
-    /// and puts the copies in their place, in one transaction.
-    async fn swap<P: Projection>(
-        &self,
-        projection: &P,
-        copies: &Copies<P>,
-        work: &mut PgConnection,
-        versions: &HashMap<String, i64>,
-    ) -> Result<u64, RebuildError> {
-        let mut transaction = work.begin().await?;
-        let live = P::TABLES
-            .iter()
-            .map(|table| format!("public.{table}"))
-            .collect::<Vec<_>>()
-            .join(", ");
-        execute(
-            &mut transaction,
-            format!("LOCK TABLE {live} IN ACCESS EXCLUSIVE MODE"),
-        )
-        .await?;
-        let applied: Vec<(String, i64)> = sqlx::query_as(
-            "SELECT stream_id, last_version FROM consumer_streams \
-             WHERE consumer = $1 AND stream_id LIKE $2 || '%'",
-        )
-        .bind(crate::queue(P::SERVICE))
-        .bind(P::STREAM_PREFIX)
-        .fetch_all(&mut *transaction)
-        .await?;
-        let mut caught_up = 0;
-        for (stream_id, live_version) in applied {
-            let have = versions.get(&stream_id).copied().unwrap_or(0);
-            if live_version <= have {
-                continue;
-            }
-            let events = eventstore::store::read_stream_on(
-                &mut transaction,
-                &stream_id,
-                have + 1,
-                live_version - have,
-            )
-            .await?;
-            for event in &events {
-                self.apply(projection, event, &mut transaction).await?;
-                caught_up += 1;
-            }
+/// The worker a stream's events go to.
+fn worker_of(stream_id: &str) -> usize {
+    use std::hash::{BuildHasher, BuildHasherDefault, DefaultHasher};
+    BuildHasherDefault::<DefaultHasher>::default().hash_one(stream_id) as usize % WORKERS
+}
+
+/// One worker: applies each batch it is sent in a transaction of its own, and returns
+/// the version each of its streams reached.
+async fn fill<P: Projection>(
+    applier: Arc<Applier<P>>,
+    mut connection: PgConnection,
+    mut batches: tokio::sync::mpsc::Receiver<Vec<RecordedEvent>>,
+    applied: Arc<AtomicU64>,
+) -> Result<HashMap<String, i64>, RebuildError> {
+    let mut versions = HashMap::new();
+    while let Some(batch) = batches.recv().await {
+        let mut transaction = connection.begin().await?;
+        for event in &batch {
+            applier.apply(event, &mut transaction).await?;
         }
-        copies.move_in(&mut transaction).await?;
         transaction.commit().await?;
-        copies.drop_schema(work).await?;
-        Ok(caught_up)
+        applied.fetch_add(batch.len() as u64, Ordering::Relaxed);
+        for event in batch {
+            versions.insert(event.stream_id, event.stream_version);
+        }
     }
+    let _ = connection.close().await;
+    Ok(versions)
+}
 
-    async fn apply<P: Projection>(
+/// Locks the live tables, brings the copies up to what the live consumer applied,
+/// and puts the copies in their place, in one transaction.
+async fn swap<P: Projection>(
+    applier: &Applier<P>,
+    copies: &Copies<P>,
+    work: &mut PgConnection,
+    versions: &HashMap<String, i64>,
+) -> Result<u64, RebuildError> {
+    let mut transaction = work.begin().await?;
+    let live = P::TABLES
+        .iter()
+        .map(|table| format!("public.{table}"))
+        .collect::<Vec<_>>()
+        .join(", ");
+    execute(
+        &mut transaction,
+        format!("LOCK TABLE {live} IN ACCESS EXCLUSIVE MODE"),
+    )
+    .await?;
+    let applied: Vec<(String, i64)> = sqlx::query_as(
+        "SELECT stream_id, last_version FROM consumer_streams \
+         WHERE consumer = $1 AND stream_id LIKE $2 || '%'",
+    )
+    .bind(crate::queue(P::SERVICE))
+    .bind(P::STREAM_PREFIX)
+    .fetch_all(&mut *transaction)
+    .await?;
+    let mut caught_up = 0;
+    for (stream_id, live_version) in applied {
+        let have = versions.get(&stream_id).copied().unwrap_or(0);
+        if live_version <= have {
+            continue;
+        }
+        let events = eventstore::store::read_stream_on(
+            &mut transaction,
+            &stream_id,
+            have + 1,
+            live_version - have,
+        )
+        .await?;
+        for event in &events {
+            applier.apply(event, &mut transaction).await?;
+            caught_up += 1;
+        }
+    }
+    copies.move_in(&mut transaction).await?;
+    transaction.commit().await?;
+    copies.drop_schema(work).await?;
+    Ok(caught_up)
+}
+
+/// What applying a recorded event to the copies takes; shared by the workers.
+struct Applier<P> {
+    projection: P,
+    registry: SchemaRegistry,
+    /// For learning writer schemas this code does not know.
+    pool: PgPool,
+}
+
+impl<P: Projection> Applier<P> {
+    async fn apply(
         &self,
-        projection: &P,
         event: &RecordedEvent,
         connection: &mut PgConnection,
     ) -> Result<(), RebuildError> {
@@ -280,7 +353,7 @@ impl Run<'_> {
         let decoded = match self.registry.decode::<P::Event>(&event.payload) {
             Err(eventstore::CodecError::UnknownFingerprint(fingerprint)) => {
                 self.registry
-                    .learn(self.pool, fingerprint)
+                    .learn(&self.pool, fingerprint)
                     .await
                     .map_err(|error| undecodable(error.to_string()))?;
                 self.registry.decode::<P::Event>(&event.payload)
@@ -290,7 +363,9 @@ impl Run<'_> {
         .map_err(|error| undecodable(error.to_string()))?;
         let context =
             EventContext::from_recorded(event).map_err(|error| undecodable(error.to_string()))?;
-        projection.apply(&decoded, &context, connection).await?;
+        self.projection
+            .apply(&decoded, &context, connection)
+            .await?;
         Ok(())
     }
 }
@@ -343,6 +418,20 @@ impl<P: Projection> Copies<P> {
             }
         }
         execute(work, format!("SET search_path = {schema}, public")).await
+    }
+
+    /// Another connection pointed at the copies (for a worker), committing without
+    /// waiting for the disk: a rebuild that dies is started again anyway.
+    async fn connect(&self, pool: &PgPool) -> Result<PgConnection, sqlx::Error> {
+        let mut connection = pool.acquire().await?.detach();
+        let schema = &self.schema;
+        execute(
+            &mut connection,
+            format!("SET search_path = {schema}, public"),
+        )
+        .await?;
+        execute(&mut connection, "SET synchronous_commit = off".to_owned()).await?;
+        Ok(connection)
     }
 
     /// Drops the live tables and moves the copies into their place.
