@@ -929,10 +929,20 @@ async fn decode<H>(
         envelope: envelope.clone(),
         value,
         payload: delivery.data.clone(),
-        exchange: delivery.exchange.to_string(),
-        routing_key: delivery.routing_key.to_string(),
+        exchange: original_routing(delivery, dead_letter_headers::EXCHANGE)
+            .unwrap_or_else(|| delivery.exchange.to_string()),
+        routing_key: original_routing(delivery, dead_letter_headers::ROUTING_KEY)
+            .unwrap_or_else(|| delivery.routing_key.to_string()),
         redelivered: delivery.redelivered,
     })
+}
+
+/// Where a replayed dead letter was first routed (its dead-letter headers say): it
+/// comes back through the default exchange, and handlers tell messages apart by the
+/// original exchange and routing key.
+fn original_routing(delivery: &Delivery, header: &str) -> Option<String> {
+    let headers = delivery.properties.headers().as_ref()?;
+    amqp::header_string(headers, header)
 }
 
 /// Claims the inbox rows of a batch of messages of different streams, in one
@@ -1082,6 +1092,7 @@ async fn claim_and_handle<H: Handler>(
     }
     let mut claims = Vec::with_capacity(messages.len());
     let mut applied = Vec::new();
+    let mut moves_on: Vec<&Message> = Vec::new();
     for (index, message) in messages.iter().enumerate() {
         let id = message.envelope.message_id;
         let Some(row) = rows_by_id.get(&id) else {
@@ -1092,7 +1103,15 @@ async fn claim_and_handle<H: Handler>(
         let parked_behind: Option<Uuid> = row.try_get("parked_behind").map_err(database)?;
         let seen: bool = row.try_get("seen").map_err(database)?;
         let in_order: bool = row.try_get("in_order").map_err(database)?;
+        if seen && parked_behind == Some(id) {
+            // The message its stream waits for was applied before it was parked (a
+            // redelivery, a republish): nothing to apply, but the stream moves on.
+            moves_on.push(*message);
+        }
         let claim = match parked_behind {
+            // Seen first: a message already applied is a duplicate, parked or not,
+            // and must never become the message a parked stream waits for.
+            _ if seen => Claim::Duplicate,
             Some(behind) if behind != id => Claim::Parked(behind),
             _ if claimed && in_order => Claim::Applied,
             // Claimed, but its stream moved past it meanwhile: that claim must not
@@ -1105,7 +1124,8 @@ async fn claim_and_handle<H: Handler>(
                 });
             }
             _ if claimed => Claim::OutOfOrder,
-            _ if seen || in_order => Claim::Duplicate,
+            // Claimed meanwhile by a concurrent delivery of the same message.
+            _ if in_order => Claim::Duplicate,
             _ => Claim::OutOfOrder,
         };
         if matches!(claim, Claim::Applied) {
@@ -1113,9 +1133,15 @@ async fn claim_and_handle<H: Handler>(
         }
         claims.push(claim);
     }
-    if applied.is_empty() {
+    if applied.is_empty() && moves_on.is_empty() {
         transaction.rollback().await.map_err(Failure::from_store)?;
         return Ok(claims);
+    }
+    for message in moves_on {
+        let stream_id = &message.envelope.stream_id;
+        advance_park(transaction.connection(), &shared.queue, stream_id)
+            .await
+            .map_err(database)?;
     }
     for &(index, message, replaying_dead_letter) in &applied {
         // A panicking handler counts as a failed attempt; it must not free the stream
@@ -1140,7 +1166,9 @@ async fn claim_and_handle<H: Handler>(
         }
     }
     transaction.commit().await.map_err(Failure::from_store)?;
-    shared.metrics.transaction(&shared.queue);
+    if !applied.is_empty() {
+        shared.metrics.transaction(&shared.queue);
+    }
     for &(_, message, _) in &applied {
         shared.handler.committed(message);
     }
@@ -1252,13 +1280,15 @@ async fn try_dead_letter<H>(
         dead_letter_headers::ATTEMPTS,
         AMQPValue::LongLongInt(i64::from(letter.attempts)),
     );
-    set(
-        dead_letter_headers::EXCHANGE,
-        amqp::long_string(delivery.exchange.as_str()),
-    );
+    // A dead letter that failed again after a replay keeps its original routing.
+    let exchange = original_routing(delivery, dead_letter_headers::EXCHANGE)
+        .unwrap_or_else(|| delivery.exchange.to_string());
+    let routing_key = original_routing(delivery, dead_letter_headers::ROUTING_KEY)
+        .unwrap_or_else(|| delivery.routing_key.to_string());
+    set(dead_letter_headers::EXCHANGE, amqp::long_string(exchange));
     set(
         dead_letter_headers::ROUTING_KEY,
-        amqp::long_string(delivery.routing_key.as_str()),
+        amqp::long_string(routing_key),
     );
     set(
         dead_letter_headers::QUEUE,

@@ -272,11 +272,11 @@ impl<R: ReadModels> Handler for Runner<R> {
         self.read_models
             .apply_all(&event, &context, transaction.connection())
             .await?;
-        self.progress.record(context.global_position);
         Ok(())
     }
 
     fn committed(&self, message: &Message) {
+        self.progress.record(message.envelope.global_position);
         if let Some(version) = message.envelope.stream_version {
             self.progress.applied(&message.envelope.stream_id, version);
         }

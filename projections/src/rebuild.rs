@@ -102,8 +102,14 @@ pub struct Rebuilt {
 /// Events read from the store and applied per transaction.
 const PAGE: i64 = 2_000;
 
-/// Rebuilds the projection called `name` from the events after `from` in `pool` (its
-/// service's database) and swaps it in. `progress` is told after every page.
+/// Rebuilds the projection called `name` from the events in `pool` (its service's
+/// database) and swaps it in. `progress` is told after every page.
+///
+/// With `from` above 0 it does not start from empty tables: the copies start as the
+/// live rows, and only the events after `from` are applied again (rows already past an
+/// event are left as they are, by their version guard). That repairs a read model
+/// that missed events after a known position, such as one restored from an older
+/// backup, without reading the whole store.
 pub async fn rebuild(
     name: &str,
     pool: &PgPool,
@@ -155,7 +161,7 @@ impl Run<'_> {
             return Err(RebuildError::Busy(P::NAME));
         }
         let copies = Copies::<P>::new();
-        copies.create(&mut work).await?;
+        copies.create(&mut work, self.from > 0).await?;
         let applier = Arc::new(Applier {
             projection,
             registry: self.registry.clone(),
@@ -289,7 +295,17 @@ async fn swap<P: Projection>(
     work: &mut PgConnection,
     versions: &HashMap<String, i64>,
 ) -> Result<u64, RebuildError> {
+    for table in P::TABLES {
+        execute(work, format!("ANALYZE {}.{table}", copies.schema)).await?;
+    }
     let mut transaction = work.begin().await?;
+    // Queries queue behind the lock while it is wanted: give up rather than hold
+    // them for long behind a busy writer.
+    execute(
+        &mut transaction,
+        "SET LOCAL lock_timeout = '10s'".to_owned(),
+    )
+    .await?;
     let live = P::TABLES
         .iter()
         .map(|table| format!("public.{table}"))
@@ -328,7 +344,10 @@ async fn swap<P: Projection>(
     }
     copies.move_in(&mut transaction).await?;
     transaction.commit().await?;
-    copies.drop_schema(work).await?;
+    // Swapped in; the emptied schema is dropped by the next rebuild if not now.
+    if let Err(error) = copies.drop_schema(work).await {
+        tracing::warn!(%error, schema = %copies.schema, "could not drop the rebuild schema");
+    }
     Ok(caught_up)
 }
 
@@ -384,9 +403,10 @@ impl<P: Projection> Copies<P> {
         }
     }
 
-    /// Makes empty copies (what an earlier, stopped rebuild left is dropped first),
-    /// with the live tables' index names, and points the connection at them.
-    async fn create(&self, work: &mut PgConnection) -> Result<(), sqlx::Error> {
+    /// Makes the copies (what an earlier, stopped rebuild left is dropped first), with
+    /// the live tables' index names, holding the live rows when `with_rows`, else
+    /// empty; and points the connection at them.
+    async fn create(&self, work: &mut PgConnection, with_rows: bool) -> Result<(), sqlx::Error> {
         let schema = &self.schema;
         self.drop_schema(work).await?;
         execute(work, format!("CREATE SCHEMA {schema}")).await?;
@@ -413,6 +433,13 @@ impl<P: Projection> Copies<P> {
                 execute(
                     work,
                     format!("ALTER INDEX {schema}.\"{copy}\" RENAME TO \"{live}\""),
+                )
+                .await?;
+            }
+            if with_rows {
+                execute(
+                    work,
+                    format!("INSERT INTO {schema}.{table} SELECT * FROM public.{table}"),
                 )
                 .await?;
             }

@@ -162,7 +162,9 @@ struct ReplayArgs {
     /// The service whose events to send again
     #[arg(long, value_parser = store_service)]
     service: Option<Service>,
-    /// Only events after this global position
+    /// Only events after this global position. A rebuild with --from starts from the
+    /// live rows instead of empty tables and applies the later events again (a
+    /// repair: rows already past an event keep their state)
     #[arg(long, default_value_t = 0)]
     from: i64,
     /// Only events up to this global position (with --republish)
@@ -276,11 +278,19 @@ fn saga_steps() -> Vec<&'static str> {
 #[derive(Subcommand)]
 enum SchemasCommand {
     /// Prove every event type's schema versions backward and forward compatible
-    #[command(after_help = "Example:\n  orderflow schemas check --json")]
+    #[command(
+        after_help = "Without --dir, checks the schemas built into this binary; with it, the \
+files of a schema folder (<aggregate>/<EventType>.v<N>.avsc), such as a working copy's \
+domain/schemas before it is built.\n\nExamples:\n  orderflow schemas check --json\n  \
+orderflow schemas check --dir domain/schemas"
+    )]
     Check {
         /// Print one JSON object instead of text
         #[arg(long)]
         json: bool,
+        /// Check the schema files under this folder instead
+        #[arg(long, value_name = "PATH")]
+        dir: Option<std::path::PathBuf>,
     },
 }
 
@@ -395,8 +405,14 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Schemas {
-            command: SchemasCommand::Check { json },
-        } => Ok(schemas_check(json)),
+            command: SchemasCommand::Check { json, dir },
+        } => {
+            let files = match dir {
+                Some(dir) => schema_files_in(&dir)?,
+                None => domain::wire::SCHEMA_FILES.to_vec(),
+            };
+            Ok(schemas_check(&files, json))
+        }
         Command::Events { command } => events(&Config::from_env()?, command).await,
         Command::Replay(args) => replay(&Config::from_env()?, args).await,
         Command::Dlq { command } => dlq(&Config::from_env()?, command).await,
@@ -665,6 +681,12 @@ fn report_dead_letters(
     if let (Some(id), true) = (id, outcome.done.is_empty() && outcome.skipped.is_empty()) {
         anyhow::bail!("no dead letter {id}");
     }
+    if !outcome.skipped.is_empty() {
+        anyhow::bail!(
+            "{} dead letter(s) could not be handled",
+            outcome.skipped.len()
+        );
+    }
     Ok(ExitCode::SUCCESS)
 }
 
@@ -816,8 +838,52 @@ mod progress {
 }
 
 /// Prints the result of walking every schema chain; fails when one link breaks.
-fn schemas_check(json: bool) -> ExitCode {
-    let files = domain::wire::SCHEMA_FILES;
+/// The schema files under `dir`: `<aggregate>/<EventType>.v<N>.avsc`. Their text is
+/// kept for the life of the process (this runs once, then exits).
+fn schema_files_in(dir: &std::path::Path) -> anyhow::Result<Vec<domain::wire::SchemaFile>> {
+    let leak = |text: String| -> &'static str { Box::leak(text.into_boxed_str()) };
+    let mut files = Vec::new();
+    let folders =
+        std::fs::read_dir(dir).with_context(|| format!("cannot read {}", dir.display()))?;
+    for folder in folders {
+        let folder = folder?.path();
+        if !folder.is_dir() {
+            continue;
+        }
+        let aggregate = folder
+            .file_name()
+            .and_then(|n| n.to_str())
+            .unwrap_or_default()
+            .to_owned();
+        for file in std::fs::read_dir(&folder)? {
+            let path = file?.path();
+            let Some(name) = path.file_name().and_then(|n| n.to_str()) else {
+                continue;
+            };
+            let Some(stem) = name.strip_suffix(".avsc") else {
+                continue;
+            };
+            let parsed = stem
+                .rsplit_once(".v")
+                .and_then(|(event_type, version)| Some((event_type, version.parse::<u32>().ok()?)));
+            let Some((event_type, version)) = parsed else {
+                anyhow::bail!("{}: not named <EventType>.v<N>.avsc", path.display());
+            };
+            let text = std::fs::read_to_string(&path)
+                .with_context(|| format!("cannot read {}", path.display()))?;
+            files.push(domain::wire::SchemaFile {
+                aggregate: leak(aggregate.clone()),
+                event_type: leak(event_type.to_owned()),
+                version,
+                text: leak(text),
+            });
+        }
+    }
+    anyhow::ensure!(!files.is_empty(), "no schema files under {}", dir.display());
+    Ok(files)
+}
+
+fn schemas_check(files: &[domain::wire::SchemaFile], json: bool) -> ExitCode {
     let problems = domain::wire::check_schema_chains(files);
     let mut types: Vec<&str> = files.iter().map(|f| f.event_type).collect();
     types.sort_unstable();

@@ -29,6 +29,46 @@ fn schemas_check_passes_on_the_shipped_schemas() {
     assert_eq!(report["problems"], serde_json::json!([]));
 }
 
+/// A schema folder whose newer version breaks the older one (a new field without a
+/// default) fails the check with a non-zero exit that names the event type.
+#[test]
+fn schemas_check_fails_on_an_incompatible_change() {
+    let dir = std::env::temp_dir().join(format!("orderflow-schemas-{}", uuid::Uuid::now_v7()));
+    let folder = dir.join("order");
+    std::fs::create_dir_all(&folder).unwrap();
+    let record = |fields: &str| {
+        format!(
+            r#"{{"type":"record","name":"OrderNoted","namespace":"orderflow.order","fields":[{fields}]}}"#
+        )
+    };
+    let id = r#"{"name":"order_id","type":"string"}"#;
+    std::fs::write(folder.join("OrderNoted.v1.avsc"), record(id)).unwrap();
+    let path = dir.to_str().unwrap().to_owned();
+    let fine = orderflow(&["schemas", "check", "--dir", &path], &[]);
+    let broken_field = r#"{"name":"note","type":"string"}"#;
+    std::fs::write(
+        folder.join("OrderNoted.v2.avsc"),
+        record(&format!("{id},{broken_field}")),
+    )
+    .unwrap();
+    let broken = orderflow(&["schemas", "check", "--dir", &path, "--json"], &[]);
+    std::fs::remove_dir_all(&dir).unwrap();
+    assert!(fine.status.success(), "{}", text(&fine.stdout));
+    assert_eq!(broken.status.code(), Some(1), "{}", text(&broken.stdout));
+    let report: serde_json::Value = serde_json::from_slice(&broken.stdout).unwrap();
+    assert_eq!(report["compatible"], false);
+    assert_eq!(report["problems"][0]["event_type"], "OrderNoted");
+}
+
+#[test]
+fn the_shipped_schema_folder_checks_like_the_built_in_schemas() {
+    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/../domain/schemas");
+    let out = orderflow(&["schemas", "check", "--dir", dir, "--json"], &[]);
+    assert!(out.status.success(), "{}", text(&out.stdout));
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(report["schemas"], domain::wire::SCHEMA_FILES.len());
+}
+
 #[test]
 fn bad_arguments_exit_2_with_a_message() {
     for args in [

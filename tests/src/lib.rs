@@ -174,6 +174,23 @@ impl System {
             .expect("request")
     }
 
+    /// The environment that points an `orderflow` process at this system: its
+    /// databases and its virtual host.
+    pub fn env(&self) -> Vec<(String, String)> {
+        let mut env = vec![
+            ("ORDERFLOW_PG_URL".to_owned(), server_url()),
+            ("ORDERFLOW_AMQP_URL".to_owned(), self.vhost.url.clone()),
+        ];
+        for (service, name) in &self.databases {
+            let variable = format!(
+                "ORDERFLOW_{}_DATABASE_URL",
+                service.name().to_ascii_uppercase()
+            );
+            env.push((variable, format!("{}/{name}", server_url())));
+        }
+        env
+    }
+
     /// A pool on a service's database, for looking behind the API.
     pub async fn pool(&self, service: services::config::Service) -> PgPool {
         let options = self
@@ -320,6 +337,23 @@ fn rabbitmqctl_output(arguments: &[&str]) -> anyhow::Result<String> {
         String::from_utf8_lossy(&output.stderr).trim()
     );
     Ok(String::from_utf8_lossy(&output.stdout).into_owned())
+}
+
+/// The `orderflow` binary of this build, which `cargo test --workspace` builds beside
+/// the test binaries (they run from `target/<profile>/deps`).
+pub fn orderflow_binary() -> std::path::PathBuf {
+    let exe = std::env::current_exe().expect("the test binary's path");
+    let binary = exe
+        .parent()
+        .and_then(std::path::Path::parent)
+        .map(|dir| dir.join("orderflow"))
+        .expect("target directory");
+    assert!(
+        binary.exists(),
+        "{} is missing: run the tests with `cargo test --workspace` (or `cargo build -p services` first)",
+        binary.display()
+    );
+    binary
 }
 
 /// Polls `condition` until it yields `Some`, failing after `deadline`. Tests wait on

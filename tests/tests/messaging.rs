@@ -451,9 +451,13 @@ async fn the_dlq_tools_list_replay_in_order_and_purge() {
     let recorder = {
         let healed = healed.clone();
         Recorder::new(move |message, _| {
-            message.envelope.stream_id == "stock-dlq"
+            // A replayed letter must look as first routed, or handlers that tell
+            // messages apart by routing key (the saga does) would misread it.
+            let misrouted = message.routing_key != "order.StockAdded";
+            let broken = message.envelope.stream_id == "stock-dlq"
                 && message.envelope.stream_version == Some(2)
-                && !healed.load(Ordering::SeqCst)
+                && !healed.load(Ordering::SeqCst);
+            misrouted || broken
         })
     };
     let metrics = Metrics::new();
@@ -511,6 +515,23 @@ async fn the_dlq_tools_list_replay_in_order_and_purge() {
             .iter()
             .all(|l| l.parked_behind == failed.message_id)
     );
+
+    // A message already applied that comes again while its stream is parked (a
+    // republish, a redelivery) is a duplicate: never parked, never waited for.
+    let v1 = world.store.read_stream("stock-dlq", 1, 1).await.unwrap();
+    let selection = eventstore::republish::Selection {
+        after: 0,
+        up_to: Some(v1[0].global_position),
+        stream: Some("stock-dlq".to_owned()),
+    };
+    eventstore::republish::republish(&world.store, url, SERVICE, &selection, |_, _| {})
+        .await
+        .unwrap();
+    wait_for(Duration::from_secs(10), "the duplicate", || async {
+        (metrics.duplicate_count(&config.queue()) == 1).then_some(())
+    })
+    .await;
+    assert_eq!(eventstore::dlq::list(url, SERVICE).await.unwrap().len(), 4);
 
     // A dry run changes nothing; the real replay applies v2, v3, v4 in order.
     let is_dlq_stream = |letter: &eventstore::dlq::DeadLetter| {

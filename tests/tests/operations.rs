@@ -201,6 +201,24 @@ async fn a_stopped_rebuild_leaves_the_live_model_untouched() {
     let rebuilt = rebuild(&system, "stock-levels").await;
     assert_eq!(rebuilt.events + rebuilt.caught_up, 120);
     assert_eq!(stock_levels_digest(&system).await, live);
+
+    // From a position: the live rows, with the later events applied again, which
+    // changes nothing they already reflect.
+    let middle = store.read_stream("stock-S15", 1, 1).await.unwrap()[0].global_position;
+    let pool = system.pool(Inventory).await;
+    let repaired = projections::rebuild::rebuild(
+        "stock-levels",
+        &pool,
+        &TestDb::registry(),
+        middle,
+        |_| {},
+        &CancellationToken::new(),
+    )
+    .await
+    .unwrap();
+    pool.close().await;
+    assert!(repaired.events < 120, "{repaired:?}");
+    assert_eq!(stock_levels_digest(&system).await, live);
     system.stop().await;
 }
 
@@ -365,5 +383,95 @@ async fn events_are_shown_decoded_with_their_metadata() {
     .unwrap();
     assert_eq!(later, seen.len() - 2);
 
+    system.stop().await;
+}
+
+/// The `orderflow` binary's operator commands against a running system, as an operator
+/// types them: exit 0 and the promised output, text and `--json`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_orderflow_binary_operates_a_running_system() {
+    let system = System::start(&TRIO).await;
+    let body = json!({ "sku": "B1", "name": "B1", "quantity": 5 });
+    let (status, _) = answer(system.post(Inventory, "/inventory/items", body).await).await;
+    assert!(status.is_success());
+    let order = json!({
+        "customer_id": Uuid::now_v7(),
+        "lines": [{ "sku": "B1", "quantity": 1, "unit_price_cents": 300 }],
+        "card_token": "tok_visa",
+    });
+    let (_, placed) = answer(system.post(Order, "/orders", order).await).await;
+    let order_id = placed["order_id"].as_str().unwrap().to_owned();
+    wait_for(DEADLINE, "the order to end", || async {
+        let (_, order) = system.get(Order, &format!("/orders/{order_id}")).await;
+        (order["status"] == "confirmed").then_some(())
+    })
+    .await;
+    let env = system.env();
+    let run = |arguments: Vec<String>| {
+        let env = env.clone();
+        async move {
+            let out = tokio::task::spawn_blocking(move || {
+                std::process::Command::new(tests::orderflow_binary())
+                    .args(&arguments)
+                    .envs(env)
+                    .env("RUST_LOG", "error")
+                    .output()
+                    .expect("orderflow runs")
+            })
+            .await
+            .unwrap();
+            let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+            let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+            assert!(out.status.success(), "{stdout}{stderr}");
+            stdout
+        }
+    };
+    let args = |line: &str| {
+        line.split_whitespace()
+            .map(str::to_owned)
+            .collect::<Vec<_>>()
+    };
+    let stream = format!("order-{order_id}");
+
+    let read = run(args(&format!("events read {stream} --json"))).await;
+    let first: serde_json::Value = serde_json::from_str(read.lines().next().unwrap()).unwrap();
+    assert_eq!(
+        (first["type"].as_str(), first["version"].as_i64()),
+        (Some("OrderPlaced"), Some(1))
+    );
+    let tail = run(args("events tail --service inventory")).await;
+    assert!(
+        tail.contains("StockItemCreated") && tail.contains("stock-B1@1"),
+        "{tail}"
+    );
+
+    let shown = run(args(&format!("sagas show {order_id} --json"))).await;
+    let saga: serde_json::Value = serde_json::from_str(&shown).unwrap();
+    assert_eq!(saga["order_id"], json!(order_id));
+    let listed = run(args("sagas list --json")).await;
+    assert_eq!(listed.lines().count(), 1, "{listed}");
+
+    let names = run(args("replay --list")).await;
+    assert!(
+        names.lines().next().unwrap().starts_with("order-summary "),
+        "{names}"
+    );
+    let rebuilt = run(args("replay order-summary --json")).await;
+    let rebuilt: serde_json::Value = serde_json::from_str(&rebuilt).unwrap();
+    assert_eq!(rebuilt["projection"], "order-summary");
+    let (status, order) = system.get(Order, &format!("/orders/{order_id}")).await;
+    assert_eq!(
+        (status, order["status"].as_str()),
+        (StatusCode::OK, Some("confirmed"))
+    );
+
+    let republished = run(args("replay --republish --service payment --json")).await;
+    let republished: serde_json::Value = serde_json::from_str(&republished).unwrap();
+    assert!(
+        republished["republished"].as_u64().unwrap() >= 2,
+        "{republished}"
+    );
+    let letters = run(args("dlq list --service payment --json")).await;
+    assert_eq!(letters, "", "no dead letters");
     system.stop().await;
 }
