@@ -79,25 +79,7 @@ pub async fn replay(
     select: impl Fn(&DeadLetter) -> bool,
     dry_run: bool,
 ) -> Result<Outcome, DlqError> {
-    let session = Session::open(amqp_url, service).await?;
-    let mut outcome = Outcome::default();
-    for letter in session.take_all().await? {
-        if !select(&letter) {
-            outcome.others += 1;
-            continue;
-        }
-        let Some(queue) = letter.queue.clone() else {
-            let why = "it names no consumer queue to go back to".to_owned();
-            outcome.skipped.push((letter, why));
-            continue;
-        };
-        if !dry_run {
-            session.send_back(&letter, &queue).await?;
-        }
-        outcome.done.push(letter);
-    }
-    session.give_back().await?;
-    Ok(outcome)
+    act(amqp_url, service, select, dry_run, Action::Replay).await
 }
 
 /// Deletes the selected dead letters for good, and lets each one's stream move on in
@@ -110,6 +92,24 @@ pub async fn purge(
     select: impl Fn(&DeadLetter) -> bool,
     dry_run: bool,
 ) -> Result<Outcome, DlqError> {
+    act(amqp_url, service, select, dry_run, Action::Purge(pool)).await
+}
+
+enum Action<'a> {
+    Replay,
+    /// With the service's database, where the consumer's parking records are.
+    Purge(&'a PgPool),
+}
+
+/// Takes every dead letter, does `action` to the selected ones (unless `dry_run`) and
+/// gives the rest back, in order.
+async fn act(
+    amqp_url: &str,
+    service: &str,
+    select: impl Fn(&DeadLetter) -> bool,
+    dry_run: bool,
+    action: Action<'_>,
+) -> Result<Outcome, DlqError> {
     let session = Session::open(amqp_url, service).await?;
     let mut outcome = Outcome::default();
     for letter in session.take_all().await? {
@@ -117,15 +117,24 @@ pub async fn purge(
             outcome.others += 1;
             continue;
         }
-        if !dry_run {
-            if let (Some(queue), Some(envelope)) = (&letter.queue, &letter.envelope) {
-                crate::consumer::forget(pool, queue, &envelope.stream_id, envelope.message_id)
+        match (&action, letter.queue.clone()) {
+            (Action::Replay, None) => {
+                let why = "it names no consumer queue to go back to".to_owned();
+                outcome.skipped.push((letter, why));
+                continue;
+            }
+            _ if dry_run => {}
+            (Action::Replay, Some(queue)) => session.send_back(&letter, &queue).await?,
+            (Action::Purge(pool), queue) => {
+                if let (Some(queue), Some(envelope)) = (queue, &letter.envelope) {
+                    let (stream, id) = (&envelope.stream_id, envelope.message_id);
+                    crate::consumer::forget(pool, &queue, stream, id).await?;
+                }
+                session
+                    .channel
+                    .basic_ack(letter.delivery_tag, BasicAckOptions::default())
                     .await?;
             }
-            session
-                .channel
-                .basic_ack(letter.delivery_tag, BasicAckOptions::default())
-                .await?;
         }
         outcome.done.push(letter);
     }

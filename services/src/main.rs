@@ -7,6 +7,7 @@ use anyhow::Context;
 
 use clap::builder::PossibleValuesParser;
 use clap::{ArgGroup, Args, Parser, Subcommand};
+use eventstore::dlq::DeadLetter;
 use services::config::{Config, Service, parse_services};
 use services::load::LoadConfig;
 use services::ops;
@@ -201,30 +202,26 @@ enum DlqCommand {
     },
     /// Send dead letters back to their consumer, in order (all, or one with --id)
     #[command(after_help = "Example:\n  orderflow dlq replay --service inventory --dry-run")]
-    Replay {
-        #[arg(long, value_parser = store_service)]
-        service: Service,
-        #[arg(long)]
-        id: Option<Uuid>,
-        /// Say what would be replayed, and do nothing
-        #[arg(long)]
-        dry_run: bool,
-        #[arg(long)]
-        json: bool,
-    },
+    Replay(DlqSelection),
     /// Delete dead letters for good (all, or one with --id), letting their streams flow
     #[command(after_help = "Example:\n  orderflow dlq purge --service order --id <message id>")]
-    Purge {
-        #[arg(long, value_parser = store_service)]
-        service: Service,
-        #[arg(long)]
-        id: Option<Uuid>,
-        /// Say what would be purged, and do nothing
-        #[arg(long)]
-        dry_run: bool,
-        #[arg(long)]
-        json: bool,
-    },
+    Purge(DlqSelection),
+}
+
+/// Which dead letters `dlq replay` and `dlq purge` act on, and how.
+#[derive(Args)]
+struct DlqSelection {
+    #[arg(long, value_parser = store_service)]
+    service: Service,
+    /// Only this message
+    #[arg(long)]
+    id: Option<Uuid>,
+    /// Say what would be done, and do nothing
+    #[arg(long)]
+    dry_run: bool,
+    /// One JSON object per line
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Subcommand)]
@@ -605,46 +602,41 @@ async fn dlq(config: &Config, command: DlqCommand) -> anyhow::Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
-        DlqCommand::Replay {
-            service,
-            id,
-            dry_run,
-            json,
-        } => {
-            let select = |letter: &eventstore::dlq::DeadLetter| {
-                id.is_none_or(|id| letter.message_id == Some(id))
-            };
+        DlqCommand::Replay(chosen) => {
+            let select =
+                |letter: &DeadLetter| chosen.id.is_none_or(|id| letter.message_id == Some(id));
+            let service = chosen.service;
             let outcome =
-                eventstore::dlq::replay(&config.amqp_url, service.name(), select, dry_run)
+                eventstore::dlq::replay(&config.amqp_url, service.name(), select, chosen.dry_run)
                     .await
                     .with_context(|| format!("cannot replay the {service} dead letters"))?;
-            report_dead_letters(
-                &outcome,
-                if dry_run { "would replay" } else { "replayed" },
-                json,
-                id,
-            )
-        }
-        DlqCommand::Purge {
-            service,
-            id,
-            dry_run,
-            json,
-        } => {
-            let pool = ops::connect(config, service).await?;
-            let select = |letter: &eventstore::dlq::DeadLetter| {
-                id.is_none_or(|id| letter.message_id == Some(id))
+            let verb = if chosen.dry_run {
+                "would replay"
+            } else {
+                "replayed"
             };
-            let outcome =
-                eventstore::dlq::purge(&config.amqp_url, service.name(), &pool, select, dry_run)
-                    .await
-                    .with_context(|| format!("cannot purge the {service} dead letters"))?;
-            report_dead_letters(
-                &outcome,
-                if dry_run { "would purge" } else { "purged" },
-                json,
-                id,
+            report_dead_letters(&outcome, verb, &chosen)
+        }
+        DlqCommand::Purge(chosen) => {
+            let select =
+                |letter: &DeadLetter| chosen.id.is_none_or(|id| letter.message_id == Some(id));
+            let service = chosen.service;
+            let pool = ops::connect(config, service).await?;
+            let outcome = eventstore::dlq::purge(
+                &config.amqp_url,
+                service.name(),
+                &pool,
+                select,
+                chosen.dry_run,
             )
+            .await
+            .with_context(|| format!("cannot purge the {service} dead letters"))?;
+            let verb = if chosen.dry_run {
+                "would purge"
+            } else {
+                "purged"
+            };
+            report_dead_letters(&outcome, verb, &chosen)
         }
     }
 }
@@ -653,9 +645,9 @@ async fn dlq(config: &Config, command: DlqCommand) -> anyhow::Result<ExitCode> {
 fn report_dead_letters(
     outcome: &eventstore::dlq::Outcome,
     verb: &str,
-    json: bool,
-    id: Option<Uuid>,
+    chosen: &DlqSelection,
 ) -> anyhow::Result<ExitCode> {
+    let (json, id) = (chosen.json, chosen.id);
     for letter in &outcome.done {
         let view = ops::DeadLetterView::from(letter);
         if json {
