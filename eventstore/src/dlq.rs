@@ -5,7 +5,10 @@
 //!
 //! Each operation takes the queue's messages with `basic.get` without acknowledging
 //! them, acknowledges the ones it replayed or purged, and returns the others to the
-//! queue, where RabbitMQ puts them back in their original order.
+//! queue. Returned messages can end up behind letters that arrived meanwhile, so the
+//! queue's order is not to be trusted: letters are listed and replayed in the order
+//! they were first published (their global position), which keeps each stream's
+//! letters in order, the one its stream waits for first.
 
 use chrono::{DateTime, Utc};
 use lapin::options::{BasicAckOptions, BasicGetOptions, BasicNackOptions, BasicPublishOptions};
@@ -62,7 +65,8 @@ pub struct Outcome {
     pub others: usize,
 }
 
-/// Every dead letter of `service`, in queue order; the queue is left as it was.
+/// Every dead letter of `service`, in the order they were first published; the queue
+/// keeps them all.
 pub async fn list(amqp_url: &str, service: &str) -> Result<Vec<DeadLetter>, DlqError> {
     let session = Session::open(amqp_url, service).await?;
     let letters = session.take_all().await?;
@@ -163,6 +167,8 @@ impl Session {
 
     /// Takes every message of the queue (up to [`MAX_LETTERS`]) without
     /// acknowledging it.
+    /// In the order they were first published (malformed ones, with no position,
+    /// last).
     async fn take_all(&self) -> Result<Vec<DeadLetter>, DlqError> {
         let mut letters = Vec::new();
         while letters.len() < MAX_LETTERS {
@@ -176,6 +182,10 @@ impl Session {
             let Some(message) = message else { break };
             letters.push(DeadLetter::from_delivery(&message.delivery));
         }
+        letters.sort_by_key(|letter| {
+            let position = letter.envelope.as_ref().map(|e| e.global_position);
+            (position.is_none(), position)
+        });
         Ok(letters)
     }
 

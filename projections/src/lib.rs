@@ -12,8 +12,9 @@
 //!   ([`monitor`]), exported as metrics.
 //! - [`wait_until_applied`]: read-your-writes — a query waits (bounded) until the
 //!   projection has applied a given stream version.
-//! - [`order`], [`inventory`], [`payment`]: the read models — order summaries and
-//!   customer order history, stock levels, payment statuses — and their queries.
+//! - [`order`], [`inventory`], [`payment`], [`user`]: the read models — order
+//!   summaries and customer order history, stock levels, payment statuses, user
+//!   profiles — and their queries.
 //! - [`rebuild`]: rebuilding a read model from the event store into fresh tables,
 //!   swapped in atomically (`orderflow replay`).
 //!
@@ -24,6 +25,7 @@ pub mod inventory;
 pub mod order;
 pub mod payment;
 pub mod rebuild;
+pub mod user;
 
 use std::collections::HashMap;
 use std::future::Future;

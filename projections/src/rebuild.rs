@@ -27,6 +27,7 @@ use tokio_util::sync::CancellationToken;
 use crate::inventory::StockLevels;
 use crate::order::{CustomerOrders, OrderSummaries};
 use crate::payment::PaymentStatuses;
+use crate::user::UserProfiles;
 use crate::{EventContext, Projection};
 
 /// A projection as the operator names it.
@@ -44,6 +45,7 @@ pub const CATALOG: &[Catalogued] = &[
     entry::<CustomerOrders>("each customer's orders (GET /customers/{id}/orders)"),
     entry::<StockLevels>("stock per SKU (GET /inventory/items/{sku})"),
     entry::<PaymentStatuses>("each order's payment (GET /payments/{order_id})"),
+    entry::<UserProfiles>("each user's profile and preferences (GET /users/{id})"),
 ];
 
 const fn entry<P: Projection>(about: &'static str) -> Catalogued {
@@ -129,6 +131,7 @@ pub async fn rebuild(
         CustomerOrders::NAME => run.rebuild(CustomerOrders, progress).await,
         StockLevels::NAME => run.rebuild(StockLevels, progress).await,
         PaymentStatuses::NAME => run.rebuild(PaymentStatuses, progress).await,
+        UserProfiles::NAME => run.rebuild(UserProfiles, progress).await,
         other => Err(RebuildError::Unknown(other.to_owned())),
     }
 }

@@ -103,6 +103,11 @@ pub struct Config {
     /// `ORDERFLOW_CAPTURE_RETRY_MS`: how long the saga waits for a confirmed order's
     /// capture before it asks again (default 30 s).
     pub capture_retry: std::time::Duration,
+    /// `ORDERFLOW_JWT_SECRET`: signs and checks access tokens (a development secret
+    /// when unset, with a warning at start-up).
+    pub jwt_secret: Option<String>,
+    /// `ORDERFLOW_JWT_TTL_SECONDS`: how long an access token is valid (default 3600).
+    pub jwt_lifetime: std::time::Duration,
 }
 
 impl Config {
@@ -145,6 +150,21 @@ impl Config {
         }
         let payment_deadline = milliseconds(&lookup, "ORDERFLOW_PAYMENT_DEADLINE_MS")?;
         let capture_retry = milliseconds(&lookup, "ORDERFLOW_CAPTURE_RETRY_MS")?;
+        let jwt_secret = lookup("ORDERFLOW_JWT_SECRET").filter(|secret| !secret.is_empty());
+        let jwt_lifetime = match lookup("ORDERFLOW_JWT_TTL_SECONDS") {
+            None => std::time::Duration::from_secs(3600),
+            Some(text) => text
+                .trim()
+                .parse()
+                .ok()
+                .filter(|seconds| *seconds > 0)
+                .map(std::time::Duration::from_secs)
+                .ok_or_else(|| {
+                    anyhow::anyhow!(
+                        "ORDERFLOW_JWT_TTL_SECONDS={text:?} is not a positive number of seconds"
+                    )
+                })?,
+        };
         Ok(Config {
             pg_url,
             bind_address,
@@ -153,7 +173,18 @@ impl Config {
             ports,
             payment_deadline,
             capture_retry,
+            jwt_secret,
+            jwt_lifetime,
         })
+    }
+
+    /// The access-token issuer this configuration describes.
+    pub fn tokens(&self) -> crate::auth::Tokens {
+        let secret = self
+            .jwt_secret
+            .as_deref()
+            .unwrap_or(crate::auth::DEVELOPMENT_SECRET);
+        crate::auth::Tokens::new(secret.as_bytes(), self.jwt_lifetime)
     }
 
     /// The port a service listens on: its own from DESIGN §2 unless overridden.

@@ -1,6 +1,7 @@
 //! The `orderflow` binary's library: configuration, database set-up, and the HTTP
 //! servers of each service.
 //!
+//! - [`auth`]: password hashes and access tokens (JWT).
 //! - [`config`]: the services, their ports and databases, and the environment
 //!   variables that configure them (every one with a working local default).
 //! - [`setup`]: creating each service's database and migrating it.
@@ -16,6 +17,7 @@
 //!
 //! Invariant: only this crate knows HTTP and the command line.
 
+pub mod auth;
 pub mod config;
 pub mod http;
 pub mod load;

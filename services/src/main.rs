@@ -181,7 +181,7 @@ struct ReplayArgs {
 
 #[derive(Subcommand)]
 enum DlqCommand {
-    /// Every dead letter, in queue order, with its error and attempts
+    /// Every dead letter, in the order first published, with its error and attempts
     #[command(after_help = "Example:\n  orderflow dlq list --service inventory --json")]
     List {
         #[arg(long, value_parser = store_service)]

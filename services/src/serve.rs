@@ -15,6 +15,7 @@ use eventstore::{
 use projections::inventory::StockLevels;
 use projections::order::{CustomerOrders, OrderSummaries};
 use projections::payment::PaymentStatuses;
+use projections::user::UserProfiles;
 use projections::{ReadModels, Runner};
 use sagas::runner::FulfilmentRunner;
 use tokio::net::TcpListener;
@@ -79,6 +80,12 @@ pub async fn start(
 ) -> anyhow::Result<Running> {
     let metrics = Metrics::new();
     let registry = SchemaRegistry::builtin()?;
+    let tokens = Arc::new(config.tokens());
+    if config.jwt_secret.is_none() && services.contains(&Service::User) {
+        tracing::warn!(
+            "ORDERFLOW_JWT_SECRET is not set: tokens are signed with a development secret"
+        );
+    }
     let mut workers: Vec<Worker> = Vec::new();
     let mut consumer_configs = Vec::new();
     let mut relays = Vec::new();
@@ -117,6 +124,7 @@ pub async fn start(
             db,
             metrics: metrics.clone(),
             health: Arc::new(health),
+            tokens: tokens.clone(),
         };
         listeners.push((service, listener, app(state)));
     }
@@ -237,7 +245,8 @@ impl Plan<'_> {
                 let config = self.commands_config();
                 self.consumer(config, handler);
             }
-            Service::Gateway | Service::User | Service::Notification => {}
+            Service::User => self.read_models(UserProfiles),
+            Service::Gateway | Service::Notification => {}
         }
     }
 

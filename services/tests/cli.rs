@@ -240,7 +240,9 @@ async fn migrate_creates_and_migrates_every_service_database() {
                 "sagas",
                 "schema_registry",
                 "snapshots",
-                "stock_levels"
+                "stock_levels",
+                "user_emails",
+                "user_profiles"
             ]
         );
         assert_eq!(schemas.unwrap() as usize, domain::wire::SCHEMA_FILES.len());

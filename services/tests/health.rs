@@ -38,6 +38,7 @@ async fn ready_follows_the_database() {
         }),
         metrics: eventstore::Metrics::new(),
         health: Default::default(),
+        tokens: Default::default(),
     };
 
     let (status, body) = get(state.clone(), "/health/live").await;
@@ -73,6 +74,7 @@ async fn metrics_are_served_in_prometheus_text() {
         db: None,
         metrics,
         health: Default::default(),
+        tokens: Default::default(),
     };
     let response = app(state)
         .oneshot(Request::get("/metrics").body(Body::empty()).unwrap())

@@ -494,7 +494,11 @@ async fn the_dlq_tools_list_replay_in_order_and_purge() {
         .iter()
         .map(|l| l.envelope.as_ref().and_then(|e| e.stream_version))
         .collect();
-    assert_eq!(versions, [Some(2), Some(3), Some(4)], "in queue order");
+    assert_eq!(
+        versions,
+        [Some(2), Some(3), Some(4)],
+        "in the order first published"
+    );
     let failed = dlq_letters[0];
     assert_eq!(failed.attempts, Some(3));
     assert!(

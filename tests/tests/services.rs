@@ -11,7 +11,7 @@ use domain::payment::PaymentRequest;
 use eventstore::{EventStore, Metadata, OutgoingCommand};
 use reqwest::StatusCode;
 use serde_json::{Value, json};
-use services::config::Service::{self, Inventory, Order, Payment};
+use services::config::Service::{self, Inventory, Order, Payment, User};
 use tests::{System, TestDb, wait_for};
 use uuid::Uuid;
 
@@ -689,9 +689,9 @@ fn references(value: &Value, found: &mut Vec<String>) {
 
 #[tokio::test]
 async fn each_service_documents_exactly_its_endpoints_in_openapi() {
-    let system = System::start(&TRIO).await;
+    let system = System::start(&[Order, Inventory, Payment, User]).await;
     let common = ["/health/live", "/health/ready", "/metrics", "/openapi.json"];
-    let own: [(Service, &[&str]); 3] = [
+    let own: [(Service, &[&str]); 4] = [
         (
             Order,
             &[
@@ -704,6 +704,16 @@ async fn each_service_documents_exactly_its_endpoints_in_openapi() {
         ),
         (Inventory, &["/inventory/items", "/inventory/items/{sku}"]),
         (Payment, &["/payments/{order_id}"]),
+        (
+            User,
+            &[
+                "/users",
+                "/auth/token",
+                "/users/{user_id}",
+                "/users/{user_id}/profile",
+                "/users/{user_id}/preferences",
+            ],
+        ),
     ];
     for (service, paths) in own {
         let (status, document) = system.get(service, "/openapi.json").await;
@@ -746,6 +756,7 @@ async fn each_service_documents_exactly_its_endpoints_in_openapi() {
             let concrete = path
                 .replace("{order_id}", &Uuid::now_v7().to_string())
                 .replace("{customer_id}", &Uuid::now_v7().to_string())
+                .replace("{user_id}", &Uuid::now_v7().to_string())
                 .replace("{sku}", "NO-SUCH-SKU");
             for (method, operation) in item.as_object().unwrap() {
                 let request = match method.as_str() {
@@ -753,6 +764,10 @@ async fn each_service_documents_exactly_its_endpoints_in_openapi() {
                     "post" => system
                         .http
                         .post(system.url(service, &concrete))
+                        .json(&json!({})),
+                    "put" => system
+                        .http
+                        .put(system.url(service, &concrete))
                         .json(&json!({})),
                     "parameters" => continue,
                     other => panic!("{path}: unexpected method {other}"),

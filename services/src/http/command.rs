@@ -7,7 +7,7 @@ use axum::extract::{FromRequest, Request};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use domain::wire::WireEvent;
-use eventstore::{AggregateStore, Executed, Metadata, Snapshot};
+use eventstore::{AggregateStore, Executed, Metadata, Snapshot, StoreTransaction};
 use serde::de::DeserializeOwned;
 use sqlx::PgConnection;
 use utoipa::IntoParams;
@@ -66,7 +66,8 @@ impl IntoParams for CommandContext {
 #[derive(Debug, Clone)]
 pub struct IdempotencyKey {
     pub key: String,
-    /// Method, path and body: what must match for the key to replay.
+    /// The SHA-256 of method, path and body: what must match for the key to replay.
+    /// A digest, not the request itself, so a body with a password is never stored.
     pub request: Vec<u8>,
 }
 
@@ -116,8 +117,11 @@ where
         let json: &[u8] = if bytes.is_empty() { b"{}" } else { &bytes };
         let body = parse_json(json)?;
         let idempotency = key.map(|key| {
-            let mut request = format!("{method} {path}\n").into_bytes();
-            request.extend_from_slice(&bytes);
+            use sha2::Digest;
+            let mut digest = sha2::Sha256::new();
+            digest.update(format!("{method} {path}\n"));
+            digest.update(&bytes);
+            let request = digest.finalize().to_vec();
             IdempotencyKey { key, request }
         });
         Ok(Command {
@@ -226,6 +230,41 @@ where
     A::Event: WireEvent,
     A::Error: Into<ApiError>,
 {
+    fn nothing<'t>(_: &'t mut StoreTransaction<'static>) -> First<'t> {
+        Box::pin(async { Ok(()) })
+    }
+    run_with(aggregates, context, stream_id, command, nothing, reply).await
+}
+
+/// The service's own writes before a command, in its transaction (see [`run_with`]).
+pub type First<'t> =
+    std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), ApiError>> + Send + 't>>;
+
+/// Makes a closure into what [`run_with`] takes (the compiler needs to be told that
+/// the future it returns borrows the transaction it is given).
+pub fn first<F>(writes: F) -> F
+where
+    F: for<'t> FnOnce(&'t mut StoreTransaction<'static>) -> First<'t> + Send,
+{
+    writes
+}
+
+/// As [`run`], with `first` doing the service's own writes (an index the aggregate
+/// cannot keep, say) in the same transaction, before the command: its error answers
+/// the request and nothing is recorded.
+pub async fn run_with<A>(
+    aggregates: &AggregateStore,
+    context: &CommandContext,
+    stream_id: &str,
+    command: &A::Command,
+    first: impl for<'t> FnOnce(&'t mut StoreTransaction<'static>) -> First<'t> + Send,
+    reply: impl Fn(&Executed<A>) -> Reply,
+) -> Result<Response, ApiError>
+where
+    A: Snapshot,
+    A::Event: WireEvent,
+    A::Error: Into<ApiError>,
+{
     let pool = aggregates.event_store().pool();
     if let Some(key) = &context.idempotency
         && let Some(stored) = find_key(pool, &key.key).await?
@@ -235,6 +274,7 @@ where
     // The stream is locked before it is loaded (`execute_in`), so no other writer can
     // get in between: a version conflict here is a stale `If-Match`, answered as 409.
     let mut transaction = aggregates.event_store().begin().await?;
+    first(&mut transaction).await?;
     let executed = aggregates
         .execute_in::<A>(
             &mut transaction,

@@ -15,6 +15,7 @@ mod payments;
 pub mod problem;
 pub mod read;
 mod sagas;
+mod users;
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -48,6 +49,8 @@ pub struct AppState {
     pub metrics: Metrics,
     /// What `/health/ready` checks beyond the database.
     pub health: Arc<Health>,
+    /// Issues access tokens (user service) and checks them (gateway).
+    pub tokens: Arc<crate::auth::Tokens>,
 }
 
 /// A service's database, as its handlers use it.
@@ -78,6 +81,7 @@ pub fn app(state: AppState) -> Router {
         Service::Order => orders::router().merge(sagas::router()),
         Service::Inventory => inventory::router(),
         Service::Payment => payments::router(),
+        Service::User => users::router(),
         _ => Router::new(),
     };
     Router::new()

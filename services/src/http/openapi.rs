@@ -12,7 +12,7 @@ use utoipa::openapi::response::{Response, ResponseBuilder};
 use utoipa::openapi::{ContentBuilder, ObjectBuilder, Ref, RefOr, Required, Type};
 use utoipa::{IntoResponses, OpenApi};
 
-use super::{AppState, health, inventory, orders, payments, sagas};
+use super::{AppState, health, inventory, orders, payments, sagas, users};
 use crate::config::Service;
 
 /// What every service serves, whatever else it does.
@@ -38,6 +38,7 @@ pub fn document(service: Service) -> utoipa::openapi::OpenApi {
         }
         Service::Inventory => document.merge(inventory::Api::openapi()),
         Service::Payment => document.merge(payments::Api::openapi()),
+        Service::User => document.merge(users::Api::openapi()),
         _ => {}
     }
     document.info.title = format!("orderflow {service} service");

@@ -5,6 +5,7 @@ use axum::response::{IntoResponse, Response};
 use domain::inventory::StockError;
 use domain::order::OrderError;
 use domain::payment::PaymentError;
+use domain::user::UserError;
 use eventstore::{ExecuteError, StoreError};
 use serde::Serialize;
 use utoipa::ToSchema;
@@ -185,6 +186,17 @@ impl From<StockError> for ApiError {
             StockError::NotFound => ApiError::not_found(detail),
             StockError::Invalid { field, .. } => ApiError::invalid(field, detail),
             StockError::NoReservation(_) => conflict("invalid-transition", detail),
+        }
+    }
+}
+
+impl From<UserError> for ApiError {
+    fn from(error: UserError) -> Self {
+        let detail = error.to_string();
+        match error {
+            UserError::AlreadyExists => conflict("already-exists", detail),
+            UserError::NotFound => ApiError::not_found(detail),
+            UserError::Invalid { field, .. } => ApiError::invalid(field, detail),
         }
     }
 }
