@@ -5,13 +5,14 @@
 //!
 //! Each operation takes the queue's messages with `basic.get` without acknowledging
 //! them, acknowledges the ones it replayed or purged, and returns the others to the
-//! queue. Returned messages can end up behind letters that arrived meanwhile, so the
-//! queue's order is not to be trusted: letters are listed and replayed in the order
-//! they were first published (their global position), which keeps each stream's
-//! letters in order, the one its stream waits for first.
+//! queue by closing the channel (which puts them back at the head, in order). The
+//! queue's order is still not to be trusted (a dead letter that failed again after a
+//! replay goes to the back): letters are listed and replayed in the order they were
+//! first published (their global position), which keeps each stream's letters in
+//! order, the one its stream waits for first.
 
 use chrono::{DateTime, Utc};
-use lapin::options::{BasicAckOptions, BasicGetOptions, BasicNackOptions, BasicPublishOptions};
+use lapin::options::{BasicAckOptions, BasicGetOptions, BasicPublishOptions};
 use lapin::{BasicProperties, Channel, Confirmation};
 use sqlx::PgPool;
 use uuid::Uuid;
@@ -217,17 +218,11 @@ impl Session {
         Ok(())
     }
 
-    /// Returns every message still held to the queue, in order, and closes.
+    /// Returns every message still held to the queue and closes. Closing the channel
+    /// puts them back at the head in their order; a `basic.nack` with requeue would
+    /// put a quorum queue's messages behind any that arrived meanwhile.
     async fn give_back(self) -> Result<(), DlqError> {
-        self.channel
-            .basic_nack(
-                0,
-                BasicNackOptions {
-                    multiple: true,
-                    requeue: true,
-                },
-            )
-            .await?;
+        self.channel.close(200, "done".into()).await?;
         self.connection.close(200, "done".into()).await?;
         Ok(())
     }

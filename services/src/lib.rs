@@ -2,6 +2,9 @@
 //! servers of each service.
 //!
 //! - [`auth`]: password hashes and access tokens (JWT).
+//! - [`breaker`]: a circuit breaker.
+//! - [`notifications`]: the notification service's planner, sender and simulated
+//!   providers.
 //! - [`config`]: the services, their ports and databases, and the environment
 //!   variables that configure them (every one with a working local default).
 //! - [`setup`]: creating each service's database and migrating it.
@@ -18,9 +21,11 @@
 //! Invariant: only this crate knows HTTP and the command line.
 
 pub mod auth;
+pub mod breaker;
 pub mod config;
 pub mod http;
 pub mod load;
+pub mod notifications;
 pub mod ops;
 pub mod serve;
 pub mod setup;

@@ -81,6 +81,8 @@ pub async fn start(
     let metrics = Metrics::new();
     let registry = SchemaRegistry::builtin()?;
     let tokens = Arc::new(config.tokens());
+    // One set per process: the notification service's sender and its HTTP controls.
+    let providers = Arc::new(crate::notifications::Providers::default());
     if config.jwt_secret.is_none() && services.contains(&Service::User) {
         tracing::warn!(
             "ORDERFLOW_JWT_SECRET is not set: tokens are signed with a development secret"
@@ -111,6 +113,7 @@ pub async fn start(
                     health: &mut health,
                     workers: &mut workers,
                     consumer_configs: &mut consumer_configs,
+                    providers: &providers,
                 };
                 relays.push(plan.relay());
                 plan.service_workers(&aggregates);
@@ -125,6 +128,7 @@ pub async fn start(
             metrics: metrics.clone(),
             health: Arc::new(health),
             tokens: tokens.clone(),
+            providers: (service == Service::Notification).then(|| providers.clone()),
         };
         listeners.push((service, listener, app(state)));
     }
@@ -194,6 +198,7 @@ struct Plan<'a> {
     health: &'a mut Health,
     workers: &'a mut Vec<Worker>,
     consumer_configs: &'a mut Vec<ConsumerConfig>,
+    providers: &'a Arc<crate::notifications::Providers>,
 }
 
 impl Plan<'_> {
@@ -246,7 +251,24 @@ impl Plan<'_> {
                 self.consumer(config, handler);
             }
             Service::User => self.read_models(UserProfiles),
-            Service::Gateway | Service::Notification => {}
+            Service::Notification => {
+                let wake = Arc::new(tokio::sync::Notify::new());
+                let sender = crate::notifications::Sender {
+                    pool: self.store.pool().clone(),
+                    providers: self.providers.clone(),
+                    wake: wake.clone(),
+                };
+                self.worker(
+                    "notification sender".to_owned(),
+                    sender.run(self.shutdown.clone()),
+                );
+                let planner = crate::notifications::Planner { sender: wake };
+                self.consumer(
+                    crate::notifications::Planner::config(&self.config.amqp_url),
+                    planner,
+                );
+            }
+            Service::Gateway => {}
         }
     }
 

@@ -231,6 +231,8 @@ async fn migrate_creates_and_migrates_every_service_database() {
                 "events",
                 "idempotency_keys",
                 "inbox",
+                "notification_recipients",
+                "notifications",
                 "order_summaries",
                 "outbox",
                 "parked_messages",

@@ -39,6 +39,7 @@ async fn ready_follows_the_database() {
         metrics: eventstore::Metrics::new(),
         health: Default::default(),
         tokens: Default::default(),
+        providers: None,
     };
 
     let (status, body) = get(state.clone(), "/health/live").await;
@@ -75,6 +76,7 @@ async fn metrics_are_served_in_prometheus_text() {
         metrics,
         health: Default::default(),
         tokens: Default::default(),
+        providers: None,
     };
     let response = app(state)
         .oneshot(Request::get("/metrics").body(Body::empty()).unwrap())

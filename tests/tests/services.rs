@@ -11,7 +11,7 @@ use domain::payment::PaymentRequest;
 use eventstore::{EventStore, Metadata, OutgoingCommand};
 use reqwest::StatusCode;
 use serde_json::{Value, json};
-use services::config::Service::{self, Inventory, Order, Payment, User};
+use services::config::Service::{self, Inventory, Notification, Order, Payment, User};
 use tests::{System, TestDb, wait_for};
 use uuid::Uuid;
 
@@ -689,9 +689,9 @@ fn references(value: &Value, found: &mut Vec<String>) {
 
 #[tokio::test]
 async fn each_service_documents_exactly_its_endpoints_in_openapi() {
-    let system = System::start(&[Order, Inventory, Payment, User]).await;
+    let system = System::start(&[Order, Inventory, Payment, User, Notification]).await;
     let common = ["/health/live", "/health/ready", "/metrics", "/openapi.json"];
-    let own: [(Service, &[&str]); 4] = [
+    let own: [(Service, &[&str]); 5] = [
         (
             Order,
             &[
@@ -713,6 +713,10 @@ async fn each_service_documents_exactly_its_endpoints_in_openapi() {
                 "/users/{user_id}/profile",
                 "/users/{user_id}/preferences",
             ],
+        ),
+        (
+            Notification,
+            &["/notifications", "/providers", "/providers/{channel}"],
         ),
     ];
     for (service, paths) in own {

@@ -9,6 +9,7 @@
 pub mod command;
 mod health;
 mod inventory;
+mod notifications;
 pub mod openapi;
 mod orders;
 mod payments;
@@ -51,6 +52,8 @@ pub struct AppState {
     pub health: Arc<Health>,
     /// Issues access tokens (user service) and checks them (gateway).
     pub tokens: Arc<crate::auth::Tokens>,
+    /// The notification service's simulated providers.
+    pub providers: Option<Arc<crate::notifications::Providers>>,
 }
 
 /// A service's database, as its handlers use it.
@@ -82,6 +85,7 @@ pub fn app(state: AppState) -> Router {
         Service::Inventory => inventory::router(),
         Service::Payment => payments::router(),
         Service::User => users::router(),
+        Service::Notification => notifications::router(),
         _ => Router::new(),
     };
     Router::new()

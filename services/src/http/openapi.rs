@@ -12,7 +12,7 @@ use utoipa::openapi::response::{Response, ResponseBuilder};
 use utoipa::openapi::{ContentBuilder, ObjectBuilder, Ref, RefOr, Required, Type};
 use utoipa::{IntoResponses, OpenApi};
 
-use super::{AppState, health, inventory, orders, payments, sagas, users};
+use super::{AppState, health, inventory, notifications, orders, payments, sagas, users};
 use crate::config::Service;
 
 /// What every service serves, whatever else it does.
@@ -39,6 +39,7 @@ pub fn document(service: Service) -> utoipa::openapi::OpenApi {
         Service::Inventory => document.merge(inventory::Api::openapi()),
         Service::Payment => document.merge(payments::Api::openapi()),
         Service::User => document.merge(users::Api::openapi()),
+        Service::Notification => document.merge(notifications::Api::openapi()),
         _ => {}
     }
     document.info.title = format!("orderflow {service} service");

@@ -1,0 +1,101 @@
+//! The notification service's endpoints: the notifications sent to a user, and the
+//! controls of its simulated providers.
+
+use axum::Router;
+use axum::extract::{Path, Query, State};
+use axum::response::{IntoResponse, Json, Response};
+use axum::routing::{get, put};
+use serde::Deserialize;
+use utoipa::{IntoParams, OpenApi};
+use uuid::Uuid;
+
+use super::AppState;
+use super::command::parse_json;
+use super::problem::{ApiError, PROBLEM, Problem};
+use crate::notifications::{Channel, Mode, NotificationView, ProviderView, Providers};
+
+pub fn router() -> Router<AppState> {
+    Router::new()
+        .route("/notifications", get(list))
+        .route("/providers", get(providers))
+        .route("/providers/{channel}", put(set_provider))
+}
+
+/// The notification service's endpoints, for `/openapi.json`.
+#[derive(OpenApi)]
+#[openapi(
+    paths(list, providers, set_provider),
+    tags((name = "notifications", description = "Notifications sent, and the simulated providers"))
+)]
+pub struct Api;
+
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+struct ListQuery {
+    /// Whose notifications.
+    user_id: String,
+    /// At most this many (default 100, at most 1000).
+    limit: Option<i64>,
+}
+
+/// The notifications sent to a user, newest first, each naming the order it is about.
+#[utoipa::path(get, path = "/notifications", tag = "notifications", params(ListQuery),
+    responses(
+        (status = 200, description = "Sent notifications", body = [NotificationView]),
+        (status = 422, description = "Missing or bad user_id", body = Problem, content_type = PROBLEM),
+    ))]
+async fn list(
+    State(state): State<AppState>,
+    query: Result<Query<ListQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Response, ApiError> {
+    let Query(query) =
+        query.map_err(|rejection| ApiError::invalid("user_id", rejection.body_text()))?;
+    let user_id = Uuid::parse_str(query.user_id.trim())
+        .map_err(|_| ApiError::invalid("user_id", "must be a UUID"))?;
+    let limit = query.limit.unwrap_or(100).clamp(1, 1000);
+    let sent = crate::notifications::sent_to(&state.db()?.pool, user_id, limit).await?;
+    Ok(Json(sent).into_response())
+}
+
+/// The simulated providers: mode, breaker state and what each delivered.
+#[utoipa::path(get, path = "/providers", tag = "notifications",
+    responses((status = 200, description = "One entry per channel", body = [ProviderView])))]
+async fn providers(State(state): State<AppState>) -> Result<Response, ApiError> {
+    let providers = simulated(&state)?;
+    let views: Vec<ProviderView> = Channel::ALL
+        .into_iter()
+        .map(|channel| providers.view(channel))
+        .collect();
+    Ok(Json(views).into_response())
+}
+
+/// Makes a simulated provider work, fail or answer slowly: `{"mode":"ok"}`,
+/// `{"mode":"failing"}`, `{"mode":"slow","delay_ms":500}`.
+#[utoipa::path(put, path = "/providers/{channel}", tag = "notifications",
+    params(("channel" = String, Path, description = "email, sms or push")),
+    request_body = Mode,
+    responses(
+        (status = 200, description = "The provider now", body = ProviderView),
+        (status = 404, description = "No such channel", body = Problem, content_type = PROBLEM),
+        (status = 400, description = "Malformed JSON", body = Problem, content_type = PROBLEM),
+        (status = 422, description = "Unknown mode", body = Problem, content_type = PROBLEM),
+    ))]
+async fn set_provider(
+    State(state): State<AppState>,
+    Path(channel): Path<String>,
+    body: axum::body::Bytes,
+) -> Result<Response, ApiError> {
+    let providers = simulated(&state)?;
+    let channel = Channel::parse(&channel)
+        .ok_or_else(|| ApiError::not_found(format!("no channel {channel:?}")))?;
+    let mode: Mode = parse_json(&body)?;
+    providers.set_mode(channel, mode);
+    Ok(Json(providers.view(channel)).into_response())
+}
+
+fn simulated(state: &AppState) -> Result<&Providers, ApiError> {
+    state
+        .providers
+        .as_deref()
+        .ok_or_else(|| ApiError::internal("this service has no notification providers"))
+}

@@ -1,0 +1,536 @@
+//! The notification service: who is told what when an order ends or a user registers,
+//! and the delivery of it through (simulated) e-mail, SMS and push providers.
+//!
+//! - [`Planner`]: a consumer of order outcomes and user events. In the transaction that
+//!   records the event as consumed, it keeps its own copy of each user's address and
+//!   channel preferences, and writes one `notifications` row per triggering event and
+//!   channel the user wants (the table's unique key makes a redelivery add nothing).
+//! - [`Sender`]: delivers pending notifications through each channel's provider,
+//!   behind a circuit breaker per channel, retrying failures with backoff until they
+//!   go through; each row is leased while it is tried, so instances do not send one
+//!   twice, and the provider gets the notification id as an idempotency key for the
+//!   case where a sender dies between the provider's answer and recording it.
+//! - [`Providers`]: the simulated providers, which tests (and operators trying the
+//!   system) can make slow or failing through `PUT /providers/{channel}`.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use domain::order::OrderEvent;
+use domain::user::{NotificationPreferences, UserEvent};
+use eventstore::{ConsumerConfig, Handler, HandlerError, Message, StoreTransaction};
+use serde::{Deserialize, Serialize};
+use sqlx::{PgConnection, PgPool, Row};
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+use utoipa::ToSchema;
+use uuid::Uuid;
+
+use crate::breaker::Breaker;
+
+/// A way to reach a user.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum Channel {
+    Email,
+    Sms,
+    Push,
+}
+
+impl Channel {
+    pub const ALL: [Channel; 3] = [Channel::Email, Channel::Sms, Channel::Push];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Channel::Email => "email",
+            Channel::Sms => "sms",
+            Channel::Push => "push",
+        }
+    }
+
+    pub fn parse(text: &str) -> Option<Channel> {
+        Channel::ALL
+            .into_iter()
+            .find(|channel| channel.as_str() == text)
+    }
+
+    fn chosen(preferences: NotificationPreferences) -> Vec<Channel> {
+        [
+            (Channel::Email, preferences.email),
+            (Channel::Sms, preferences.sms),
+            (Channel::Push, preferences.push),
+        ]
+        .into_iter()
+        .filter_map(|(channel, wanted)| wanted.then_some(channel))
+        .collect()
+    }
+}
+
+/// Decides the notifications (see the module documentation).
+pub struct Planner {
+    /// Woken after a commit that planned notifications.
+    pub sender: Arc<Notify>,
+}
+
+impl Planner {
+    /// Its consumer, bound to exactly the events it reacts to.
+    pub fn config(amqp_url: &str) -> ConsumerConfig {
+        ConsumerConfig::events(
+            "notification",
+            "planner",
+            amqp_url,
+            &[
+                "order.OrderConfirmed",
+                "order.OrderRejected",
+                "order.OrderCancelled",
+                "user.UserRegistered",
+                "user.ProfileChanged",
+                "user.NotificationPreferencesChanged",
+            ],
+        )
+    }
+}
+
+impl Handler for Planner {
+    async fn handle(
+        &self,
+        message: &Message,
+        transaction: &mut StoreTransaction<'_>,
+    ) -> Result<(), HandlerError> {
+        let trigger = message.envelope.message_id;
+        let version = message.envelope.stream_version.unwrap_or(0);
+        let connection = transaction.connection();
+        match message.routing_key.split('.').next().unwrap_or_default() {
+            "user" => match message.decode::<UserEvent>()? {
+                UserEvent::UserRegistered {
+                    user_id,
+                    email,
+                    name,
+                    ..
+                } => {
+                    let preferences = NotificationPreferences::default();
+                    remember(
+                        connection,
+                        user_id,
+                        Some((&email, &name)),
+                        preferences,
+                        version,
+                    )
+                    .await?;
+                    let text = format!("Welcome to orderflow, {name}!");
+                    plan(connection, trigger, user_id, None, "welcome", &text).await?;
+                }
+                UserEvent::ProfileChanged { user_id, name } => {
+                    sqlx::query(
+                        "UPDATE notification_recipients SET name = $2, version = $3 \
+                         WHERE user_id = $1 AND version < $3",
+                    )
+                    .bind(user_id)
+                    .bind(name)
+                    .bind(version)
+                    .execute(connection)
+                    .await?;
+                }
+                UserEvent::NotificationPreferencesChanged {
+                    user_id,
+                    preferences,
+                } => remember(connection, user_id, None, preferences, version).await?,
+            },
+            "order" => {
+                let (order_id, customer_id, kind, text) = match message.decode::<OrderEvent>()? {
+                    OrderEvent::OrderConfirmed {
+                        order_id,
+                        customer_id,
+                        total_cents,
+                    } => (
+                        order_id,
+                        customer_id,
+                        "order_confirmed",
+                        format!("Your order {order_id} is confirmed ({total_cents} cents)."),
+                    ),
+                    OrderEvent::OrderRejected {
+                        order_id,
+                        customer_id,
+                        reason,
+                        ..
+                    } => (
+                        order_id,
+                        customer_id,
+                        "order_rejected",
+                        format!("Your order {order_id} was rejected: {}.", reason.as_str()),
+                    ),
+                    OrderEvent::OrderCancelled {
+                        order_id,
+                        customer_id,
+                        reason,
+                        ..
+                    } => (
+                        order_id,
+                        customer_id,
+                        "order_cancelled",
+                        format!("Your order {order_id} was cancelled: {}.", reason.as_str()),
+                    ),
+                    _ => return Ok(()),
+                };
+                plan(
+                    connection,
+                    trigger,
+                    customer_id,
+                    Some(order_id),
+                    kind,
+                    &text,
+                )
+                .await?;
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+
+    fn committed(&self, _message: &Message) {
+        self.sender.notify_one();
+    }
+}
+
+/// Records what the service knows of a user: the address and name (when given) and the
+/// channels, unless a later version of the user is already recorded.
+async fn remember(
+    connection: &mut PgConnection,
+    user_id: Uuid,
+    contact: Option<(&str, &str)>,
+    preferences: NotificationPreferences,
+    version: i64,
+) -> Result<(), sqlx::Error> {
+    let (email, name) = contact.unzip();
+    sqlx::query(
+        "INSERT INTO notification_recipients \
+         (user_id, email, name, notify_email, notify_sms, notify_push, version) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7) \
+         ON CONFLICT (user_id) DO UPDATE SET email = coalesce(excluded.email, notification_recipients.email), \
+         name = coalesce(excluded.name, notification_recipients.name), \
+         notify_email = excluded.notify_email, notify_sms = excluded.notify_sms, \
+         notify_push = excluded.notify_push, version = excluded.version \
+         WHERE notification_recipients.version < excluded.version",
+    )
+    .bind(user_id)
+    .bind(email)
+    .bind(name)
+    .bind(preferences.email)
+    .bind(preferences.sms)
+    .bind(preferences.push)
+    .bind(version)
+    .execute(connection)
+    .await?;
+    Ok(())
+}
+
+/// Writes one pending notification per channel the user wants (e-mail when the user is
+/// not known here yet); named after the triggering event and the channel, so a second
+/// delivery of the event writes nothing.
+async fn plan(
+    connection: &mut PgConnection,
+    trigger: Uuid,
+    user_id: Uuid,
+    order_id: Option<Uuid>,
+    kind: &str,
+    text: &str,
+) -> Result<(), sqlx::Error> {
+    let known: Option<(bool, bool, bool)> = sqlx::query_as(
+        "SELECT notify_email, notify_sms, notify_push FROM notification_recipients \
+         WHERE user_id = $1",
+    )
+    .bind(user_id)
+    .fetch_optional(&mut *connection)
+    .await?;
+    let preferences = known.map_or_else(NotificationPreferences::default, |(email, sms, push)| {
+        NotificationPreferences { email, sms, push }
+    });
+    for channel in Channel::chosen(preferences) {
+        sqlx::query(
+            "INSERT INTO notifications (notification_id, trigger_event_id, user_id, order_id, \
+             channel, kind, message) VALUES ($1, $2, $3, $4, $5, $6, $7) \
+             ON CONFLICT DO NOTHING",
+        )
+        .bind(Uuid::new_v5(&trigger, channel.as_str().as_bytes()))
+        .bind(trigger)
+        .bind(user_id)
+        .bind(order_id)
+        .bind(channel.as_str())
+        .bind(kind)
+        .bind(text)
+        .execute(&mut *connection)
+        .await?;
+    }
+    Ok(())
+}
+
+/// How a simulated provider behaves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(tag = "mode", rename_all = "lowercase")]
+pub enum Mode {
+    /// Takes every message at once.
+    Ok,
+    /// Refuses every message (the provider is down).
+    Failing,
+    /// Takes every message after `delay_ms`.
+    Slow { delay_ms: u64 },
+}
+
+/// One channel's simulated provider, and the breaker in front of it.
+#[derive(Debug)]
+pub struct Provider {
+    mode: Mutex<Mode>,
+    pub breaker: Breaker,
+    /// Notification ids taken, and how often each was offered (a real provider keys
+    /// on the id we send as an idempotency key, and sends each message once).
+    delivered: Mutex<HashMap<Uuid, u32>>,
+    refused: AtomicU64,
+}
+
+/// What a provider reports about itself (`GET /providers`).
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct ProviderView {
+    pub channel: Channel,
+    #[serde(flatten)]
+    pub mode: Mode,
+    /// `closed`, `open` or `half-open`.
+    pub breaker: &'static str,
+    /// Distinct messages delivered to users.
+    pub delivered: usize,
+    /// Offers of a message already delivered (answered without sending it again).
+    pub repeated: u64,
+    /// Offers refused while failing.
+    pub refused: u64,
+}
+
+/// The three simulated providers.
+#[derive(Debug)]
+pub struct Providers {
+    channels: HashMap<Channel, Provider>,
+}
+
+/// Consecutive failures that open a provider's breaker, and for how long.
+const BREAKER_THRESHOLD: u32 = 5;
+const BREAKER_OPEN_FOR: Duration = Duration::from_secs(2);
+
+impl Default for Providers {
+    fn default() -> Self {
+        let channels = Channel::ALL
+            .into_iter()
+            .map(|channel| {
+                let provider = Provider {
+                    mode: Mutex::new(Mode::Ok),
+                    breaker: Breaker::new(BREAKER_THRESHOLD, BREAKER_OPEN_FOR),
+                    delivered: Mutex::default(),
+                    refused: AtomicU64::new(0),
+                };
+                (channel, provider)
+            })
+            .collect();
+        Providers { channels }
+    }
+}
+
+impl Providers {
+    pub fn provider(&self, channel: Channel) -> &Provider {
+        &self.channels[&channel]
+    }
+
+    pub fn set_mode(&self, channel: Channel, mode: Mode) {
+        *lock(&self.provider(channel).mode) = mode;
+    }
+
+    pub fn view(&self, channel: Channel) -> ProviderView {
+        let provider = self.provider(channel);
+        let delivered = lock(&provider.delivered);
+        ProviderView {
+            channel,
+            mode: *lock(&provider.mode),
+            breaker: provider.breaker.state(),
+            delivered: delivered.len(),
+            repeated: delivered.values().map(|offers| u64::from(offers - 1)).sum(),
+            refused: provider.refused.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Offers a message to the channel's provider.
+    async fn send(&self, channel: Channel, id: Uuid) -> Result<(), String> {
+        let provider = self.provider(channel);
+        let mode = *lock(&provider.mode);
+        match mode {
+            Mode::Failing => {
+                provider.refused.fetch_add(1, Ordering::Relaxed);
+                return Err(format!("the {} provider is unavailable", channel.as_str()));
+            }
+            Mode::Slow { delay_ms } => tokio::time::sleep(Duration::from_millis(delay_ms)).await,
+            Mode::Ok => {}
+        }
+        *lock(&provider.delivered).entry(id).or_default() += 1;
+        Ok(())
+    }
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// Delivers pending notifications (see the module documentation).
+pub struct Sender {
+    pub pool: PgPool,
+    pub providers: Arc<Providers>,
+    pub wake: Arc<Notify>,
+}
+
+/// Notifications tried at once.
+const SEND_BATCH: i64 = 50;
+/// How long a sender holds a notification it is trying.
+const LEASE: Duration = Duration::from_secs(30);
+/// How often it looks for due retries when nothing wakes it.
+const SEND_POLL: Duration = Duration::from_millis(200);
+
+impl Sender {
+    pub async fn run(self, cancel: CancellationToken) {
+        let mut failing_since = None;
+        loop {
+            let pause = match self.send_due().await {
+                Ok(0) => SEND_POLL,
+                Ok(_) => Duration::ZERO,
+                Err(error) => {
+                    let since = *failing_since.get_or_insert_with(std::time::Instant::now);
+                    tracing::warn!(%error, "cannot send notifications; retrying");
+                    SEND_POLL.max(since.elapsed().min(Duration::from_secs(5)))
+                }
+            };
+            if pause.is_zero() {
+                failing_since = None;
+                continue;
+            }
+            tokio::select! {
+                () = cancel.cancelled() => return,
+                () = self.wake.notified() => {}
+                () = tokio::time::sleep(pause) => {}
+            }
+        }
+    }
+
+    /// Tries the due notifications of channels whose breaker lets calls through;
+    /// returns how many it tried.
+    pub async fn send_due(&self) -> Result<usize, sqlx::Error> {
+        let open: Vec<&str> = Channel::ALL
+            .into_iter()
+            .filter(|channel| self.providers.provider(*channel).breaker.retry_in() > Duration::ZERO)
+            .map(Channel::as_str)
+            .collect();
+        let due = sqlx::query(
+            "UPDATE notifications SET next_attempt_at = now() + make_interval(secs => $1) \
+             WHERE notification_id IN (SELECT notification_id FROM notifications \
+               WHERE sent_at IS NULL AND next_attempt_at <= now() AND channel <> ALL($2) \
+               ORDER BY next_attempt_at LIMIT $3 FOR UPDATE SKIP LOCKED) \
+             RETURNING notification_id, channel, attempts",
+        )
+        .bind(LEASE.as_secs_f64())
+        .bind(&open)
+        .bind(SEND_BATCH)
+        .fetch_all(&self.pool)
+        .await?;
+        let mut tries = Vec::with_capacity(due.len());
+        for row in &due {
+            let id: Uuid = row.try_get("notification_id")?;
+            let channel: String = row.try_get("channel")?;
+            let attempts: i32 = row.try_get("attempts")?;
+            if let Some(channel) = Channel::parse(&channel) {
+                tries.push(self.try_one(id, channel, attempts));
+            }
+        }
+        for outcome in futures_util::future::join_all(tries).await {
+            outcome?;
+        }
+        Ok(due.len())
+    }
+
+    async fn try_one(&self, id: Uuid, channel: Channel, attempts: i32) -> Result<(), sqlx::Error> {
+        let breaker = &self.providers.provider(channel).breaker;
+        if !breaker.allow() {
+            // Open: back when the breaker lets a probe through.
+            let wait = breaker.retry_in().max(Duration::from_millis(50));
+            return self.retry_later(id, attempts, wait, None).await;
+        }
+        match self.providers.send(channel, id).await {
+            Ok(()) => {
+                breaker.success();
+                sqlx::query(
+                    "UPDATE notifications SET sent_at = now(), attempts = attempts + 1, \
+                     last_error = NULL WHERE notification_id = $1",
+                )
+                .bind(id)
+                .execute(&self.pool)
+                .await?;
+                Ok(())
+            }
+            Err(error) => {
+                breaker.failure();
+                let backoff = Duration::from_millis(100)
+                    .saturating_mul(2u32.saturating_pow(attempts.clamp(0, 20) as u32))
+                    .min(Duration::from_secs(30));
+                self.retry_later(id, attempts + 1, backoff, Some(&error))
+                    .await
+            }
+        }
+    }
+
+    async fn retry_later(
+        &self,
+        id: Uuid,
+        attempts: i32,
+        wait: Duration,
+        error: Option<&str>,
+    ) -> Result<(), sqlx::Error> {
+        sqlx::query(
+            "UPDATE notifications SET attempts = $2, last_error = coalesce($3, last_error), \
+             next_attempt_at = now() + make_interval(secs => $4) WHERE notification_id = $1",
+        )
+        .bind(id)
+        .bind(attempts)
+        .bind(error)
+        .bind(wait.as_secs_f64())
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+}
+
+/// A notification as `GET /notifications` shows it.
+#[derive(Debug, Clone, Serialize, ToSchema, sqlx::FromRow)]
+pub struct NotificationView {
+    pub id: Uuid,
+    pub user_id: Uuid,
+    /// The order it is about, if any.
+    pub order_id: Option<Uuid>,
+    #[schema(example = "email")]
+    pub channel: String,
+    /// `order_confirmed`, `order_rejected`, `order_cancelled` or `welcome`.
+    #[schema(example = "order_confirmed")]
+    pub kind: String,
+    pub sent_at: chrono::DateTime<chrono::Utc>,
+}
+
+/// The notifications sent to a user, newest first.
+pub async fn sent_to(
+    pool: &PgPool,
+    user_id: Uuid,
+    limit: i64,
+) -> Result<Vec<NotificationView>, sqlx::Error> {
+    sqlx::query_as(
+        "SELECT notification_id AS id, user_id, order_id, channel, kind, sent_at \
+         FROM notifications WHERE user_id = $1 AND sent_at IS NOT NULL \
+         ORDER BY sent_at DESC, notification_id LIMIT $2",
+    )
+    .bind(user_id)
+    .bind(limit)
+    .fetch_all(pool)
+    .await
+}
