@@ -59,11 +59,6 @@ impl Service {
         }
     }
 
-    /// Whether this build can run the service yet. The gateway arrives with issue 7.
-    pub fn is_built(self) -> bool {
-        self != Service::Gateway
-    }
-
     pub fn parse(name: &str) -> Result<Service, String> {
         Service::ALL
             .into_iter()
@@ -108,6 +103,24 @@ pub struct Config {
     pub jwt_secret: Option<String>,
     /// `ORDERFLOW_JWT_TTL_SECONDS`: how long an access token is valid (default 3600).
     pub jwt_lifetime: std::time::Duration,
+    /// `ORDERFLOW_REDIS_URL`: the registry and the gateway's rate limits.
+    pub redis_url: String,
+    /// `ORDERFLOW_REGISTRY_NAMESPACE`: the prefix of every Redis key (default
+    /// `orderflow`): systems sharing a Redis server keep apart by it.
+    pub registry_namespace: String,
+    /// `ORDERFLOW_REGISTRY_TTL_MS`: how long a registration lasts without a heartbeat
+    /// (default 5000; instances beat every third of it).
+    pub registry_ttl: std::time::Duration,
+    /// `ORDERFLOW_GATEWAY_RATE_LIMIT`: requests per second per client (default 100).
+    pub gateway_rate_limit: u64,
+    /// `ORDERFLOW_GATEWAY_AUTH_READS`: whether queries need a token too (default false).
+    pub gateway_auth_reads: bool,
+    /// `ORDERFLOW_GATEWAY_TIMEOUT_MS`: how long the gateway waits for a service
+    /// (default 10000).
+    pub gateway_timeout: std::time::Duration,
+    /// This process's instance id in the registry (`orderflow serve --instance-id`);
+    /// a fresh one per start when unset.
+    pub instance_id: Option<String>,
 }
 
 impl Config {
@@ -150,6 +163,29 @@ impl Config {
         }
         let payment_deadline = milliseconds(&lookup, "ORDERFLOW_PAYMENT_DEADLINE_MS")?;
         let capture_retry = milliseconds(&lookup, "ORDERFLOW_CAPTURE_RETRY_MS")?;
+        let redis_url =
+            lookup("ORDERFLOW_REDIS_URL").unwrap_or_else(|| "redis://127.0.0.1:6379".to_owned());
+        let registry_namespace = lookup("ORDERFLOW_REGISTRY_NAMESPACE")
+            .filter(|namespace| !namespace.trim().is_empty())
+            .unwrap_or_else(|| "orderflow".to_owned());
+        let registry_ttl = milliseconds_or(&lookup, "ORDERFLOW_REGISTRY_TTL_MS", 5_000)?;
+        let gateway_timeout = milliseconds_or(&lookup, "ORDERFLOW_GATEWAY_TIMEOUT_MS", 10_000)?;
+        let gateway_rate_limit = match lookup("ORDERFLOW_GATEWAY_RATE_LIMIT") {
+            None => 100,
+            Some(text) => text.trim().parse().ok().filter(|n| *n > 0).ok_or_else(|| {
+                anyhow::anyhow!("ORDERFLOW_GATEWAY_RATE_LIMIT={text:?} is not a positive number")
+            })?,
+        };
+        let gateway_auth_reads = match lookup("ORDERFLOW_GATEWAY_AUTH_READS")
+            .as_deref()
+            .map(str::trim)
+        {
+            None | Some("" | "false" | "0" | "no") => false,
+            Some("true" | "1" | "yes") => true,
+            Some(other) => {
+                anyhow::bail!("ORDERFLOW_GATEWAY_AUTH_READS={other:?} is not true or false")
+            }
+        };
         let jwt_secret = lookup("ORDERFLOW_JWT_SECRET").filter(|secret| !secret.is_empty());
         let jwt_lifetime = match lookup("ORDERFLOW_JWT_TTL_SECONDS") {
             None => std::time::Duration::from_secs(3600),
@@ -175,6 +211,13 @@ impl Config {
             capture_retry,
             jwt_secret,
             jwt_lifetime,
+            redis_url,
+            registry_namespace,
+            registry_ttl,
+            gateway_rate_limit,
+            gateway_auth_reads,
+            gateway_timeout,
+            instance_id: None,
         })
     }
 
@@ -231,14 +274,11 @@ impl Config {
 /// Parses `--services a,b,c`; empty means every service this build can run.
 pub fn parse_services(list: Option<&str>) -> Result<Vec<Service>, String> {
     let Some(list) = list.filter(|l| !l.trim().is_empty()) else {
-        return Ok(Service::ALL.into_iter().filter(|s| s.is_built()).collect());
+        return Ok(Service::ALL.to_vec());
     };
     let mut services = Vec::new();
     for name in list.split(',') {
         let service = Service::parse(name)?;
-        if !service.is_built() {
-            return Err(format!("the {service} service is not built yet"));
-        }
         if !services.contains(&service) {
             services.push(service);
         }
@@ -251,8 +291,17 @@ fn milliseconds(
     lookup: impl Fn(&str) -> Option<String>,
     variable: &str,
 ) -> anyhow::Result<std::time::Duration> {
+    milliseconds_or(lookup, variable, 30_000)
+}
+
+/// A positive number of milliseconds from `variable`, `default` when it is not set.
+fn milliseconds_or(
+    lookup: impl Fn(&str) -> Option<String>,
+    variable: &str,
+    default: u64,
+) -> anyhow::Result<std::time::Duration> {
     let Some(text) = lookup(variable) else {
-        return Ok(std::time::Duration::from_secs(30));
+        return Ok(std::time::Duration::from_millis(default));
     };
     text.trim()
         .parse()
@@ -309,10 +358,7 @@ mod tests {
                 .unwrap_err()
                 .contains("unknown")
         );
-        assert!(
-            parse_services(Some("gateway"))
-                .unwrap_err()
-                .contains("not built")
-        );
+        assert_eq!(parse_services(Some("gateway")), Ok(vec![Service::Gateway]));
+        assert_eq!(parse_services(None).unwrap().len(), Service::ALL.len());
     }
 }

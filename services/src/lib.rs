@@ -3,6 +3,10 @@
 //!
 //! - [`auth`]: password hashes and access tokens (JWT).
 //! - [`breaker`]: a circuit breaker.
+//! - [`gateway`]: the single entry point: authentication, rate limits, routing to
+//!   healthy instances.
+//! - [`registry`]: the registry of running instances and the rate-limit counters, in
+//!   Redis.
 //! - [`notifications`]: the notification service's planner, sender and simulated
 //!   providers.
 //! - [`config`]: the services, their ports and databases, and the environment
@@ -23,10 +27,12 @@
 pub mod auth;
 pub mod breaker;
 pub mod config;
+pub mod gateway;
 pub mod http;
 pub mod load;
 pub mod notifications;
 pub mod ops;
+pub mod registry;
 pub mod serve;
 pub mod setup;
 pub mod workers;

@@ -29,11 +29,22 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Run services, each on its own port (default: every service, in one process)
-    #[command(after_help = "Example:\n  orderflow serve --services order,inventory,payment")]
+    #[command(
+        after_help = "Examples:\n  orderflow serve\n  orderflow serve --services order,inventory,payment\n  \
+orderflow serve --services order --port 9081 --instance-id order-2"
+    )]
     Serve {
-        /// Comma-separated services to run: order, inventory, payment, user, notification
+        /// Comma-separated services to run: gateway, order, inventory, payment, user,
+        /// notification
         #[arg(long, value_name = "a,b,…", value_parser = services_arg)]
         services: Option<ServiceList>,
+        /// The port to listen on (with one service only): run several instances of a
+        /// service side by side, each on its own port
+        #[arg(long, requires = "services")]
+        port: Option<u16>,
+        /// This instance's id in the registry (default: a new one each start)
+        #[arg(long)]
+        instance_id: Option<String>,
     },
     /// Create each service's database if missing and run its migrations
     #[command(
@@ -345,12 +356,26 @@ fn one_line(error: &anyhow::Error) -> String {
 
 async fn run(command: Command) -> anyhow::Result<ExitCode> {
     match command {
-        Command::Serve { services } => {
-            let config = Config::from_env()?;
+        Command::Serve {
+            services,
+            port,
+            instance_id,
+        } => {
+            let mut config = Config::from_env()?;
             let services = match services {
                 Some(ServiceList(services)) => services,
                 None => parse_services(None).map_err(anyhow::Error::msg)?,
             };
+            if let Some(port) = port {
+                let [service] = services[..] else {
+                    eprintln!(
+                        "orderflow: error: --port takes one service; run one process per instance"
+                    );
+                    return Ok(ExitCode::from(2));
+                };
+                config.set_port(service, port);
+            }
+            config.instance_id = instance_id;
             services::serve::run(&config, &services).await?;
             Ok(ExitCode::SUCCESS)
         }

@@ -21,9 +21,12 @@ use sagas::runner::FulfilmentRunner;
 use tokio::net::TcpListener;
 use tokio::task::{JoinHandle, JoinSet};
 use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
 
 use crate::config::{Config, Service};
+use crate::gateway::Gateway;
 use crate::http::{AppState, Db, Health, ProjectionWatch, app};
+use crate::registry::{Instance, Registry};
 use crate::setup::prepare_database;
 use crate::workers::{InventoryCommands, PaymentCommands, SimulatedProvider};
 
@@ -129,6 +132,10 @@ pub async fn start(
             health: Arc::new(health),
             tokens: tokens.clone(),
             providers: (service == Service::Notification).then(|| providers.clone()),
+            gateway: match service {
+                Service::Gateway => Some(Arc::new(Gateway::new(config, tokens.clone())?)),
+                _ => None,
+            },
         };
         listeners.push((service, listener, app(state)));
     }
@@ -151,13 +158,24 @@ pub async fn start(
     }
     let mut servers = JoinSet::new();
     let mut addresses = Vec::new();
+    let instance_id = config
+        .instance_id
+        .clone()
+        .unwrap_or_else(|| Uuid::now_v7().simple().to_string());
     for (service, listener, router) in listeners {
         let address = listener.local_addr()?;
-        tracing::info!(%service, %address, "listening");
+        tracing::info!(%service, %address, %instance_id, "listening");
         addresses.push((service, address));
+        let instance = Instance {
+            service: service.name().to_owned(),
+            instance_id: instance_id.clone(),
+            address: address.to_string(),
+        };
+        running_workers.spawn(register(config.clone(), instance, shutdown.clone()));
         let stop = shutdown.clone();
         servers.spawn(async move {
-            axum::serve(listener, router)
+            let service_with_peers = router.into_make_service_with_connect_info::<SocketAddr>();
+            axum::serve(listener, service_with_peers)
                 .with_graceful_shutdown(stop.cancelled_owned())
                 .await
                 .with_context(|| format!("{service}: server failed"))
@@ -317,6 +335,30 @@ impl Plan<'_> {
         let flag = Arc::new(AtomicBool::new(true));
         self.health.workers.push((name.clone(), flag.clone()));
         self.workers.push(running(name, flag, work));
+    }
+}
+
+/// Keeps an instance registered in Redis until `shutdown`, connecting (and
+/// reconnecting) with backoff: a service runs without the registry, it is only not
+/// found through the gateway meanwhile.
+async fn register(config: Config, instance: Instance, shutdown: CancellationToken) {
+    let mut delay = Duration::from_millis(200);
+    loop {
+        let connect = Registry::connect(
+            &config.redis_url,
+            &config.registry_namespace,
+            config.registry_ttl,
+        );
+        match tokio::time::timeout(Duration::from_secs(5), connect).await {
+            Ok(Ok(registry)) => return registry.heartbeat(instance, shutdown).await,
+            Ok(Err(error)) => tracing::warn!(%error, "cannot reach Redis to register; retrying"),
+            Err(_) => tracing::warn!("Redis did not answer; retrying"),
+        }
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            () = tokio::time::sleep(delay) => {}
+        }
+        delay = (delay * 2).min(Duration::from_secs(5));
     }
 }
 

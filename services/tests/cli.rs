@@ -73,7 +73,7 @@ fn the_shipped_schema_folder_checks_like_the_built_in_schemas() {
 fn bad_arguments_exit_2_with_a_message() {
     for args in [
         &["serve", "--services", "shipping"][..],
-        &["serve", "--services", "gateway"][..],
+        &["serve", "--port", "9000"][..],
         &["no-such-command"][..],
         &["schemas"][..],
         &["replay"][..],

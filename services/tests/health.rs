@@ -40,6 +40,7 @@ async fn ready_follows_the_database() {
         health: Default::default(),
         tokens: Default::default(),
         providers: None,
+        gateway: None,
     };
 
     let (status, body) = get(state.clone(), "/health/live").await;
@@ -77,6 +78,7 @@ async fn metrics_are_served_in_prometheus_text() {
         health: Default::default(),
         tokens: Default::default(),
         providers: None,
+        gateway: None,
     };
     let response = app(state)
         .oneshot(Request::get("/metrics").body(Body::empty()).unwrap())

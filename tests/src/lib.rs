@@ -103,9 +103,18 @@ impl System {
             .expect("vhost task")
             .expect("test vhost");
         let server: PgConnectOptions = server_url().parse().expect("ORDERFLOW_PG_URL");
+        // A registry of its own, unless the test shares one between systems.
+        let namespace = format!("orderflow-test-{}", uuid::Uuid::now_v7().simple());
         let mut config = services::config::Config::from_lookup(|name| match name {
             "ORDERFLOW_PG_URL" => Some(server_url()),
             "ORDERFLOW_AMQP_URL" => Some(vhost.url.clone()),
+            "ORDERFLOW_REGISTRY_NAMESPACE" => variables
+                .iter()
+                .find(|(variable, _)| *variable == name)
+                .map_or_else(
+                    || Some(namespace.clone()),
+                    |(_, value)| Some((*value).to_owned()),
+                ),
             other => variables
                 .iter()
                 .find(|(name, _)| *name == other)
@@ -115,7 +124,10 @@ impl System {
         let suffix = uuid::Uuid::now_v7().simple().to_string();
         let mut databases = Vec::new();
         for &service in list {
-            config.set_port(service, 0);
+            let port = format!("ORDERFLOW_{}_PORT", service.name().to_ascii_uppercase());
+            if !variables.iter().any(|(name, _)| *name == port) {
+                config.set_port(service, 0);
+            }
             let name = format!("orderflow_test_{suffix}_{service}");
             config.set_database_url(service, format!("{}/{name}", server_url()));
             databases.push((service, name));
@@ -180,8 +192,16 @@ impl System {
         let mut env = vec![
             ("ORDERFLOW_PG_URL".to_owned(), server_url()),
             ("ORDERFLOW_AMQP_URL".to_owned(), self.vhost.url.clone()),
+            (
+                "ORDERFLOW_REGISTRY_NAMESPACE".to_owned(),
+                self.config.registry_namespace.clone(),
+            ),
         ];
-        for (service, name) in &self.databases {
+        for (service, name) in self
+            .databases
+            .iter()
+            .filter(|(s, _)| s.database().is_some())
+        {
             let variable = format!(
                 "ORDERFLOW_{}_DATABASE_URL",
                 service.name().to_ascii_uppercase()

@@ -54,6 +54,8 @@ pub struct AppState {
     pub tokens: Arc<crate::auth::Tokens>,
     /// The notification service's simulated providers.
     pub providers: Option<Arc<crate::notifications::Providers>>,
+    /// The gateway's routing, authentication and rate limiting.
+    pub gateway: Option<Arc<crate::gateway::Gateway>>,
 }
 
 /// A service's database, as its handlers use it.
@@ -81,12 +83,23 @@ pub struct CorrelationId {
 /// A service's whole HTTP surface. Tests call this without binding a socket.
 pub fn app(state: AppState) -> Router {
     let resources = match state.service {
+        Service::Gateway => {
+            // Everything that is not the gateway's own goes to the services.
+            return Router::new()
+                .merge(health::router())
+                .route("/metrics", get(metrics))
+                .route("/openapi.json", get(openapi::openapi_json))
+                .route("/gateway/upstreams", get(crate::gateway::upstreams))
+                .fallback(crate::gateway::proxy)
+                .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
+                .layer(axum::middleware::from_fn(request_context))
+                .with_state(state);
+        }
         Service::Order => orders::router().merge(sagas::router()),
         Service::Inventory => inventory::router(),
         Service::Payment => payments::router(),
         Service::User => users::router(),
         Service::Notification => notifications::router(),
-        _ => Router::new(),
     };
     Router::new()
         .merge(resources)

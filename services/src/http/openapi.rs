@@ -40,7 +40,16 @@ pub fn document(service: Service) -> utoipa::openapi::OpenApi {
         Service::Payment => document.merge(payments::Api::openapi()),
         Service::User => document.merge(users::Api::openapi()),
         Service::Notification => document.merge(notifications::Api::openapi()),
-        _ => {}
+        // One origin for every service's endpoints.
+        Service::Gateway => {
+            document.merge(crate::gateway::Api::openapi());
+            document.merge(orders::Api::openapi());
+            document.merge(sagas::Api::openapi());
+            document.merge(inventory::Api::openapi());
+            document.merge(payments::Api::openapi());
+            document.merge(users::Api::openapi());
+            document.merge(notifications::Api::openapi());
+        }
     }
     document.info.title = format!("orderflow {service} service");
     document.info.version = env!("CARGO_PKG_VERSION").to_owned();

@@ -26,8 +26,10 @@ pub struct ApiError {
     pub detail: String,
     /// The offending request field (`lines[0].quantity`) or header.
     pub field: Option<String>,
-    /// Seconds, for 503s a client should retry.
+    /// Seconds, for 503s and 429s a client should retry.
     pub retry_after: Option<u32>,
+    /// A header the answer carries besides (`WWW-Authenticate` on a 401).
+    pub header: Option<Box<(header::HeaderName, HeaderValue)>>,
     /// What went wrong inside, for the log only.
     pub cause: Option<String>,
 }
@@ -45,8 +47,19 @@ impl ApiError {
             detail: detail.into(),
             field: None,
             retry_after: None,
+            header: None,
             cause: None,
         }
+    }
+
+    pub fn with_retry_after(mut self, seconds: u32) -> Self {
+        self.retry_after = Some(seconds);
+        self
+    }
+
+    pub fn with_header(mut self, name: header::HeaderName, value: HeaderValue) -> Self {
+        self.header = Some(Box::new((name, value)));
+        self
     }
 
     pub fn with_kind(mut self, kind: &'static str) -> Self {
@@ -124,6 +137,10 @@ impl IntoResponse for ApiError {
             response
                 .headers_mut()
                 .insert(header::RETRY_AFTER, HeaderValue::from(seconds));
+        }
+        if let Some(extra) = self.header {
+            let (name, value) = *extra;
+            response.headers_mut().insert(name, value);
         }
         if let Some(cause) = self.cause {
             response.extensions_mut().insert(InternalCause(cause));

@@ -1,0 +1,393 @@
+//! The gateway (port 8080): every public endpoint of every service under one origin.
+//!
+//! For each request it: finds the owning service from the path; requires a valid
+//! access token for commands (and for queries when `ORDERFLOW_GATEWAY_AUTH_READS` is
+//! set), except registering and logging in; counts the request against the client's
+//! rate limit in Redis (the token's user, or the address it came from), so several
+//! gateway instances enforce one limit; picks a healthy instance of the service from
+//! the registry (round robin, skipping instances whose circuit breaker is open); and
+//! forwards the request with its correlation id, within a timeout. An instance that
+//! refuses connections, times out or answers 5xx counts a failure on its breaker;
+//! once that opens, requests for it get a fast 503 until a probe succeeds.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::body::Body;
+use axum::extract::{ConnectInfo, Request, State};
+use axum::http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use tokio::sync::OnceCell;
+
+use crate::auth::{TokenError, Tokens};
+use crate::breaker::Breaker;
+use crate::config::{Config, Service};
+use crate::http::problem::ApiError;
+use crate::http::{AppState, CORRELATION_HEADER, CorrelationId, MAX_BODY_BYTES};
+use crate::registry::{Admission, Registry};
+
+/// Consecutive failures that open an upstream instance's breaker, and for how long.
+const BREAKER_THRESHOLD: u32 = 5;
+const BREAKER_OPEN_FOR: Duration = Duration::from_secs(3);
+/// How long the gateway waits for Redis when it first needs it.
+const REDIS_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// What the gateway keeps between requests.
+pub struct Gateway {
+    redis_url: String,
+    namespace: String,
+    registry_ttl: Duration,
+    registry: OnceCell<Registry>,
+    tokens: Arc<Tokens>,
+    /// Requests per second per client.
+    rate_limit: u64,
+    /// Whether queries need a token too.
+    protect_reads: bool,
+    client: reqwest::Client,
+    /// One breaker per upstream instance (by address).
+    breakers: Mutex<HashMap<String, Arc<Breaker>>>,
+    /// Round-robin position.
+    next: AtomicUsize,
+}
+
+impl std::fmt::Debug for Gateway {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Gateway")
+            .field("namespace", &self.namespace)
+            .field("rate_limit", &self.rate_limit)
+            .field("protect_reads", &self.protect_reads)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Gateway {
+    pub fn new(config: &Config, tokens: Arc<Tokens>) -> anyhow::Result<Self> {
+        let client = reqwest::Client::builder()
+            .timeout(config.gateway_timeout)
+            .connect_timeout(Duration::from_secs(2))
+            .build()?;
+        Ok(Gateway {
+            redis_url: config.redis_url.clone(),
+            namespace: config.registry_namespace.clone(),
+            registry_ttl: config.registry_ttl,
+            registry: OnceCell::new(),
+            tokens,
+            rate_limit: config.gateway_rate_limit,
+            protect_reads: config.gateway_auth_reads,
+            client,
+            breakers: Mutex::new(HashMap::new()),
+            next: AtomicUsize::new(0),
+        })
+    }
+
+    /// The registry, connected on first use.
+    async fn registry(&self) -> Result<&Registry, ApiError> {
+        self.registry
+            .get_or_try_init(|| async {
+                let connect =
+                    Registry::connect(&self.redis_url, &self.namespace, self.registry_ttl);
+                match tokio::time::timeout(REDIS_TIMEOUT, connect).await {
+                    Ok(Ok(registry)) => Ok(registry),
+                    Ok(Err(error)) => Err(error.to_string()),
+                    Err(_) => Err("no answer".to_owned()),
+                }
+            })
+            .await
+            .map_err(|error| unavailable(format!("the registry (Redis) is unreachable: {error}")))
+    }
+
+    fn breaker(&self, address: &str) -> Arc<Breaker> {
+        let mut breakers = self.breakers.lock().unwrap_or_else(|p| p.into_inner());
+        breakers
+            .entry(address.to_owned())
+            .or_insert_with(|| Arc::new(Breaker::new(BREAKER_THRESHOLD, BREAKER_OPEN_FOR)))
+            .clone()
+    }
+}
+
+/// An upstream instance as the gateway sees it (`GET /gateway/upstreams`).
+#[derive(Debug, Clone, serde::Serialize, utoipa::ToSchema)]
+pub struct UpstreamView {
+    pub service: String,
+    pub instance_id: String,
+    pub address: String,
+    /// `closed` (healthy), `open` (refused for now) or `half-open` (being probed).
+    pub breaker: &'static str,
+}
+
+/// Every registered instance of every service, with its breaker here.
+#[utoipa::path(get, path = "/gateway/upstreams", tag = "gateway",
+    responses(
+        (status = 200, description = "The instances and their breakers", body = [UpstreamView]),
+        (status = 503, description = "The registry is unreachable", body = crate::http::problem::Problem,
+            content_type = crate::http::problem::PROBLEM),
+    ))]
+pub async fn upstreams(State(state): State<AppState>) -> Result<Response, ApiError> {
+    let gateway = state
+        .gateway
+        .as_deref()
+        .ok_or_else(|| ApiError::internal("not a gateway"))?;
+    let registry = gateway.registry().await?;
+    let mut views = Vec::new();
+    for service in Service::ALL.into_iter().filter(|s| *s != Service::Gateway) {
+        let instances = registry.instances(service.name()).await.map_err(|error| {
+            unavailable(format!("the registry (Redis) is unreachable: {error}"))
+        })?;
+        for instance in instances {
+            let breaker = gateway.breaker(&instance.address).state();
+            views.push(UpstreamView {
+                service: instance.service,
+                instance_id: instance.instance_id,
+                address: instance.address,
+                breaker,
+            });
+        }
+    }
+    Ok(axum::Json(views).into_response())
+}
+
+/// The gateway's own endpoints, for `/openapi.json`.
+#[derive(utoipa::OpenApi)]
+#[openapi(paths(upstreams), tags((name = "gateway", description = "The gateway itself")))]
+pub struct Api;
+
+/// The service that owns a path.
+fn owner(path: &str) -> Option<Service> {
+    let first = path.trim_start_matches('/').split('/').next()?;
+    match first {
+        "users" | "auth" => Some(Service::User),
+        "inventory" => Some(Service::Inventory),
+        "orders" | "customers" | "sagas" => Some(Service::Order),
+        "payments" => Some(Service::Payment),
+        "notifications" => Some(Service::Notification),
+        _ => None,
+    }
+}
+
+/// Whether a request needs an access token.
+fn needs_token(method: &Method, path: &str, protect_reads: bool) -> bool {
+    if method == Method::GET || method == Method::HEAD {
+        return protect_reads;
+    }
+    // Registering and logging in are how a client gets a token.
+    !(method == Method::POST && (path == "/users" || path == "/auth/token"))
+}
+
+/// Forwards a request to the service that owns it (see the module documentation).
+pub async fn proxy(State(state): State<AppState>, request: Request) -> Result<Response, ApiError> {
+    let gateway = state
+        .gateway
+        .as_deref()
+        .ok_or_else(|| ApiError::internal("not a gateway"))?;
+    let path = request.uri().path().to_owned();
+    let service = owner(&path).ok_or_else(|| {
+        ApiError::not_found(format!("no such resource: {} {path}", request.method()))
+    })?;
+    let token = bearer(request.headers())?;
+    let claims = match token {
+        Some(token) => Some(gateway.tokens.verify(token).map_err(unauthorized)?),
+        None if needs_token(request.method(), &path, gateway.protect_reads) => {
+            return Err(unauthorized(TokenError::Invalid(
+                "send an access token: Authorization: Bearer <token> (POST /auth/token)".into(),
+            )));
+        }
+        None => None,
+    };
+    let client = match &claims {
+        Some(claims) => format!("user:{}", claims.sub),
+        None => request
+            .extensions()
+            .get::<ConnectInfo<SocketAddr>>()
+            .map_or_else(
+                || "anonymous".to_owned(),
+                |info| format!("ip:{}", info.0.ip()),
+            ),
+    };
+    let registry = gateway.registry().await?;
+    match registry.admit(&client, gateway.rate_limit).await {
+        Ok(Admission::Allowed) => {}
+        Ok(Admission::Limited { retry_after }) => {
+            return Err(ApiError::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                "rate-limited",
+                format!("more than {} requests per second", gateway.rate_limit),
+            )
+            .with_retry_after(retry_after));
+        }
+        // Counting is a safeguard, not a dependency: let the request through.
+        Err(error) => tracing::warn!(%error, "cannot count the request against its rate limit"),
+    }
+    let instances = registry
+        .instances(service.name())
+        .await
+        .map_err(|error| unavailable(format!("the registry (Redis) is unreachable: {error}")))?;
+    if instances.is_empty() {
+        return Err(unavailable(format!("no {service} instance is registered")));
+    }
+    let correlation = request
+        .extensions()
+        .get::<CorrelationId>()
+        .map(|c| c.uuid.to_string());
+    let (parts, body) = request.into_parts();
+    let body = axum::body::to_bytes(body, MAX_BODY_BYTES)
+        .await
+        .map_err(|_| {
+            ApiError::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "body-too-large",
+                "the request body is too large",
+            )
+        })?;
+    let start = gateway.next.fetch_add(1, Ordering::Relaxed);
+    for offset in 0..instances.len() {
+        let instance = &instances[(start + offset) % instances.len()];
+        let breaker = gateway.breaker(&instance.address);
+        if !breaker.allow() {
+            continue;
+        }
+        let path_and_query = parts.uri.path_and_query().map_or("/", |p| p.as_str());
+        let url = format!("http://{}{path_and_query}", instance.address);
+        let mut upstream = gateway
+            .client
+            .request(parts.method.clone(), &url)
+            .headers(forwarded(&parts.headers))
+            .body(body.clone());
+        if let Some(correlation) = &correlation {
+            upstream = upstream.header(CORRELATION_HEADER, correlation);
+        }
+        match upstream.send().await {
+            Ok(response) => {
+                if response.status().is_server_error() {
+                    breaker.failure();
+                } else {
+                    breaker.success();
+                }
+                return Ok(answer(response).await);
+            }
+            // Never reached the instance: another one may take it.
+            Err(error) if error.is_connect() => {
+                breaker.failure();
+                tracing::warn!(%error, instance = %instance.address, "upstream unreachable");
+            }
+            Err(error) => {
+                breaker.failure();
+                let (status, kind) = if error.is_timeout() {
+                    (StatusCode::GATEWAY_TIMEOUT, "upstream-timeout")
+                } else {
+                    (StatusCode::BAD_GATEWAY, "upstream-failed")
+                };
+                return Err(ApiError::new(
+                    status,
+                    kind,
+                    format!("the {service} service did not answer"),
+                ));
+            }
+        }
+    }
+    Err(unavailable(format!(
+        "no healthy {service} instance; try again shortly"
+    )))
+}
+
+/// The request's bearer token, if it sent one.
+fn bearer(headers: &HeaderMap) -> Result<Option<&str>, ApiError> {
+    let Some(value) = headers.get(header::AUTHORIZATION) else {
+        return Ok(None);
+    };
+    let text = value.to_str().unwrap_or("");
+    match text.split_once(' ') {
+        Some((scheme, token))
+            if scheme.eq_ignore_ascii_case("bearer") && !token.trim().is_empty() =>
+        {
+            Ok(Some(token.trim()))
+        }
+        _ => Err(unauthorized(TokenError::Invalid(
+            "Authorization must be `Bearer <token>`".into(),
+        ))),
+    }
+}
+
+fn unauthorized(error: TokenError) -> ApiError {
+    let kind = match error {
+        TokenError::Expired => "token-expired",
+        TokenError::Invalid(_) => "unauthorized",
+    };
+    ApiError::new(StatusCode::UNAUTHORIZED, kind, error.to_string())
+        .with_header(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"))
+}
+
+fn unavailable(detail: String) -> ApiError {
+    ApiError::unavailable("upstream-unavailable", detail, 1)
+}
+
+/// Headers that belong to one connection, not to the request or response.
+fn hop_by_hop(name: &HeaderName) -> bool {
+    matches!(
+        name.as_str(),
+        "connection"
+            | "keep-alive"
+            | "proxy-authenticate"
+            | "proxy-authorization"
+            | "te"
+            | "trailer"
+            | "transfer-encoding"
+            | "upgrade"
+            | "host"
+            | "content-length"
+    )
+}
+
+/// The request's headers as they go upstream.
+fn forwarded(headers: &HeaderMap) -> HeaderMap {
+    headers
+        .iter()
+        .filter(|(name, _)| !hop_by_hop(name) && *name != CORRELATION_HEADER)
+        .map(|(name, value)| (name.clone(), value.clone()))
+        .collect()
+}
+
+/// The upstream's answer, as the client gets it.
+async fn answer(response: reqwest::Response) -> Response {
+    let status = response.status();
+    let headers: HeaderMap = response
+        .headers()
+        .iter()
+        .filter(|(name, _)| !hop_by_hop(name) && *name != CORRELATION_HEADER)
+        .map(|(name, value)| (name.clone(), value.clone()))
+        .collect();
+    match response.bytes().await {
+        Ok(bytes) => {
+            let mut answer = (status, Body::from(bytes)).into_response();
+            answer.headers_mut().extend(headers);
+            answer
+        }
+        Err(error) => ApiError::new(
+            StatusCode::BAD_GATEWAY,
+            "upstream-failed",
+            format!("the answer broke off: {error}"),
+        )
+        .into_response(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn paths_go_to_their_service_and_commands_need_a_token() {
+        assert_eq!(owner("/orders/1/cancel"), Some(Service::Order));
+        assert_eq!(owner("/customers/1/orders"), Some(Service::Order));
+        assert_eq!(owner("/auth/token"), Some(Service::User));
+        assert_eq!(owner("/inventory/items"), Some(Service::Inventory));
+        assert_eq!(owner("/nowhere"), None);
+        assert!(needs_token(&Method::POST, "/orders", false));
+        assert!(!needs_token(&Method::POST, "/users", false));
+        assert!(!needs_token(&Method::POST, "/auth/token", true));
+        assert!(!needs_token(&Method::GET, "/orders/1", false));
+        assert!(needs_token(&Method::GET, "/orders/1", true));
+    }
+}

@@ -1,0 +1,325 @@
+//! The gateway, the registry and several instances, end to end: tokens required for
+//! commands, one rate limit across gateway instances, breakers in front of dead
+//! upstreams, registrations that vanish when an instance is killed.
+
+use std::time::{Duration, Instant};
+
+use reqwest::StatusCode;
+use serde_json::{Value, json};
+use services::auth::{Claims, ISSUER, Tokens};
+use services::config::Service::{self, Gateway, Inventory, Notification, Order, Payment, User};
+use services::registry::{Instance, Registry};
+use tests::{System, answer, wait_for};
+use uuid::Uuid;
+
+const DEADLINE: Duration = Duration::from_secs(30);
+const REDIS: &str = "redis://127.0.0.1:6379";
+
+/// Waits until the gateway sees an instance of each service.
+async fn routable(system: &System, services: &[Service]) {
+    wait_for(DEADLINE, "every service to register", || async {
+        let (status, upstreams) = system.get(Gateway, "/gateway/upstreams").await;
+        if status != StatusCode::OK {
+            return None;
+        }
+        let registered: Vec<&str> = upstreams
+            .as_array()?
+            .iter()
+            .filter_map(|u| u["service"].as_str())
+            .collect();
+        services
+            .iter()
+            .all(|service| registered.contains(&service.name()))
+            .then_some(())
+    })
+    .await;
+}
+
+async fn token_for(system: &System, email: &str) -> String {
+    let user = json!({ "email": email, "name": "Gia", "password": "password one" });
+    let (status, body) = answer(system.post(Gateway, "/users", user).await).await;
+    assert_eq!(status, StatusCode::CREATED, "{body}");
+    let credentials = json!({ "email": email, "password": "password one" });
+    let (status, body) = answer(system.post(Gateway, "/auth/token", credentials).await).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    body["access_token"].as_str().unwrap().to_owned()
+}
+
+async fn post_with(
+    system: &System,
+    path: &str,
+    token: Option<&str>,
+    body: Value,
+) -> reqwest::Response {
+    let mut request = system.http.post(system.url(Gateway, path)).json(&body);
+    if let Some(token) = token {
+        request = request.bearer_auth(token);
+    }
+    request.send().await.unwrap()
+}
+
+/// A login and an order through the gateway; commands without a valid token are 401.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn commands_through_the_gateway_need_a_valid_token() {
+    let all = [Gateway, Order, Inventory, Payment, User, Notification];
+    let system = System::start(&all).await;
+    routable(&system, &all[1..]).await;
+    let token = token_for(&system, "gia@example.com").await;
+    let stock = json!({ "sku": "G1", "name": "G1", "quantity": 5 });
+
+    let refused = |response: reqwest::Response, kind: &'static str| async move {
+        assert!(response.headers().contains_key("www-authenticate"));
+        let (status, problem) = answer(response).await;
+        assert_eq!(status, StatusCode::UNAUTHORIZED, "{problem}");
+        assert_eq!(problem["type"], format!("urn:orderflow:problem:{kind}"));
+    };
+    refused(
+        post_with(&system, "/inventory/items", None, stock.clone()).await,
+        "unauthorized",
+    )
+    .await;
+    let forged = Tokens::new(b"not our secret", Duration::from_secs(60))
+        .issue(Uuid::now_v7(), "x@example.com")
+        .unwrap();
+    let forged_post = post_with(&system, "/inventory/items", Some(&forged), stock.clone()).await;
+    refused(forged_post, "unauthorized").await;
+    let now = jsonwebtoken::get_current_timestamp();
+    let stale = Claims {
+        sub: Uuid::now_v7(),
+        email: "x@example.com".into(),
+        iss: ISSUER.into(),
+        iat: now - 7200,
+        exp: now - 3600,
+    };
+    let key = jsonwebtoken::EncodingKey::from_secret(services::auth::DEVELOPMENT_SECRET.as_bytes());
+    let expired = jsonwebtoken::encode(&jsonwebtoken::Header::default(), &stale, &key).unwrap();
+    refused(
+        post_with(&system, "/inventory/items", Some(&expired), stock.clone()).await,
+        "token-expired",
+    )
+    .await;
+
+    let response = post_with(&system, "/inventory/items", Some(&token), stock).await;
+    assert_eq!(response.status(), StatusCode::CREATED);
+    let claims = Tokens::default().verify(&token).unwrap();
+    let order = json!({
+        "customer_id": claims.sub,
+        "lines": [{ "sku": "G1", "quantity": 2, "unit_price_cents": 100 }],
+        "card_token": "tok_visa",
+    });
+    let response = post_with(&system, "/orders", Some(&token), order).await;
+    let correlation = response.headers()["x-correlation-id"]
+        .to_str()
+        .unwrap()
+        .to_owned();
+    let (status, placed) = answer(response).await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{placed}");
+    let order_id = placed["order_id"].as_str().unwrap().to_owned();
+    // Reads need no token (ORDERFLOW_GATEWAY_AUTH_READS is off).
+    let confirmed = wait_for(DEADLINE, "the order to be confirmed", || async {
+        let (status, order) = system.get(Gateway, &format!("/orders/{order_id}")).await;
+        (status == StatusCode::OK && order["status"] == "confirmed").then_some(order)
+    })
+    .await;
+    assert_eq!(confirmed["customer_id"], json!(claims.sub));
+    // The correlation id made at the edge travelled into the order's events.
+    let events = services::ops::read_stream(&system.config, &format!("order-{order_id}"), 1, None)
+        .await
+        .unwrap();
+    assert_eq!(events[0].correlation_id.to_string(), correlation);
+    let (status, _) = system.get(Gateway, "/nowhere").await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    system.stop().await;
+}
+
+/// Two gateways sharing Redis enforce one limit per client together.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_rate_limit_holds_across_two_gateways() {
+    let namespace = format!("orderflow-test-{}", Uuid::now_v7().simple());
+    let shared = [
+        ("ORDERFLOW_REGISTRY_NAMESPACE", namespace.as_str()),
+        ("ORDERFLOW_GATEWAY_RATE_LIMIT", "5"),
+    ];
+    let first = System::start_with(&[Gateway, Inventory], &shared).await;
+    let second = System::start_with(&[Gateway], &shared).await;
+    routable(&first, &[Inventory]).await;
+    routable(&second, &[Inventory]).await;
+    let requests = (0..30).map(|i| {
+        let gateway = if i % 2 == 0 { &first } else { &second };
+        async move {
+            let response = gateway
+                .http
+                .get(gateway.url(Gateway, "/inventory/items/NONE"))
+                .send()
+                .await
+                .unwrap();
+            let retry = response.headers().get("retry-after").cloned();
+            (response.status(), retry)
+        }
+    });
+    let answers = futures_util::future::join_all(requests).await;
+    let limited: Vec<_> = answers
+        .iter()
+        .filter(|(s, _)| *s == StatusCode::TOO_MANY_REQUESTS)
+        .collect();
+    assert!(
+        limited.iter().all(|(_, retry)| retry.is_some()),
+        "429s say when to retry"
+    );
+    let passed = answers
+        .iter()
+        .filter(|(s, _)| *s == StatusCode::NOT_FOUND)
+        .count();
+    assert_eq!(passed + limited.len(), 30, "{answers:?}");
+    // One counter per second for this client, incremented by both gateways.
+    let client = redis::Client::open(REDIS).unwrap();
+    let mut redis = client.get_multiplexed_async_connection().await.unwrap();
+    let keys: Vec<String> = redis::cmd("KEYS")
+        .arg(format!("{namespace}:rate:*"))
+        .query_async(&mut redis)
+        .await
+        .unwrap();
+    let mut counted = 0;
+    let mut allowed = 0;
+    for key in &keys {
+        let count: u64 = redis::cmd("GET")
+            .arg(key)
+            .query_async(&mut redis)
+            .await
+            .unwrap();
+        counted += count;
+        allowed += count.min(5);
+    }
+    assert_eq!(
+        counted, 30,
+        "both gateways counted into the same keys: {keys:?}"
+    );
+    assert_eq!(
+        passed as u64, allowed,
+        "at most 5 a second, whichever gateway"
+    );
+    second.stop().await;
+    first.stop().await;
+}
+
+/// A registered instance that refuses connections opens its breaker (the gateway then
+/// answers 503 at once); when something answers there again, a probe closes it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_breaker_opens_on_a_dead_upstream_and_closes_when_it_returns() {
+    let namespace = format!("orderflow-test-{}", Uuid::now_v7().simple());
+    let shared = [("ORDERFLOW_REGISTRY_NAMESPACE", namespace.as_str())];
+    let gateway = System::start_with(&[Gateway], &shared).await;
+    // A port nothing listens on (taken, then let go).
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let registry = Registry::connect(REDIS, &namespace, Duration::from_secs(60))
+        .await
+        .unwrap();
+    let dead = Instance {
+        service: "inventory".into(),
+        instance_id: "dead".into(),
+        address: format!("127.0.0.1:{port}"),
+    };
+    registry.register(&dead).await.unwrap();
+    for _ in 0..5 {
+        let (status, problem) = gateway.get(Gateway, "/inventory/items/X").await;
+        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{problem}");
+    }
+    let (_, upstreams) = gateway.get(Gateway, "/gateway/upstreams").await;
+    assert_eq!(upstreams[0]["breaker"], "open", "{upstreams}");
+    let started = Instant::now();
+    let (status, _) = gateway.get(Gateway, "/inventory/items/X").await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+    assert!(
+        started.elapsed() < Duration::from_millis(500),
+        "open: refused at once"
+    );
+
+    // The upstream comes back at that address.
+    let port_text = port.to_string();
+    let revived = System::start_with(
+        &[Inventory],
+        &[
+            ("ORDERFLOW_REGISTRY_NAMESPACE", namespace.as_str()),
+            ("ORDERFLOW_INVENTORY_PORT", &port_text),
+        ],
+    )
+    .await;
+    wait_for(DEADLINE, "the breaker to close", || async {
+        let (status, _) = gateway.get(Gateway, "/inventory/items/X").await;
+        (status == StatusCode::NOT_FOUND).then_some(())
+    })
+    .await;
+    let (_, upstreams) = gateway.get(Gateway, "/gateway/upstreams").await;
+    let breakers: Vec<&Value> = upstreams
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|u| &u["breaker"])
+        .collect();
+    assert!(breakers.iter().all(|b| *b == "closed"), "{upstreams}");
+    registry.deregister(&dead).await.unwrap();
+    revived.stop().await;
+    gateway.stop().await;
+}
+
+/// An instance killed with SIGKILL (no goodbye) leaves the registry within its
+/// time-to-live, while a live one stays.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_instance_leaves_the_registry_within_its_ttl() {
+    let ttl = Duration::from_millis(1500);
+    let ttl_text = ttl.as_millis().to_string();
+    let system = System::start_with(&[Payment], &[("ORDERFLOW_REGISTRY_TTL_MS", &ttl_text)]).await;
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let mut child = std::process::Command::new(tests::orderflow_binary())
+        .args([
+            "serve",
+            "--services",
+            "payment",
+            "--port",
+            &port.to_string(),
+        ])
+        .args(["--instance-id", "doomed"])
+        .envs(system.env())
+        .env("ORDERFLOW_REGISTRY_TTL_MS", &ttl_text)
+        .env("RUST_LOG", "error")
+        .spawn()
+        .expect("a second payment instance starts");
+    let registry = Registry::connect(REDIS, &system.config.registry_namespace, ttl)
+        .await
+        .unwrap();
+    let ids = |instances: Vec<Instance>| -> Vec<String> {
+        instances.into_iter().map(|i| i.instance_id).collect()
+    };
+    wait_for(DEADLINE, "both instances to register", || async {
+        let registered = ids(registry.instances("payment").await.unwrap());
+        (registered.len() == 2 && registered.contains(&"doomed".to_owned())).then_some(())
+    })
+    .await;
+    child.kill().expect("SIGKILL");
+    child.wait().unwrap();
+    let killed = Instant::now();
+    wait_for(DEADLINE, "the killed instance to vanish", || async {
+        let registered = ids(registry.instances("payment").await.unwrap());
+        (!registered.contains(&"doomed".to_owned())).then_some(())
+    })
+    .await;
+    assert!(
+        killed.elapsed() <= ttl + Duration::from_millis(500),
+        "{:?}",
+        killed.elapsed()
+    );
+    assert_eq!(
+        registry.instances("payment").await.unwrap().len(),
+        1,
+        "the live one stays"
+    );
+    system.stop().await;
+}
