@@ -32,6 +32,8 @@ use crate::registry::{Admission, Registry};
 /// Consecutive failures that open an upstream instance's breaker, and for how long.
 const BREAKER_THRESHOLD: u32 = 5;
 const BREAKER_OPEN_FOR: Duration = Duration::from_secs(3);
+/// Names the instance that answered a proxied request.
+pub const UPSTREAM_HEADER: &str = "x-upstream-instance";
 /// How long the gateway waits for Redis when it first needs it.
 const REDIS_TIMEOUT: Duration = Duration::from_secs(2);
 
@@ -265,7 +267,11 @@ pub async fn proxy(State(state): State<AppState>, request: Request) -> Result<Re
                 } else {
                     breaker.success();
                 }
-                return Ok(answer(response).await);
+                let mut answer = answer(response).await;
+                if let Ok(id) = HeaderValue::from_str(&instance.instance_id) {
+                    answer.headers_mut().insert(UPSTREAM_HEADER, id);
+                }
+                return Ok(answer);
             }
             // Never reached the instance: another one may take it.
             Err(error) if error.is_connect() => {

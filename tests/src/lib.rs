@@ -359,6 +359,35 @@ fn rabbitmqctl_output(arguments: &[&str]) -> anyhow::Result<String> {
     Ok(String::from_utf8_lossy(&output.stdout).into_owned())
 }
 
+/// An `orderflow` process a test started, killed when dropped (a failing test leaves
+/// none running).
+pub struct Spawned(pub std::process::Child);
+
+impl Spawned {
+    /// Starts `orderflow` with these arguments and environment.
+    pub fn orderflow(arguments: &[&str], env: &[(String, String)]) -> Spawned {
+        let child = std::process::Command::new(orderflow_binary())
+            .args(arguments)
+            .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+            .env("RUST_LOG", "error")
+            .spawn()
+            .expect("orderflow starts");
+        Spawned(child)
+    }
+
+    /// SIGKILL: the process ends without a word.
+    pub fn kill(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+impl Drop for Spawned {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
 /// The `orderflow` binary of this build, which `cargo test --workspace` builds beside
 /// the test binaries (they run from `target/<profile>/deps`).
 pub fn orderflow_binary() -> std::path::PathBuf {

@@ -9,7 +9,7 @@ use serde_json::{Value, json};
 use services::auth::{Claims, ISSUER, Tokens};
 use services::config::Service::{self, Gateway, Inventory, Notification, Order, Payment, User};
 use services::registry::{Instance, Registry};
-use tests::{System, answer, wait_for};
+use tests::{Spawned, System, answer, wait_for};
 use uuid::Uuid;
 
 const DEADLINE: Duration = Duration::from_secs(30);
@@ -278,20 +278,19 @@ async fn a_killed_instance_leaves_the_registry_within_its_ttl() {
         .local_addr()
         .unwrap()
         .port();
-    let mut child = std::process::Command::new(tests::orderflow_binary())
-        .args([
-            "serve",
-            "--services",
-            "payment",
-            "--port",
-            &port.to_string(),
-        ])
-        .args(["--instance-id", "doomed"])
-        .envs(system.env())
-        .env("ORDERFLOW_REGISTRY_TTL_MS", &ttl_text)
-        .env("RUST_LOG", "error")
-        .spawn()
-        .expect("a second payment instance starts");
+    let mut env = system.env();
+    env.push(("ORDERFLOW_REGISTRY_TTL_MS".into(), ttl_text.clone()));
+    let port = port.to_string();
+    let arguments = [
+        "serve",
+        "--services",
+        "payment",
+        "--port",
+        &port,
+        "--instance-id",
+        "doomed",
+    ];
+    let mut child = Spawned::orderflow(&arguments, &env);
     let registry = Registry::connect(REDIS, &system.config.registry_namespace, ttl)
         .await
         .unwrap();
@@ -303,8 +302,7 @@ async fn a_killed_instance_leaves_the_registry_within_its_ttl() {
         (registered.len() == 2 && registered.contains(&"doomed".to_owned())).then_some(())
     })
     .await;
-    child.kill().expect("SIGKILL");
-    child.wait().unwrap();
+    child.kill();
     let killed = Instant::now();
     wait_for(DEADLINE, "the killed instance to vanish", || async {
         let registered = ids(registry.instances("payment").await.unwrap());
@@ -321,5 +319,114 @@ async fn a_killed_instance_leaves_the_registry_within_its_ttl() {
         1,
         "the live one stays"
     );
+    system.stop().await;
+}
+
+/// Three instances of the order service behind the gateway share the requests; one is
+/// killed mid-way, the gateway keeps answering, and every order still ends correctly
+/// with the stock balanced.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_order_instances_share_the_load_and_survive_losing_one() {
+    let ttl = [
+        ("ORDERFLOW_REGISTRY_TTL_MS", "1500"),
+        ("ORDERFLOW_PAYMENT_DEADLINE_MS", "2000"),
+    ];
+    let system = System::start_with(&[Gateway, Order, Inventory, Payment, User], &ttl).await;
+    let mut env = system.env();
+    env.extend(ttl.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())));
+    let mut others = Vec::new();
+    for id in ["order-2", "order-3"] {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let port = port.to_string();
+        let arguments = [
+            "serve",
+            "--services",
+            "order",
+            "--port",
+            &port,
+            "--instance-id",
+            id,
+        ];
+        others.push(Spawned::orderflow(&arguments, &env));
+    }
+    wait_for(DEADLINE, "three order instances", || async {
+        let (_, upstreams) = system.get(Gateway, "/gateway/upstreams").await;
+        let orders = upstreams
+            .as_array()?
+            .iter()
+            .filter(|u| u["service"] == "order")
+            .count();
+        (orders == 3).then_some(())
+    })
+    .await;
+    let token = token_for(&system, "tri@example.com").await;
+    let customer = Tokens::default().verify(&token).unwrap().sub;
+    let stock = json!({ "sku": "TRI", "name": "TRI", "quantity": 20 });
+    assert_eq!(
+        post_with(&system, "/inventory/items", Some(&token), stock)
+            .await
+            .status(),
+        StatusCode::CREATED
+    );
+
+    let mut orders = Vec::new();
+    let mut answered_by = std::collections::BTreeSet::new();
+    for i in 0..30 {
+        if i == 15 {
+            // One instance dies without a word; its registration lingers until the TTL.
+            others[1].kill();
+        }
+        let card = if i % 3 == 0 {
+            "tok_decline"
+        } else {
+            "tok_visa"
+        };
+        let order = json!({
+            "customer_id": customer,
+            "lines": [{ "sku": "TRI", "quantity": 1, "unit_price_cents": 100 }],
+            "card_token": card,
+        });
+        let response = post_with(&system, "/orders", Some(&token), order).await;
+        if let Some(id) = response.headers().get("x-upstream-instance") {
+            answered_by.insert(id.to_str().unwrap().to_owned());
+        }
+        let (status, placed) = answer(response).await;
+        assert_eq!(status, StatusCode::ACCEPTED, "order {i}: {placed}");
+        orders.push(placed["order_id"].as_str().unwrap().to_owned());
+    }
+    assert_eq!(
+        answered_by.len(),
+        3,
+        "every instance took requests: {answered_by:?}"
+    );
+    let mut sold = 0;
+    for order_id in &orders {
+        let order = wait_for(Duration::from_secs(60), "the order to end", || async {
+            let (status, order) = system.get(Gateway, &format!("/orders/{order_id}")).await;
+            (status == StatusCode::OK && order["status"] != "pending").then_some(order)
+        })
+        .await;
+        match order["status"].as_str().unwrap() {
+            "confirmed" => sold += 1,
+            "cancelled" | "rejected" => {}
+            other => panic!("{order_id} ended {other}"),
+        }
+    }
+    assert!(sold > 0);
+    wait_for(DEADLINE, "the stock to balance", || async {
+        let (_, item) = system.get(Gateway, "/inventory/items/TRI").await;
+        let levels = (
+            item["available"].as_u64()?,
+            item["reserved"].as_u64()?,
+            item["sold"].as_u64()?,
+        );
+        (levels == (20 - sold, 0, sold)).then_some(())
+    })
+    .await;
+    drop(others);
     system.stop().await;
 }
