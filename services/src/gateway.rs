@@ -192,9 +192,12 @@ pub async fn proxy(State(state): State<AppState>, request: Request) -> Result<Re
     let claims = match token {
         Some(token) => Some(gateway.tokens.verify(token).map_err(unauthorized)?),
         None if needs_token(request.method(), &path, gateway.protect_reads) => {
-            return Err(unauthorized(TokenError::Invalid(
-                "send an access token: Authorization: Bearer <token> (POST /auth/token)".into(),
-            )));
+            return Err(ApiError::new(
+                StatusCode::UNAUTHORIZED,
+                "unauthorized",
+                "this needs an access token: Authorization: Bearer <token> (POST /auth/token)",
+            )
+            .with_header(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer")));
         }
         None => None,
     };
