@@ -9,8 +9,8 @@
 //! what it uses whenever it connects.
 
 use lapin::options::{
-    BasicQosOptions, ConfirmSelectOptions, ExchangeDeclareOptions, QueueBindOptions,
-    QueueDeclareOptions,
+    BasicQosOptions, ConfirmSelectOptions, ExchangeBindOptions, ExchangeDeclareOptions,
+    QueueBindOptions, QueueDeclareOptions,
 };
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, ExchangeKind};
@@ -41,6 +41,9 @@ pub mod dead_letter_headers {
     pub const FIRST_FAILED_AT: &str = "x-orderflow-first-failed-at";
     /// When it was last dead-lettered.
     pub const LAST_FAILED_AT: &str = "x-orderflow-last-failed-at";
+    /// Set when the consumer is split into partitions: a replay goes through this
+    /// exchange, which hands it to the partition of its stream.
+    pub const REPLAY_EXCHANGE: &str = "x-orderflow-replay-exchange";
 }
 
 /// The queue a service's commands arrive on.
@@ -125,6 +128,66 @@ pub async fn declare_queue(
                 FieldTable::default(),
             )
             .await?;
+    }
+    Ok(())
+}
+
+/// The exchange that spreads a partitioned consumer's messages over its partition
+/// queues by a hash of their stream id.
+pub fn partition_exchange(queue: &str) -> String {
+    format!("{queue}.partitions")
+}
+
+/// Partition `partition` of the consumer `queue`.
+pub fn partition_queue(queue: &str, partition: u16) -> String {
+    format!("{queue}.p{partition}")
+}
+
+/// Declares a consumer split into `partitions` queues: a consistent-hash exchange
+/// (RabbitMQ's `rabbitmq_consistent_hash_exchange` plugin) bound to `bindings`,
+/// hashing on the `stream_id` header so that all of a stream's messages land in one
+/// partition, in order, and one single-active-consumer quorum queue per partition.
+pub async fn declare_partitioned(
+    channel: &Channel,
+    queue: &str,
+    bindings: &[(&str, &str)],
+    partitions: u16,
+) -> Result<(), lapin::Error> {
+    let exchange = partition_exchange(queue);
+    let mut arguments = FieldTable::default();
+    arguments.insert("hash-header".into(), long_string(header::STREAM_ID));
+    let options = ExchangeDeclareOptions {
+        durable: true,
+        ..ExchangeDeclareOptions::default()
+    };
+    channel
+        .exchange_declare(
+            exchange.as_str().into(),
+            ExchangeKind::Custom("x-consistent-hash".into()),
+            options,
+            arguments,
+        )
+        .await?;
+    for (source, pattern) in bindings {
+        channel
+            .exchange_bind(
+                exchange.as_str().into(),
+                (*source).into(),
+                (*pattern).into(),
+                ExchangeBindOptions::default(),
+                FieldTable::default(),
+            )
+            .await?;
+    }
+    for partition in 0..partitions {
+        // Equal weights: each partition takes an equal share of the hash space.
+        declare_queue(
+            channel,
+            &partition_queue(queue, partition),
+            &[(exchange.as_str(), "1")],
+            true,
+        )
+        .await?;
     }
     Ok(())
 }

@@ -132,6 +132,10 @@ pub struct ConsumerConfig {
     /// are ready while every transaction slot is busy go together, which divides the
     /// commits and round trips per message under load and costs nothing when idle.
     pub batch_size: usize,
+    /// Queues the consumer is split into, each with a share of the streams (by a hash
+    /// of the stream id), so instances of a service can share the work: each takes the
+    /// partitions assigned to it ([`Consumer::with_assignment`]). 1: one queue.
+    pub partitions: u16,
     /// Handler attempts before a message is dead-lettered.
     pub max_attempts: u32,
     /// The pause after the first failed attempt; it doubles after each further one.
@@ -169,6 +173,7 @@ impl ConsumerConfig {
             prefetch: 256,
             concurrency: 4,
             batch_size: 64,
+            partitions: 1,
             max_attempts: 3,
             first_retry_delay: Duration::from_millis(100),
         }
@@ -179,7 +184,18 @@ impl ConsumerConfig {
         format!("{}.{}", self.service, self.name)
     }
 
-    /// Declares the service's topology and this consumer's queue with its bindings.
+    /// The queue partition `partition` is read from (the consumer's queue itself when
+    /// it is not split).
+    pub fn partition_queue(&self, partition: u16) -> String {
+        if self.partitions <= 1 {
+            self.queue()
+        } else {
+            amqp::partition_queue(&self.queue(), partition)
+        }
+    }
+
+    /// Declares the service's topology and this consumer's queue (or partitions) with
+    /// its bindings.
     pub async fn declare(&self, channel: &Channel) -> Result<(), lapin::Error> {
         amqp::declare_service(channel, &self.service).await?;
         let bindings: Vec<(&str, &str)> = self
@@ -187,7 +203,11 @@ impl ConsumerConfig {
             .iter()
             .map(|(exchange, pattern)| (exchange.as_str(), pattern.as_str()))
             .collect();
-        amqp::declare_queue(channel, &self.queue(), &bindings, true).await
+        if self.partitions <= 1 {
+            amqp::declare_queue(channel, &self.queue(), &bindings, true).await
+        } else {
+            amqp::declare_partitioned(channel, &self.queue(), &bindings, self.partitions).await
+        }
     }
 }
 
@@ -202,6 +222,9 @@ pub enum ConsumerError {
 /// Runs a [`Handler`] on a queue. See the module documentation.
 pub struct Consumer<H> {
     shared: Arc<Shared<H>>,
+    /// The partitions this instance takes, when the consumer is split; all of them
+    /// when no one says.
+    assignment: Option<tokio::sync::watch::Receiver<Vec<u16>>>,
 }
 
 struct Shared<H> {
@@ -241,13 +264,23 @@ impl<H: Handler> Consumer<H> {
                 metrics,
                 cancel: CancellationToken::new(),
             }),
+            assignment: None,
         }
+    }
+
+    /// Takes only the partitions `assignment` names (and follows its changes: a
+    /// partition let go is handed back to the broker, whose single-active-consumer
+    /// queue then delivers to the instance that took it up, starting with what was
+    /// unacknowledged, in order).
+    pub fn with_assignment(mut self, assignment: tokio::sync::watch::Receiver<Vec<u16>>) -> Self {
+        self.assignment = Some(assignment);
+        self
     }
 
     /// Declares the topology and consumes until `cancel` fires, reconnecting with
     /// backoff whenever the broker connection is lost. On cancel it stops taking
     /// messages, lets the ones being handled finish, and returns.
-    pub async fn run(self, cancel: CancellationToken) {
+    pub async fn run(mut self, cancel: CancellationToken) {
         let span = tracing::info_span!("consumer", queue = %self.shared.queue);
         async move {
             // Tasks watch the consumer's own token, so it can be cancelled from here.
@@ -275,25 +308,80 @@ impl<H: Handler> Consumer<H> {
         .await
     }
 
+    /// The partitions to consume now.
+    fn wanted(&self) -> Vec<u16> {
+        let partitions = self.shared.config.partitions.max(1);
+        match &self.assignment {
+            Some(assignment) if partitions > 1 => assignment
+                .borrow()
+                .iter()
+                .copied()
+                .filter(|p| *p < partitions)
+                .collect(),
+            _ => (0..partitions).collect(),
+        }
+    }
+
+    /// Starts consuming the partitions of `wanted` not yet consumed, each on a
+    /// channel of its own, and lets go of those no longer wanted by closing their
+    /// channel (which returns what they held unacknowledged to the queue's head).
+    async fn follow(
+        &self,
+        connection: &lapin::Connection,
+        subscribed: &mut HashMap<u16, Channel>,
+        deliveries: &mut futures_util::stream::SelectAll<PartitionDeliveries>,
+        wanted: &[u16],
+    ) -> Result<(), ConsumerError> {
+        let config = &self.shared.config;
+        let gone: Vec<u16> = subscribed
+            .keys()
+            .copied()
+            .filter(|p| !wanted.contains(p))
+            .collect();
+        for partition in gone {
+            if let Some(channel) = subscribed.remove(&partition) {
+                let _ = channel.close(200, "partition handed over".into()).await;
+                tracing::info!(partition, "let go of a partition");
+            }
+        }
+        for &partition in wanted {
+            if subscribed.contains_key(&partition) {
+                continue;
+            }
+            let channel = connection.create_channel().await?;
+            amqp::set_prefetch(&channel, config.prefetch).await?;
+            let queue = config.partition_queue(partition);
+            let consumer = channel
+                .basic_consume(
+                    queue.as_str().into(),
+                    "".into(),
+                    BasicConsumeOptions::default(),
+                    FieldTable::default(),
+                )
+                .await?;
+            deliveries.push(Box::pin(
+                consumer.map(move |delivery| (partition, delivery)),
+            ));
+            subscribed.insert(partition, channel);
+        }
+        Ok(())
+    }
+
     /// One broker connection's worth of consuming. `Ok` means cancelled.
-    async fn session(&self, cancel: &CancellationToken) -> Result<(), ConsumerError> {
-        let shared = &self.shared;
+    async fn session(&mut self, cancel: &CancellationToken) -> Result<(), ConsumerError> {
+        let shared = self.shared.clone();
         let config = &shared.config;
         let connection = amqp::connect(&config.amqp_url, &shared.queue).await?;
         let channel = connection.create_channel().await?;
         config.declare(&channel).await?;
-        amqp::set_prefetch(&channel, config.prefetch).await?;
         let channels = Arc::new(SessionChannels {
             dead_letters: amqp::confirming_channel(&connection).await?,
             consume: channel.clone(),
         });
-        let mut deliveries = channel
-            .basic_consume(
-                shared.queue.as_str().into(),
-                "".into(),
-                BasicConsumeOptions::default(),
-                FieldTable::default(),
-            )
+        let mut subscribed: HashMap<u16, Channel> = HashMap::new();
+        let mut deliveries = futures_util::stream::SelectAll::new();
+        let wanted = self.wanted();
+        self.follow(&connection, &mut subscribed, &mut deliveries, &wanted)
             .await?;
         tracing::info!("consuming");
         let (done_sender, mut done) = tokio::sync::mpsc::unbounded_channel::<Done>();
@@ -338,7 +426,19 @@ impl<H: Handler> Consumer<H> {
                     dispatcher.startable().into_iter().for_each(&start);
                 }
                 _ = cancel.cancelled() => break Ok(()),
-                delivery = deliveries.next() => {
+                changed = assignment_changed(&mut self.assignment) => {
+                    if changed.is_err() {
+                        // The assignment's owner is gone: keep what is taken.
+                        self.assignment = None;
+                        continue;
+                    }
+                    let wanted = self.wanted();
+                    let followed = self.follow(&connection, &mut subscribed, &mut deliveries, &wanted);
+                    if let Err(error) = followed.await {
+                        break Err(error);
+                    }
+                }
+                delivery = deliveries.next(), if !deliveries.is_empty() => {
                     // Take every delivery already here before starting any, so what
                     // arrived together can go in one transaction.
                     let mut next = Some(delivery);
@@ -346,11 +446,13 @@ impl<H: Handler> Consumer<H> {
                     let mut lost = None;
                     while let Some(delivery) = next.take() {
                         match delivery {
-                            Some(Ok(delivery)) => {
+                            Some((_, Ok(delivery))) => {
                                 let key = ordering_key(&delivery);
                                 dispatcher.arrived(key, delivery);
                             }
-                            Some(Err(error)) => lost = Some(ConsumerError::Broker(error)),
+                            // The end of a partition let go of on purpose.
+                            Some((partition, Err(_))) if !subscribed.contains_key(&partition) => {}
+                            Some((_, Err(error))) => lost = Some(ConsumerError::Broker(error)),
                             None => lost = Some(ConsumerError::CancelledByBroker),
                         }
                         taken += 1;
@@ -477,6 +579,21 @@ async fn advance_park(
         .execute(connection)
         .await?;
     Ok(next)
+}
+
+/// One partition's deliveries, tagged with it.
+type PartitionDeliveries = std::pin::Pin<
+    Box<dyn futures_util::Stream<Item = (u16, Result<Delivery, lapin::Error>)> + Send>,
+>;
+
+/// Resolves when the assignment changes (or its sender is gone); never without one.
+async fn assignment_changed(
+    assignment: &mut Option<tokio::sync::watch::Receiver<Vec<u16>>>,
+) -> Result<(), tokio::sync::watch::error::RecvError> {
+    match assignment {
+        Some(assignment) => assignment.changed().await,
+        None => std::future::pending().await,
+    }
 }
 
 /// The consumer's own database connections, kept open between messages. Handlers run
@@ -1294,6 +1411,13 @@ async fn try_dead_letter<H>(
         dead_letter_headers::QUEUE,
         amqp::long_string(shared.queue.as_str()),
     );
+    if shared.config.partitions > 1 {
+        let exchange = amqp::partition_exchange(&shared.queue);
+        set(
+            dead_letter_headers::REPLAY_EXCHANGE,
+            amqp::long_string(exchange),
+        );
+    }
     if let Park::Behind(behind) = letter.park {
         set(
             dead_letter_headers::PARKED_BEHIND,

@@ -38,6 +38,8 @@ pub struct DeadLetter {
     pub attempts: Option<i64>,
     /// The earlier dead letter of its stream it waits behind, if it was never tried.
     pub parked_behind: Option<Uuid>,
+    /// For a consumer split into partitions: the exchange a replay goes through.
+    pub replay_exchange: Option<String>,
     pub first_failed_at: Option<DateTime<Utc>>,
     pub last_failed_at: Option<DateTime<Utc>>,
     pub payload: Vec<u8>,
@@ -197,11 +199,17 @@ impl Session {
             mandatory: true,
             ..BasicPublishOptions::default()
         };
+        // A split consumer's partition exchange picks the partition by stream; a
+        // plain queue takes it through the default exchange.
+        let (exchange, routing_key) = match &letter.replay_exchange {
+            Some(exchange) => (exchange.as_str(), ""),
+            None => ("", queue),
+        };
         let confirm = self
             .channel
             .basic_publish(
-                "".into(),
-                amqp::short_string(queue),
+                amqp::short_string(exchange),
+                amqp::short_string(routing_key),
                 options,
                 &letter.payload,
                 letter.properties.clone(),
@@ -250,6 +258,7 @@ impl DeadLetter {
             attempts: amqp::header_integer(&headers, dead_letter_headers::ATTEMPTS),
             parked_behind: text(dead_letter_headers::PARKED_BEHIND)
                 .and_then(|id| Uuid::parse_str(&id).ok()),
+            replay_exchange: text(dead_letter_headers::REPLAY_EXCHANGE),
             first_failed_at: time(dead_letter_headers::FIRST_FAILED_AT),
             last_failed_at: time(dead_letter_headers::LAST_FAILED_AT),
             payload: delivery.data.clone(),

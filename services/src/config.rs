@@ -121,6 +121,10 @@ pub struct Config {
     /// This process's instance id in the registry (`orderflow serve --instance-id`);
     /// a fresh one per start when unset.
     pub instance_id: Option<String>,
+    /// `ORDERFLOW_CONSUMER_PARTITIONS`: how many queues each event consumer is split
+    /// into (default 1), so several instances of a service share its work. Every
+    /// instance must use the same number.
+    pub consumer_partitions: u16,
 }
 
 impl Config {
@@ -186,6 +190,19 @@ impl Config {
                 anyhow::bail!("ORDERFLOW_GATEWAY_AUTH_READS={other:?} is not true or false")
             }
         };
+        let consumer_partitions = match lookup("ORDERFLOW_CONSUMER_PARTITIONS") {
+            None => 1,
+            Some(text) => text
+                .trim()
+                .parse()
+                .ok()
+                .filter(|n| (1..=64).contains(n))
+                .ok_or_else(|| {
+                    anyhow::anyhow!(
+                        "ORDERFLOW_CONSUMER_PARTITIONS={text:?} is not a number from 1 to 64"
+                    )
+                })?,
+        };
         let jwt_secret = lookup("ORDERFLOW_JWT_SECRET").filter(|secret| !secret.is_empty());
         let jwt_lifetime = match lookup("ORDERFLOW_JWT_TTL_SECONDS") {
             None => std::time::Duration::from_secs(3600),
@@ -218,6 +235,7 @@ impl Config {
             gateway_auth_reads,
             gateway_timeout,
             instance_id: None,
+            consumer_partitions,
         })
     }
 

@@ -146,6 +146,62 @@ impl Registry {
     }
 }
 
+/// The partitions of a split consumer this instance takes: partition `p` goes to the
+/// instance whose place among the service's registered instances (sorted by id) is
+/// `p` modulo their number. Every instance works this out from the same registry, so
+/// each partition has one taker once their views agree; while they do not, two may
+/// both take one (its single-active-consumer queue lets only one of them consume) or
+/// none may for a moment. Starts with every partition (so consuming starts even
+/// without Redis) and follows the registry every `every`.
+pub fn assignments(
+    redis_url: String,
+    namespace: String,
+    ttl: Duration,
+    instance: Instance,
+    partitions: u16,
+    cancel: CancellationToken,
+) -> tokio::sync::watch::Receiver<Vec<u16>> {
+    let all: Vec<u16> = (0..partitions).collect();
+    let (sender, receiver) = tokio::sync::watch::channel(all);
+    tokio::spawn(async move {
+        let every = (ttl / 3).max(Duration::from_millis(100));
+        let mut registry = None;
+        loop {
+            if registry.is_none() {
+                registry = Registry::connect(&redis_url, &namespace, ttl).await.ok();
+            }
+            if let Some(registry) = &registry
+                && let Ok(mut instances) = registry.instances(&instance.service).await
+            {
+                instances.sort_by(|a, b| a.instance_id.cmp(&b.instance_id));
+                instances.dedup_by(|a, b| a.instance_id == b.instance_id);
+                if let Some(place) = instances
+                    .iter()
+                    .position(|i| i.instance_id == instance.instance_id)
+                {
+                    let takers = instances.len();
+                    let mine: Vec<u16> = (0..partitions)
+                        .filter(|p| usize::from(*p) % takers == place)
+                        .collect();
+                    sender.send_if_modified(|current| {
+                        let changed = *current != mine;
+                        if changed {
+                            tracing::info!(service = %instance.service, partitions = ?mine, "taking partitions");
+                            current.clone_from(&mine);
+                        }
+                        changed
+                    });
+                }
+            }
+            tokio::select! {
+                () = cancel.cancelled() => return,
+                () = tokio::time::sleep(every) => {}
+            }
+        }
+    });
+    receiver
+}
+
 fn member(instance: &Instance) -> String {
     // Field order is fixed, so one instance is always the same member.
     serde_json::to_string(instance).unwrap_or_default()

@@ -8,6 +8,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use anyhow::Context;
+use eventstore::amqp::EVENTS_EXCHANGE;
 use eventstore::{
     AggregateStore, Consumer, ConsumerConfig, EventStore, Handler, Metrics, Relay, RelayConfig,
     SchemaRegistry,
@@ -91,6 +92,10 @@ pub async fn start(
             "ORDERFLOW_JWT_SECRET is not set: tokens are signed with a development secret"
         );
     }
+    let instance_id = config
+        .instance_id
+        .clone()
+        .unwrap_or_else(|| Uuid::now_v7().simple().to_string());
     let mut workers: Vec<Worker> = Vec::new();
     let mut consumer_configs = Vec::new();
     let mut relays = Vec::new();
@@ -100,6 +105,22 @@ pub async fn start(
         let listener = TcpListener::bind(address)
             .await
             .with_context(|| format!("{service}: cannot listen on {}:{}", address.0, address.1))?;
+        let instance = Instance {
+            service: service.name().to_owned(),
+            instance_id: instance_id.clone(),
+            address: listener.local_addr()?.to_string(),
+        };
+        // Which partitions of the service's event consumers this instance takes.
+        let assignment = (config.consumer_partitions > 1).then(|| {
+            crate::registry::assignments(
+                config.redis_url.clone(),
+                config.registry_namespace.clone(),
+                config.registry_ttl,
+                instance.clone(),
+                config.consumer_partitions,
+                shutdown.clone(),
+            )
+        });
         let mut health = Health::default();
         let db = match config.database(service)? {
             Some(options) => {
@@ -117,6 +138,7 @@ pub async fn start(
                     workers: &mut workers,
                     consumer_configs: &mut consumer_configs,
                     providers: &providers,
+                    assignment: assignment.as_ref(),
                 };
                 relays.push(plan.relay());
                 plan.service_workers(&aggregates);
@@ -137,7 +159,7 @@ pub async fn start(
                 _ => None,
             },
         };
-        listeners.push((service, listener, app(state)));
+        listeners.push((instance, listener, app(state)));
     }
     // Every relay declares every consumer queue of the process before it publishes,
     // so no event is dropped as unroutable while a consumer is still connecting.
@@ -158,19 +180,11 @@ pub async fn start(
     }
     let mut servers = JoinSet::new();
     let mut addresses = Vec::new();
-    let instance_id = config
-        .instance_id
-        .clone()
-        .unwrap_or_else(|| Uuid::now_v7().simple().to_string());
-    for (service, listener, router) in listeners {
+    for (instance, listener, router) in listeners {
         let address = listener.local_addr()?;
-        tracing::info!(%service, %address, %instance_id, "listening");
+        let service = Service::parse(&instance.service).map_err(anyhow::Error::msg)?;
+        tracing::info!(%service, %address, instance_id = %instance.instance_id, "listening");
         addresses.push((service, address));
-        let instance = Instance {
-            service: service.name().to_owned(),
-            instance_id: instance_id.clone(),
-            address: address.to_string(),
-        };
         running_workers.spawn(register(config.clone(), instance, shutdown.clone()));
         let stop = shutdown.clone();
         servers.spawn(async move {
@@ -217,6 +231,9 @@ struct Plan<'a> {
     workers: &'a mut Vec<Worker>,
     consumer_configs: &'a mut Vec<ConsumerConfig>,
     providers: &'a Arc<crate::notifications::Providers>,
+    /// The partitions of the service's event consumers this instance takes (when they
+    /// are split).
+    assignment: Option<&'a tokio::sync::watch::Receiver<Vec<u16>>>,
 }
 
 impl Plan<'_> {
@@ -316,16 +333,28 @@ impl Plan<'_> {
         self.consumer(Runner::<R>::config(&self.config.amqp_url), runner);
     }
 
-    fn consumer<H: Handler>(&mut self, config: ConsumerConfig, handler: H) {
+    fn consumer<H: Handler>(&mut self, mut config: ConsumerConfig, handler: H) {
         let name = format!("consumer {}", config.queue());
+        // Event consumers are split so instances share them; a command queue is not
+        // (its single active consumer keeps one instance on it, the others standing by).
+        let events = config
+            .bindings
+            .iter()
+            .all(|(exchange, _)| exchange == EVENTS_EXCHANGE);
+        if events {
+            config.partitions = self.config.consumer_partitions;
+        }
         self.consumer_configs.push(config.clone());
-        let consumer = Consumer::new(
+        let mut consumer = Consumer::new(
             config,
             self.store.clone(),
             self.registry.clone(),
             handler,
             self.metrics.clone(),
         );
+        if let (true, Some(assignment)) = (events, self.assignment) {
+            consumer = consumer.with_assignment(assignment.clone());
+        }
         self.worker(name, consumer.run(self.shutdown.clone()));
     }
 

@@ -330,11 +330,14 @@ async fn three_order_instances_share_the_load_and_survive_losing_one() {
     let ttl = [
         ("ORDERFLOW_REGISTRY_TTL_MS", "1500"),
         ("ORDERFLOW_PAYMENT_DEADLINE_MS", "2000"),
+        // Each order consumer in three partitions, one for each instance.
+        ("ORDERFLOW_CONSUMER_PARTITIONS", "3"),
     ];
     let system = System::start_with(&[Gateway, Order, Inventory, Payment, User], &ttl).await;
     let mut env = system.env();
     env.extend(ttl.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())));
     let mut others = Vec::new();
+    let mut ports = Vec::new();
     for id in ["order-2", "order-3"] {
         let port = std::net::TcpListener::bind("127.0.0.1:0")
             .unwrap()
@@ -342,6 +345,7 @@ async fn three_order_instances_share_the_load_and_survive_losing_one() {
             .unwrap()
             .port();
         let port = port.to_string();
+        ports.push(port.clone());
         let arguments = [
             "serve",
             "--services",
@@ -427,6 +431,24 @@ async fn three_order_instances_share_the_load_and_survive_losing_one() {
         (levels == (20 - sold, 0, sold)).then_some(())
     })
     .await;
+    // The saga's work was shared: the first instance and order-2 (alive to the end)
+    // both handled some of its messages.
+    let consumed = |metrics: String| -> u64 {
+        let series = "orderflow_consumer_consumed_total{consumer=\"order.fulfilment-saga\"} ";
+        metrics
+            .lines()
+            .find_map(|line| line.strip_prefix(series))
+            .and_then(|count| count.trim().parse().ok())
+            .unwrap_or(0)
+    };
+    let metrics_of =
+        |url: String| async move { reqwest::get(url).await.unwrap().text().await.unwrap() };
+    let first = consumed(metrics_of(system.url(Order, "/metrics")).await);
+    let second = consumed(metrics_of(format!("http://127.0.0.1:{}/metrics", ports[0])).await);
+    assert!(
+        first > 0 && second > 0,
+        "saga messages handled: {first} and {second}"
+    );
     drop(others);
     system.stop().await;
 }

@@ -577,6 +577,100 @@ async fn the_dlq_tools_list_replay_in_order_and_purge() {
     .await;
 }
 
+/// A consumer split into partitions (by a hash of the stream id) shares its work
+/// between instances, each taking the partitions assigned to it; when one lets its
+/// partitions go, the other takes them up where they stood. Every event is applied
+/// once, each stream in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn partitions_share_a_consumers_work_and_are_handed_over_in_order() {
+    let world = World::new().await;
+    let mut config = world.consumer_config();
+    config.partitions = 4;
+    world.declare(&config).await;
+    let metrics = (Metrics::new(), Metrics::new());
+    let (first, first_assignment) = tokio::sync::watch::channel(vec![0, 2]);
+    let (second, second_assignment) = tokio::sync::watch::channel(vec![1, 3]);
+    // One event fails until healed: its dead letter must find its partition again.
+    let healed = Arc::new(AtomicBool::new(false));
+    let recorder = {
+        let healed = healed.clone();
+        Recorder::new(move |message, _| {
+            message.envelope.stream_id == "stock-part-7"
+                && message.envelope.stream_version == Some(5)
+                && !healed.load(Ordering::SeqCst)
+        })
+    };
+    for (assignment, metrics) in [
+        (first_assignment, &metrics.0),
+        (second_assignment, &metrics.1),
+    ] {
+        let consumer = Consumer::new(
+            config.clone(),
+            world.store.clone(),
+            TestDb::registry(),
+            recorder.clone(),
+            metrics.clone(),
+        )
+        .with_assignment(assignment);
+        tokio::spawn(consumer.run(world.cancel.clone()));
+    }
+    world.start_relay(world.relay_config(), &metrics.0);
+    let streams = streams("stock-part", 40);
+    append_round_robin(&world.store, &streams, 10, 1).await;
+    // stock-part-7 stops at v4: v5 is dead, v6..v10 parked behind it.
+    world.wait_applied(394, Duration::from_secs(60)).await;
+    let url = world.vhost.url.as_str();
+    let letters = wait_for(Duration::from_secs(30), "6 dead letters", || async {
+        let letters = eventstore::dlq::list(url, SERVICE).await.unwrap();
+        (letters.len() == 6).then_some(letters)
+    })
+    .await;
+    let exchange = Some("order.recorder.partitions");
+    assert!(
+        letters
+            .iter()
+            .all(|l| l.replay_exchange.as_deref() == exchange)
+    );
+    healed.store(true, Ordering::SeqCst);
+    let replayed = eventstore::dlq::replay(url, SERVICE, |_| true, false)
+        .await
+        .unwrap();
+    assert_eq!(replayed.done.len(), 6);
+    world.wait_applied(400, Duration::from_secs(60)).await;
+    let queue = config.queue();
+    let (a, b) = (
+        metrics.0.consumed_count(&queue),
+        metrics.1.consumed_count(&queue),
+    );
+    assert_eq!(a + b, 400);
+    assert!(a > 50 && b > 50, "both instances worked: {a} and {b}");
+
+    // The second instance lets go of its partitions while events keep coming; the
+    // first takes them up.
+    let writer = {
+        let (store, streams) = (world.store.clone(), streams.clone());
+        tokio::spawn(async move {
+            for round in 10..20 {
+                for stream in &streams {
+                    store
+                        .append(
+                            stream,
+                            ExpectedVersion::Exact(round),
+                            &[stock_event(stream, 1)],
+                        )
+                        .await
+                        .unwrap();
+                }
+            }
+        })
+    };
+    second.send(vec![]).unwrap();
+    first.send(vec![0, 1, 2, 3]).unwrap();
+    writer.await.unwrap();
+    let applied = world.wait_applied(800, Duration::from_secs(60)).await;
+    assert_once_in_order(&applied, &streams, 20);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_standby_relay_takes_over_within_five_seconds_of_the_leader_dying() {
     let world = World::new().await;
