@@ -192,18 +192,11 @@ pub async fn declare_partitioned(
     Ok(())
 }
 
-/// Declares what every service has: the exchanges, its command queue and its
-/// dead-letter queue.
+/// Declares what every service has: the exchanges and its dead-letter queue. (Its
+/// command queue belongs to its command consumer, whose configuration says whether it
+/// is split: see [`ConsumerConfig::commands`](crate::ConsumerConfig::commands).)
 pub async fn declare_service(channel: &Channel, service: &str) -> Result<(), lapin::Error> {
     declare_exchanges(channel).await?;
-    let commands = format!("{service}.#");
-    declare_queue(
-        channel,
-        &commands_queue(service),
-        &[(COMMANDS_EXCHANGE, &commands)],
-        true,
-    )
-    .await?;
     // Read by operators (`orderflow dlq`), not by a consumer.
     declare_queue(channel, &dead_letter_queue(service), &[], false).await
 }

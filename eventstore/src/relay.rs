@@ -60,6 +60,10 @@ pub struct RelayConfig {
     /// Fault injection for tests: stop (as if the process died) after the broker
     /// confirmed a batch and before marking it published.
     pub stop_before_marking: bool,
+    /// How many partitions every service's command queue is split into: a command's
+    /// target queue is declared (so a command cannot be unroutable) as its consumer
+    /// declares it.
+    pub command_partitions: u16,
 }
 
 impl RelayConfig {
@@ -74,6 +78,7 @@ impl RelayConfig {
             retention: Duration::from_secs(60),
             queues: Vec::new(),
             stop_before_marking: false,
+            command_partitions: 1,
         }
     }
 }
@@ -344,7 +349,10 @@ impl Relay {
             let (exchange, routing_key, mandatory) = match &row.target_service {
                 Some(target) => {
                     if !declared.contains(target) {
-                        amqp::declare_service(channel, target).await?;
+                        let mut commands =
+                            crate::ConsumerConfig::commands(target, &self.config.amqp_url);
+                        commands.partitions = self.config.command_partitions;
+                        commands.declare(channel).await?;
                         declared.insert(target.clone());
                     }
                     let key = format!("{target}.{}", row.envelope.message_type);

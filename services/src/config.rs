@@ -121,9 +121,9 @@ pub struct Config {
     /// This process's instance id in the registry (`orderflow serve --instance-id`);
     /// a fresh one per start when unset.
     pub instance_id: Option<String>,
-    /// `ORDERFLOW_CONSUMER_PARTITIONS`: how many queues each event consumer is split
-    /// into (default 1), so several instances of a service share its work. Every
-    /// instance must use the same number.
+    /// `ORDERFLOW_CONSUMER_PARTITIONS`: how many queues each consumer (of events or of
+    /// a service's commands) is split into (default 1), so several instances of a
+    /// service share its work. Every process must use the same number.
     pub consumer_partitions: u16,
 }
 

@@ -8,7 +8,6 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use anyhow::Context;
-use eventstore::amqp::EVENTS_EXCHANGE;
 use eventstore::{
     AggregateStore, Consumer, ConsumerConfig, EventStore, Handler, Metrics, Relay, RelayConfig,
     SchemaRegistry,
@@ -166,6 +165,7 @@ pub async fn start(
     for relay in relays {
         let mut relay_config = RelayConfig::new(relay.service.name(), &config.amqp_url);
         relay_config.queues = consumer_configs.clone();
+        relay_config.command_partitions = config.consumer_partitions;
         let relay_worker = Relay::new(relay.store, relay_config, metrics.clone());
         workers.push(running(
             relay.name,
@@ -335,15 +335,8 @@ impl Plan<'_> {
 
     fn consumer<H: Handler>(&mut self, mut config: ConsumerConfig, handler: H) {
         let name = format!("consumer {}", config.queue());
-        // Event consumers are split so instances share them; a command queue is not
-        // (its single active consumer keeps one instance on it, the others standing by).
-        let events = config
-            .bindings
-            .iter()
-            .all(|(exchange, _)| exchange == EVENTS_EXCHANGE);
-        if events {
-            config.partitions = self.config.consumer_partitions;
-        }
+        // Split (when configured) so the service's instances share the work.
+        config.partitions = self.config.consumer_partitions;
         self.consumer_configs.push(config.clone());
         let mut consumer = Consumer::new(
             config,
@@ -352,7 +345,7 @@ impl Plan<'_> {
             handler,
             self.metrics.clone(),
         );
-        if let (true, Some(assignment)) = (events, self.assignment) {
+        if let Some(assignment) = self.assignment {
             consumer = consumer.with_assignment(assignment.clone());
         }
         self.worker(name, consumer.run(self.shutdown.clone()));
