@@ -359,9 +359,12 @@ impl<H: Handler> Consumer<H> {
                     FieldTable::default(),
                 )
                 .await?;
-            deliveries.push(Box::pin(
-                consumer.map(move |delivery| (partition, delivery)),
-            ));
+            // Tagged with the partition, and ending with a mark of its end (None), so
+            // a partition the broker stops delivering is noticed.
+            let tagged = consumer
+                .map(move |delivery| (partition, Some(delivery)))
+                .chain(futures_util::stream::once(async move { (partition, None) }));
+            deliveries.push(Box::pin(tagged));
             subscribed.insert(partition, channel);
         }
         Ok(())
@@ -446,14 +449,17 @@ impl<H: Handler> Consumer<H> {
                     let mut lost = None;
                     while let Some(delivery) = next.take() {
                         match delivery {
-                            Some((_, Ok(delivery))) => {
+                            Some((_, Some(Ok(delivery)))) => {
                                 let key = ordering_key(&delivery);
                                 dispatcher.arrived(key, delivery);
                             }
                             // The end of a partition let go of on purpose.
-                            Some((partition, Err(_))) if !subscribed.contains_key(&partition) => {}
-                            Some((_, Err(error))) => lost = Some(ConsumerError::Broker(error)),
-                            None => lost = Some(ConsumerError::CancelledByBroker),
+                            Some((partition, _)) if !subscribed.contains_key(&partition) => {}
+                            Some((_, Some(Err(error)))) => lost = Some(ConsumerError::Broker(error)),
+                            // A partition still taken stopped delivering: start over.
+                            Some((_, None)) => lost = Some(ConsumerError::CancelledByBroker),
+                            // Every partition let go of (the set is empty): nothing to do.
+                            None => {}
                         }
                         taken += 1;
                         if lost.is_none() && taken < config.batch_size {
@@ -581,9 +587,9 @@ async fn advance_park(
     Ok(next)
 }
 
-/// One partition's deliveries, tagged with it.
+/// One partition's deliveries, tagged with it, then `None` when it ends.
 type PartitionDeliveries = std::pin::Pin<
-    Box<dyn futures_util::Stream<Item = (u16, Result<Delivery, lapin::Error>)> + Send>,
+    Box<dyn futures_util::Stream<Item = (u16, Option<Result<Delivery, lapin::Error>>)> + Send>,
 >;
 
 /// Resolves when the assignment changes (or its sender is gone); never without one.

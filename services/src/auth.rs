@@ -100,8 +100,32 @@ impl Tokens {
     }
 }
 
+/// Hashing is refused (the caller answers 503) rather than queued for longer than
+/// this: each hash takes tens of milliseconds and 19 MiB, and registering and logging
+/// in need no token, so an unbounded queue would let anyone exhaust the machine.
+const HASHING_WAIT: Duration = std::time::Duration::from_secs(5);
+
+/// Hashes at once: one per core.
+static HASHING: LazyLock<tokio::sync::Semaphore> = LazyLock::new(|| {
+    let cores = std::thread::available_parallelism().map_or(2, usize::from);
+    tokio::sync::Semaphore::new(cores)
+});
+
+/// Too many passwords are being hashed: try again shortly.
+#[derive(Debug, thiserror::Error)]
+#[error("too many log-ins and registrations at once; try again shortly")]
+pub struct Busy;
+
+async fn hashing_slot() -> Result<tokio::sync::SemaphorePermit<'static>, Busy> {
+    match tokio::time::timeout(HASHING_WAIT, HASHING.acquire()).await {
+        Ok(Ok(permit)) => Ok(permit),
+        _ => Err(Busy),
+    }
+}
+
 /// The Argon2id hash of `password` with a fresh random salt, in PHC format.
 pub async fn hash_password(password: String) -> anyhow::Result<String> {
+    let _slot = hashing_slot().await?;
     tokio::task::spawn_blocking(move || {
         let salt = SaltString::generate(&mut OsRng);
         Argon2::default()
@@ -114,8 +138,9 @@ pub async fn hash_password(password: String) -> anyhow::Result<String> {
 
 /// Whether `password` matches `hash`. With no hash (an unknown user) it checks
 /// against a fixed one, so an unknown e-mail takes as long as a wrong password.
-pub async fn verify_password(password: String, hash: Option<String>) -> bool {
-    tokio::task::spawn_blocking(move || {
+pub async fn verify_password(password: String, hash: Option<String>) -> Result<bool, Busy> {
+    let _slot = hashing_slot().await?;
+    let verified = tokio::task::spawn_blocking(move || {
         let known = hash.is_some();
         let hash = hash.unwrap_or_else(|| UNKNOWN_USER_HASH.clone());
         let matches = PasswordHash::new(&hash).is_ok_and(|parsed| {
@@ -126,7 +151,8 @@ pub async fn verify_password(password: String, hash: Option<String>) -> bool {
         known && matches
     })
     .await
-    .unwrap_or(false)
+    .unwrap_or(false);
+    Ok(verified)
 }
 
 /// Verified against when no user has the e-mail given.
@@ -176,8 +202,9 @@ mod tests {
     async fn passwords_verify_only_against_their_own_hash() {
         let hash = hash_password("correct horse".into()).await.unwrap();
         assert!(hash.starts_with("$argon2id$"), "{hash}");
-        assert!(verify_password("correct horse".into(), Some(hash.clone())).await);
-        assert!(!verify_password("wrong horse".into(), Some(hash)).await);
-        assert!(!verify_password("correct horse".into(), None).await);
+        let verify = |password: &str, hash: Option<String>| verify_password(password.into(), hash);
+        assert!(verify("correct horse", Some(hash.clone())).await.unwrap());
+        assert!(!verify("wrong horse", Some(hash)).await.unwrap());
+        assert!(!verify("correct horse", None).await.unwrap());
     }
 }

@@ -21,8 +21,12 @@ enum State {
     Open {
         until: Instant,
     },
-    /// One probe is out; everyone else waits for its outcome.
-    HalfOpen,
+    /// One probe is out; everyone else waits for its outcome, for at most `open_for`
+    /// (a probe whose outcome is never reported, because its caller gave up, must not
+    /// keep the breaker shut for good).
+    HalfOpen {
+        since: Instant,
+    },
 }
 
 impl Breaker {
@@ -41,10 +45,18 @@ impl Breaker {
         match *state {
             State::Closed { .. } => true,
             State::Open { until } if Instant::now() >= until => {
-                *state = State::HalfOpen;
+                *state = State::HalfOpen {
+                    since: Instant::now(),
+                };
                 true
             }
-            State::Open { .. } | State::HalfOpen => false,
+            State::HalfOpen { since } if since.elapsed() >= self.open_for => {
+                *state = State::HalfOpen {
+                    since: Instant::now(),
+                };
+                true
+            }
+            State::Open { .. } | State::HalfOpen { .. } => false,
         }
     }
 
@@ -69,7 +81,7 @@ impl Breaker {
         match *self.lock() {
             State::Closed { .. } => "closed",
             State::Open { .. } => "open",
-            State::HalfOpen => "half-open",
+            State::HalfOpen { .. } => "half-open",
         }
     }
 
@@ -125,5 +137,25 @@ mod tests {
         }
         breaker.success();
         assert_eq!(breaker.state(), "closed");
+    }
+
+    #[test]
+    fn a_probe_never_reported_does_not_keep_it_shut() {
+        let breaker = Breaker::new(1, Duration::from_millis(20));
+        breaker.failure();
+        let deadline = Instant::now() + Duration::from_secs(2);
+        while !breaker.allow() {
+            assert!(Instant::now() < deadline, "the breaker never half-opened");
+            std::thread::yield_now();
+        }
+        // The probe's caller went away without reporting: after open_for, another.
+        let deadline = Instant::now() + Duration::from_secs(2);
+        while !breaker.allow() {
+            assert!(
+                Instant::now() < deadline,
+                "a lost probe kept the breaker shut"
+            );
+            std::thread::yield_now();
+        }
     }
 }

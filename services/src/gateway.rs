@@ -7,7 +7,7 @@
 //! gateway instances enforce one limit; picks a healthy instance of the service from
 //! the registry (round robin, skipping instances whose circuit breaker is open); and
 //! forwards the request with its correlation id, within a timeout. An instance that
-//! refuses connections, times out or answers 5xx counts a failure on its breaker;
+//! refuses connections, times out or answers 502/504 counts a failure on its breaker;
 //! once that opens, requests for it get a fast 503 until a probe succeeds.
 
 use std::collections::HashMap;
@@ -26,8 +26,8 @@ use crate::auth::{TokenError, Tokens};
 use crate::breaker::Breaker;
 use crate::config::{Config, Service};
 use crate::http::problem::ApiError;
-use crate::http::{AppState, CORRELATION_HEADER, CorrelationId, MAX_BODY_BYTES};
-use crate::registry::{Admission, Registry};
+use crate::http::{AppState, CALLER_HEADER, CORRELATION_HEADER, CorrelationId, MAX_BODY_BYTES};
+use crate::registry::{Admission, Instance, Registry};
 
 /// Consecutive failures that open an upstream instance's breaker, and for how long.
 const BREAKER_THRESHOLD: u32 = 5;
@@ -53,7 +53,13 @@ pub struct Gateway {
     breakers: Mutex<HashMap<String, Arc<Breaker>>>,
     /// Round-robin position.
     next: AtomicUsize,
+    /// The last instances seen of each service, used for a while when Redis is away
+    /// (so a blip of the registry does not take every route down).
+    last_seen: Mutex<HashMap<String, (std::time::Instant, Vec<Instance>)>>,
 }
+
+/// How long the gateway routes by the last instances it saw while Redis is away.
+const LAST_SEEN_FOR: Duration = Duration::from_secs(30);
 
 impl std::fmt::Debug for Gateway {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -82,6 +88,7 @@ impl Gateway {
             client,
             breakers: Mutex::new(HashMap::new()),
             next: AtomicUsize::new(0),
+            last_seen: Mutex::new(HashMap::new()),
         })
     }
 
@@ -99,6 +106,34 @@ impl Gateway {
             })
             .await
             .map_err(|error| unavailable(format!("the registry (Redis) is unreachable: {error}")))
+    }
+
+    /// The registered instances of `service`; the last ones seen (for a while) when
+    /// the registry cannot be asked.
+    async fn instances(&self, service: Service) -> Result<Vec<Instance>, ApiError> {
+        let looked_up = match self.registry().await {
+            Ok(registry) => registry.instances(service.name()).await.map_err(|error| {
+                unavailable(format!("the registry (Redis) is unreachable: {error}"))
+            }),
+            Err(error) => Err(error),
+        };
+        let mut last_seen = self.last_seen.lock().unwrap_or_else(|p| p.into_inner());
+        match looked_up {
+            Ok(instances) => {
+                let seen = (std::time::Instant::now(), instances.clone());
+                last_seen.insert(service.name().to_owned(), seen);
+                Ok(instances)
+            }
+            Err(error) => match last_seen.get(service.name()) {
+                Some((at, instances)) if at.elapsed() < LAST_SEEN_FOR => {
+                    tracing::warn!(
+                        "the registry is unreachable; routing by the last instances seen"
+                    );
+                    Ok(instances.clone())
+                }
+                _ => Err(error),
+            },
+        }
     }
 
     fn breaker(&self, address: &str) -> Arc<Breaker> {
@@ -211,8 +246,14 @@ pub async fn proxy(State(state): State<AppState>, request: Request) -> Result<Re
                 |info| format!("ip:{}", info.0.ip()),
             ),
     };
-    let registry = gateway.registry().await?;
-    match registry.admit(&client, gateway.rate_limit).await {
+    let admission = match gateway.registry().await {
+        Ok(registry) => registry
+            .admit(&client, gateway.rate_limit)
+            .await
+            .map_err(|error| error.to_string()),
+        Err(error) => Err(error.detail),
+    };
+    match admission {
         Ok(Admission::Allowed) => {}
         Ok(Admission::Limited { retry_after }) => {
             return Err(ApiError::new(
@@ -225,10 +266,7 @@ pub async fn proxy(State(state): State<AppState>, request: Request) -> Result<Re
         // Counting is a safeguard, not a dependency: let the request through.
         Err(error) => tracing::warn!(%error, "cannot count the request against its rate limit"),
     }
-    let instances = registry
-        .instances(service.name())
-        .await
-        .map_err(|error| unavailable(format!("the registry (Redis) is unreachable: {error}")))?;
+    let instances = gateway.instances(service).await?;
     if instances.is_empty() {
         return Err(unavailable(format!("no {service} instance is registered")));
     }
@@ -263,9 +301,18 @@ pub async fn proxy(State(state): State<AppState>, request: Request) -> Result<Re
         if let Some(correlation) = &correlation {
             upstream = upstream.header(CORRELATION_HEADER, correlation);
         }
+        if let Some(claims) = &claims {
+            upstream = upstream.header(CALLER_HEADER, claims.sub.to_string());
+        }
         match upstream.send().await {
             Ok(response) => {
-                if response.status().is_server_error() {
+                // The instance's own health: it answered. A 5xx of its own (a read
+                // model behind, a request that failed) says nothing about the
+                // instance, and counting it would let any client open the breaker.
+                if matches!(
+                    response.status(),
+                    StatusCode::BAD_GATEWAY | StatusCode::GATEWAY_TIMEOUT
+                ) {
                     breaker.failure();
                 } else {
                     breaker.success();
@@ -349,11 +396,13 @@ fn hop_by_hop(name: &HeaderName) -> bool {
     )
 }
 
-/// The request's headers as they go upstream.
+/// The request's headers as they go upstream (never a caller the client claims to be).
 fn forwarded(headers: &HeaderMap) -> HeaderMap {
     headers
         .iter()
-        .filter(|(name, _)| !hop_by_hop(name) && *name != CORRELATION_HEADER)
+        .filter(|(name, _)| {
+            !hop_by_hop(name) && *name != CORRELATION_HEADER && *name != CALLER_HEADER
+        })
         .map(|(name, value)| (name.clone(), value.clone()))
         .collect()
 }

@@ -6,10 +6,12 @@
 //!   channel preferences, and writes one `notifications` row per triggering event and
 //!   channel the user wants (the table's unique key makes a redelivery add nothing).
 //! - [`Sender`]: delivers pending notifications through each channel's provider,
-//!   behind a circuit breaker per channel, retrying failures with backoff until they
-//!   go through; each row is leased while it is tried, so instances do not send one
-//!   twice, and the provider gets the notification id as an idempotency key for the
-//!   case where a sender dies between the provider's answer and recording it.
+//!   behind a circuit breaker per channel (one loop per channel, so a slow provider
+//!   holds up only its own), retrying failures with backoff until they go through;
+//!   each row is leased while it is tried (a provider gets a third of the lease to
+//!   answer, and every update checks the lease is still held), so instances do not
+//!   send one twice, and the provider gets the notification id as an idempotency key
+//!   for the case where a sender dies between the provider's answer and recording it.
 //! - [`Providers`]: the simulated providers, which tests (and operators trying the
 //!   system) can make slow or failing through `PUT /providers/{channel}`.
 
@@ -190,7 +192,8 @@ impl Handler for Planner {
     }
 
     fn committed(&self, _message: &Message) {
-        self.sender.notify_one();
+        // Every channel's loop that waits; a busy one finds the rows on its next look.
+        self.sender.notify_waiters();
     }
 }
 
@@ -392,16 +395,35 @@ const LEASE: Duration = Duration::from_secs(30);
 /// How often it looks for due retries when nothing wakes it.
 const SEND_POLL: Duration = Duration::from_millis(200);
 
+/// How long a provider may take with one message: well inside the lease, so a
+/// notification is never tried by two senders at once.
+const PROVIDER_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A notification a sender holds: its lease is the `next_attempt_at` it set, and
+/// every later update of the row checks it still holds that lease.
+struct Leased {
+    id: Uuid,
+    attempts: i32,
+    lease: chrono::DateTime<chrono::Utc>,
+}
+
 impl Sender {
+    /// One loop per channel, so a slow or failing provider holds up only its own.
     pub async fn run(self, cancel: CancellationToken) {
+        let sender = Arc::new(self);
+        let loops = Channel::ALL.map(|channel| sender.clone().run_channel(channel, cancel.clone()));
+        futures_util::future::join_all(loops).await;
+    }
+
+    async fn run_channel(self: Arc<Self>, channel: Channel, cancel: CancellationToken) {
         let mut failing_since = None;
         loop {
-            let pause = match self.send_due().await {
+            let pause = match self.send_due(channel).await {
                 Ok(0) => SEND_POLL,
                 Ok(_) => Duration::ZERO,
                 Err(error) => {
                     let since = *failing_since.get_or_insert_with(std::time::Instant::now);
-                    tracing::warn!(%error, "cannot send notifications; retrying");
+                    tracing::warn!(%error, channel = channel.as_str(), "cannot send notifications; retrying");
                     SEND_POLL.max(since.elapsed().min(Duration::from_secs(5)))
                 }
             };
@@ -417,34 +439,32 @@ impl Sender {
         }
     }
 
-    /// Tries the due notifications of channels whose breaker lets calls through;
-    /// returns how many it tried.
-    pub async fn send_due(&self) -> Result<usize, sqlx::Error> {
-        let open: Vec<&str> = Channel::ALL
-            .into_iter()
-            .filter(|channel| self.providers.provider(*channel).breaker.retry_in() > Duration::ZERO)
-            .map(Channel::as_str)
-            .collect();
+    /// Tries the channel's due notifications, unless its breaker is open; returns how
+    /// many it tried.
+    pub async fn send_due(&self, channel: Channel) -> Result<usize, sqlx::Error> {
+        if self.providers.provider(channel).breaker.retry_in() > Duration::ZERO {
+            return Ok(0);
+        }
         let due = sqlx::query(
             "UPDATE notifications SET next_attempt_at = now() + make_interval(secs => $1) \
              WHERE notification_id IN (SELECT notification_id FROM notifications \
-               WHERE sent_at IS NULL AND next_attempt_at <= now() AND channel <> ALL($2) \
+               WHERE sent_at IS NULL AND next_attempt_at <= now() AND channel = $2 \
                ORDER BY next_attempt_at LIMIT $3 FOR UPDATE SKIP LOCKED) \
-             RETURNING notification_id, channel, attempts",
+             RETURNING notification_id, attempts, next_attempt_at",
         )
         .bind(LEASE.as_secs_f64())
-        .bind(&open)
+        .bind(channel.as_str())
         .bind(SEND_BATCH)
         .fetch_all(&self.pool)
         .await?;
         let mut tries = Vec::with_capacity(due.len());
         for row in &due {
-            let id: Uuid = row.try_get("notification_id")?;
-            let channel: String = row.try_get("channel")?;
-            let attempts: i32 = row.try_get("attempts")?;
-            if let Some(channel) = Channel::parse(&channel) {
-                tries.push(self.try_one(id, channel, attempts));
-            }
+            let leased = Leased {
+                id: row.try_get("notification_id")?,
+                attempts: row.try_get("attempts")?,
+                lease: row.try_get("next_attempt_at")?,
+            };
+            tries.push(self.try_one(leased, channel));
         }
         for outcome in futures_util::future::join_all(tries).await {
             outcome?;
@@ -452,21 +472,25 @@ impl Sender {
         Ok(due.len())
     }
 
-    async fn try_one(&self, id: Uuid, channel: Channel, attempts: i32) -> Result<(), sqlx::Error> {
+    async fn try_one(&self, leased: Leased, channel: Channel) -> Result<(), sqlx::Error> {
         let breaker = &self.providers.provider(channel).breaker;
         if !breaker.allow() {
             // Open: back when the breaker lets a probe through.
             let wait = breaker.retry_in().max(Duration::from_millis(50));
-            return self.retry_later(id, attempts, wait, None).await;
+            return self.retry_later(&leased, leased.attempts, wait, None).await;
         }
-        match self.providers.send(channel, id).await {
+        let sent = tokio::time::timeout(PROVIDER_TIMEOUT, self.providers.send(channel, leased.id))
+            .await
+            .unwrap_or_else(|_| Err(format!("the {} provider did not answer", channel.as_str())));
+        match sent {
             Ok(()) => {
                 breaker.success();
                 sqlx::query(
                     "UPDATE notifications SET sent_at = now(), attempts = attempts + 1, \
-                     last_error = NULL WHERE notification_id = $1",
+                     last_error = NULL WHERE notification_id = $1 AND next_attempt_at = $2",
                 )
-                .bind(id)
+                .bind(leased.id)
+                .bind(leased.lease)
                 .execute(&self.pool)
                 .await?;
                 Ok(())
@@ -474,29 +498,32 @@ impl Sender {
             Err(error) => {
                 breaker.failure();
                 let backoff = Duration::from_millis(100)
-                    .saturating_mul(2u32.saturating_pow(attempts.clamp(0, 20) as u32))
+                    .saturating_mul(2u32.saturating_pow(leased.attempts.clamp(0, 20) as u32))
                     .min(Duration::from_secs(30));
-                self.retry_later(id, attempts + 1, backoff, Some(&error))
+                self.retry_later(&leased, leased.attempts + 1, backoff, Some(&error))
                     .await
             }
         }
     }
 
+    /// Gives the lease up until `wait` from now, unless it was lost meanwhile.
     async fn retry_later(
         &self,
-        id: Uuid,
+        leased: &Leased,
         attempts: i32,
         wait: Duration,
         error: Option<&str>,
     ) -> Result<(), sqlx::Error> {
         sqlx::query(
             "UPDATE notifications SET attempts = $2, last_error = coalesce($3, last_error), \
-             next_attempt_at = now() + make_interval(secs => $4) WHERE notification_id = $1",
+             next_attempt_at = now() + make_interval(secs => $4) \
+             WHERE notification_id = $1 AND next_attempt_at = $5 AND sent_at IS NULL",
         )
-        .bind(id)
+        .bind(leased.id)
         .bind(attempts)
         .bind(error)
         .bind(wait.as_secs_f64())
+        .bind(leased.lease)
         .execute(&self.pool)
         .await?;
         Ok(())

@@ -84,11 +84,19 @@ pub async fn start(
     let metrics = Metrics::new();
     let registry = SchemaRegistry::builtin()?;
     let tokens = Arc::new(config.tokens());
+    crate::http::command::set_digest_key(
+        config
+            .jwt_secret
+            .as_deref()
+            .unwrap_or(crate::auth::DEVELOPMENT_SECRET)
+            .as_bytes(),
+    );
     // One set per process: the notification service's sender and its HTTP controls.
     let providers = Arc::new(crate::notifications::Providers::default());
-    if config.jwt_secret.is_none() && services.contains(&Service::User) {
+    let checks_tokens = services.contains(&Service::User) || services.contains(&Service::Gateway);
+    if config.jwt_secret.is_none() && checks_tokens {
         tracing::warn!(
-            "ORDERFLOW_JWT_SECRET is not set: tokens are signed with a development secret"
+            "ORDERFLOW_JWT_SECRET is not set: tokens are signed and checked with a development secret anyone can read; set it outside development"
         );
     }
     let instance_id = config

@@ -129,6 +129,61 @@ async fn commands_through_the_gateway_need_a_valid_token() {
     assert_eq!(events[0].correlation_id.to_string(), correlation);
     let (status, _) = system.get(Gateway, "/nowhere").await;
     assert_eq!(status, StatusCode::NOT_FOUND);
+
+    // Another user's token acts for that user only, whatever it claims in headers.
+    let other = token_for(&system, "hal@example.com").await;
+    let as_other = |request: reqwest::RequestBuilder| {
+        request
+            .bearer_auth(&other)
+            .header("x-orderflow-user", claims.sub.to_string())
+    };
+    let forbidden = [
+        as_other(
+            system
+                .http
+                .get(system.url(Gateway, &format!("/orders/{order_id}"))),
+        ),
+        as_other(
+            system
+                .http
+                .get(system.url(Gateway, &format!("/users/{}", claims.sub))),
+        ),
+        as_other(
+            system
+                .http
+                .put(system.url(Gateway, &format!("/users/{}/preferences", claims.sub)))
+                .json(&json!({ "email": false, "sms": false, "push": false })),
+        ),
+        as_other(
+            system
+                .http
+                .post(system.url(Gateway, &format!("/orders/{order_id}/cancel")))
+                .json(&json!({})),
+        ),
+        as_other(
+            system
+                .http
+                .post(system.url(Gateway, "/orders"))
+                .json(&json!({
+                    "customer_id": claims.sub,
+                    "lines": [{ "sku": "G1", "quantity": 1, "unit_price_cents": 100 }],
+                    "card_token": "tok_visa",
+                })),
+        ),
+    ];
+    for request in forbidden {
+        let (status, problem) = answer(request.send().await.unwrap()).await;
+        assert_eq!(status, StatusCode::FORBIDDEN, "{problem}");
+        assert_eq!(problem["type"], "urn:orderflow:problem:forbidden");
+    }
+    let own = system
+        .http
+        .get(system.url(Gateway, &format!("/orders/{order_id}")))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(own.status(), StatusCode::OK);
     system.stop().await;
 }
 

@@ -66,8 +66,9 @@ impl IntoParams for CommandContext {
 #[derive(Debug, Clone)]
 pub struct IdempotencyKey {
     pub key: String,
-    /// The SHA-256 of method, path and body: what must match for the key to replay.
-    /// A digest, not the request itself, so a body with a password is never stored.
+    /// A keyed digest (HMAC-SHA256) of method, path and body: what must match for the
+    /// key to replay. A digest, not the request itself, so a body with a password is
+    /// never stored.
     pub request: Vec<u8>,
 }
 
@@ -116,13 +117,9 @@ where
         }
         let json: &[u8] = if bytes.is_empty() { b"{}" } else { &bytes };
         let body = parse_json(json)?;
-        let idempotency = key.map(|key| {
-            use sha2::Digest;
-            let mut digest = sha2::Sha256::new();
-            digest.update(format!("{method} {path}\n"));
-            digest.update(&bytes);
-            let request = digest.finalize().to_vec();
-            IdempotencyKey { key, request }
+        let idempotency = key.map(|key| IdempotencyKey {
+            key,
+            request: request_digest(&format!("{method} {path}\n"), &bytes),
         });
         Ok(Command {
             body,
@@ -134,6 +131,31 @@ where
             },
         })
     }
+}
+
+/// The key of the request digests, set once at start-up from the service's secret
+/// ([`set_digest_key`]); a development key until then.
+static DIGEST_KEY: std::sync::OnceLock<Vec<u8>> = std::sync::OnceLock::new();
+
+/// Keys the request digests kept with Idempotency-Key records with a secret, so a
+/// digest of a body with a password cannot be tried against guesses by whoever reads
+/// the database.
+pub fn set_digest_key(secret: &[u8]) {
+    let _ = DIGEST_KEY.set(secret.to_vec());
+}
+
+/// HMAC-SHA256 of a request's method, path and body.
+fn request_digest(head: &str, body: &[u8]) -> Vec<u8> {
+    use hmac::Mac;
+    let key = DIGEST_KEY
+        .get()
+        .map_or(crate::auth::DEVELOPMENT_SECRET.as_bytes(), Vec::as_slice);
+    // HMAC takes keys of any length.
+    let mut mac = hmac::Hmac::<sha2::Sha256>::new_from_slice(key)
+        .unwrap_or_else(|_| unreachable!("HMAC accepts any key length"));
+    mac.update(head.as_bytes());
+    mac.update(body);
+    mac.finalize().into_bytes().to_vec()
 }
 
 /// Parses JSON, naming the field at fault: malformed JSON is a 400, JSON of the wrong

@@ -74,6 +74,50 @@ impl AppState {
     }
 }
 
+/// Who the gateway says is calling: the user its access token names, in
+/// [`CALLER_HEADER`], which the gateway sets and never passes on from a client. A
+/// request that comes through the gateway may act only for that user; one without the
+/// header (the services' own ports, which only the internal network reaches) is
+/// trusted as it is.
+#[derive(Debug, Clone, Copy)]
+pub struct Caller(pub Option<Uuid>);
+
+/// Set by the gateway on requests it forwards for a logged-in user.
+pub const CALLER_HEADER: &str = "x-orderflow-user";
+
+impl Caller {
+    /// Refuses (403) a request that acts for someone other than its caller.
+    pub fn may_act_for(&self, owner: Uuid) -> Result<(), ApiError> {
+        match self.0 {
+            Some(user) if user != owner => Err(ApiError::new(
+                axum::http::StatusCode::FORBIDDEN,
+                "forbidden",
+                "the access token belongs to another user",
+            )),
+            _ => Ok(()),
+        }
+    }
+}
+
+impl<S: Send + Sync> axum::extract::FromRequestParts<S> for Caller {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(
+        parts: &mut axum::http::request::Parts,
+        _state: &S,
+    ) -> Result<Self, ApiError> {
+        match parts.headers.get(CALLER_HEADER) {
+            None => Ok(Caller(None)),
+            Some(value) => value
+                .to_str()
+                .ok()
+                .and_then(|text| Uuid::parse_str(text).ok())
+                .map(|user| Caller(Some(user)))
+                .ok_or_else(|| ApiError::bad_header(CALLER_HEADER, "must be a user id")),
+        }
+    }
+}
+
 /// The correlation id of the request in hand (in the request's extensions).
 #[derive(Debug, Clone, Copy)]
 pub struct CorrelationId {

@@ -9,9 +9,9 @@ use serde::Deserialize;
 use utoipa::{IntoParams, OpenApi};
 use uuid::Uuid;
 
-use super::AppState;
 use super::command::parse_json;
 use super::problem::{ApiError, PROBLEM, Problem};
+use super::{AppState, Caller};
 use crate::notifications::{Channel, Mode, NotificationView, ProviderView, Providers};
 
 pub fn router() -> Router<AppState> {
@@ -46,12 +46,14 @@ struct ListQuery {
     ))]
 async fn list(
     State(state): State<AppState>,
+    caller: Caller,
     query: Result<Query<ListQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Response, ApiError> {
     let Query(query) =
         query.map_err(|rejection| ApiError::invalid("user_id", rejection.body_text()))?;
     let user_id = Uuid::parse_str(query.user_id.trim())
         .map_err(|_| ApiError::invalid("user_id", "must be a UUID"))?;
+    caller.may_act_for(user_id)?;
     let limit = query.limit.unwrap_or(100).clamp(1, 1000);
     let sent = crate::notifications::sent_to(&state.db()?.pool, user_id, limit).await?;
     Ok(Json(sent).into_response())

@@ -78,6 +78,10 @@ impl IntoResponses for CommandProblems {
     fn responses() -> BTreeMap<String, RefOr<Response>> {
         responses([
             (400, problem("Malformed JSON or header")),
+            (
+                403,
+                problem("Through the gateway: the access token belongs to another user"),
+            ),
             (413, problem("Body over 64 KiB")),
             (415, problem("Not JSON")),
             (
@@ -95,6 +99,10 @@ impl IntoResponses for QueryProblems {
     fn responses() -> BTreeMap<String, RefOr<Response>> {
         let retry = Header::new(ObjectBuilder::new().schema_type(Type::Integer));
         responses([
+            (
+                403,
+                problem("Through the gateway: the access token belongs to another user"),
+            ),
             (422, problem("Bad min_version or min_position")),
             (
                 503,

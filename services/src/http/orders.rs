@@ -14,11 +14,11 @@ use serde_json::json;
 use utoipa::{IntoParams, OpenApi, ToSchema};
 use uuid::Uuid;
 
-use super::AppState;
 use super::command::{self, Command, CommandContext, Reply};
 use super::openapi::{CommandProblems, QueryProblems};
 use super::problem::{ApiError, PROBLEM, Problem};
 use super::read::{Freshness, found};
+use super::{AppState, Caller};
 
 pub fn router() -> Router<AppState> {
     Router::new()
@@ -95,10 +95,12 @@ struct CancellationAccepted {
     ))]
 async fn place_order(
     State(state): State<AppState>,
+    caller: Caller,
     request: Command<PlaceOrder>,
 ) -> Result<Response, ApiError> {
     let db = state.db()?;
     let body = request.body;
+    caller.may_act_for(body.customer_id)?;
     if body.lines.len() > MAX_LINES {
         return Err(ApiError::invalid(
             "lines",
@@ -158,12 +160,20 @@ async fn place_order(
     ))]
 async fn cancel_order(
     State(state): State<AppState>,
+    caller: Caller,
     Path(order_id): Path<String>,
     request: Command<serde_json::Value>,
 ) -> Result<Response, ApiError> {
     let db = state.db()?;
     let order_id = parse_id("order_id", &order_id)?;
     let stream_id = AggregateStore::stream_id::<Order>(order_id);
+    if caller.0.is_some() {
+        // Whose order it is, from the aggregate (current, where the read model lags).
+        let order = db.aggregates.load::<Order>(&stream_id).await?.state;
+        if order.order_id.is_some() {
+            caller.may_act_for(order.customer_id)?;
+        }
+    }
     command::run::<Order>(
         &db.aggregates,
         &request.context,
@@ -193,6 +203,7 @@ async fn cancel_order(
     ))]
 async fn get_order(
     State(state): State<AppState>,
+    caller: Caller,
     Path(order_id): Path<String>,
     freshness: Freshness,
 ) -> Result<Response, ApiError> {
@@ -203,6 +214,9 @@ async fn get_order(
         .wait::<OrderSummaries>(&state, Some(&stream_id))
         .await?;
     let order = projections::order::find_order(&db.pool, order_id).await?;
+    if let Some(order) = &order {
+        caller.may_act_for(order.customer_id)?;
+    }
     found(order, || format!("order {order_id} not found"))
 }
 
@@ -226,12 +240,14 @@ struct Page {
     ))]
 async fn customer_orders(
     State(state): State<AppState>,
+    caller: Caller,
     Path(customer_id): Path<String>,
     Query(page): Query<Page>,
     freshness: Freshness,
 ) -> Result<Response, ApiError> {
     let db = state.db()?;
     let customer_id = parse_id("customer_id", &customer_id)?;
+    caller.may_act_for(customer_id)?;
     let limit = match page.limit.as_deref().map(str::parse::<i64>) {
         None => 100,
         Some(Ok(limit)) if (1..=1000).contains(&limit) => limit,

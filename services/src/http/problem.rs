@@ -207,6 +207,12 @@ impl From<StockError> for ApiError {
     }
 }
 
+impl From<crate::auth::Busy> for ApiError {
+    fn from(busy: crate::auth::Busy) -> Self {
+        ApiError::unavailable("busy", busy.to_string(), 1)
+    }
+}
+
 impl From<UserError> for ApiError {
     fn from(error: UserError) -> Self {
         let detail = error.to_string();

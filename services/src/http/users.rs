@@ -14,11 +14,11 @@ use serde_json::json;
 use utoipa::{OpenApi, ToSchema};
 use uuid::Uuid;
 
-use super::AppState;
 use super::command::{self, Command, CommandContext, Reply};
 use super::openapi::{CommandProblems, QueryProblems};
 use super::problem::{ApiError, PROBLEM, Problem};
 use super::read::{Freshness, found};
+use super::{AppState, Caller};
 use crate::auth;
 
 /// Accepted password lengths, in characters.
@@ -210,10 +210,8 @@ async fn token(
         None => None,
     };
     let hash = user.as_ref().map(|user| user.password_hash.clone());
-    let (Some(user), true) = (
-        user,
-        auth::verify_password(credentials.password, hash).await,
-    ) else {
+    let verified = auth::verify_password(credentials.password, hash).await?;
+    let (Some(user), true) = (user, verified) else {
         return Err(ApiError::new(
             StatusCode::UNAUTHORIZED,
             "invalid-credentials",
@@ -245,10 +243,12 @@ async fn token(
     ))]
 async fn get_user(
     State(state): State<AppState>,
+    caller: Caller,
     Path(user_id): Path<String>,
     freshness: Freshness,
 ) -> Result<Response, ApiError> {
     let user_id = parse_user_id(&user_id)?;
+    caller.may_act_for(user_id)?;
     let stream_id = AggregateStore::stream_id::<User>(user_id);
     freshness
         .wait::<UserProfiles>(&state, Some(&stream_id))
@@ -268,13 +268,14 @@ async fn get_user(
     ))]
 async fn change_profile(
     State(state): State<AppState>,
+    caller: Caller,
     Path(user_id): Path<String>,
     request: Command<ChangeProfile>,
 ) -> Result<Response, ApiError> {
     let command = UserCommand::ChangeProfile {
         name: request.body.name,
     };
-    change(&state, &user_id, &request.context, &command).await
+    change(&state, caller, &user_id, &request.context, &command).await
 }
 
 /// Choose the channels the user is notified on.
@@ -289,6 +290,7 @@ async fn change_profile(
     ))]
 async fn change_preferences(
     State(state): State<AppState>,
+    caller: Caller,
     Path(user_id): Path<String>,
     request: Command<ChangePreferences>,
 ) -> Result<Response, ApiError> {
@@ -298,17 +300,19 @@ async fn change_preferences(
         sms: body.sms,
         push: body.push,
     });
-    change(&state, &user_id, &request.context, &command).await
+    change(&state, caller, &user_id, &request.context, &command).await
 }
 
-/// Runs a change on an existing user.
+/// Runs a change on an existing user (the caller's own, through the gateway).
 async fn change(
     state: &AppState,
+    caller: Caller,
     user_id: &str,
     context: &CommandContext,
     command: &UserCommand,
 ) -> Result<Response, ApiError> {
     let user_id = parse_user_id(user_id)?;
+    caller.may_act_for(user_id)?;
     let stream_id = AggregateStore::stream_id::<User>(user_id);
     command::run::<User>(
         &state.db()?.aggregates,
