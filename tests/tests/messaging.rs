@@ -34,7 +34,12 @@ struct World {
 
 impl World {
     async fn new() -> World {
-        let db = TestDb::new(20).await.expect("test database");
+        // Logs (to the test's output) when RUST_LOG asks for them.
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+            .with_test_writer()
+            .try_init();
+        let db = TestDb::new(10).await.expect("test database");
         sqlx::query(
             "CREATE TABLE applied (seq BIGSERIAL PRIMARY KEY, message_id UUID NOT NULL, \
              stream_id TEXT NOT NULL, stream_version BIGINT, message_type TEXT NOT NULL)",
