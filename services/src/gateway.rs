@@ -8,7 +8,10 @@
 //! the registry (round robin, skipping instances whose circuit breaker is open); and
 //! forwards the request with its correlation id, within a timeout. An instance that
 //! refuses connections, times out or answers 502/504 counts a failure on its breaker;
-//! once that opens, requests for it get a fast 503 until a probe succeeds.
+//! once that opens, requests for it get a fast 503 until a probe succeeds. A request
+//! that never reached its instance goes to the next one; so does one whose connection
+//! broke mid-way, when it is a read or carries an Idempotency-Key (the service then
+//! answers a second delivery as it answered the first).
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -284,6 +287,9 @@ pub async fn proxy(State(state): State<AppState>, request: Request) -> Result<Re
                 "the request body is too large",
             )
         })?;
+    let replayable = parts.method == Method::GET
+        || parts.method == Method::HEAD
+        || parts.headers.contains_key("idempotency-key");
     let start = gateway.next.fetch_add(1, Ordering::Relaxed);
     for offset in 0..instances.len() {
         let instance = &instances[(start + offset) % instances.len()];
@@ -327,6 +333,13 @@ pub async fn proxy(State(state): State<AppState>, request: Request) -> Result<Re
             Err(error) if error.is_connect() => {
                 breaker.failure();
                 tracing::warn!(%error, instance = %instance.address, "upstream unreachable");
+            }
+            // Reached it, then the connection broke (the instance died with the
+            // request in hand): a read, or a command whose Idempotency-Key makes a
+            // second delivery answer like the first, may go to another instance.
+            Err(error) if !error.is_timeout() && replayable => {
+                breaker.failure();
+                tracing::warn!(%error, instance = %instance.address, "upstream failed; trying another");
             }
             Err(error) => {
                 breaker.failure();

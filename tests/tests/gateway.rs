@@ -2,14 +2,18 @@
 //! commands, one rate limit across gateway instances, breakers in front of dead
 //! upstreams, registrations that vanish when an instance is killed.
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use reqwest::StatusCode;
 use serde_json::{Value, json};
 use services::auth::{Claims, ISSUER, Tokens};
 use services::config::Service::{self, Gateway, Inventory, Notification, Order, Payment, User};
+use services::gateway::UPSTREAM_HEADER;
 use services::registry::{Instance, Registry};
 use tests::{Spawned, System, answer, wait_for};
+use tokio::io::AsyncReadExt;
 use uuid::Uuid;
 
 const DEADLINE: Duration = Duration::from_secs(30);
@@ -319,6 +323,81 @@ async fn a_breaker_opens_on_a_dead_upstream_and_closes_when_it_returns() {
     registry.deregister(&dead).await.unwrap();
     revived.stop().await;
     gateway.stop().await;
+}
+
+/// An instance that takes a request and hangs up without answering (it died with the
+/// request in hand): a command without an Idempotency-Key gets a 502, since it may
+/// have been applied; one with a key, which a service answers twice alike, is sent
+/// to another instance and answered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_keyed_command_whose_instance_hangs_up_goes_to_another() {
+    let namespace = format!("orderflow-test-{}", Uuid::now_v7().simple());
+    let shared = [("ORDERFLOW_REGISTRY_NAMESPACE", namespace.as_str())];
+    let system = System::start_with(&[Gateway, Inventory, User], &shared).await;
+    routable(&system, &[Inventory, User]).await;
+    let token = token_for(&system, "hang@example.com").await;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let address = listener.local_addr().unwrap();
+    let hung_up = Arc::new(AtomicUsize::new(0));
+    tokio::spawn({
+        let hung_up = hung_up.clone();
+        async move {
+            while let Ok((mut socket, _)) = listener.accept().await {
+                let mut head = [0_u8; 512];
+                let _ = socket.read(&mut head).await;
+                hung_up.fetch_add(1, Ordering::SeqCst);
+            }
+        }
+    });
+    let registry = Registry::connect(REDIS, &namespace, Duration::from_secs(60))
+        .await
+        .unwrap();
+    let dying = Instance {
+        service: "inventory".into(),
+        instance_id: "dying".into(),
+        address: address.to_string(),
+    };
+    registry.register(&dying).await.unwrap();
+    wait_for(DEADLINE, "the gateway to see both instances", || async {
+        let (_, upstreams) = system.get(Gateway, "/gateway/upstreams").await;
+        let inventory = upstreams
+            .as_array()?
+            .iter()
+            .filter(|u| u["service"] == "inventory")
+            .count();
+        (inventory == 2).then_some(())
+    })
+    .await;
+    let send = |sku: &'static str, key: Option<String>| {
+        let mut request = system
+            .http
+            .post(system.url(Gateway, "/inventory/items"))
+            .bearer_auth(&token)
+            .json(&json!({ "sku": sku, "name": sku, "quantity": 1 }));
+        if let Some(key) = key {
+            request = request.header("idempotency-key", key);
+        }
+        request.send()
+    };
+
+    // Round robin: one of two requests goes to the instance that hangs up.
+    let mut statuses = Vec::new();
+    for _ in 0..2 {
+        statuses.push(send("UNKEYED", None).await.unwrap().status());
+    }
+    assert!(statuses.contains(&StatusCode::BAD_GATEWAY), "{statuses:?}");
+    let before = hung_up.load(Ordering::SeqCst);
+    for i in 0..4 {
+        let response = send("KEYED", Some(format!("keyed-{i}"))).await.unwrap();
+        assert!(response.status().is_success(), "{}", response.status());
+        assert_ne!(response.headers()[UPSTREAM_HEADER], "dying");
+    }
+    assert!(
+        hung_up.load(Ordering::SeqCst) > before,
+        "a keyed command met the instance that hangs up"
+    );
+    registry.deregister(&dying).await.unwrap();
+    system.stop().await;
 }
 
 /// An instance killed with SIGKILL (no goodbye) leaves the registry within its
