@@ -42,6 +42,7 @@ struct Inner {
     processing: HistogramFamily,
     projection_lag: Family<Labels, Gauge>,
     projection_stalled: Family<Labels, Gauge>,
+    relay_leading: Family<Labels, Gauge>,
 }
 
 impl Default for Metrics {
@@ -65,6 +66,7 @@ impl Metrics {
         let processing: HistogramFamily = Family::new_with_constructor(latency_histogram);
         let projection_lag = Family::<Labels, Gauge>::default();
         let projection_stalled = Family::<Labels, Gauge>::default();
+        let relay_leading = Family::<Labels, Gauge>::default();
         registry.register(
             "outbox_backlog",
             "Outbox rows not yet confirmed by the broker",
@@ -125,6 +127,11 @@ impl Metrics {
             "1 while the projection has events to apply but made no progress for a while",
             projection_stalled.clone(),
         );
+        registry.register(
+            "relay_leading",
+            "1 while this process's relay holds the service's relay lock, 0 on standby",
+            relay_leading.clone(),
+        );
         Metrics {
             inner: Arc::new(Inner {
                 registry,
@@ -140,6 +147,7 @@ impl Metrics {
                 processing,
                 projection_lag,
                 projection_stalled,
+                relay_leading,
             }),
         }
     }
@@ -160,6 +168,15 @@ impl Metrics {
         let _ = self.inner.outbox_oldest_age.get_or_create(&labels);
         let _ = self.inner.published.get_or_create(&labels);
         let _ = self.inner.confirm_latency.get_or_create(&labels);
+        let _ = self.inner.relay_leading.get_or_create(&labels);
+    }
+
+    /// Whether this process's relay for `service` leads.
+    pub fn relay_leading(&self, service: &str, leading: bool) {
+        self.inner
+            .relay_leading
+            .get_or_create(&service_labels(service))
+            .set(i64::from(leading));
     }
 
     /// Starts the series of a consumer at zero.

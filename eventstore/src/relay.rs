@@ -143,7 +143,8 @@ impl Relay {
                     tracing::info!("leading");
                     // Cleared however the term ends (an aborted task included), or this
                     // process's appends would stop notifying a leader elsewhere.
-                    let leading = LeadingFlag::raise(&signal.leading);
+                    let leading =
+                        LeadingFlag::raise(&signal.leading, &self.metrics, &self.config.service);
                     let started = Instant::now();
                     let outcome = self.lead(&mut lock, &signal.wakes, &cancel).await;
                     drop(leading);
@@ -424,19 +425,30 @@ impl Relay {
     }
 }
 
-/// Says "a relay of this process leads" while it lives.
-struct LeadingFlag<'a>(&'a AtomicBool);
+/// Says "a relay of this process leads" while it lives (to appends, and in the
+/// `relay_leading` gauge).
+struct LeadingFlag<'a> {
+    flag: &'a AtomicBool,
+    metrics: &'a Metrics,
+    service: &'a str,
+}
 
 impl<'a> LeadingFlag<'a> {
-    fn raise(flag: &'a AtomicBool) -> Self {
+    fn raise(flag: &'a AtomicBool, metrics: &'a Metrics, service: &'a str) -> Self {
         flag.store(true, Ordering::Release);
-        LeadingFlag(flag)
+        metrics.relay_leading(service, true);
+        LeadingFlag {
+            flag,
+            metrics,
+            service,
+        }
     }
 }
 
 impl Drop for LeadingFlag<'_> {
     fn drop(&mut self) {
-        self.0.store(false, Ordering::Release);
+        self.flag.store(false, Ordering::Release);
+        self.metrics.relay_leading(self.service, false);
     }
 }
 
