@@ -6,6 +6,8 @@ use std::future::Future;
 use std::time::{Duration, Instant};
 
 use eventstore::{EventStore, SchemaRegistry};
+
+pub mod chaos;
 use sqlx::PgPool;
 use sqlx::postgres::PgConnectOptions;
 
@@ -54,7 +56,7 @@ impl Drop for TestDb {
 
 /// Drops a database from outside async context: a short-lived runtime on its own
 /// thread removes it (FORCE disconnects whatever is still connected).
-fn drop_database_now(server: &PgConnectOptions, name: &str) {
+pub(crate) fn drop_database_now(server: &PgConnectOptions, name: &str) {
     let (server, owned_name) = (server.clone(), name.to_owned());
     let dropped = std::thread::spawn(move || {
         tokio::runtime::Builder::new_current_thread()
@@ -310,25 +312,7 @@ impl Vhost {
     /// Messages in this virtual host's queues, ready or delivered and not yet
     /// acknowledged, leaving out the dead-letter queues (`dlq.*`).
     pub fn queued_messages(&self) -> anyhow::Result<u64> {
-        let listing = rabbitmqctl_output(&[
-            "list_queues",
-            "-p",
-            &self.name,
-            "--no-table-headers",
-            "name",
-            "messages",
-        ])?;
-        let mut queued = 0;
-        for line in listing.lines() {
-            let mut fields = line.split_whitespace();
-            let (Some(name), Some(count)) = (fields.next(), fields.next()) else {
-                continue;
-            };
-            if !name.starts_with("dlq.") {
-                queued += count.parse::<u64>()?;
-            }
-        }
-        Ok(queued)
+        queue_depths(&self.name).map(|(queued, _)| queued)
     }
 }
 
@@ -340,7 +324,33 @@ impl Drop for Vhost {
     }
 }
 
-fn rabbitmqctl(arguments: &[&str]) -> anyhow::Result<()> {
+/// Messages in a virtual host's queues: (outside the dead-letter queues, in them).
+pub(crate) fn queue_depths(vhost: &str) -> anyhow::Result<(u64, u64)> {
+    let listing = rabbitmqctl_output(&[
+        "list_queues",
+        "-p",
+        vhost,
+        "--no-table-headers",
+        "name",
+        "messages",
+    ])?;
+    let (mut queued, mut dead) = (0, 0);
+    for line in listing.lines() {
+        let mut fields = line.split_whitespace();
+        let (Some(name), Some(count)) = (fields.next(), fields.next()) else {
+            continue;
+        };
+        let count = count.parse::<u64>()?;
+        if name.starts_with("dlq.") {
+            dead += count;
+        } else {
+            queued += count;
+        }
+    }
+    Ok((queued, dead))
+}
+
+pub(crate) fn rabbitmqctl(arguments: &[&str]) -> anyhow::Result<()> {
     rabbitmqctl_output(arguments).map(drop)
 }
 
@@ -375,6 +385,29 @@ impl Spawned {
         Spawned(child)
     }
 
+    /// Starts `orderflow` with its output appended to `log`, logging at `filter`
+    /// (a `RUST_LOG` value).
+    pub fn orderflow_logged(
+        arguments: &[&str],
+        env: &[(String, String)],
+        log: &std::path::Path,
+        filter: &str,
+    ) -> anyhow::Result<Spawned> {
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(log)?;
+        let child = std::process::Command::new(orderflow_binary())
+            .args(arguments)
+            .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+            .env("RUST_LOG", filter)
+            .env("NO_COLOR", "1")
+            .stdout(file.try_clone()?)
+            .stderr(file)
+            .spawn()?;
+        Ok(Spawned(child))
+    }
+
     /// SIGKILL: the process ends without a word.
     pub fn kill(&mut self) {
         let _ = self.0.kill();
@@ -391,12 +424,16 @@ impl Drop for Spawned {
 /// The `orderflow` binary of this build, which `cargo test --workspace` builds beside
 /// the test binaries (they run from `target/<profile>/deps`).
 pub fn orderflow_binary() -> std::path::PathBuf {
+    if let Some(binary) = std::env::var_os("ORDERFLOW_BIN") {
+        return binary.into();
+    }
     let exe = std::env::current_exe().expect("the test binary's path");
-    let binary = exe
-        .parent()
-        .and_then(std::path::Path::parent)
-        .map(|dir| dir.join("orderflow"))
-        .expect("target directory");
+    let beside = exe.parent().expect("target directory");
+    // A test runs from target/<profile>/deps, a tool like `chaos` from target/<profile>.
+    let binary = [beside.join("orderflow"), beside.join("../orderflow")]
+        .into_iter()
+        .find(|path| path.exists())
+        .unwrap_or_else(|| beside.join("../orderflow"));
     assert!(
         binary.exists(),
         "{} is missing: run the tests with `cargo test --workspace` (or `cargo build -p services` first)",
