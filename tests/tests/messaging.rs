@@ -966,35 +966,164 @@ async fn a_command_sent_through_the_outbox_is_handled_once_by_the_target_service
 
 /// Publishes a message whose envelope is fine but whose payload is not Avro.
 async fn publish_garbage(world: &World) -> Uuid {
-    let envelope = Envelope {
+    let envelope = poison_envelope("stock-garbage", "StockAdded");
+    publish_raw(
+        world,
+        "order.StockAdded",
+        b"definitely not avro",
+        envelope.properties(),
+    )
+    .await;
+    envelope.message_id
+}
+
+/// A well-formed envelope for a message of `message_type` on `stream_id`.
+fn poison_envelope(stream_id: &str, message_type: &str) -> Envelope {
+    Envelope {
         message_id: Uuid::now_v7(),
-        message_type: "StockAdded".into(),
+        message_type: message_type.into(),
         correlation_id: Uuid::now_v7(),
         causation_id: Uuid::now_v7(),
-        stream_id: "stock-garbage".into(),
+        stream_id: stream_id.into(),
         stream_version: Some(1),
         global_position: 1,
         schema_fingerprint: 0,
         timestamp_ms: 0,
-    };
-    let connection = amqp::connect(&world.vhost.url, "test-garbage")
-        .await
-        .unwrap();
+    }
+}
+
+/// Publishes `body` with `properties` to the events exchange, confirmed.
+async fn publish_raw(
+    world: &World,
+    routing_key: &str,
+    body: &[u8],
+    properties: lapin::BasicProperties,
+) {
+    let connection = amqp::connect(&world.vhost.url, "test-raw").await.unwrap();
     let channel = amqp::confirming_channel(&connection).await.unwrap();
     channel
         .basic_publish(
             amqp::EVENTS_EXCHANGE.into(),
-            "order.StockAdded".into(),
+            routing_key.into(),
             BasicPublishOptions::default(),
-            b"definitely not avro",
-            envelope.properties(),
+            body,
+            properties,
         )
         .await
         .unwrap()
         .await
         .unwrap();
     connection.close(200, "done".into()).await.unwrap();
-    envelope.message_id
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn poison_messages_are_dead_lettered_once_and_the_consumer_carries_on() {
+    let world = World::new().await;
+    let config = world.consumer_config();
+    world.declare(&config).await;
+    let metrics = Metrics::new();
+    world.start_consumer(config.clone(), Recorder::never_failing(), &metrics);
+
+    let valid = TestDb::registry()
+        .encode(&StockEvent::StockAdded {
+            sku: "SKU-1".into(),
+            quantity: 1,
+        })
+        .unwrap()
+        .payload;
+    // Single-object encoding: 2 magic bytes, an 8-byte fingerprint, then the body.
+    let mut wrong_fingerprint = valid.clone();
+    wrong_fingerprint[2..10].copy_from_slice(&0x0bad_f00d_dead_beef_u64.to_le_bytes());
+    let truncated = valid[..valid.len() - 2].to_vec();
+    // A string claiming about 2^62 bytes: a decoder must refuse, not allocate.
+    let mut huge_length = valid[..10].to_vec();
+    huge_length.extend_from_slice(&[0xfe, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0x7f]);
+    let mut seed = 0x9e37_79b9_7f4a_7c15_u64;
+    let big: Vec<u8> = (0..4 << 20)
+        .map(|_| {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed as u8
+        })
+        .collect();
+    let poisons: Vec<(&str, &str, Vec<u8>)> = vec![
+        (
+            "stock-poison-unknown-type",
+            "NoSuchEvent",
+            b"\xc3\x01garbage".to_vec(),
+        ),
+        ("stock-poison-fingerprint", "StockAdded", wrong_fingerprint),
+        ("stock-poison-truncated", "StockAdded", truncated),
+        ("stock-poison-length", "StockAdded", huge_length),
+        ("stock-poison-big", "StockAdded", big),
+    ];
+    let mut poisoned = Vec::new();
+    for (stream, message_type, body) in &poisons {
+        let envelope = poison_envelope(stream, message_type);
+        let routing_key = format!("order.{message_type}");
+        publish_raw(&world, &routing_key, body, envelope.properties()).await;
+        poisoned.push(envelope.message_id);
+    }
+    // No envelope at all: no message id, no stream, nothing but a body.
+    publish_raw(
+        &world,
+        "order.StockAdded",
+        b"{\"hello\":1}",
+        lapin::BasicProperties::default(),
+    )
+    .await;
+
+    // Healthy events published after the poison still flow.
+    world.start_relay(world.relay_config(), &metrics);
+    let healthy = streams("stock-healthy", 3);
+    append_round_robin(&world.store, &healthy, 3, 1).await;
+    let applied = world.wait_applied(9, Duration::from_secs(30)).await;
+    assert!(
+        applied
+            .iter()
+            .all(|row| row.stream_id.starts_with("stock-healthy"))
+    );
+
+    // Each poison message is dead-lettered once, straight away, with its reason.
+    wait_for(Duration::from_secs(30), "six dead letters", || async {
+        (metrics.dead_lettered_count("order.recorder") >= 6).then_some(())
+    })
+    .await;
+    let letters = eventstore::dlq::list(&world.vhost.url, SERVICE)
+        .await
+        .unwrap();
+    assert_eq!(letters.len(), 6, "{letters:#?}");
+    let mut ids: Vec<Uuid> = letters.iter().filter_map(|l| l.message_id).collect();
+    ids.sort();
+    poisoned.sort();
+    assert_eq!(ids, poisoned, "the enveloped poison, each once");
+    for letter in &letters {
+        let error = letter.error.clone().unwrap_or_default();
+        assert!(
+            error.starts_with("undecodable payload") || error.starts_with("malformed message"),
+            "{error}"
+        );
+        assert_eq!(letter.attempts, Some(0), "no handler ran for {error}");
+    }
+    assert!(
+        letters
+            .iter()
+            .any(|l| l.message_id.is_none() && l.payload == b"{\"hello\":1}")
+    );
+    // Nothing went round again: the count is still six after the healthy traffic.
+    world
+        .store
+        .append(
+            &healthy[0],
+            ExpectedVersion::Exact(3),
+            &[stock_event(&healthy[0], 1)],
+        )
+        .await
+        .unwrap();
+    world.wait_applied(10, Duration::from_secs(30)).await;
+    assert_eq!(metrics.dead_lettered_count("order.recorder"), 6);
+    assert_eq!(world.applied().await.len(), 10);
 }
 
 #[derive(Debug)]

@@ -268,6 +268,38 @@ async fn errors_are_problem_documents_naming_the_field() {
         None,
     )
     .await;
+    // Deeply nested JSON within the size limit is refused cleanly wherever it sits:
+    // the body parsers never recurse into it (typed fields stop at the first bracket,
+    // unknown fields are refused by name, and serde_json stops at depth 128).
+    let deep = format!("{}{}", "[".repeat(30_000), "]".repeat(30_000));
+    let card = "\"card_token\":\"x\"";
+    for nested in [
+        deep.clone(),
+        format!("{{\"customer_id\":\"{customer}\",{card},\"lines\":{deep}}}"),
+        format!("{{\"customer_id\":\"{customer}\",{card},\"lines\":[],\"extra\":{deep}}}"),
+        format!(
+            "{{\"customer_id\":{}{}}}",
+            "{\"a\":".repeat(10_000),
+            "}".repeat(10_000)
+        ),
+    ] {
+        let response = reqwest::Client::new()
+            .post(system.url(Order, "/orders"))
+            .header("content-type", "application/json")
+            .body(nested)
+            .send()
+            .await
+            .unwrap();
+        let status = response.status();
+        assert!(
+            status == StatusCode::BAD_REQUEST || status == StatusCode::UNPROCESSABLE_ENTITY,
+            "{status}"
+        );
+        assert_eq!(
+            response.headers()["content-type"],
+            "application/problem+json"
+        );
+    }
     assert_problem(
         system
             .post(
