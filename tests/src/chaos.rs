@@ -83,7 +83,7 @@ pub struct Settings {
     pub duration: Duration,
     /// Orders per second.
     pub rate: f64,
-    /// Time between faults (each one a little earlier or later, at random).
+    /// Time between faults (each one falls due a little earlier or later, at random).
     pub fault_every: Duration,
     pub faults: Vec<Fault>,
     /// Instances of the order service (its consumers split in as many partitions).
@@ -130,6 +130,11 @@ pub struct Report {
     pub dead_letters: usize,
     /// From the last fault until every check held.
     pub settle_seconds: f64,
+    /// Broker and database outages seen through `/health/ready` (every service process
+    /// unready during it, ready again after it without a restart), and the longest
+    /// time from the dependency's return to every process being ready.
+    pub outages: usize,
+    pub longest_recovery_seconds: f64,
     /// Every broken invariant, in words (empty when all hold).
     pub problems: Vec<String>,
 }
@@ -186,6 +191,12 @@ impl Report {
             self.dead_letters,
             self.settle_seconds,
         );
+        if self.outages > 0 {
+            text.push_str(&format!(
+                "\n{} outages: every service unready during each, ready again at most {:.1} s after",
+                self.outages, self.longest_recovery_seconds
+            ));
+        }
         if self.problems.is_empty() {
             text.push_str("\nevery invariant holds");
         }
@@ -228,13 +239,15 @@ pub async fn run(
                 let (client, token, stats, placed) =
                     (client.clone(), token.clone(), stats.clone(), placed.clone());
                 let sku = skus[i % skus.len()].clone();
-                let card = [
+                // Every SKU sees every card: 3 in 5 paid, 1 declined, 1 never answered.
+                let cards = [
                     "tok_visa",
                     "tok_visa",
                     "tok_visa",
                     "tok_decline",
                     "tok_timeout",
-                ][i % 5];
+                ];
+                let card = cards[(i / skus.len()) % cards.len()];
                 orders.spawn(async move {
                     let key = Uuid::now_v7().to_string();
                     stats.commands.fetch_add(1, Ordering::Relaxed);
@@ -253,9 +266,15 @@ pub async fn run(
     let mut faults: BTreeMap<Fault, usize> = BTreeMap::new();
     let mut last_fault = Instant::now();
     let mut bag: Vec<Fault> = Vec::new();
-    while started.elapsed() + settings.fault_every < settings.duration {
-        let jitter = rand::rng().random_range(0.5..1.5);
-        tokio::time::sleep(settings.fault_every.mul_f64(jitter)).await;
+    // The n-th fault falls due n periods after the start, give or take 40 %: the pace
+    // holds however long each fault takes.
+    for n in 1.. {
+        if settings.fault_every * (n + 1) > settings.duration {
+            break;
+        }
+        let jitter = rand::rng().random_range(-0.4..0.4);
+        let due = started + settings.fault_every.mul_f64(f64::from(n) + jitter);
+        tokio::time::sleep_until(due.into()).await;
         // Drawn from a shuffled bag of every kind, so that even a short run mixes them.
         if bag.is_empty() {
             bag = settings.faults.clone();
@@ -298,6 +317,9 @@ pub async fn run(
             .problems
             .extend(checks.rebuilds_equal_live().await?);
     }
+    findings
+        .problems
+        .extend(cluster.readiness_problems.iter().cloned());
     if placed.len() < commands {
         findings.problems.push(format!(
             "{} of {commands} orders were never accepted",
@@ -316,6 +338,8 @@ pub async fn run(
         duplicated: findings.duplicated,
         dead_letters: findings.dead_letters,
         settle_seconds,
+        outages: cluster.recoveries.len(),
+        longest_recovery_seconds: cluster.recoveries.iter().copied().fold(0.0, f64::max),
         problems: findings.problems,
     };
     cluster.stop();
@@ -472,6 +496,9 @@ struct Cluster {
     run: String,
     /// Each process's output, `<instance>.log`.
     pub logs: std::path::PathBuf,
+    /// What readiness showed around outages: problems, and how long each recovery took.
+    readiness_problems: Vec<String>,
+    recoveries: Vec<f64>,
 }
 
 impl Cluster {
@@ -563,6 +590,8 @@ impl Cluster {
             gateway_url,
             run,
             logs,
+            readiness_problems: Vec::new(),
+            recoveries: Vec::new(),
         };
         for index in 0..cluster.processes.len() {
             cluster.spawn(index)?;
@@ -643,16 +672,10 @@ impl Cluster {
         match fault {
             Fault::Kill => {
                 let index = rand::rng().random_range(0..self.processes.len());
-                if let Some(mut child) = self.processes[index].running.take() {
-                    child.kill();
-                }
-                let down = Duration::from_millis(rand::rng().random_range(200..2000));
-                tokio::time::sleep(down).await;
-                self.spawn(index)?;
-                let process = &self.processes[index];
+                let down = self.kill_and_restart(index, 200..2000).await?;
                 Ok(format!(
                     "killed {} (kill -9), back after {down:?}",
-                    process.instance_id
+                    self.processes[index].instance_id
                 ))
             }
             Fault::KillOrder => {
@@ -664,12 +687,7 @@ impl Cluster {
                     "only one order instance: killing it stops the service"
                 );
                 let index = orders[rand::rng().random_range(0..orders.len())];
-                if let Some(mut child) = self.processes[index].running.take() {
-                    child.kill();
-                }
-                let down = Duration::from_millis(rand::rng().random_range(2000..5000));
-                tokio::time::sleep(down).await;
-                self.spawn(index)?;
+                let down = self.kill_and_restart(index, 2000..5000).await?;
                 Ok(format!(
                     "killed order instance {} (kill -9), back after {down:?}",
                     self.processes[index].instance_id
@@ -677,12 +695,7 @@ impl Cluster {
             }
             Fault::KillLeader => {
                 let index = self.relay_leader(Service::Order).await?;
-                if let Some(mut child) = self.processes[index].running.take() {
-                    child.kill();
-                }
-                let down = Duration::from_millis(rand::rng().random_range(500..3000));
-                tokio::time::sleep(down).await;
-                self.spawn(index)?;
+                let down = self.kill_and_restart(index, 500..3000).await?;
                 Ok(format!(
                     "killed the order relay leader {} (kill -9), back after {down:?}",
                     self.processes[index].instance_id
@@ -715,17 +728,22 @@ impl Cluster {
                 Ok("closed every broker connection".to_owned())
             }
             Fault::RestartBroker => {
-                tokio::task::spawn_blocking(|| {
-                    crate::rabbitmqctl(&["stop_app"])?;
-                    std::thread::sleep(Duration::from_millis(500));
-                    crate::rabbitmqctl(&["start_app"])
-                })
-                .await??;
-                Ok("restarted the broker".to_owned())
+                tokio::task::spawn_blocking(|| crate::rabbitmqctl(&["stop_app"])).await??;
+                let outage = self.outage("the broker").await;
+                tokio::task::spawn_blocking(|| crate::rabbitmqctl(&["start_app"])).await??;
+                Ok(format!(
+                    "restarted the broker; {}",
+                    self.recovery("the broker", outage).await
+                ))
             }
             Fault::RestartDatabase => {
-                tokio::task::spawn_blocking(restart_postgres).await??;
-                Ok("restarted PostgreSQL".to_owned())
+                tokio::task::spawn_blocking(|| postgres("stop")).await??;
+                let outage = self.outage("PostgreSQL").await;
+                tokio::task::spawn_blocking(|| postgres("start")).await??;
+                Ok(format!(
+                    "restarted PostgreSQL; {}",
+                    self.recovery("PostgreSQL", outage).await
+                ))
             }
             Fault::SlowProvider => {
                 let notification = self
@@ -747,6 +765,105 @@ impl Cluster {
                 });
                 Ok("made the e-mail provider slow for 5 s".to_owned())
             }
+        }
+    }
+
+    /// Kills a process with SIGKILL and starts it again after a pause drawn from
+    /// `down_ms`; the pause.
+    async fn kill_and_restart(
+        &mut self,
+        index: usize,
+        down_ms: std::ops::Range<u64>,
+    ) -> anyhow::Result<Duration> {
+        if let Some(mut child) = self.processes[index].running.take() {
+            child.kill();
+        }
+        let down = Duration::from_millis(rand::rng().random_range(down_ms));
+        tokio::time::sleep(down).await;
+        self.spawn(index)?;
+        Ok(down)
+    }
+
+    /// The `/health/ready` URL of every service process that has a database and a
+    /// broker (the gateway has neither).
+    fn readiness_urls(&self) -> Vec<(String, String)> {
+        self.processes
+            .iter()
+            .filter(|p| p.service != Service::Gateway)
+            .map(|p| {
+                (
+                    p.instance_id.clone(),
+                    format!("http://127.0.0.1:{}/health/ready", p.port),
+                )
+            })
+            .collect()
+    }
+
+    /// While a dependency is down: waits (at most 15 s) until every service process
+    /// says it is not ready, and notes any that never did.
+    async fn outage(&mut self, what: &str) -> (Instant, f64) {
+        let began = Instant::now();
+        let pending = self.readiness_until(false, Duration::from_secs(15)).await;
+        if !pending.is_empty() {
+            self.readiness_problems.push(format!(
+                "{} stayed ready while {what} was down",
+                pending.join(", ")
+            ));
+        }
+        (began, began.elapsed().as_secs_f64())
+    }
+
+    /// Once the dependency is back: waits (at most 60 s) until every service process is
+    /// ready again, without being restarted, and says how long that took.
+    async fn recovery(&mut self, what: &str, (outage, noticed): (Instant, f64)) -> String {
+        let back = Instant::now();
+        let pending = self.readiness_until(true, Duration::from_secs(60)).await;
+        if !pending.is_empty() {
+            self.readiness_problems.push(format!(
+                "{} not ready 60 s after {what} came back",
+                pending.join(", ")
+            ));
+            return "some services did not recover".to_owned();
+        }
+        let recovered = back.elapsed().as_secs_f64();
+        self.recoveries.push(recovered);
+        format!(
+            "every service unready within {noticed:.1} s, ready again {recovered:.1} s after its \
+             return (down {:.1} s)",
+            (back - outage).as_secs_f64()
+        )
+    }
+
+    /// Polls readiness (every process at once) until every process answers `ready`
+    /// (or not); the ones that never did by the deadline.
+    async fn readiness_until(&self, ready: bool, within: Duration) -> Vec<String> {
+        let http = reqwest::Client::builder()
+            .timeout(Duration::from_secs(3))
+            .build()
+            .unwrap_or_default();
+        let deadline = Instant::now() + within;
+        let mut pending = self.readiness_urls();
+        loop {
+            let mut polls = tokio::task::JoinSet::new();
+            for (instance, url) in pending {
+                let http = http.clone();
+                polls.spawn(async move {
+                    let answer = http.get(&url).send().await.map(|r| r.status().is_success());
+                    // A process that does not answer at all is not ready either.
+                    (answer.unwrap_or(false) == ready, instance, url)
+                });
+            }
+            pending = polls
+                .join_all()
+                .await
+                .into_iter()
+                .filter(|(done, _, _)| !done)
+                .map(|(_, instance, url)| (instance, url))
+                .collect();
+            if pending.is_empty() || Instant::now() >= deadline {
+                return pending.into_iter().map(|(instance, _)| instance).collect();
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }
 
@@ -816,17 +933,17 @@ fn signal(pid: &str, which: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Restarts the machine's PostgreSQL cluster (as `scripts/infra` starts it).
-fn restart_postgres() -> anyhow::Result<()> {
+/// Stops or starts the machine's PostgreSQL cluster (as `scripts/infra` starts it).
+fn postgres(action: &str) -> anyhow::Result<()> {
     let versions = std::fs::read_dir("/etc/postgresql")?;
     let version = versions
         .filter_map(|entry| entry.ok()?.file_name().into_string().ok())
         .max()
         .ok_or_else(|| anyhow::anyhow!("no PostgreSQL cluster in /etc/postgresql"))?;
     let status = std::process::Command::new("pg_ctlcluster")
-        .args(["--skip-systemctl-redirect", &version, "main", "restart"])
+        .args(["--skip-systemctl-redirect", &version, "main", action])
         .status()?;
-    anyhow::ensure!(status.success(), "pg_ctlcluster restart failed");
+    anyhow::ensure!(status.success(), "pg_ctlcluster {action} failed");
     Ok(())
 }
 

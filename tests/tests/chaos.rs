@@ -47,6 +47,13 @@ async fn orders_survive_every_kind_of_fault_and_every_invariant_holds() {
         report.faults.len(),
         report.faults
     );
+    // Every broker and database outage was seen through readiness and recovered from
+    // without a restart (a failure to is among the problems above).
+    let count = |fault| report.faults.get(&fault).copied().unwrap_or(0);
+    assert_eq!(
+        report.outages,
+        count(Fault::RestartBroker) + count(Fault::RestartDatabase)
+    );
     // Every order was accepted in the end (the load retries with its key until it is)
     // and reached an outcome.
     assert_eq!(report.orders, report.commands);

@@ -39,6 +39,24 @@ async fn routable(system: &System, services: &[Service]) {
     .await;
 }
 
+/// Waits until the gateway sees `count` instances of `service`.
+async fn instances_seen(system: &System, service: Service, count: usize) {
+    wait_for(
+        DEADLINE,
+        &format!("{count} {service} instances"),
+        || async {
+            let (_, upstreams) = system.get(Gateway, "/gateway/upstreams").await;
+            let seen = upstreams
+                .as_array()?
+                .iter()
+                .filter(|u| u["service"] == service.name())
+                .count();
+            (seen == count).then_some(())
+        },
+    )
+    .await;
+}
+
 async fn token_for(system: &System, email: &str) -> String {
     let user = json!({ "email": email, "name": "Gia", "password": "password one" });
     let (status, body) = answer(system.post(Gateway, "/users", user).await).await;
@@ -358,16 +376,7 @@ async fn a_keyed_command_whose_instance_hangs_up_goes_to_another() {
         address: address.to_string(),
     };
     registry.register(&dying).await.unwrap();
-    wait_for(DEADLINE, "the gateway to see both instances", || async {
-        let (_, upstreams) = system.get(Gateway, "/gateway/upstreams").await;
-        let inventory = upstreams
-            .as_array()?
-            .iter()
-            .filter(|u| u["service"] == "inventory")
-            .count();
-        (inventory == 2).then_some(())
-    })
-    .await;
+    instances_seen(&system, Inventory, 2).await;
     let send = |sku: &'static str, key: Option<String>| {
         let mut request = system
             .http
@@ -491,16 +500,7 @@ async fn three_order_instances_share_the_load_and_survive_losing_one() {
         ];
         others.push(Spawned::orderflow(&arguments, &env));
     }
-    wait_for(DEADLINE, "three order instances", || async {
-        let (_, upstreams) = system.get(Gateway, "/gateway/upstreams").await;
-        let orders = upstreams
-            .as_array()?
-            .iter()
-            .filter(|u| u["service"] == "order")
-            .count();
-        (orders == 3).then_some(())
-    })
-    .await;
+    instances_seen(&system, Order, 3).await;
     let token = token_for(&system, "tri@example.com").await;
     let customer = Tokens::default().verify(&token).unwrap().sub;
     let stock = json!({ "sku": "TRI", "name": "TRI", "quantity": 20 });

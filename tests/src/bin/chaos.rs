@@ -16,7 +16,7 @@ struct Arguments {
     /// Orders per second.
     #[arg(long, default_value_t = 3.0)]
     rate: f64,
-    /// Seconds between faults (each drawn between half and one and a half of this).
+    /// Seconds between faults (the n-th falls due n times this after the start, ± 40 %).
     #[arg(long, default_value_t = 10.0)]
     fault_every: f64,
     /// Which faults, comma-separated: kill, order, leader, pause, connections, broker,
