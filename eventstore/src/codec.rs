@@ -175,6 +175,13 @@ impl SchemaRegistry {
         self.inner.current_fingerprint.get(event_type).copied()
     }
 
+    /// Every fingerprint this registry can read, in order.
+    pub fn fingerprints(&self) -> Vec<i64> {
+        let mut all: Vec<i64> = self.read_known().keys().copied().collect();
+        all.sort_unstable();
+        all
+    }
+
     /// The event type and schema version a fingerprint names, if known.
     pub fn describe(&self, fingerprint: i64) -> Option<(String, u32)> {
         self.read_known()

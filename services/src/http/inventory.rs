@@ -34,7 +34,7 @@ pub struct Api;
 
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
-struct AddStock {
+pub(crate) struct AddStock {
     #[schema(example = "SKU-1")]
     sku: String,
     /// Needed when the item is new; ignored when it exists.

@@ -38,6 +38,23 @@ use problem::{ApiError, InternalCause};
 
 /// Largest request body accepted; larger ones get a 413.
 pub const MAX_BODY_BYTES: usize = 64 * 1024;
+
+/// Parses `bytes` as the body of every command the services take, as their
+/// extractors do, and says which parsed: for the JSON fuzz target (`fuzz/`), which
+/// asks only that none of them panics, overflows its stack or allocates without bound.
+#[doc(hidden)]
+pub fn parse_every_command_body(bytes: &[u8]) -> [bool; 7] {
+    use command::parse_json;
+    [
+        parse_json::<orders::PlaceOrder>(bytes).is_ok(),
+        parse_json::<inventory::AddStock>(bytes).is_ok(),
+        parse_json::<users::Register>(bytes).is_ok(),
+        parse_json::<users::Credentials>(bytes).is_ok(),
+        parse_json::<users::ChangeProfile>(bytes).is_ok(),
+        parse_json::<users::ChangePreferences>(bytes).is_ok(),
+        parse_json::<crate::notifications::Mode>(bytes).is_ok(),
+    ]
+}
 pub const CORRELATION_HEADER: &str = "x-correlation-id";
 
 /// What every handler of one service can reach.

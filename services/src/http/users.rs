@@ -43,7 +43,7 @@ pub struct Api;
 
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
-struct Register {
+pub(crate) struct Register {
     #[schema(example = "ada@example.com")]
     email: String,
     #[schema(example = "Ada Lovelace")]
@@ -64,7 +64,7 @@ struct Registered {
 
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
-struct Credentials {
+pub(crate) struct Credentials {
     #[schema(example = "ada@example.com")]
     email: String,
     password: String,
@@ -83,14 +83,14 @@ struct AccessToken {
 
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
-struct ChangeProfile {
+pub(crate) struct ChangeProfile {
     #[schema(example = "Ada King")]
     name: String,
 }
 
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
-struct ChangePreferences {
+pub(crate) struct ChangePreferences {
     email: bool,
     sms: bool,
     push: bool,
