@@ -390,30 +390,87 @@ async fn errors_are_problem_documents_naming_the_field() {
         Some("if-match"),
     )
     .await;
+    // The read model holds version 1; its progress row is then held locked, so the
+    // cancellation (version 2) cannot be applied until the test lets go.
+    let order_id = placed["order_id"].as_str().unwrap().to_owned();
+    let read = |min_version: u32| {
+        system
+            .http
+            .get(system.url(
+                Order,
+                &format!("/orders/{order_id}?min_version={min_version}"),
+            ))
+            .send()
+    };
+    assert_eq!(read(1).await.unwrap().status(), StatusCode::OK);
+    let pool = system.pool(Order).await;
+    let mut blocker = pool.begin().await.unwrap();
+    sqlx::query(
+        "SELECT 1 FROM consumer_streams WHERE consumer = 'order.read-models' \
+         AND stream_id = $1 FOR UPDATE",
+    )
+    .bind(format!("order-{order_id}"))
+    .fetch_one(&mut *blocker)
+    .await
+    .unwrap();
     let current = cancel_with("\"1\"").await.unwrap();
     assert_eq!(current.status(), StatusCode::ACCEPTED);
     // A second cancellation request changes nothing; a stale If-Match still conflicts.
     let again = cancel_with("1").await.unwrap();
     assert_problem(again, StatusCode::CONFLICT, "version-conflict", None).await;
     // A read model that cannot catch up in time answers 503 with Retry-After.
-    let response = system
-        .http
-        .get(system.url(
-            Order,
-            &format!(
-                "/orders/{}?min_version=99",
-                placed["order_id"].as_str().unwrap()
-            ),
-        ))
-        .send()
-        .await
-        .unwrap();
+    let response = read(2).await.unwrap();
     assert_eq!(response.headers()["retry-after"], "1");
     assert_problem(
         response,
         StatusCode::SERVICE_UNAVAILABLE,
         "read-model-behind",
         None,
+    )
+    .await;
+    blocker.rollback().await.unwrap();
+    assert_eq!(read(2).await.unwrap().status(), StatusCode::OK);
+    // A version the stream never reached, or a stream that does not exist, is the
+    // client's mistake, not something to come back for.
+    assert_problem(
+        read(99).await.unwrap(),
+        StatusCode::UNPROCESSABLE_ENTITY,
+        "invalid-field",
+        Some("min_version"),
+    )
+    .await;
+    let nowhere = system
+        .http
+        .get(system.url(Order, &format!("/orders/{}?min_version=3", Uuid::now_v7())))
+        .send()
+        .await
+        .unwrap();
+    assert_problem(nowhere, StatusCode::NOT_FOUND, "not-found", None).await;
+    // Text with the NUL character, which no read model could store, is refused.
+    let mut nul = order_body(customer, "SKU-1", 1);
+    nul["card_token"] = json!("tok\u{0}visa");
+    assert_problem(
+        system.post(Order, "/orders", nul).await,
+        StatusCode::UNPROCESSABLE_ENTITY,
+        "invalid-field",
+        Some("card_token"),
+    )
+    .await;
+    // A repeated query parameter is a 422 problem naming it, like any bad value.
+    let twice = system
+        .http
+        .get(system.url(
+            Order,
+            &format!("/customers/{customer}/orders?limit=1&limit=2"),
+        ))
+        .send()
+        .await
+        .unwrap();
+    assert_problem(
+        twice,
+        StatusCode::UNPROCESSABLE_ENTITY,
+        "invalid-field",
+        Some("limit"),
     )
     .await;
     system.stop().await;

@@ -189,7 +189,63 @@ pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
     deserializer
         .end()
         .map_err(|error| malformed(error.to_string()))?;
+    if has_nul_escape(bytes) {
+        return Err(ApiError::invalid(
+            nul_field(bytes),
+            "text may not contain the NUL character (\\u0000)",
+        ));
+    }
     Ok(value)
+}
+
+/// Whether a JSON text writes the NUL character (`\u0000`), which PostgreSQL text
+/// cannot hold: accepted, it would be recorded and then fail every read model that
+/// stores it. JSON can only write it as that escape (raw control bytes are invalid),
+/// and a backslash starts an escape when an even number of backslashes precede it.
+fn has_nul_escape(bytes: &[u8]) -> bool {
+    let mut backslashes = 0;
+    for (index, &byte) in bytes.iter().enumerate() {
+        if byte == b'\\' {
+            backslashes += 1;
+            continue;
+        }
+        if byte == b'u' && backslashes % 2 == 1 && bytes[index + 1..].starts_with(b"0000") {
+            return true;
+        }
+        backslashes = 0;
+    }
+    false
+}
+
+/// Where the first NUL character sits (`lines[0].sku`), for the problem's `field`.
+fn nul_field(bytes: &[u8]) -> String {
+    fn find(value: &serde_json::Value, path: String) -> Option<String> {
+        match value {
+            serde_json::Value::String(text) => text.contains('\0').then_some(path),
+            serde_json::Value::Array(items) => items
+                .iter()
+                .enumerate()
+                .find_map(|(index, item)| find(item, format!("{path}[{index}]"))),
+            serde_json::Value::Object(fields) => fields.iter().find_map(|(name, field)| {
+                let inner = if path.is_empty() {
+                    name.clone()
+                } else {
+                    format!("{path}.{name}")
+                };
+                if name.contains('\0') {
+                    Some(inner)
+                } else {
+                    find(field, inner)
+                }
+            }),
+            _ => None,
+        }
+    }
+    serde_json::from_slice(bytes)
+        .ok()
+        .and_then(|value| find(&value, String::new()))
+        .filter(|path| !path.is_empty())
+        .unwrap_or_else(|| "body".to_owned())
 }
 
 fn missing_field(message: &str) -> Option<&str> {
@@ -378,4 +434,37 @@ async fn record_key(
     .execute(connection)
     .await?;
     Ok(inserted.rows_affected() == 1)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_nul_character_is_refused_where_it_is_written() {
+        #[derive(Debug, serde::Deserialize)]
+        #[allow(dead_code)]
+        struct Body {
+            name: String,
+            lines: Vec<String>,
+        }
+        let refused = |json: &str| parse_json::<Body>(json.as_bytes()).unwrap_err();
+        assert_eq!(
+            refused(r#"{"name":"a\u0000b","lines":[]}"#)
+                .field
+                .as_deref(),
+            Some("name")
+        );
+        assert_eq!(
+            refused(r#"{"name":"a","lines":["x","\u0000"]}"#)
+                .field
+                .as_deref(),
+            Some("lines[1]")
+        );
+        // An escaped backslash followed by the text u0000 is no NUL.
+        assert!(parse_json::<Body>(br#"{"name":"a\\u0000","lines":[]}"#).is_ok());
+        assert!(parse_json::<Body>(br#"{"name":"a\\\u0000","lines":[]}"#).is_err());
+        assert!(parse_json::<Body>(br#"{"name":"\u00001","lines":[]}"#).is_err());
+        assert!(parse_json::<Body>(br#"{"name":"\u0001","lines":[]}"#).is_ok());
+    }
 }

@@ -2,6 +2,7 @@
 //! customer's orders from their projections.
 
 use axum::Router;
+use axum::extract::rejection::QueryRejection;
 use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Json, Response};
@@ -235,6 +236,8 @@ struct Page {
         (status = 200, description = "The orders (empty for an unknown customer)",
             body = Vec<CustomerOrderView>),
         QueryProblems,
+        (status = 404, description = "customer_id is not a UUID", body = Problem,
+            content_type = PROBLEM),
         (status = 422, description = "Bad limit or min_position; min_version is refused here",
             body = Problem, content_type = PROBLEM),
     ))]
@@ -242,9 +245,11 @@ async fn customer_orders(
     State(state): State<AppState>,
     caller: Caller,
     Path(customer_id): Path<String>,
-    Query(page): Query<Page>,
+    page: Result<Query<Page>, QueryRejection>,
     freshness: Freshness,
 ) -> Result<Response, ApiError> {
+    let Query(page) =
+        page.map_err(|rejection| ApiError::invalid("limit", rejection.body_text()))?;
     let db = state.db()?;
     let customer_id = parse_id("customer_id", &customer_id)?;
     caller.may_act_for(customer_id)?;

@@ -92,7 +92,8 @@ impl Freshness {
     /// Waits until the projection `queue` has applied what the client asked to see:
     /// `min_version` of `stream_id`, and the event at `min_position` (whatever stream
     /// it is in, as long as the projection reads it). A 503 with `Retry-After` when
-    /// it has not within [`WAIT`].
+    /// it has not within [`WAIT`]; a 404 or 422 when the stream never reached that
+    /// version (there was nothing to wait for).
     pub async fn wait<P: Projection>(
         &self,
         state: &AppState,
@@ -135,6 +136,20 @@ impl Freshness {
             )
             .await?;
             if !caught_up {
+                // A version the stream never reached is the client's mistake, not a
+                // read model behind: say so rather than ask it to come back.
+                let recorded = store.stream_version(&stream_id).await?;
+                if recorded == 0 {
+                    return Err(ApiError::not_found(format!("{stream_id} has no events")));
+                }
+                if recorded < version {
+                    return Err(ApiError::invalid(
+                        "min_version",
+                        format!(
+                            "{stream_id} is at version {recorded}; {version} was never written"
+                        ),
+                    ));
+                }
                 return Err(ApiError::unavailable(
                     "read-model-behind",
                     format!(
