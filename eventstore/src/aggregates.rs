@@ -181,7 +181,7 @@ impl AggregateStore {
     ///
     /// `expected_version` pins the version the caller saw (an HTTP `If-Match`): if the
     /// stream moved on, the command is refused with `Concurrency`. Without it, a race
-    /// with another writer is retried on fresh state.
+    /// with another writer is retried on fresh state, holding the stream's lock.
     pub async fn execute<A>(
         &self,
         stream_id: &str,
@@ -225,6 +225,22 @@ impl AggregateStore {
                         && attempt < CONFLICT_RETRIES =>
                 {
                     attempt += 1;
+                    // Lost a race: try again holding the stream's lock, so writers that
+                    // lost queue up behind each other instead of racing again (with
+                    // many of them, an optimistic retry could lose every time).
+                    let mut transaction = self.store.begin().await?;
+                    match self
+                        .execute_in::<A>(&mut transaction, stream_id, None, command, metadata)
+                        .await
+                    {
+                        Ok(executed) => {
+                            transaction.commit().await?;
+                            return Ok(executed);
+                        }
+                        // A first, unlocked attempt of another writer slipped in.
+                        Err(ExecuteError::Store(error)) if error.is_concurrency() => {}
+                        Err(error) => return Err(error),
+                    }
                 }
                 Err(error) => return Err(error.into()),
             }
