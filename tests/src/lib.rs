@@ -173,6 +173,16 @@ impl System {
         answer(response).await
     }
 
+    /// A service's `/metrics` exposition (one for every service of its process).
+    pub async fn metrics(&self, service: services::config::Service) -> String {
+        let response = self.http.get(self.url(service, "/metrics")).send().await;
+        response
+            .expect("metrics")
+            .text()
+            .await
+            .expect("metrics text")
+    }
+
     /// POSTs `body` as JSON to `path` on a service.
     pub async fn post(
         &self,
@@ -499,6 +509,17 @@ pub mod bench {
             .and_then(|v| v.parse().ok())
             .unwrap_or(default)
     }
+}
+
+/// The `orderflow_consumer_duplicates_total` of `consumer` in a metrics exposition
+/// (0 when the series is absent).
+pub fn consumer_duplicates(exposition: &str, consumer: &str) -> i64 {
+    let series = format!("orderflow_consumer_duplicates_total{{consumer=\"{consumer}\"}} ");
+    exposition
+        .lines()
+        .find_map(|line| line.strip_prefix(&series))
+        .and_then(|count| count.trim().parse().ok())
+        .unwrap_or(0)
 }
 
 /// A response's status and JSON body (null when it has none).

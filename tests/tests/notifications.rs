@@ -7,7 +7,7 @@ use std::time::Duration;
 use reqwest::StatusCode;
 use serde_json::{Value, json};
 use services::config::Service::{self, Inventory, Notification, Order, Payment, User};
-use tests::{System, answer, wait_for};
+use tests::{System, answer, consumer_duplicates, wait_for};
 use uuid::Uuid;
 
 const ALL: [Service; 5] = [Order, Inventory, Payment, User, Notification];
@@ -51,21 +51,8 @@ async fn provider(system: &System, channel: &str) -> Value {
 }
 
 /// The planner's duplicates, from the notification service's metrics.
-async fn planner_duplicates(system: &System) -> u64 {
-    let text = system
-        .http
-        .get(system.url(Notification, "/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    let series = "orderflow_consumer_duplicates_total{consumer=\"notification.planner\"} ";
-    text.lines()
-        .find_map(|line| line.strip_prefix(series))
-        .and_then(|count| count.trim().parse().ok())
-        .unwrap_or(0)
+async fn planner_duplicates(system: &System) -> i64 {
+    consumer_duplicates(&system.metrics(Notification).await, "notification.planner")
 }
 
 /// A registered user who chose SMS and push gets the welcome by e-mail (the default

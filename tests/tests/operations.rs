@@ -11,7 +11,7 @@ use eventstore::{EventStore, ExpectedVersion, Metadata, NewEvent};
 use reqwest::StatusCode;
 use serde_json::json;
 use services::config::Service::{self, Inventory, Order, Payment};
-use tests::{System, TestDb, answer, wait_for};
+use tests::{System, TestDb, answer, consumer_duplicates, wait_for};
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
@@ -245,17 +245,8 @@ async fn republishing_changes_no_read_model() {
     .unwrap();
     assert_eq!(sent, 50);
     wait_for(DEADLINE, "50 duplicates", || async {
-        let metrics = system
-            .http
-            .get(system.url(Inventory, "/metrics"))
-            .send()
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
-        let line = "orderflow_consumer_duplicates_total{consumer=\"inventory.read-models\"} 50";
-        metrics.contains(line).then_some(())
+        let metrics = system.metrics(Inventory).await;
+        (consumer_duplicates(&metrics, "inventory.read-models") == 50).then_some(())
     })
     .await;
     assert_eq!(stock_levels_digest(&system).await, before);

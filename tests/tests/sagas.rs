@@ -15,7 +15,7 @@ use sagas::fulfilment::Settings;
 use sagas::runner::FulfilmentRunner;
 use serde_json::{Value, json};
 use services::config::Service::{self, Inventory, Order, Payment};
-use tests::{System, TestDb, answer, wait_for};
+use tests::{System, TestDb, answer, consumer_duplicates, wait_for};
 use uuid::Uuid;
 
 const TRIO: [Service; 3] = [Order, Inventory, Payment];
@@ -481,10 +481,10 @@ async fn every_message_delivered_twice_changes_nothing() {
     // Each consumer gets again every message it applied, and counts it a duplicate.
     let applied = inbox_counts(&system).await;
     wait_for(DEADLINE, "every message seen again", || async {
-        let text = metrics(&system).await;
+        let text = system.metrics(Order).await;
         let seen: Vec<(String, i64)> = applied
             .iter()
-            .map(|(consumer, _)| (consumer.clone(), duplicates(&text, consumer)))
+            .map(|(consumer, _)| (consumer.clone(), consumer_duplicates(&text, consumer)))
             .collect();
         (seen == applied).then_some(())
     })
@@ -574,26 +574,6 @@ async fn inbox_counts(system: &System) -> Vec<(String, i64)> {
         db.close().await;
     }
     counts
-}
-
-/// The process's metrics exposition (one for all its services).
-async fn metrics(system: &System) -> String {
-    let response = system.http.get(system.url(Order, "/metrics")).send().await;
-    response
-        .expect("metrics")
-        .text()
-        .await
-        .expect("metrics text")
-}
-
-/// The `orderflow_consumer_duplicates_total` of `consumer` in a metrics exposition.
-fn duplicates(exposition: &str, consumer: &str) -> i64 {
-    let series = format!("orderflow_consumer_duplicates_total{{consumer=\"{consumer}\"}} ");
-    exposition
-        .lines()
-        .find_map(|line| line.strip_prefix(&series))
-        .and_then(|count| count.trim().parse().ok())
-        .unwrap_or(0)
 }
 
 /// Two answers for one saga handled at the same moment in two transactions, as the

@@ -738,15 +738,7 @@ async fn inventory_and_payment_handle_the_sagas_commands() {
     assert_eq!(status, StatusCode::OK, "{ready}");
     assert_eq!(ready["checks"]["broker"], "ok");
     assert_eq!(ready["checks"]["consumer payment.commands"], "ok");
-    let metrics = system
-        .http
-        .get(system.url(Inventory, "/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = system.metrics(Inventory).await;
     assert!(
         metrics.contains("orderflow_projection_lag_events{projection=\"inventory.read-models\"}"),
         "{metrics}"
