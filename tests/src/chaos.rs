@@ -972,9 +972,16 @@ impl Checks<'_> {
         let payment = self.cluster.pool(Service::Payment).await?;
         let notification = self.cluster.pool(Service::Notification).await?;
         let users = self.cluster.pool(Service::User).await?;
-        let outcome = self.orders(&orders, &mut found).await;
+        // Every order's status, read once for the order and the money checks.
+        let statuses: HashMap<Uuid, String> =
+            sqlx::query_as::<_, (Uuid, String)>("SELECT order_id, status FROM order_summaries")
+                .fetch_all(&orders)
+                .await?
+                .into_iter()
+                .collect();
+        let outcome = self.orders(&statuses, &mut found);
         let stock = self.stock(&inventory).await;
-        let money = self.money(&payment).await;
+        let money = self.money(&payment, &statuses).await;
         let notified = self.notified(&notification, &found).await;
         match self
             .plumbing(&[
@@ -1011,17 +1018,12 @@ impl Checks<'_> {
     }
 
     /// Every order ended; one order per Idempotency-Key.
-    async fn orders(
+    fn orders(
         &self,
-        pool: &PgPool,
+        statuses: &HashMap<Uuid, String>,
         found: &mut Findings,
     ) -> anyhow::Result<(Vec<String>, usize, usize)> {
         let mut problems = Vec::new();
-        let rows: Vec<(Uuid, String)> =
-            sqlx::query_as("SELECT order_id, status FROM order_summaries")
-                .fetch_all(pool)
-                .await?;
-        let statuses: HashMap<Uuid, String> = rows.into_iter().collect();
         found.outcomes.clear();
         let mut lost = 0;
         for (_, order_id) in self.placed {
@@ -1076,16 +1078,12 @@ impl Checks<'_> {
 
     /// Captured only for confirmed orders, once; an authorization for an order that did
     /// not confirm is voided.
-    async fn money(&self, pool: &PgPool) -> anyhow::Result<(Vec<String>, usize, usize)> {
+    async fn money(
+        &self,
+        pool: &PgPool,
+        statuses: &HashMap<Uuid, String>,
+    ) -> anyhow::Result<(Vec<String>, usize, usize)> {
         let mut problems = Vec::new();
-        let orders = self.cluster.pool(Service::Order).await?;
-        let statuses: HashMap<Uuid, String> =
-            sqlx::query_as::<_, (Uuid, String)>("SELECT order_id, status FROM order_summaries")
-                .fetch_all(&orders)
-                .await?
-                .into_iter()
-                .collect();
-        orders.close().await;
         let payments: Vec<(Uuid, String)> =
             sqlx::query_as("SELECT order_id, status FROM payment_statuses")
                 .fetch_all(pool)
