@@ -362,10 +362,20 @@ async fn errors_are_problem_documents_naming_the_field() {
         .unwrap();
     assert_problem(response, StatusCode::NOT_FOUND, "not-found", None).await;
 
-    // If-Match: a stale version is a 409, a malformed one a 400.
+    // If-Match: a stale version is a 409, a malformed one a 400. The order's SKU is in
+    // stock and no payment service runs, so the saga leaves it pending at version 1
+    // (an unknown SKU would get it rejected, moving it on, at any moment).
+    let stocked = system
+        .post(
+            Inventory,
+            "/inventory/items",
+            json!({"sku": "SKU-IFM", "name": "If-Match", "quantity": 5}),
+        )
+        .await;
+    assert_eq!(stocked.status(), StatusCode::CREATED);
     let (_, placed) = json_of(
         system
-            .post(Order, "/orders", order_body(customer, "SKU-1", 1))
+            .post(Order, "/orders", order_body(customer, "SKU-IFM", 1))
             .await,
     )
     .await;
