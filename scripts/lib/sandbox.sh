@@ -1,6 +1,7 @@
 # Sourced by scripts that run the system on the side: fresh databases and a fresh
 # RabbitMQ virtual host for one run, removed on exit with whatever was served.
-#   sandbox_start NAME SERVICE...   exports ORDERFLOW_AMQP_URL and the database URLs
+#   sandbox_start NAME              exports ORDERFLOW_AMQP_URL and every service's
+#                                   database URL
 #   sandbox_serve BINARY SERVICES PORT...
 #                                   migrates, serves, waits for every port to be ready
 # rabbitmqctl lives in /usr/sbin on Debian.
@@ -9,11 +10,11 @@ export PATH="$PATH:/usr/sbin:/sbin"
 sandbox_server=""
 sandbox_start() {
   sandbox_run="$1"
-  shift
-  sandbox_services=("$@")
   sandbox_vhost="orderflow-$sandbox_run"
   export ORDERFLOW_AMQP_URL="amqp://guest:guest@127.0.0.1:5672/$sandbox_vhost"
-  for service in "${sandbox_services[@]}"; do
+  # Every service's database, not only the served ones': `orderflow migrate` migrates
+  # them all, and must not touch the machine's own.
+  for service in order inventory payment user notification; do
     export "ORDERFLOW_${service^^}_DATABASE_URL=postgres://postgres@127.0.0.1:5432/orderflow_${sandbox_run}_$service"
   done
   trap sandbox_cleanup EXIT
@@ -24,7 +25,7 @@ sandbox_start() {
 sandbox_cleanup() {
   [ -n "$sandbox_server" ] && kill "$sandbox_server" 2>/dev/null && wait "$sandbox_server" 2>/dev/null
   rabbitmqctl -q delete_vhost "$sandbox_vhost" >/dev/null 2>&1 || true
-  for service in "${sandbox_services[@]}"; do
+  for service in order inventory payment user notification; do
     psql -h 127.0.0.1 -U postgres -qc "DROP DATABASE IF EXISTS orderflow_${sandbox_run}_$service WITH (FORCE)" postgres || true
   done
 }
@@ -32,6 +33,13 @@ sandbox_cleanup() {
 sandbox_serve() {
   local binary="$1" services="$2"
   shift 2
+  # Another system answering on these ports would pass for this one.
+  for port in "$@"; do
+    if curl -s -o /dev/null "http://127.0.0.1:$port/health/live"; then
+      echo "sandbox: something already answers on port $port" >&2
+      exit 1
+    fi
+  done
   "$binary" migrate >/dev/null
   "$binary" serve --services "$services" &
   sandbox_server=$!
