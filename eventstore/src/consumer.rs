@@ -116,6 +116,23 @@ pub async fn applied_version(
     Ok(version.unwrap_or(0))
 }
 
+/// [`applied_version`] of each of `stream_ids` that the consumer `queue` has applied
+/// anything of, in one statement.
+pub async fn applied_versions(
+    pool: &PgPool,
+    queue: &str,
+    stream_ids: &[String],
+) -> Result<Vec<(String, i64)>, sqlx::Error> {
+    sqlx::query_as(
+        "SELECT stream_id, last_version FROM consumer_streams \
+         WHERE consumer = $1 AND stream_id = ANY($2)",
+    )
+    .bind(queue)
+    .bind(stream_ids)
+    .fetch_all(pool)
+    .await
+}
+
 #[derive(Debug, Clone)]
 pub struct ConsumerConfig {
     pub service: String,

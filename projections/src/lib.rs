@@ -30,7 +30,7 @@ pub mod user;
 use std::collections::HashMap;
 use std::future::Future;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
@@ -170,6 +170,8 @@ pub struct Progress {
     /// Read-your-writes queries waiting for a stream to reach a version, woken by the
     /// commit that gets it there.
     waiters: std::sync::Mutex<HashMap<String, Vec<Waiter>>>,
+    /// A task is re-checking the database for the waiters ([`wait_until_applied`]).
+    rechecking: AtomicBool,
 }
 
 /// A query waiting for a stream version.
@@ -221,6 +223,50 @@ impl Progress {
         } else {
             *list = waiting;
         }
+    }
+
+    /// The streams someone still waits for, forgetting waiters that gave up.
+    fn awaited_streams(&self) -> Vec<String> {
+        let mut waiters = self.waiters.lock().unwrap_or_else(|e| e.into_inner());
+        waiters.retain(|_, list| {
+            list.retain(|waiter| !waiter.wake.is_closed());
+            !list.is_empty()
+        });
+        waiters.keys().cloned().collect()
+    }
+
+    /// Makes sure one task re-checks, every [`RECHECK_EVERY`] while anyone waits, in
+    /// one statement for all waiters, whether their streams were applied by another
+    /// instance of the service (whose commits do not wake this process).
+    fn recheck_while_awaited(self: &Arc<Self>, pool: &PgPool, queue: &str) {
+        if self.rechecking.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let (progress, pool, queue) = (self.clone(), pool.clone(), queue.to_owned());
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(RECHECK_EVERY).await;
+                let mut streams = progress.awaited_streams();
+                if streams.is_empty() {
+                    progress.rechecking.store(false, Ordering::Release);
+                    // A waiter that came in between found the flag still set.
+                    streams = progress.awaited_streams();
+                    if streams.is_empty() || progress.rechecking.swap(true, Ordering::AcqRel) {
+                        return;
+                    }
+                }
+                match eventstore::consumer::applied_versions(&pool, &queue, &streams).await {
+                    Ok(applied) => {
+                        for (stream_id, version) in applied {
+                            progress.applied(&stream_id, version);
+                        }
+                    }
+                    Err(error) => {
+                        tracing::debug!(%error, %queue, "cannot re-check applied versions")
+                    }
+                }
+            }
+        });
     }
 
     pub fn applied_position(&self) -> i64 {
@@ -285,50 +331,54 @@ impl<R: ReadModels> Handler for Runner<R> {
     }
 }
 
+/// How often waiting read-your-writes queries re-check the database together.
+const RECHECK_EVERY: Duration = Duration::from_millis(25);
+
 /// Waits until the projection with queue `queue` has applied `stream_id` up to
 /// `version`, for at most `timeout`. True when it has.
 ///
 /// With the `progress` of the projection's runner in this process, the commit that
-/// applies the version wakes it, with no polling; it still rechecks the database every
-/// 25 ms, in case another instance of the service applied it. Without (the projection
-/// runs elsewhere) it polls, every 1 ms at first and at most every 16 ms.
+/// applies the version wakes it, with no polling. Another instance of the service may
+/// apply it instead, so one task re-checks the database for all waiting queries at
+/// once every 25 ms (a statement per query and recheck was, under load, most of the
+/// database's statements: BENCHMARKS.md). Without a local runner it polls, every 1 ms
+/// at first and at most every 16 ms.
 pub async fn wait_until_applied(
     pool: &PgPool,
     queue: &str,
     stream_id: &str,
     version: i64,
     timeout: Duration,
-    progress: Option<&Progress>,
+    progress: Option<&Arc<Progress>>,
 ) -> Result<bool, sqlx::Error> {
     let deadline = Instant::now() + timeout;
-    // Registered before the first check, so a commit in between still wakes us.
-    let mut woken = progress.map(|progress| progress.watch(stream_id, version));
-    let mut pause = Duration::from_millis(if woken.is_some() { 25 } else { 1 });
+    let applied = || eventstore::consumer::applied_version(pool, queue, stream_id);
+    if let Some(progress) = progress {
+        // Registered before the first check, so a commit in between still wakes us.
+        let woken = progress.watch(stream_id, version);
+        if applied().await? >= version {
+            return Ok(true);
+        }
+        progress.recheck_while_awaited(pool, queue);
+        match tokio::time::timeout_at(deadline.into(), woken).await {
+            Ok(Ok(())) => return Ok(true),
+            // Out of time: a last look, since the re-check runs only now and then.
+            Err(_) => return Ok(applied().await? >= version),
+            // The runner is gone: poll from now on.
+            Ok(Err(_)) => {}
+        }
+    }
+    let mut pause = Duration::from_millis(1);
     loop {
-        if eventstore::consumer::applied_version(pool, queue, stream_id).await? >= version {
+        if applied().await? >= version {
             return Ok(true);
         }
         let now = Instant::now();
         if now >= deadline {
             return Ok(false);
         }
-        let sleep = tokio::time::sleep(pause.min(deadline - now));
-        match woken.as_mut() {
-            Some(receiver) => {
-                tokio::select! {
-                    answer = receiver => match answer {
-                        Ok(()) => return Ok(true),
-                        // The runner is gone: poll from now on.
-                        Err(_) => woken = None,
-                    },
-                    () = sleep => {}
-                }
-            }
-            None => {
-                sleep.await;
-                pause = (pause * 2).min(Duration::from_millis(16));
-            }
-        }
+        tokio::time::sleep(pause.min(deadline - now)).await;
+        pause = (pause * 2).min(Duration::from_millis(16));
     }
 }
 

@@ -41,11 +41,11 @@ pub struct ProjectionWatch {
 
 impl Health {
     /// The progress of the projection with queue `queue`, if it runs here.
-    pub fn progress(&self, queue: &str) -> Option<&Progress> {
+    pub fn progress(&self, queue: &str) -> Option<&Arc<Progress>> {
         self.projections
             .iter()
             .find(|watch| watch.queue == queue)
-            .map(|watch| &*watch.progress)
+            .map(|watch| &watch.progress)
     }
 }
 
