@@ -5,10 +5,15 @@
 //! a missing, stale, or unreadable snapshot just means more events are read, which is
 //! why deleting them is always safe.
 
+use std::any::Any;
+use std::sync::Arc;
+
 use domain::Aggregate;
 use domain::wire::WireEvent;
 use sqlx::{PgConnection, Row};
+use uuid::Uuid;
 
+use crate::cache::VersionedCache;
 use crate::codec::{CodecError, SchemaRegistry};
 use crate::store::{
     AppendResult, EventStore, ExpectedVersion, Metadata, NewEvent, StoreError, StoreTransaction,
@@ -17,7 +22,8 @@ use crate::store::{
 
 /// How an aggregate's state is cached. Aggregates with short streams keep the default
 /// (no snapshots); long-lived ones name a format and serialise their state.
-pub trait Snapshot: Aggregate {
+/// `Send + Sync + 'static` so that a state can live in the state cache.
+pub trait Snapshot: Aggregate + Send + Sync + 'static {
     /// Names the stored layout; change it whenever the state's shape or meaning changes,
     /// and snapshots of the old format are ignored (then overwritten).
     const FORMAT: Option<&'static str> = None;
@@ -53,9 +59,27 @@ impl Snapshot for domain::inventory::StockItem {
 pub struct Loaded<A> {
     pub state: A,
     pub version: i64,
-    /// Events read after the snapshot (all of them when there was none).
+    /// Events read after the snapshot or cached state (all of them when there was
+    /// neither).
     pub events_read: usize,
     pub from_snapshot: bool,
+    /// Started from the state cache rather than the database.
+    pub from_cache: bool,
+    /// Version of the stream's newest snapshot as far as this load knows (0: none).
+    snapshot_at: i64,
+    /// Taken from the cache without reading the stream ([`AggregateStore::load_to_write`]).
+    unverified: bool,
+}
+
+/// A state in the state cache, of whichever aggregate type its stream is.
+#[derive(Clone)]
+struct CachedState {
+    state: Arc<dyn Any + Send + Sync>,
+    snapshot_at: i64,
+    /// The id of the event at its version: a pending state is confirmed only by that
+    /// very event, not by one another process stored at the same version after the
+    /// pending write rolled back.
+    last_event_id: Uuid,
 }
 
 /// What running a command did.
@@ -86,6 +110,9 @@ pub struct AggregateStore {
     registry: SchemaRegistry,
     /// A load that had to read at least this many events saves a fresh snapshot.
     snapshot_after: usize,
+    /// The committed states of streams this process wrote recently (see
+    /// [`with_state_cache`](Self::with_state_cache)); none by default.
+    states: Option<VersionedCache<CachedState>>,
 }
 
 const PAGE: i64 = 1000;
@@ -99,11 +126,24 @@ impl AggregateStore {
             store,
             registry,
             snapshot_after: 100,
+            states: None,
         }
     }
 
     pub fn with_snapshot_after(mut self, events: usize) -> Self {
         self.snapshot_after = events.max(1);
+        self
+    }
+
+    /// Keeps the committed state of up to `streams` recently written streams in
+    /// memory. A load then reads only the events after the cached version (usually
+    /// none) instead of a snapshot and the events after it, and
+    /// [`load_to_write`](Self::load_to_write) reads nothing at all. Entries are
+    /// written only after the writing transaction commits, so they are never ahead of
+    /// the database; one behind it (another process wrote the stream) is caught by the
+    /// next append's version check and dropped.
+    pub fn with_state_cache(mut self, streams: usize) -> Self {
+        self.states = Some(VersionedCache::new(streams));
         self
     }
 
@@ -145,36 +185,211 @@ impl AggregateStore {
         A: Snapshot,
         A::Event: WireEvent,
     {
-        let (mut state, mut version) = self
-            .read_snapshot::<A>(&mut *connection, stream_id)
-            .await?
-            .unwrap_or_default();
-        let from_snapshot = version > 0;
-        let mut events_read = 0;
+        let cached = match self.cached::<A>(stream_id) {
+            Some((loaded, None)) => Some(loaded),
+            Some((loaded, Some(event_id))) => {
+                self.confirm_pending(connection, stream_id, loaded, event_id)
+                    .await?
+            }
+            None => None,
+        };
+        let mut loaded = match cached {
+            Some(loaded) => loaded,
+            None => {
+                let (state, version) = self
+                    .read_snapshot::<A>(&mut *connection, stream_id)
+                    .await?
+                    .unwrap_or_default();
+                Loaded {
+                    state,
+                    version,
+                    events_read: 0,
+                    from_snapshot: version > 0,
+                    from_cache: false,
+                    snapshot_at: version,
+                    unverified: false,
+                }
+            }
+        };
+        self.read_after(connection, stream_id, &mut loaded).await?;
+        self.snapshot_if_due(stream_id, &mut loaded).await;
+        Ok(loaded)
+    }
+
+    /// A state cached as pending (written by a transaction that may not have
+    /// committed) is right if the event it was written with is stored at its version:
+    /// reads from that version on and folds what follows it, or `None` if that event
+    /// is not there.
+    async fn confirm_pending<A>(
+        &self,
+        connection: &mut PgConnection,
+        stream_id: &str,
+        mut loaded: Loaded<A>,
+        event_id: Uuid,
+    ) -> Result<Option<Loaded<A>>, ExecuteError<A::Error>>
+    where
+        A: Snapshot,
+        A::Event: WireEvent,
+    {
+        let page = read_stream_on(&mut *connection, stream_id, loaded.version, PAGE).await?;
+        let first = page
+            .first()
+            .map(|event| (event.stream_version, event.event_id));
+        if first != Some((loaded.version, event_id)) {
+            return Ok(None);
+        }
+        for recorded in &page[1..] {
+            let event: A::Event = self.decode(&recorded.payload).await?;
+            loaded.state = std::mem::take(&mut loaded.state).evolve(&event);
+            loaded.version = recorded.stream_version;
+        }
+        loaded.events_read += page.len() - 1;
+        if page.len() as i64 == PAGE {
+            self.read_after(connection, stream_id, &mut loaded).await?;
+        }
+        Ok(Some(loaded))
+    }
+
+    /// Folds the events after `loaded.version` into it; how many there were.
+    async fn read_after<A>(
+        &self,
+        connection: &mut PgConnection,
+        stream_id: &str,
+        loaded: &mut Loaded<A>,
+    ) -> Result<usize, ExecuteError<A::Error>>
+    where
+        A: Snapshot,
+        A::Event: WireEvent,
+    {
+        let mut read = 0;
         loop {
-            let page = read_stream_on(&mut *connection, stream_id, version + 1, PAGE).await?;
+            let page =
+                read_stream_on(&mut *connection, stream_id, loaded.version + 1, PAGE).await?;
             for recorded in &page {
                 let event: A::Event = self.decode(&recorded.payload).await?;
-                state = state.evolve(&event);
-                version = recorded.stream_version;
+                loaded.state = std::mem::take(&mut loaded.state).evolve(&event);
+                loaded.version = recorded.stream_version;
             }
-            events_read += page.len();
+            read += page.len();
             if (page.len() as i64) < PAGE {
                 break;
             }
         }
-        if events_read >= self.snapshot_after {
-            // Best effort: a failed snapshot write costs only a longer next load.
-            if let Err(error) = self.save_snapshot(stream_id, version, &state).await {
-                tracing::warn!(%error, stream_id, "could not save snapshot");
-            }
+        loaded.events_read += read;
+        loaded.unverified = false;
+        Ok(read)
+    }
+
+    /// Brings a state that [`load_to_write`](Self::load_to_write) took from the cache up
+    /// to date; true if the stream had moved on. Only an append checks a cached state,
+    /// so a writer that trusted one and decided to write nothing (or was refused) must
+    /// refresh it and, if it moved, decide again.
+    pub async fn refresh<A>(
+        &self,
+        transaction: &mut StoreTransaction<'_>,
+        stream_id: &str,
+        loaded: &mut Loaded<A>,
+    ) -> Result<bool, ExecuteError<A::Error>>
+    where
+        A: Snapshot,
+        A::Event: WireEvent,
+    {
+        if !loaded.unverified {
+            return Ok(false);
         }
-        Ok(Loaded {
+        let read = self
+            .read_after(transaction.connection(), stream_id, loaded)
+            .await?;
+        if read > 0
+            && let Some(states) = &self.states
+        {
+            states.remove(stream_id);
+        }
+        Ok(read > 0)
+    }
+
+    /// Locks a stream this transaction is about to append to and loads it. A cached
+    /// state is taken as it is, without reading the stream: if another process wrote
+    /// the stream since, the append that follows fails as a conflict (the unique
+    /// version index) and drops the entry, so the next attempt reads. Only for writers
+    /// that are retried when that happens (consumer handlers); without a state cache
+    /// this is a locked [`load_on`](Self::load_on).
+    pub async fn load_to_write<A>(
+        &self,
+        transaction: &mut StoreTransaction<'_>,
+        stream_id: &str,
+    ) -> Result<Loaded<A>, ExecuteError<A::Error>>
+    where
+        A: Snapshot,
+        A::Event: WireEvent,
+    {
+        transaction.lock_streams(&[stream_id]).await?;
+        match self.cached::<A>(stream_id) {
+            Some((mut loaded, None)) => {
+                loaded.unverified = true;
+                self.snapshot_if_due(stream_id, &mut loaded).await;
+                Ok(loaded)
+            }
+            // Pending (or nothing): confirmed by reading.
+            _ => self.load_on(transaction.connection(), stream_id).await,
+        }
+    }
+
+    /// The cached state of `stream_id` (of type `A`), and whether it is committed
+    /// (if not, the id of the event it was written with).
+    fn cached<A: Snapshot>(&self, stream_id: &str) -> Option<(Loaded<A>, Option<Uuid>)> {
+        let cached = self.states.as_ref()?.get(stream_id)?;
+        let state = cached.value.state.downcast_ref::<A>()?.clone();
+        let loaded = Loaded {
             state,
-            version,
-            events_read,
-            from_snapshot,
-        })
+            version: cached.version,
+            events_read: 0,
+            from_snapshot: false,
+            from_cache: true,
+            snapshot_at: cached.value.snapshot_at,
+            unverified: false,
+        };
+        let pending = (!cached.committed).then_some(cached.value.last_event_id);
+        Some((loaded, pending))
+    }
+
+    /// Remembers `state` as the committed state of `stream_id` at `version` once
+    /// `transaction` commits, and as pending until then (see [`VersionedCache`]).
+    fn cache_after_commit<A: Snapshot>(
+        &self,
+        transaction: &mut StoreTransaction<'_>,
+        stream_id: &str,
+        version: i64,
+        state: &A,
+        snapshot_at: i64,
+        last_event_id: Uuid,
+    ) {
+        let Some(states) = self.states.clone() else {
+            return;
+        };
+        let cached = CachedState {
+            state: Arc::new(state.clone()),
+            snapshot_at,
+            last_event_id,
+        };
+        states.pending(stream_id, version, cached.clone());
+        let stream_id = stream_id.to_owned();
+        transaction.after_commit(move || states.put(&stream_id, version, cached));
+    }
+
+    /// Saves a snapshot when the stream moved `snapshot_after` events past its last.
+    async fn snapshot_if_due<A: Snapshot>(&self, stream_id: &str, loaded: &mut Loaded<A>) {
+        if A::FORMAT.is_none() || loaded.version - loaded.snapshot_at < self.snapshot_after as i64 {
+            return;
+        }
+        // Best effort: a failed snapshot write costs only a longer next load.
+        match self
+            .save_snapshot(stream_id, loaded.version, &loaded.state)
+            .await
+        {
+            Ok(()) => loaded.snapshot_at = loaded.version,
+            Err(error) => tracing::warn!(%error, stream_id, "could not save snapshot"),
+        }
     }
 
     /// Loads the aggregate, lets it decide `command`, and appends what it decided.
@@ -212,6 +427,15 @@ impl AggregateStore {
             match self.store.append(stream_id, expected, &new_events).await {
                 Ok(append) => {
                     let state = loaded.state.replay(&events);
+                    if let (Some(states), Some(last)) = (&self.states, new_events.last()) {
+                        // Committed already: the append was its own transaction.
+                        let cached = CachedState {
+                            state: Arc::new(state.clone()),
+                            snapshot_at: loaded.snapshot_at,
+                            last_event_id: last.event_id,
+                        };
+                        states.put(stream_id, append.stream_version, cached);
+                    }
                     return Ok(Executed {
                         events,
                         state,
@@ -268,20 +492,74 @@ impl AggregateStore {
         A: Snapshot,
         A::Event: WireEvent,
     {
-        let loaded = if expected_version == Some(0) {
+        self.execute_with(
+            transaction,
+            stream_id,
+            expected_version,
+            command,
+            metadata,
+            false,
+        )
+        .await
+    }
+
+    /// [`execute_in`](Self::execute_in) for a consumer handler, which is retried when
+    /// its append conflicts: a cached state is trusted without reading the stream
+    /// ([`load_to_write`](Self::load_to_write)).
+    pub async fn execute_to_write<A>(
+        &self,
+        transaction: &mut StoreTransaction<'_>,
+        stream_id: &str,
+        command: &A::Command,
+        metadata: Metadata,
+    ) -> Result<Executed<A>, ExecuteError<A::Error>>
+    where
+        A: Snapshot,
+        A::Event: WireEvent,
+    {
+        self.execute_with(transaction, stream_id, None, command, metadata, true)
+            .await
+    }
+
+    async fn execute_with<A>(
+        &self,
+        transaction: &mut StoreTransaction<'_>,
+        stream_id: &str,
+        expected_version: Option<i64>,
+        command: &A::Command,
+        metadata: Metadata,
+        trust_cache: bool,
+    ) -> Result<Executed<A>, ExecuteError<A::Error>>
+    where
+        A: Snapshot,
+        A::Event: WireEvent,
+    {
+        let mut loaded = if expected_version == Some(0) {
             Loaded {
                 state: A::default(),
                 version: 0,
                 events_read: 0,
                 from_snapshot: false,
+                from_cache: false,
+                snapshot_at: 0,
+                unverified: false,
             }
+        } else if trust_cache {
+            self.load_to_write::<A>(transaction, stream_id).await?
         } else {
             transaction.lock_streams(&[stream_id]).await?;
             self.load_on::<A>(transaction.connection(), stream_id)
                 .await?
         };
         pinned_version_holds(stream_id, expected_version, loaded.version)?;
-        let events = loaded.state.decide(command).map_err(ExecuteError::Domain)?;
+        let mut decided = loaded.state.decide(command);
+        // A decision to write nothing is not checked by an append: check the state.
+        if !matches!(&decided, Ok(events) if !events.is_empty())
+            && self.refresh(transaction, stream_id, &mut loaded).await?
+        {
+            decided = loaded.state.decide(command);
+        }
+        let events = decided.map_err(ExecuteError::Domain)?;
         self.append_decided(transaction, stream_id, loaded, events, metadata)
             .await
     }
@@ -311,8 +589,31 @@ impl AggregateStore {
         }
         let new_events = self.encode_all(&events, metadata)?;
         let expected = ExpectedVersion::Stored(StoredVersion::new(loaded.version));
-        let append = transaction.append(stream_id, expected, &new_events).await?;
+        let append = match transaction.append(stream_id, expected, &new_events).await {
+            Ok(append) => append,
+            Err(error) => {
+                if error.is_concurrency()
+                    && let Some(states) = &self.states
+                {
+                    // Whatever we had is behind the stream now.
+                    states.remove(stream_id);
+                }
+                return Err(error.into());
+            }
+        };
         let state = loaded.state.replay(&events);
+        if let Some(last) = new_events.last() {
+            let (version, snapshot_at) = (append.stream_version, loaded.snapshot_at);
+            let event_id = last.event_id;
+            self.cache_after_commit(
+                transaction,
+                stream_id,
+                version,
+                &state,
+                snapshot_at,
+                event_id,
+            );
+        }
         Ok(Executed {
             events,
             state,

@@ -7,7 +7,9 @@
 //! - [`codec`]: Avro single-object encoding (magic, fingerprint, body) and the schema
 //!   registry that resolves an old writer's schema into the current reader schema.
 //! - [`aggregates`]: load an aggregate (snapshot + newer events) and run a command on
-//!   it; snapshots are a cache that can be deleted at any time.
+//!   it; snapshots are a cache that can be deleted at any time, and so is the
+//!   in-memory state cache.
+//! - [`cache`]: a bounded map of the latest committed state per stream or saga.
 //! - [`db`]: connecting, creating service databases, and running migrations.
 //! - [`amqp`]: the RabbitMQ topology and the AMQP properties every message carries.
 //! - [`relay`]: the outbox relay, one leader per database, publishing with confirms.
@@ -22,6 +24,7 @@
 
 pub mod aggregates;
 pub mod amqp;
+pub mod cache;
 pub mod codec;
 pub mod consumer;
 pub mod db;

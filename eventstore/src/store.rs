@@ -442,6 +442,7 @@ impl EventStore {
             waker: self.waker.clone(),
             positions_used: 0,
             locked_streams: Vec::new(),
+            after_commit: Vec::new(),
         })
     }
 
@@ -456,6 +457,7 @@ impl EventStore {
             waker: self.waker.clone(),
             positions_used: 0,
             locked_streams: Vec::new(),
+            after_commit: Vec::new(),
         })
     }
 
@@ -532,7 +534,6 @@ impl EventStore {
 /// A transaction that appends events together with the caller's own writes, which
 /// go through [`connection`](Self::connection). Dropping it without `commit` rolls
 /// everything back.
-#[derive(Debug)]
 pub struct StoreTransaction<'c> {
     transaction: sqlx::Transaction<'c, sqlx::Postgres>,
     waker: RelayWaker,
@@ -540,6 +541,19 @@ pub struct StoreTransaction<'c> {
     positions_used: i64,
     /// Streams this transaction holds the lock of: locking one again costs nothing.
     locked_streams: Vec<String>,
+    /// Run once the commit succeeded, in order: caches of committed state learn what
+    /// this transaction wrote only when it is certain to be there.
+    after_commit: Vec<Box<dyn FnOnce() + Send>>,
+}
+
+impl std::fmt::Debug for StoreTransaction<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StoreTransaction")
+            .field("positions_used", &self.positions_used)
+            .field("locked_streams", &self.locked_streams)
+            .field("after_commit", &self.after_commit.len())
+            .finish_non_exhaustive()
+    }
 }
 
 impl StoreTransaction<'_> {
@@ -627,11 +641,22 @@ impl StoreTransaction<'_> {
         &mut self.transaction
     }
 
-    /// Commits, then wakes the relay if anything was appended.
+    /// Runs `action` after this transaction commits, and never if it does not (rolled
+    /// back, dropped, or a commit whose outcome is unknown because the connection
+    /// broke).
+    pub fn after_commit(&mut self, action: impl FnOnce() + Send + 'static) {
+        self.after_commit.push(Box::new(action));
+    }
+
+    /// Commits, then wakes the relay if anything was appended and runs the
+    /// [`after_commit`](Self::after_commit) actions.
     pub async fn commit(self) -> Result<(), StoreError> {
         self.transaction.commit().await?;
         if self.positions_used > 0 {
             self.waker.wake();
+        }
+        for action in self.after_commit {
+            action();
         }
         Ok(())
     }

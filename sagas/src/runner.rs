@@ -10,6 +10,7 @@ use chrono::{DateTime, Utc};
 use domain::inventory::StockEvent;
 use domain::order::{Order, OrderEvent};
 use domain::payment::PaymentEvent;
+use eventstore::cache::VersionedCache;
 use eventstore::{
     AggregateStore, ConsumerConfig, Handler, HandlerError, Message, Metadata, OutgoingCommand,
     StoreTransaction,
@@ -21,7 +22,7 @@ use utoipa::ToSchema;
 use uuid::Uuid;
 
 use crate::fulfilment::{Command, Fulfilment, Input, Settings};
-use crate::{Deadline, ProcessManager};
+use crate::{Deadline, Decision, ProcessManager};
 
 /// The saga type recorded with each instance.
 pub const SAGA_TYPE: &str = "order-fulfilment";
@@ -31,11 +32,49 @@ const DEADLINE_POLL: Duration = Duration::from_millis(100);
 /// The order-fulfilment saga as the order service runs it.
 #[derive(Clone)]
 pub struct FulfilmentRunner {
-    pub aggregates: AggregateStore,
-    pub settings: Settings,
+    aggregates: AggregateStore,
+    settings: Settings,
+    /// The committed rows of sagas this process moved recently: an input for one of
+    /// them needs no `SELECT … FOR UPDATE`, since the write is guarded by the version
+    /// anyway (a stale entry makes it write nothing, and the runner then reads).
+    sagas: VersionedCache<SagaRow>,
 }
 
+/// What the runner needs of a `sagas` row besides its version.
+#[derive(Debug, Clone)]
+struct SagaRow {
+    state: Fulfilment,
+    deadline_at: Option<DateTime<Utc>>,
+    correlation_id: Uuid,
+}
+
+/// Sagas whose rows each order-service process keeps in memory: those in flight.
+const CACHED_SAGAS: usize = 20_000;
+
+/// Writes a saga's new state and the history row of the step that got it there, in one
+/// statement, if the row is still at the version `$6` the decision was taken on (0: no
+/// row yet); returns the new version, or no row when another transaction moved it.
+const WRITE_SAGA: &str = "WITH saga AS (
+    INSERT INTO sagas (saga_id, saga_type, version, state, deadline_at, correlation_id)
+    VALUES ($1, $2, 1, $3, $4, $5)
+    ON CONFLICT (saga_id) DO UPDATE SET version = sagas.version + 1,
+        state = excluded.state, deadline_at = excluded.deadline_at, updated_at = now()
+    WHERE sagas.version = $6
+    RETURNING version
+)
+INSERT INTO saga_steps (saga_id, version, at, input, step, commands)
+SELECT $1, version, $7, $8, $9, $10 FROM saga
+RETURNING version";
+
 impl FulfilmentRunner {
+    pub fn new(aggregates: AggregateStore, settings: Settings) -> Self {
+        FulfilmentRunner {
+            aggregates,
+            settings,
+            sagas: VersionedCache::new(CACHED_SAGAS),
+        }
+    }
+
     /// Its consumer, bound to exactly the events it reacts to: every delivery costs
     /// work, and most events of these services (stock committed or released, payments
     /// voided, the order's own outcome) are not inputs.
@@ -97,10 +136,16 @@ impl FulfilmentRunner {
         Ok(fired)
     }
 
-    /// Takes one input: locks and loads the saga, decides, and writes the outcome in
+    /// Takes one input: loads the saga, decides, and writes the outcome in
     /// `transaction`; true if the saga changed. An input for a saga that has not
     /// started (other than the order being placed) is not for this saga and is
     /// ignored, and so is a deadline that is no longer due.
+    ///
+    /// The saga comes from this process's cache when it has it, else from its row,
+    /// locked. The row is written first, guarded by the version the decision was
+    /// taken on: if a cached row turns out to be stale, nothing was sent yet, and the
+    /// input is decided again on the row as it is. A decision to write nothing is
+    /// checked on the row the same way.
     async fn step(
         &self,
         transaction: &mut StoreTransaction<'_>,
@@ -108,42 +153,94 @@ impl FulfilmentRunner {
         input: &Input,
         cause: Cause,
     ) -> Result<bool, HandlerError> {
-        let row = sqlx::query(
-            "SELECT version, state, deadline_at, correlation_id FROM sagas \
-             WHERE saga_id = $1 FOR UPDATE",
-        )
-        .bind(order_id)
-        .fetch_optional(transaction.connection())
-        .await?;
         let now = Utc::now();
-        let (state, version, deadline_at, metadata) = match row {
-            Some(row) => {
-                let state: serde_json::Value = row.try_get("state")?;
-                let state: Fulfilment = serde_json::from_value(state)
-                    .map_err(|error| format!("unreadable saga state: {error}"))?;
-                let deadline: Option<DateTime<Utc>> = row.try_get("deadline_at")?;
-                let version: i64 = row.try_get("version")?;
-                let metadata = match cause {
-                    Cause::Message(metadata) => metadata,
-                    Cause::Deadline if deadline.is_some_and(|at| at <= now) => {
-                        // Named after the version it fires at: a retried firing sends
-                        // the same command ids.
-                        let firing = Uuid::new_v5(&order_id, &version.to_le_bytes());
-                        Metadata::new(row.try_get("correlation_id")?, firing)
-                    }
-                    Cause::Deadline => return Ok(false),
-                };
-                (state, version, deadline, metadata)
+        let key = order_id.to_string();
+        // Only a committed row is trusted: a pending one (of a transaction that may
+        // have rolled back) could match the version of a row another process wrote.
+        let cached = self.sagas.get(&key).filter(|cached| cached.committed);
+        let (mut version, mut row, mut trusted) = match (&cause, cached) {
+            (Cause::Message(_), Some(cached)) => (cached.version, Some(cached.value), true),
+            // Most likely no row yet: if there is one, the guarded write says so.
+            (Cause::Message(_), None) if matches!(input, Input::OrderPlaced { .. }) => {
+                (0, None, true)
             }
-            None => match cause {
-                Cause::Message(metadata) if matches!(input, Input::OrderPlaced { .. }) => {
-                    (Fulfilment::default(), 0, None, metadata)
+            // A deadline is decided on the row itself: whether it is still due.
+            _ => {
+                let (version, row) = read(transaction, order_id).await?;
+                (version, row, false)
+            }
+        };
+        loop {
+            let planned = self.plan(order_id, version, row.as_ref(), input, &cause, now);
+            let written = match &planned {
+                Some(planned) => write(transaction, order_id, version, input, planned, now).await?,
+                None => None,
+            };
+            match (planned, written) {
+                (Some(planned), Some(written)) => {
+                    self.send(
+                        transaction,
+                        order_id,
+                        &planned.decision.commands,
+                        planned.metadata,
+                    )
+                    .await?;
+                    let sagas = self.sagas.clone();
+                    let saga = SagaRow {
+                        state: planned.decision.state,
+                        deadline_at: planned.deadline,
+                        correlation_id: planned.metadata.correlation_id,
+                    };
+                    sagas.pending(&key, written, saga.clone());
+                    transaction.after_commit(move || sagas.put(&key, written, saga));
+                    return Ok(true);
                 }
-                _ => {
-                    tracing::debug!(%order_id, input = %input.describe(), "no saga for this input");
+                _ if trusted => {
+                    // Decided on a cached row that may be behind: decide on the row.
+                    trusted = false;
+                    self.sagas.remove(&key);
+                    (version, row) = read(transaction, order_id).await?;
+                }
+                (Some(_), None) => {
+                    // Another transaction wrote the row first: roll back and retry.
+                    let error = format!("saga {order_id} changed under us (version {version})");
+                    return Err(error.into());
+                }
+                (None, _) => {
+                    tracing::debug!(%order_id, input = %input.describe(), "nothing to do for this input");
                     return Ok(false);
                 }
-            },
+            }
+        }
+    }
+
+    /// What `input` does to the saga at `version` (`row` is `None` before it started):
+    /// `None` when it is not for this saga, not due, or changes nothing.
+    fn plan(
+        &self,
+        order_id: Uuid,
+        version: i64,
+        row: Option<&SagaRow>,
+        input: &Input,
+        cause: &Cause,
+        now: DateTime<Utc>,
+    ) -> Option<Planned> {
+        let (state, deadline_at, metadata) = match (row, cause) {
+            (Some(row), Cause::Message(metadata)) => (&row.state, row.deadline_at, *metadata),
+            (Some(row), Cause::Deadline) if row.deadline_at.is_some_and(|at| at <= now) => {
+                // Named after the version it fires at: a retried firing sends the
+                // same command ids.
+                let firing = Uuid::new_v5(&order_id, &version.to_le_bytes());
+                (
+                    &row.state,
+                    row.deadline_at,
+                    Metadata::new(row.correlation_id, firing),
+                )
+            }
+            (None, Cause::Message(metadata)) if matches!(input, Input::OrderPlaced { .. }) => {
+                (&Fulfilment::default(), None, *metadata)
+            }
+            _ => return None,
         };
         let decision = state.decide(input, now, &self.settings);
         let deadline = match decision.deadline {
@@ -153,63 +250,115 @@ impl FulfilmentRunner {
             Deadline::Set(at) => Some(at),
             Deadline::Clear => None,
         };
-        if decision.state == state && decision.commands.is_empty() && deadline == deadline_at {
-            return Ok(false);
+        if decision.state == *state && decision.commands.is_empty() && deadline == deadline_at {
+            return None;
         }
+        Some(Planned {
+            decision,
+            deadline,
+            metadata,
+        })
+    }
+
+    /// Executes the order's own commands on its aggregate and queues the others in the
+    /// outbox, with ids derived from the input, so a retried input sends the same ids.
+    async fn send(
+        &self,
+        transaction: &mut StoreTransaction<'_>,
+        order_id: Uuid,
+        commands: &[Command],
+        metadata: Metadata,
+    ) -> Result<(), HandlerError> {
         let stream_id = order_stream(order_id);
-        for (index, command) in decision.commands.iter().enumerate() {
-            let registry = self.aggregates.registry();
+        let registry = self.aggregates.registry();
+        for (index, command) in commands.iter().enumerate() {
             let (target, encoded) = match command {
                 Command::Order(command) => {
+                    // The consumer holds the stream's lock; an input is retried if
+                    // the append conflicts with a stale cached order.
                     self.aggregates
-                        .execute_in::<Order>(transaction, &stream_id, None, command, metadata)
+                        .execute_to_write::<Order>(transaction, &stream_id, command, metadata)
                         .await?;
                     continue;
                 }
                 Command::Stock(request) => ("inventory", registry.encode(request)?),
                 Command::Payment(request) => ("payment", registry.encode(request)?),
             };
-            // Derived from the input, so a retried input sends the same command ids.
             let mut outgoing = OutgoingCommand::new(target, &stream_id, encoded, metadata);
             outgoing.command_id = Uuid::new_v5(&metadata.causation_id, &index.to_le_bytes());
             transaction.send_command(&outgoing).await?;
         }
-        let state_json = serde_json::to_value(&decision.state)
-            .map_err(|error| format!("cannot store saga state: {error}"))?;
-        let written = sqlx::query(
-            "INSERT INTO sagas (saga_id, saga_type, version, state, deadline_at, correlation_id) \
-             VALUES ($1, $2, 1, $3, $4, $5) \
-             ON CONFLICT (saga_id) DO UPDATE SET version = sagas.version + 1, \
-             state = excluded.state, deadline_at = excluded.deadline_at, updated_at = now() \
-             WHERE sagas.version = $6",
-        )
+        Ok(())
+    }
+}
+
+/// A decision that changes the saga, with what goes with it.
+struct Planned {
+    decision: Decision<Fulfilment, Command>,
+    /// The saga's deadline after it.
+    deadline: Option<DateTime<Utc>>,
+    /// What the commands it sends carry.
+    metadata: Metadata,
+}
+
+/// The saga's row at its version, locked; (0, `None`) when it has none.
+async fn read(
+    transaction: &mut StoreTransaction<'_>,
+    order_id: Uuid,
+) -> Result<(i64, Option<SagaRow>), HandlerError> {
+    let row = sqlx::query(
+        "SELECT version, state, deadline_at, correlation_id FROM sagas \
+         WHERE saga_id = $1 FOR UPDATE",
+    )
+    .bind(order_id)
+    .fetch_optional(transaction.connection())
+    .await?;
+    let Some(row) = row else {
+        return Ok((0, None));
+    };
+    let state: serde_json::Value = row.try_get("state")?;
+    let state: Fulfilment =
+        serde_json::from_value(state).map_err(|error| format!("unreadable saga state: {error}"))?;
+    let saga = SagaRow {
+        state,
+        deadline_at: row.try_get("deadline_at")?,
+        correlation_id: row.try_get("correlation_id")?,
+    };
+    Ok((row.try_get("version")?, Some(saga)))
+}
+
+/// Writes the planned state and its history step if the row is still at `version`;
+/// the new version, or `None` if another transaction moved the saga first.
+async fn write(
+    transaction: &mut StoreTransaction<'_>,
+    order_id: Uuid,
+    version: i64,
+    input: &Input,
+    planned: &Planned,
+    now: DateTime<Utc>,
+) -> Result<Option<i64>, HandlerError> {
+    let state = &planned.decision.state;
+    let commands: Vec<String> = planned
+        .decision
+        .commands
+        .iter()
+        .map(Command::describe)
+        .collect();
+    let state_json =
+        serde_json::to_value(state).map_err(|error| format!("cannot store saga state: {error}"))?;
+    Ok(sqlx::query_scalar(WRITE_SAGA)
         .bind(order_id)
         .bind(SAGA_TYPE)
         .bind(&state_json)
-        .bind(deadline)
-        .bind(metadata.correlation_id)
+        .bind(planned.deadline)
+        .bind(planned.metadata.correlation_id)
         .bind(version)
-        .execute(transaction.connection())
-        .await?;
-        if written.rows_affected() != 1 {
-            // Another transaction moved the saga on first: roll back and retry.
-            return Err(format!("saga {order_id} changed under us (version {version})").into());
-        }
-        let commands: Vec<String> = decision.commands.iter().map(Command::describe).collect();
-        sqlx::query(
-            "INSERT INTO saga_steps (saga_id, version, at, input, step, commands) \
-             VALUES ($1, $2, $3, $4, $5, $6)",
-        )
-        .bind(order_id)
-        .bind(version + 1)
         .bind(now)
         .bind(input.describe())
-        .bind(decision.state.step.as_str())
+        .bind(state.step.as_str())
         .bind(&commands)
-        .execute(transaction.connection())
-        .await?;
-        Ok(true)
-    }
+        .fetch_optional(transaction.connection())
+        .await?)
 }
 
 /// Why a saga takes an input.

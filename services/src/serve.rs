@@ -32,6 +32,10 @@ use crate::workers::{InventoryCommands, PaymentCommands, SimulatedProvider};
 
 /// Connections each service's HTTP pool may open (its consumers keep their own).
 const POOL_SIZE: u32 = 10;
+/// Streams whose committed state each service keeps in memory: the hot ones (stock
+/// items, which every order touches twice per line) and the orders and payments in
+/// flight; a few megabytes at most.
+const STATE_CACHE_STREAMS: usize = 20_000;
 /// How often projection lag is measured.
 const LAG_EVERY: Duration = Duration::from_secs(2);
 /// Services started by [`start`]: where each listens, and how to stop them.
@@ -133,7 +137,8 @@ pub async fn start(
             Some(options) => {
                 let pool = prepare_database(&options, POOL_SIZE).await?;
                 let store = EventStore::new(pool.clone());
-                let aggregates = AggregateStore::new(store.clone(), registry.clone());
+                let aggregates = AggregateStore::new(store.clone(), registry.clone())
+                    .with_state_cache(STATE_CACHE_STREAMS);
                 let mut plan = Plan {
                     service,
                     config,
@@ -265,13 +270,13 @@ impl Plan<'_> {
         match self.service {
             Service::Order => {
                 self.read_models((OrderSummaries, CustomerOrders));
-                let saga = FulfilmentRunner {
-                    aggregates: aggregates.clone(),
-                    settings: sagas::fulfilment::Settings {
+                let saga = FulfilmentRunner::new(
+                    aggregates.clone(),
+                    sagas::fulfilment::Settings {
                         payment_deadline: self.config.payment_deadline,
                         capture_retry: self.config.capture_retry,
                     },
-                };
+                );
                 let deadlines = saga.clone().run_deadlines(self.shutdown.clone());
                 self.worker("saga deadlines".to_owned(), deadlines);
                 self.consumer(FulfilmentRunner::config(&self.config.amqp_url), saga);

@@ -3,7 +3,7 @@
 //! the consumer transaction that claims the command's inbox row, so a command's
 //! effect happens once however often it is delivered.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 
 use domain::Aggregate;
 use domain::inventory::{StockCommand, StockError, StockItem, StockRequest, reserve_all};
@@ -52,24 +52,52 @@ impl Handler for InventoryCommands {
         let lines = request.lines_by_sku();
         match request {
             StockRequest::ReserveStock { .. } => {
-                let mut loaded = HashMap::new();
-                let mut items = Vec::with_capacity(lines.len());
+                let mut loaded = Vec::with_capacity(lines.len());
                 for line in lines {
                     let stream_id = stock_stream(&line.sku);
+                    // Locked by the consumer already (`streams_to_lock`). A cached
+                    // state is trusted: appending on a stale one conflicts, and the
+                    // command is tried again.
                     let item = self
                         .aggregates
-                        .load_on::<StockItem>(transaction.connection(), &stream_id)
+                        .load_to_write::<StockItem>(transaction, &stream_id)
                         .await?;
-                    items.push((line, item.state.clone()));
-                    loaded.insert(stream_id, item);
+                    loaded.push((line, stream_id, item));
                 }
-                for (sku, events) in reserve_all(order_id, &items)? {
-                    let stream_id = stock_stream(&sku);
-                    let Some(item) = loaded.remove(&stream_id) else {
+                let decided = loop {
+                    let items: Vec<_> = loaded
+                        .iter()
+                        .map(|(line, _, item)| (line.clone(), item.state.clone()))
+                        .collect();
+                    let decided = reserve_all(order_id, &items);
+                    let written: HashSet<&str> = match &decided {
+                        Ok(decided) => decided.iter().map(|(sku, _)| sku.as_str()).collect(),
+                        Err(_) => HashSet::new(),
+                    };
+                    // A stream that is not appended to is not checked by an append.
+                    let mut moved = false;
+                    for (line, stream_id, item) in &mut loaded {
+                        if !written.contains(line.sku.as_str()) {
+                            moved |= self
+                                .aggregates
+                                .refresh(transaction, stream_id, item)
+                                .await?;
+                        }
+                    }
+                    if !moved {
+                        break decided?;
+                    }
+                };
+                let mut loaded: HashMap<String, _> = loaded
+                    .into_iter()
+                    .map(|(line, _, item)| (line.sku, item))
+                    .collect();
+                for (sku, events) in decided {
+                    let Some(item) = loaded.remove(&sku) else {
                         continue;
                     };
                     self.aggregates
-                        .append_decided(transaction, &stream_id, item, events, metadata)
+                        .append_decided(transaction, &stock_stream(&sku), item, events, metadata)
                         .await?;
                 }
             }
@@ -84,7 +112,7 @@ impl Handler for InventoryCommands {
                     let stream_id = stock_stream(&line.sku);
                     let outcome = self
                         .aggregates
-                        .execute_in::<StockItem>(transaction, &stream_id, None, &command, metadata)
+                        .execute_to_write::<StockItem>(transaction, &stream_id, &command, metadata)
                         .await;
                     match outcome {
                         Ok(_) => {}
@@ -140,14 +168,25 @@ impl Handler for PaymentCommands {
             PaymentRequest::CapturePayment { .. } => {
                 // The provider is asked only for an authorized payment; its answer
                 // is decided on the state it was given.
-                transaction.lock_streams(&[&stream_id]).await?;
-                let loaded = self
+                let mut loaded = self
                     .aggregates
-                    .load_on::<Payment>(transaction.connection(), &stream_id)
+                    .load_to_write::<Payment>(transaction, &stream_id)
                     .await?;
-                let answer = self.provider.capture(&loaded.state);
-                let command = PaymentCommand::CapturePayment { answer };
-                let events = loaded.state.decide(&command)?;
+                let decide = |payment: &Payment| {
+                    let answer = self.provider.capture(payment);
+                    payment.decide(&PaymentCommand::CapturePayment { answer })
+                };
+                let mut decided = decide(&loaded.state);
+                // Deciding to write nothing is not checked by an append (see refresh).
+                if !matches!(&decided, Ok(events) if !events.is_empty())
+                    && self
+                        .aggregates
+                        .refresh(transaction, &stream_id, &mut loaded)
+                        .await?
+                {
+                    decided = decide(&loaded.state);
+                }
+                let events = decided?;
                 let metadata = message.caused_metadata();
                 self.aggregates
                     .append_decided(transaction, &stream_id, loaded, events, metadata)
@@ -160,10 +199,9 @@ impl Handler for PaymentCommands {
         let void = matches!(command, PaymentCommand::VoidPayment);
         let outcome = self
             .aggregates
-            .execute_in::<Payment>(
+            .execute_to_write::<Payment>(
                 transaction,
                 &stream_id,
-                None,
                 &command,
                 message.caused_metadata(),
             )

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use domain::Aggregate;
-use domain::inventory::{StockCommand, StockItem};
+use domain::inventory::{StockCommand, StockError, StockItem};
 use domain::order::{Order, OrderEvent, OrderLine};
 use domain::wire::{SCHEMA_FILES, WireEvent};
 use eventstore::{
@@ -842,4 +842,162 @@ async fn a_transaction_older_than_a_streams_head_cannot_append_before_it_in_glob
     assert!(appended.first_position > head.last_position);
     let shared = store.read_stream("shared", 1, 10).await.unwrap();
     assert!(shared[0].global_position < shared[1].global_position);
+}
+
+/// Two processes of one service over one database, each with its own state cache.
+fn two_cached_processes(db: &TestDb) -> (AggregateStore, AggregateStore) {
+    let process = || AggregateStore::new(db.store(), TestDb::registry()).with_state_cache(100);
+    (process(), process())
+}
+
+/// Runs `command` as a consumer handler does: in a transaction, trusting the cache.
+async fn write_trusting_cache(
+    aggregates: &AggregateStore,
+    stream: &str,
+    command: StockCommand,
+) -> Result<eventstore::Executed<StockItem>, eventstore::ExecuteError<StockError>> {
+    let mut transaction = aggregates.event_store().begin().await.unwrap();
+    let executed = aggregates
+        .execute_to_write::<StockItem>(&mut transaction, stream, &command, metadata())
+        .await?;
+    transaction.commit().await.unwrap();
+    Ok(executed)
+}
+
+fn restock(sku: &str, quantity: u32) -> StockCommand {
+    StockCommand::AddStock {
+        sku: sku.into(),
+        name: "Cached".into(),
+        quantity,
+    }
+}
+
+fn reserve(order: u128, quantity: u32) -> StockCommand {
+    StockCommand::ReserveStock {
+        order_id: Uuid::from_u128(order),
+        quantity,
+    }
+}
+
+/// A cached state another process has overtaken is trusted once: its append
+/// conflicts (nothing is written on the stale state) and drops it, and the next
+/// attempt reads the stream.
+#[tokio::test]
+async fn a_cached_state_behind_its_stream_fails_its_append_and_the_next_attempt_reads() {
+    let db = TestDb::new(4).await.unwrap();
+    let (here, elsewhere) = two_cached_processes(&db);
+    let stream = AggregateStore::stream_id::<StockItem>("SKU-C");
+    write_trusting_cache(&here, &stream, restock("SKU-C", 10))
+        .await
+        .unwrap();
+    write_trusting_cache(&here, &stream, reserve(1, 2))
+        .await
+        .unwrap();
+    write_trusting_cache(&elsewhere, &stream, reserve(2, 3))
+        .await
+        .unwrap();
+
+    let stale = write_trusting_cache(&here, &stream, reserve(3, 1)).await;
+    assert!(
+        matches!(&stale, Err(eventstore::ExecuteError::Store(error)) if error.is_concurrency()),
+        "appending on the stale state must conflict: {stale:?}"
+    );
+    let retried = write_trusting_cache(&here, &stream, reserve(3, 1))
+        .await
+        .unwrap();
+    assert_eq!(retried.version, 5);
+    assert_eq!(retried.state.available, 4);
+    assert_eq!(retried.state.reservations.len(), 3);
+    let loaded = AggregateStore::new(db.store(), TestDb::registry())
+        .load::<StockItem>(&stream)
+        .await
+        .unwrap();
+    assert_eq!(loaded.state, retried.state);
+}
+
+/// A decision to write nothing is not checked by any append: taken on a stale cached
+/// state (no reservation to release, though another process has since reserved), it
+/// must look at the stream and decide again.
+#[tokio::test]
+async fn deciding_nothing_on_a_stale_cached_state_looks_at_the_stream_first() {
+    let db = TestDb::new(4).await.unwrap();
+    let (here, elsewhere) = two_cached_processes(&db);
+    let stream = AggregateStore::stream_id::<StockItem>("SKU-D");
+    write_trusting_cache(&here, &stream, restock("SKU-D", 10))
+        .await
+        .unwrap();
+    write_trusting_cache(&elsewhere, &stream, reserve(7, 4))
+        .await
+        .unwrap();
+
+    let release = StockCommand::ReleaseStock {
+        order_id: Uuid::from_u128(7),
+    };
+    let released = write_trusting_cache(&here, &stream, release).await.unwrap();
+    assert_eq!(released.version, 4, "the release was decided and stored");
+    assert_eq!(released.state.available, 10);
+    assert!(released.state.reservations.is_empty());
+}
+
+/// A state written by a transaction that rolled back stays in the cache as pending.
+/// If another process then stores a different event at that version, the pending
+/// state must not be taken for it.
+#[tokio::test]
+async fn a_rolled_back_write_is_never_taken_for_the_event_another_process_stored() {
+    let db = TestDb::new(4).await.unwrap();
+    let (here, elsewhere) = two_cached_processes(&db);
+    let stream = AggregateStore::stream_id::<StockItem>("SKU-R");
+    write_trusting_cache(&here, &stream, restock("SKU-R", 10))
+        .await
+        .unwrap();
+    let mut transaction = here.event_store().begin().await.unwrap();
+    here.execute_to_write::<StockItem>(&mut transaction, &stream, &reserve(1, 5), metadata())
+        .await
+        .unwrap();
+    transaction.rollback().await.unwrap();
+    write_trusting_cache(&elsewhere, &stream, reserve(2, 1))
+        .await
+        .unwrap();
+
+    let loaded = here.load::<StockItem>(&stream).await.unwrap();
+    assert_eq!(loaded.version, 3);
+    assert_eq!(loaded.state.available, 9);
+    assert!(loaded.state.reservations.contains_key(&Uuid::from_u128(2)));
+    assert!(!loaded.state.reservations.contains_key(&Uuid::from_u128(1)));
+    let next = write_trusting_cache(&here, &stream, reserve(3, 1))
+        .await
+        .unwrap();
+    assert_eq!((next.version, next.state.available), (4, 8));
+}
+
+/// Without other writers, a cached stream is written without being read: what the
+/// cache holds is what the stream says.
+#[tokio::test]
+async fn a_stream_written_through_the_cache_loads_the_same_from_the_database() {
+    let db = TestDb::new(4).await.unwrap();
+    let (here, _) = two_cached_processes(&db);
+    let stream = AggregateStore::stream_id::<StockItem>("SKU-S");
+    write_trusting_cache(&here, &stream, restock("SKU-S", 50))
+        .await
+        .unwrap();
+    let mut last = None;
+    for order in 0..20 {
+        write_trusting_cache(&here, &stream, reserve(order, 2))
+            .await
+            .unwrap();
+        let release = StockCommand::CommitStock {
+            order_id: Uuid::from_u128(order),
+        };
+        last = Some(write_trusting_cache(&here, &stream, release).await.unwrap());
+    }
+    let cached = here.load::<StockItem>(&stream).await.unwrap();
+    assert!(cached.from_cache);
+    assert_eq!(cached.events_read, 0);
+    let uncached = AggregateStore::new(db.store(), TestDb::registry())
+        .load::<StockItem>(&stream)
+        .await
+        .unwrap();
+    assert_eq!(uncached.version, 42);
+    assert_eq!(cached.state, uncached.state);
+    assert_eq!(last.map(|executed| executed.state), Some(uncached.state));
 }

@@ -584,36 +584,14 @@ async fn inbox_counts(system: &System) -> Vec<(String, i64)> {
 async fn two_answers_for_one_saga_handled_at_once_are_both_taken() {
     let db = TestDb::new(4).await.unwrap();
     let registry = TestDb::registry();
-    let runner = FulfilmentRunner {
-        aggregates: AggregateStore::new(db.store(), registry.clone()),
-        settings: Settings::default(),
-    };
-    let order_id = Uuid::now_v7();
-    let line = |sku: &str| OrderLine {
-        sku: sku.to_owned(),
-        quantity: 1,
-        unit_price_cents: 500,
-    };
-    let placed = OrderEvent::OrderPlaced {
-        order_id,
-        customer_id: Uuid::now_v7(),
-        lines: vec![line("A"), line("B")],
-        total_cents: 1000,
-        currency: "EUR".to_owned(),
-        card_token: "tok_visa".to_owned(),
-    };
-    let order_stream = format!("order-{order_id}");
-    let placed = message(&registry, "order", &order_stream, &placed);
-    let reserved = |sku: &str| {
-        let event = StockEvent::StockReserved {
-            sku: sku.to_owned(),
-            order_id,
-            quantity: 1,
-        };
-        message(&registry, "inventory", &format!("stock-{sku}"), &event)
-    };
+    let runner = FulfilmentRunner::new(
+        AggregateStore::new(db.store(), registry.clone()),
+        Settings::default(),
+    );
+    let order = TwoSkuOrder::new(registry);
+    let reserved = |sku: &str| order.reserved(sku);
     let store = db.store();
-    let placing = take(&runner, &store, &placed).await;
+    let placing = take(&runner, &store, &order.placed()).await;
     placing.commit().await.unwrap();
 
     // The first answer is decided and not yet committed when the second comes in.
@@ -639,7 +617,86 @@ async fn two_answers_for_one_saga_handled_at_once_are_both_taken() {
     .await;
     first.commit().await.unwrap();
     second.await.unwrap().unwrap();
+    payment_asked_once_both_answers_taken(&db, order.order_id).await;
+}
 
+/// Two order-service processes share a saga's inputs (partitioned consumers do): one
+/// still holds the saga as it left it when the other has moved it on. Its next input
+/// must be decided on the row as it is, not on the stale copy: the guarded write
+/// refuses the copy, and the input is decided again.
+#[tokio::test]
+async fn a_saga_moved_on_by_another_process_is_decided_on_its_row() {
+    let db = TestDb::new(4).await.unwrap();
+    let registry = TestDb::registry();
+    let process = || {
+        let aggregates = AggregateStore::new(db.store(), registry.clone()).with_state_cache(100);
+        FulfilmentRunner::new(aggregates, Settings::default())
+    };
+    let (here, elsewhere) = (process(), process());
+    let order = TwoSkuOrder::new(registry.clone());
+    let store = db.store();
+    let commit = |runner: FulfilmentRunner, message: Message| {
+        let store = store.clone();
+        async move {
+            take(&runner, &store, &message)
+                .await
+                .commit()
+                .await
+                .unwrap()
+        }
+    };
+    commit(here.clone(), order.placed()).await;
+    commit(elsewhere, order.reserved("A")).await;
+    // `here` still has the saga at version 1, with nothing reserved.
+    commit(here, order.reserved("B")).await;
+    payment_asked_once_both_answers_taken(&db, order.order_id).await;
+}
+
+/// An order of one unit each of SKUs A and B, as the saga's inputs.
+struct TwoSkuOrder {
+    order_id: Uuid,
+    registry: SchemaRegistry,
+}
+
+impl TwoSkuOrder {
+    fn new(registry: SchemaRegistry) -> Self {
+        TwoSkuOrder {
+            order_id: Uuid::now_v7(),
+            registry,
+        }
+    }
+
+    fn placed(&self) -> Message {
+        let line = |sku: &str| OrderLine {
+            sku: sku.to_owned(),
+            quantity: 1,
+            unit_price_cents: 500,
+        };
+        let placed = OrderEvent::OrderPlaced {
+            order_id: self.order_id,
+            customer_id: Uuid::now_v7(),
+            lines: vec![line("A"), line("B")],
+            total_cents: 1000,
+            currency: "EUR".to_owned(),
+            card_token: "tok_visa".to_owned(),
+        };
+        let stream = format!("order-{}", self.order_id);
+        message(&self.registry, "order", &stream, &placed)
+    }
+
+    fn reserved(&self, sku: &str) -> Message {
+        let event = StockEvent::StockReserved {
+            sku: sku.to_owned(),
+            order_id: self.order_id,
+            quantity: 1,
+        };
+        message(&self.registry, "inventory", &format!("stock-{sku}"), &event)
+    }
+}
+
+/// The saga of a [`TwoSkuOrder`] took both reservations, one step each, and asked for
+/// the payment exactly once.
+async fn payment_asked_once_both_answers_taken(db: &TestDb, order_id: Uuid) {
     let (version, step): (i64, String) =
         sqlx::query_as("SELECT version, state->>'step' FROM sagas WHERE saga_id = $1")
             .bind(order_id)
@@ -654,6 +711,14 @@ async fn two_answers_for_one_saga_handled_at_once_are_both_taken() {
     .await
     .unwrap();
     assert_eq!(commands, ["ReserveStock", "AuthorizePayment"]);
+    let mut steps: Vec<String> =
+        sqlx::query_scalar("SELECT input FROM saga_steps WHERE saga_id = $1 ORDER BY version")
+            .bind(order_id)
+            .fetch_all(&db.pool)
+            .await
+            .unwrap();
+    steps[1..].sort();
+    assert_eq!(steps, ["OrderPlaced", "StockReserved A", "StockReserved B"]);
 }
 
 /// Runs the saga on `message` as its consumer does (its streams locked first), and
