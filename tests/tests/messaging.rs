@@ -643,10 +643,15 @@ async fn partitions_share_a_consumers_work_and_are_handed_over_in_order() {
     assert_eq!(replayed.done.len(), 6);
     world.wait_applied(400, Duration::from_secs(60)).await;
     let queue = config.queue();
-    let (a, b) = (
-        metrics.0.consumed_count(&queue),
-        metrics.1.consumed_count(&queue),
-    );
+    // A message counts once acknowledged, a moment after its effect committed.
+    let (a, b) = wait_for(Duration::from_secs(10), "400 acknowledged", || async {
+        let counts = (
+            metrics.0.consumed_count(&queue),
+            metrics.1.consumed_count(&queue),
+        );
+        (counts.0 + counts.1 >= 400).then_some(counts)
+    })
+    .await;
     assert_eq!(a + b, 400);
     assert!(a > 50 && b > 50, "both instances worked: {a} and {b}");
 
