@@ -34,9 +34,11 @@ const DEADLINE_POLL: Duration = Duration::from_millis(100);
 pub struct FulfilmentRunner {
     aggregates: AggregateStore,
     settings: Settings,
-    /// The committed rows of sagas this process moved recently: an input for one of
-    /// them needs no `SELECT … FOR UPDATE`, since the write is guarded by the version
-    /// anyway (a stale entry makes it write nothing, and the runner then reads).
+    /// The rows of sagas this process wrote recently (pending until their transaction
+    /// commits): an input for a committed one needs no `SELECT … FOR UPDATE`, since
+    /// the write is guarded by the version anyway (a stale entry makes it write
+    /// nothing, and the runner then reads). A pending one sends the next input to the
+    /// row rather than to the older committed state.
     sagas: VersionedCache<SagaRow>,
 }
 
