@@ -36,7 +36,7 @@ use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicPublishOptions};
 use lapin::types::FieldTable;
 use lapin::{BasicProperties, Channel, Connection};
 use sqlx::PgPool;
-use tests::bench::{cpu_times, env_or, steal_share};
+use tests::bench::{cpu_times, env_or, idle_jiffies, steal_share};
 use tests::{TestDb, Vhost};
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
@@ -554,20 +554,6 @@ impl Sample {
             own: cores(now.processes.2, self.processes.2),
         }
     }
-}
-
-/// Idle plus iowait jiffies from /proc/stat.
-fn idle_jiffies() -> u64 {
-    let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
-    let fields: Vec<u64> = stat
-        .lines()
-        .next()
-        .unwrap_or_default()
-        .split_whitespace()
-        .skip(1)
-        .filter_map(|f| f.parse().ok())
-        .collect();
-    fields.get(3).copied().unwrap_or(0) + fields.get(4).copied().unwrap_or(0)
 }
 
 /// utime + stime of every PostgreSQL process, of RabbitMQ (beam.smp) and of this one.

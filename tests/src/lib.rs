@@ -474,18 +474,29 @@ where
 
 /// Measuring helpers shared by the benchmarks.
 pub mod bench {
-    /// (steal, total) jiffies from the first line of /proc/stat.
-    pub fn cpu_times() -> (u64, u64) {
+    /// The machine's CPU jiffies by kind, from the first line of /proc/stat (user,
+    /// nice, system, idle, iowait, irq, softirq, steal, …).
+    fn cpu_fields() -> Vec<u64> {
         let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
-        let fields: Vec<u64> = stat
-            .lines()
+        stat.lines()
             .next()
             .unwrap_or_default()
             .split_whitespace()
             .skip(1)
             .filter_map(|f| f.parse().ok())
-            .collect();
+            .collect()
+    }
+
+    /// (steal, total) jiffies from the first line of /proc/stat.
+    pub fn cpu_times() -> (u64, u64) {
+        let fields = cpu_fields();
         (fields.get(7).copied().unwrap_or(0), fields.iter().sum())
+    }
+
+    /// Idle plus iowait jiffies from the first line of /proc/stat.
+    pub fn idle_jiffies() -> u64 {
+        let fields = cpu_fields();
+        fields.get(3).copied().unwrap_or(0) + fields.get(4).copied().unwrap_or(0)
     }
 
     /// The share of CPU time stolen by the hypervisor between two readings.
