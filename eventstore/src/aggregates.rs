@@ -16,8 +16,8 @@ use uuid::Uuid;
 use crate::cache::VersionedCache;
 use crate::codec::{CodecError, SchemaRegistry};
 use crate::store::{
-    AppendResult, EventStore, ExpectedVersion, Metadata, NewEvent, StoreError, StoreTransaction,
-    StoredVersion, read_stream_on,
+    AppendResult, EventStore, ExpectedVersion, Metadata, NewEvent, RecordedEvent, StoreError,
+    StoreTransaction, StoredVersion, read_stream_on,
 };
 
 /// How an aggregate's state is cached. Aggregates with short streams keep the default
@@ -71,6 +71,22 @@ pub struct Loaded<A> {
     unverified: bool,
 }
 
+impl<A> Loaded<A> {
+    /// `state` at `version` as a snapshot (or nothing, at 0) gave it, before any event
+    /// was read after it.
+    fn snapshot(state: A, version: i64) -> Self {
+        Loaded {
+            state,
+            version,
+            events_read: 0,
+            from_snapshot: version > 0,
+            from_cache: false,
+            snapshot_at: version,
+            unverified: false,
+        }
+    }
+}
+
 /// A state in the state cache, of whichever aggregate type its stream is.
 #[derive(Clone)]
 struct CachedState {
@@ -80,6 +96,16 @@ struct CachedState {
     /// very event, not by one another process stored at the same version after the
     /// pending write rolled back.
     last_event_id: Uuid,
+}
+
+impl CachedState {
+    fn new<A: Snapshot>(state: &A, snapshot_at: i64, last_event_id: Uuid) -> Self {
+        CachedState {
+            state: Arc::new(state.clone()),
+            snapshot_at,
+            last_event_id,
+        }
+    }
 }
 
 /// What running a command did.
@@ -200,15 +226,7 @@ impl AggregateStore {
                     .read_snapshot::<A>(&mut *connection, stream_id)
                     .await?
                     .unwrap_or_default();
-                Loaded {
-                    state,
-                    version,
-                    events_read: 0,
-                    from_snapshot: version > 0,
-                    from_cache: false,
-                    snapshot_at: version,
-                    unverified: false,
-                }
+                Loaded::snapshot(state, version)
             }
         };
         self.read_after(connection, stream_id, &mut loaded).await?;
@@ -238,12 +256,7 @@ impl AggregateStore {
         if first != Some((loaded.version, event_id)) {
             return Ok(None);
         }
-        for recorded in &page[1..] {
-            let event: A::Event = self.decode(&recorded.payload).await?;
-            loaded.state = std::mem::take(&mut loaded.state).evolve(&event);
-            loaded.version = recorded.stream_version;
-        }
-        loaded.events_read += page.len() - 1;
+        self.fold(&mut loaded, &page[1..]).await?;
         if page.len() as i64 == PAGE {
             self.read_after(connection, stream_id, &mut loaded).await?;
         }
@@ -265,19 +278,33 @@ impl AggregateStore {
         loop {
             let page =
                 read_stream_on(&mut *connection, stream_id, loaded.version + 1, PAGE).await?;
-            for recorded in &page {
-                let event: A::Event = self.decode(&recorded.payload).await?;
-                loaded.state = std::mem::take(&mut loaded.state).evolve(&event);
-                loaded.version = recorded.stream_version;
-            }
+            self.fold(loaded, &page).await?;
             read += page.len();
             if (page.len() as i64) < PAGE {
                 break;
             }
         }
-        loaded.events_read += read;
         loaded.unverified = false;
         Ok(read)
+    }
+
+    /// Folds `events` (the next ones of the stream) into `loaded`.
+    async fn fold<A>(
+        &self,
+        loaded: &mut Loaded<A>,
+        events: &[RecordedEvent],
+    ) -> Result<(), ExecuteError<A::Error>>
+    where
+        A: Snapshot,
+        A::Event: WireEvent,
+    {
+        for recorded in events {
+            let event: A::Event = self.decode(&recorded.payload).await?;
+            loaded.state = std::mem::take(&mut loaded.state).evolve(&event);
+            loaded.version = recorded.stream_version;
+        }
+        loaded.events_read += events.len();
+        Ok(())
     }
 
     /// Brings a state that [`load_to_write`](Self::load_to_write) took from the cache up
@@ -364,17 +391,10 @@ impl AggregateStore {
         snapshot_at: i64,
         last_event_id: Uuid,
     ) {
-        let Some(states) = self.states.clone() else {
-            return;
-        };
-        let cached = CachedState {
-            state: Arc::new(state.clone()),
-            snapshot_at,
-            last_event_id,
-        };
-        states.pending(stream_id, version, cached.clone());
-        let stream_id = stream_id.to_owned();
-        transaction.after_commit(move || states.put(&stream_id, version, cached));
+        if let Some(states) = &self.states {
+            let cached = CachedState::new(state, snapshot_at, last_event_id);
+            states.write_through(transaction, stream_id, version, cached);
+        }
     }
 
     /// Saves a snapshot when the stream moved `snapshot_after` events past its last.
@@ -429,11 +449,7 @@ impl AggregateStore {
                     let state = loaded.state.replay(&events);
                     if let (Some(states), Some(last)) = (&self.states, new_events.last()) {
                         // Committed already: the append was its own transaction.
-                        let cached = CachedState {
-                            state: Arc::new(state.clone()),
-                            snapshot_at: loaded.snapshot_at,
-                            last_event_id: last.event_id,
-                        };
+                        let cached = CachedState::new(&state, loaded.snapshot_at, last.event_id);
                         states.put(stream_id, append.stream_version, cached);
                     }
                     return Ok(Executed {
@@ -535,15 +551,7 @@ impl AggregateStore {
         A::Event: WireEvent,
     {
         let mut loaded = if expected_version == Some(0) {
-            Loaded {
-                state: A::default(),
-                version: 0,
-                events_read: 0,
-                from_snapshot: false,
-                from_cache: false,
-                snapshot_at: 0,
-                unverified: false,
-            }
+            Loaded::snapshot(A::default(), 0)
         } else if trust_cache {
             self.load_to_write::<A>(transaction, stream_id).await?
         } else {

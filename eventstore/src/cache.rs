@@ -23,6 +23,8 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use lru::LruCache;
 
+use crate::StoreTransaction;
+
 /// Cheap to clone; clones share the entries. The least recently used entry goes first
 /// when it is full.
 pub struct VersionedCache<V> {
@@ -94,6 +96,22 @@ impl<V: Clone> VersionedCache<V> {
                 entries.put(key.to_owned(), entry);
             }
         }
+    }
+
+    /// Records `value` at `version` as what `transaction` writes: pending now, committed
+    /// once (and only if) the transaction commits.
+    pub fn write_through(
+        &self,
+        transaction: &mut StoreTransaction<'_>,
+        key: &str,
+        version: i64,
+        value: V,
+    ) where
+        V: Send + 'static,
+    {
+        self.pending(key, version, value.clone());
+        let (cache, key) = (self.clone(), key.to_owned());
+        transaction.after_commit(move || cache.put(&key, version, value));
     }
 
     /// Forgets `key`: its entry turned out to be behind the database.

@@ -187,14 +187,12 @@ impl FulfilmentRunner {
                         planned.metadata,
                     )
                     .await?;
-                    let sagas = self.sagas.clone();
                     let saga = SagaRow {
                         state: planned.decision.state,
                         deadline_at: planned.deadline,
                         correlation_id: planned.metadata.correlation_id,
                     };
-                    sagas.pending(&key, written, saga.clone());
-                    transaction.after_commit(move || sagas.put(&key, written, saga));
+                    self.sagas.write_through(transaction, &key, written, saga);
                     return Ok(true);
                 }
                 _ if trusted => {

@@ -8,13 +8,14 @@
 export PATH="$PATH:/usr/sbin:/sbin"
 
 sandbox_server=""
+# Every service's database, not only the served ones': `orderflow migrate` migrates
+# them all, and must not touch the machine's own.
+sandbox_services=(order inventory payment user notification)
 sandbox_start() {
   sandbox_run="$1"
   sandbox_vhost="orderflow-$sandbox_run"
   export ORDERFLOW_AMQP_URL="amqp://guest:guest@127.0.0.1:5672/$sandbox_vhost"
-  # Every service's database, not only the served ones': `orderflow migrate` migrates
-  # them all, and must not touch the machine's own.
-  for service in order inventory payment user notification; do
+  for service in "${sandbox_services[@]}"; do
     export "ORDERFLOW_${service^^}_DATABASE_URL=postgres://postgres@127.0.0.1:5432/orderflow_${sandbox_run}_$service"
   done
   trap sandbox_cleanup EXIT
@@ -25,7 +26,7 @@ sandbox_start() {
 sandbox_cleanup() {
   [ -n "$sandbox_server" ] && kill "$sandbox_server" 2>/dev/null && wait "$sandbox_server" 2>/dev/null
   rabbitmqctl -q delete_vhost "$sandbox_vhost" >/dev/null 2>&1 || true
-  for service in order inventory payment user notification; do
+  for service in "${sandbox_services[@]}"; do
     psql -h 127.0.0.1 -U postgres -qc "DROP DATABASE IF EXISTS orderflow_${sandbox_run}_$service WITH (FORCE)" postgres || true
   done
 }

@@ -167,26 +167,18 @@ impl Handler for PaymentCommands {
             },
             PaymentRequest::CapturePayment { .. } => {
                 // The provider is asked only for an authorized payment; its answer
-                // is decided on the state it was given.
-                let mut loaded = self
+                // is decided on the state it was given. So that state is read, not
+                // trusted from the cache: asking the provider on a stale one (already
+                // captured elsewhere) would be an effect no failed append undoes.
+                // Locked by the consumer already (`streams_to_lock`).
+                let loaded = self
                     .aggregates
-                    .load_to_write::<Payment>(transaction, &stream_id)
+                    .load_on::<Payment>(transaction.connection(), &stream_id)
                     .await?;
-                let decide = |payment: &Payment| {
-                    let answer = self.provider.capture(payment);
-                    payment.decide(&PaymentCommand::CapturePayment { answer })
-                };
-                let mut decided = decide(&loaded.state);
-                // Deciding to write nothing is not checked by an append (see refresh).
-                if !matches!(&decided, Ok(events) if !events.is_empty())
-                    && self
-                        .aggregates
-                        .refresh(transaction, &stream_id, &mut loaded)
-                        .await?
-                {
-                    decided = decide(&loaded.state);
-                }
-                let events = decided?;
+                let answer = self.provider.capture(&loaded.state);
+                let events = loaded
+                    .state
+                    .decide(&PaymentCommand::CapturePayment { answer })?;
                 let metadata = message.caused_metadata();
                 self.aggregates
                     .append_decided(transaction, &stream_id, loaded, events, metadata)
