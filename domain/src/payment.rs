@@ -51,6 +51,9 @@ pub enum CaptureAnswer {
 pub enum PaymentCommand {
     AuthorizePayment {
         order_id: Uuid,
+        /// Who pays: the order's customer (unknown for requests recorded before it was
+        /// sent along), whose token may read the payment.
+        customer_id: Option<Uuid>,
         amount_cents: i64,
         answer: ProviderAnswer,
     },
@@ -65,11 +68,13 @@ pub enum PaymentCommand {
 pub enum PaymentEvent {
     PaymentAuthorized {
         order_id: Uuid,
+        customer_id: Option<Uuid>,
         amount_cents: i64,
         authorization_id: String,
     },
     PaymentDeclined {
         order_id: Uuid,
+        customer_id: Option<Uuid>,
         amount_cents: i64,
         reason: String,
     },
@@ -100,6 +105,7 @@ pub enum PaymentEvent {
 pub enum PaymentRequest {
     AuthorizePayment {
         order_id: Uuid,
+        customer_id: Option<Uuid>,
         amount_cents: i64,
         card_token: String,
     },
@@ -151,6 +157,8 @@ pub struct Payment {
     pub authorization_id: Option<String>,
     /// Captures the provider refused so far.
     pub failed_captures: u32,
+    /// Who pays (see [`PaymentCommand::AuthorizePayment`]).
+    pub customer_id: Option<Uuid>,
 }
 
 impl Payment {
@@ -190,6 +198,7 @@ impl Aggregate for Payment {
         match command {
             PaymentCommand::AuthorizePayment {
                 order_id,
+                customer_id,
                 amount_cents,
                 answer,
             } => {
@@ -207,12 +216,14 @@ impl Aggregate for Payment {
                     ProviderAnswer::Approved { authorization_id } => {
                         PaymentEvent::PaymentAuthorized {
                             order_id: *order_id,
+                            customer_id: *customer_id,
                             amount_cents: *amount_cents,
                             authorization_id: authorization_id.clone(),
                         }
                     }
                     ProviderAnswer::Declined { reason } => PaymentEvent::PaymentDeclined {
                         order_id: *order_id,
+                        customer_id: *customer_id,
                         amount_cents: *amount_cents,
                         reason: reason.clone(),
                     },
@@ -259,6 +270,9 @@ impl Aggregate for Payment {
         self.order_id = Some(order_id);
         self.amount_cents = amount_cents;
         self.status = Some(status);
+        if let Some(customer_id) = event.customer_id() {
+            self.customer_id = Some(customer_id);
+        }
         match event {
             PaymentEvent::PaymentAuthorized {
                 authorization_id, ..
@@ -271,6 +285,15 @@ impl Aggregate for Payment {
 }
 
 impl PaymentEvent {
+    /// Who pays, on the events that open a payment (when the request named them).
+    pub fn customer_id(&self) -> Option<Uuid> {
+        match self {
+            PaymentEvent::PaymentAuthorized { customer_id, .. }
+            | PaymentEvent::PaymentDeclined { customer_id, .. } => *customer_id,
+            _ => None,
+        }
+    }
+
     /// The order, the amount and the status every payment event leaves behind.
     pub fn outcome(&self) -> (Uuid, i64, PaymentStatus) {
         let (order_id, amount_cents, status) = match self {
@@ -312,10 +335,12 @@ mod tests {
     use crate::given;
 
     const ORDER: Uuid = Uuid::from_u128(9);
+    const CUSTOMER: Uuid = Uuid::from_u128(10);
 
     fn authorize(answer: ProviderAnswer) -> PaymentCommand {
         PaymentCommand::AuthorizePayment {
             order_id: ORDER,
+            customer_id: Some(CUSTOMER),
             amount_cents: 2500,
             answer,
         }
@@ -336,6 +361,7 @@ mod tests {
     fn authorized() -> PaymentEvent {
         PaymentEvent::PaymentAuthorized {
             order_id: ORDER,
+            customer_id: Some(CUSTOMER),
             amount_cents: 2500,
             authorization_id: "auth-1".into(),
         }
@@ -450,6 +476,7 @@ mod tests {
     fn a_negative_amount_is_refused() {
         let result = given::<Payment>(&[]).decide(&PaymentCommand::AuthorizePayment {
             order_id: ORDER,
+            customer_id: None,
             amount_cents: -1,
             answer: approved(),
         });

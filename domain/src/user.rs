@@ -38,6 +38,31 @@ pub enum UserCommand {
         name: String,
     },
     ChangeNotificationPreferences(NotificationPreferences),
+    /// Gives the user a role (an operator's CLI does this; no HTTP endpoint does).
+    GrantRole(Role),
+    RevokeRole(Role),
+}
+
+/// What a user may do beyond acting for themselves. Access tokens name the roles of
+/// their user as they were at log-in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Role {
+    /// Reads every user's data and operates the system (the console, support).
+    Operator,
+}
+
+impl Role {
+    pub const ALL: [Role; 1] = [Role::Operator];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Operator => "operator",
+        }
+    }
+
+    pub fn parse(text: &str) -> Option<Role> {
+        Role::ALL.into_iter().find(|role| role.as_str() == text)
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -55,6 +80,14 @@ pub enum UserEvent {
     NotificationPreferencesChanged {
         user_id: Uuid,
         preferences: NotificationPreferences,
+    },
+    RoleGranted {
+        user_id: Uuid,
+        role: Role,
+    },
+    RoleRevoked {
+        user_id: Uuid,
+        role: Role,
     },
 }
 
@@ -78,6 +111,7 @@ pub struct User {
     pub name: String,
     pub password_hash: String,
     pub preferences: NotificationPreferences,
+    pub roles: std::collections::BTreeSet<Role>,
 }
 
 impl Aggregate for User {
@@ -131,6 +165,26 @@ impl Aggregate for User {
                     preferences: *preferences,
                 }])
             }
+            UserCommand::GrantRole(role) => {
+                let user_id = self.user_id.ok_or(UserError::NotFound)?;
+                if self.roles.contains(role) {
+                    return Ok(vec![]);
+                }
+                Ok(vec![UserEvent::RoleGranted {
+                    user_id,
+                    role: *role,
+                }])
+            }
+            UserCommand::RevokeRole(role) => {
+                let user_id = self.user_id.ok_or(UserError::NotFound)?;
+                if !self.roles.contains(role) {
+                    return Ok(vec![]);
+                }
+                Ok(vec![UserEvent::RoleRevoked {
+                    user_id,
+                    role: *role,
+                }])
+            }
         }
     }
 
@@ -150,6 +204,12 @@ impl Aggregate for User {
             UserEvent::ProfileChanged { name, .. } => self.name = name.clone(),
             UserEvent::NotificationPreferencesChanged { preferences, .. } => {
                 self.preferences = *preferences;
+            }
+            UserEvent::RoleGranted { role, .. } => {
+                self.roles.insert(*role);
+            }
+            UserEvent::RoleRevoked { role, .. } => {
+                self.roles.remove(role);
             }
         }
         self
@@ -267,6 +327,40 @@ mod tests {
         assert_eq!(
             user.decide(&UserCommand::ChangeNotificationPreferences(sms)),
             Ok(vec![])
+        );
+    }
+
+    #[test]
+    fn a_role_is_granted_and_revoked_once() {
+        let user = given::<User>(&given::<User>(&[]).decide(&register("a@b.c")).unwrap());
+        let granted = user
+            .decide(&UserCommand::GrantRole(Role::Operator))
+            .unwrap();
+        assert_eq!(
+            granted,
+            vec![UserEvent::RoleGranted {
+                user_id: ID,
+                role: Role::Operator
+            }]
+        );
+        let operator = user.replay(&granted);
+        assert!(operator.roles.contains(&Role::Operator));
+        assert_eq!(
+            operator.decide(&UserCommand::GrantRole(Role::Operator)),
+            Ok(vec![])
+        );
+        let revoked = operator
+            .decide(&UserCommand::RevokeRole(Role::Operator))
+            .unwrap();
+        let plain = operator.replay(&revoked);
+        assert!(plain.roles.is_empty());
+        assert_eq!(
+            plain.decide(&UserCommand::RevokeRole(Role::Operator)),
+            Ok(vec![])
+        );
+        assert_eq!(
+            given::<User>(&[]).decide(&UserCommand::GrantRole(Role::Operator)),
+            Err(UserError::NotFound)
         );
     }
 

@@ -14,6 +14,8 @@ pub struct PaymentStatuses;
 #[derive(Debug, Clone, Serialize, PartialEq, Eq, ToSchema, FromRow)]
 pub struct PaymentView {
     pub order_id: Uuid,
+    /// Who pays; absent for payments recorded before payments named their customer.
+    pub customer_id: Option<Uuid>,
     #[schema(
         example = "captured",
         pattern = "^(authorized|declined|captured|voided|refunded)$"
@@ -37,12 +39,14 @@ impl Projection for PaymentStatuses {
         connection: &mut PgConnection,
     ) -> Result<(), sqlx::Error> {
         let (order_id, amount_cents, status) = event.outcome();
+        // Only the events that open a payment name its customer; later ones keep it.
         sqlx::query(
             "INSERT INTO payment_statuses (order_id, status, amount_cents, version, position, \
-             updated_at) VALUES ($1, $2, $3, $4, $5, $6) \
+             updated_at, customer_id) VALUES ($1, $2, $3, $4, $5, $6, $7) \
              ON CONFLICT (order_id) DO UPDATE SET status = excluded.status, \
              amount_cents = excluded.amount_cents, version = excluded.version, \
-             position = excluded.position, updated_at = excluded.updated_at \
+             position = excluded.position, updated_at = excluded.updated_at, \
+             customer_id = coalesce(excluded.customer_id, payment_statuses.customer_id) \
              WHERE payment_statuses.version < excluded.version",
         )
         .bind(order_id)
@@ -51,6 +55,7 @@ impl Projection for PaymentStatuses {
         .bind(context.stream_version)
         .bind(context.global_position)
         .bind(context.recorded_at)
+        .bind(event.customer_id())
         .execute(connection)
         .await?;
         Ok(())
@@ -62,7 +67,8 @@ pub async fn find_payment(
     order_id: Uuid,
 ) -> Result<Option<PaymentView>, sqlx::Error> {
     sqlx::query_as(
-        "SELECT order_id, status, amount_cents, version FROM payment_statuses WHERE order_id = $1",
+        "SELECT order_id, customer_id, status, amount_cents, version FROM payment_statuses \
+         WHERE order_id = $1",
     )
     .bind(order_id)
     .fetch_optional(pool)

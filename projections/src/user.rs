@@ -28,6 +28,8 @@ pub struct UserView {
     pub name: String,
     pub preferences: PreferencesView,
     pub registered_at: DateTime<Utc>,
+    /// What the user may do beyond acting for themselves (`operator`).
+    pub roles: Vec<String>,
     pub version: i64,
 }
 
@@ -40,6 +42,7 @@ struct UserRow {
     notify_sms: bool,
     notify_push: bool,
     registered_at: DateTime<Utc>,
+    roles: Vec<String>,
     version: i64,
 }
 
@@ -113,6 +116,24 @@ impl Projection for UserProfiles {
                 .execute(connection)
                 .await?;
             }
+            UserEvent::RoleGranted { user_id, role } | UserEvent::RoleRevoked { user_id, role } => {
+                let granted = matches!(event, UserEvent::RoleGranted { .. });
+                sqlx::query(
+                    "UPDATE user_profiles SET roles = CASE WHEN $2 \
+                     THEN array(SELECT DISTINCT unnest(array_append(roles, $3)) ORDER BY 1) \
+                     ELSE array_remove(roles, $3) END, \
+                     version = $4, position = $5, updated_at = $6 \
+                     WHERE user_id = $1 AND version < $4",
+                )
+                .bind(user_id)
+                .bind(granted)
+                .bind(role.as_str())
+                .bind(context.stream_version)
+                .bind(context.global_position)
+                .bind(context.recorded_at)
+                .execute(connection)
+                .await?;
+            }
         }
         Ok(())
     }
@@ -122,7 +143,7 @@ impl Projection for UserProfiles {
 pub async fn find_user(pool: &PgPool, user_id: Uuid) -> Result<Option<UserView>, sqlx::Error> {
     let row: Option<UserRow> = sqlx::query_as(
         "SELECT user_id, email, name, notify_email, notify_sms, notify_push, registered_at, \
-         version FROM user_profiles WHERE user_id = $1",
+         roles, version FROM user_profiles WHERE user_id = $1",
     )
     .bind(user_id)
     .fetch_optional(pool)
@@ -137,6 +158,7 @@ pub async fn find_user(pool: &PgPool, user_id: Uuid) -> Result<Option<UserView>,
             push: row.notify_push,
         },
         registered_at: row.registered_at,
+        roles: row.roles,
         version: row.version,
     }))
 }

@@ -262,6 +262,7 @@ impl ProcessManager for Fulfilment {
                         next.step = Step::AuthorizingPayment;
                         commands.push(Command::Payment(PaymentRequest::AuthorizePayment {
                             order_id: next.order_id,
+                            customer_id: Some(next.customer_id),
                             amount_cents: next.total_cents,
                             card_token: next.card_token.clone(),
                         }));
@@ -490,6 +491,7 @@ mod tests {
     fn authorize() -> Command {
         Command::Payment(PaymentRequest::AuthorizePayment {
             order_id: order_id(),
+            customer_id: Some(Uuid::from_u128(1)),
             amount_cents: 400,
             card_token: "tok_visa".into(),
         })

@@ -474,6 +474,16 @@ pub struct SagaView {
     pub history: Vec<StepView>,
 }
 
+impl SagaView {
+    /// The customer whose order the saga fulfils, as its state records it.
+    pub fn customer_id(&self) -> Option<Uuid> {
+        self.state
+            .get("customer_id")
+            .and_then(|id| id.as_str())
+            .and_then(|id| Uuid::parse_str(id).ok())
+    }
+}
+
 /// One input that changed the saga.
 #[derive(Debug, Clone, Serialize, ToSchema, sqlx::FromRow)]
 pub struct StepView {

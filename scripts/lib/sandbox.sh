@@ -1,7 +1,7 @@
 # Sourced by scripts that run the system on the side: fresh databases and a fresh
 # RabbitMQ virtual host for one run, removed on exit with whatever was served.
-#   sandbox_start NAME              exports ORDERFLOW_AMQP_URL and every service's
-#                                   database URL
+#   sandbox_start NAME              exports ORDERFLOW_AMQP_URL, every service's
+#                                   database URL and a data folder of its own
 #   sandbox_serve BINARY SERVICES PORT...
 #                                   migrates, serves, waits for every port to be ready
 # rabbitmqctl lives in /usr/sbin on Debian.
@@ -18,6 +18,9 @@ sandbox_start() {
   for service in "${sandbox_services[@]}"; do
     export "ORDERFLOW_${service^^}_DATABASE_URL=postgres://postgres@127.0.0.1:5432/orderflow_${sandbox_run}_$service"
   done
+  # The generated token and digest secrets live (and die) with the run.
+  ORDERFLOW_DATA_DIR=$(mktemp -d)
+  export ORDERFLOW_DATA_DIR
   trap sandbox_cleanup EXIT
   rabbitmqctl -q add_vhost "$sandbox_vhost"
   rabbitmqctl -q set_permissions -p "$sandbox_vhost" guest '.*' '.*' '.*'
@@ -26,6 +29,7 @@ sandbox_start() {
 sandbox_cleanup() {
   [ -n "$sandbox_server" ] && kill "$sandbox_server" 2>/dev/null && wait "$sandbox_server" 2>/dev/null
   rabbitmqctl -q delete_vhost "$sandbox_vhost" >/dev/null 2>&1 || true
+  rm -rf "$ORDERFLOW_DATA_DIR"
   for service in "${sandbox_services[@]}"; do
     psql -h 127.0.0.1 -U postgres -qc "DROP DATABASE IF EXISTS orderflow_${sandbox_run}_$service WITH (FORCE)" postgres || true
   done

@@ -1,5 +1,5 @@
 //! Credentials: password hashes (Argon2id, salted, in the PHC string format) and access
-//! tokens (JWT, HS256, signed with `ORDERFLOW_JWT_SECRET`).
+//! tokens (JWT, HS256 only, signed with the token secret of [`crate::secrets`]).
 //!
 //! Hashing is deliberately slow (tens of milliseconds of CPU), so it runs on tokio's
 //! blocking threads, never on the threads that serve requests.
@@ -10,15 +10,13 @@ use std::time::Duration;
 use argon2::Argon2;
 use argon2::password_hash::rand_core::OsRng;
 use argon2::password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, SaltString};
+use domain::user::Role;
 use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
 /// Who issues the tokens (`iss`), checked on every token read back.
 pub const ISSUER: &str = "orderflow";
-/// The secret used when `ORDERFLOW_JWT_SECRET` is not set: fine on a laptop, never in
-/// production (the service warns at start-up).
-pub const DEVELOPMENT_SECRET: &str = "orderflow-development-secret-change-me";
 
 /// What an access token says.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -30,6 +28,18 @@ pub struct Claims {
     /// Issued at and expires at, in seconds since the Unix epoch.
     pub iat: u64,
     pub exp: u64,
+    /// The user's roles at log-in (`operator`); absent when none.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub roles: Vec<String>,
+}
+
+impl Claims {
+    /// Whether the token's user may read everyone's data.
+    pub fn is_operator(&self) -> bool {
+        self.roles
+            .iter()
+            .any(|role| role == Role::Operator.as_str())
+    }
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -57,12 +67,6 @@ impl std::fmt::Debug for Tokens {
     }
 }
 
-impl Default for Tokens {
-    fn default() -> Self {
-        Tokens::new(DEVELOPMENT_SECRET.as_bytes(), Duration::from_secs(3600))
-    }
-}
-
 impl Tokens {
     pub fn new(secret: &[u8], lifetime: Duration) -> Self {
         Tokens {
@@ -72,8 +76,9 @@ impl Tokens {
         }
     }
 
-    /// A signed token for the user, valid for [`lifetime`](Self::lifetime).
-    pub fn issue(&self, user_id: Uuid, email: &str) -> Result<String, TokenError> {
+    /// A signed token for the user with these roles, valid for
+    /// [`lifetime`](Self::lifetime).
+    pub fn issue(&self, user_id: Uuid, email: &str, roles: &[Role]) -> Result<String, TokenError> {
         let now = jsonwebtoken::get_current_timestamp();
         let claims = Claims {
             sub: user_id,
@@ -81,12 +86,14 @@ impl Tokens {
             iss: ISSUER.to_owned(),
             iat: now,
             exp: now + self.lifetime.as_secs(),
+            roles: roles.iter().map(|role| role.as_str().to_owned()).collect(),
         };
         jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims, &self.encoding)
             .map_err(|error| TokenError::Invalid(error.to_string()))
     }
 
-    /// The claims of a token this service signed and that has not expired.
+    /// The claims of a token signed with this secret (HS256 only: `none` and every
+    /// other algorithm are refused) that has not expired.
     pub fn verify(&self, token: &str) -> Result<Claims, TokenError> {
         let mut validation = Validation::new(Algorithm::HS256);
         validation.set_issuer(&[ISSUER]);
@@ -172,11 +179,16 @@ mod tests {
     fn a_token_round_trips_and_a_forged_or_expired_one_does_not() {
         let tokens = Tokens::new(b"secret one", Duration::from_secs(60));
         let user = Uuid::now_v7();
-        let token = tokens.issue(user, "a@example.com").unwrap();
+        let token = tokens.issue(user, "a@example.com", &[]).unwrap();
         let claims = tokens.verify(&token).unwrap();
         assert_eq!((claims.sub, claims.email.as_str()), (user, "a@example.com"));
+        assert!(!claims.is_operator());
+        let operator = tokens
+            .issue(user, "a@example.com", &[Role::Operator])
+            .unwrap();
+        assert!(tokens.verify(&operator).unwrap().is_operator());
         let forger = Tokens::new(b"secret two", Duration::from_secs(60));
-        let forged = forger.issue(user, "a@example.com").unwrap();
+        let forged = forger.issue(user, "a@example.com", &[]).unwrap();
         assert!(matches!(
             tokens.verify(&forged),
             Err(TokenError::Invalid(_))
@@ -188,12 +200,31 @@ mod tests {
             iss: ISSUER.into(),
             iat: now - 7200,
             exp: now - 3600,
+            roles: vec![],
         };
         let key = EncodingKey::from_secret(b"secret one");
         let stale = jsonwebtoken::encode(&Header::new(Algorithm::HS256), &old, &key).unwrap();
         assert_eq!(tokens.verify(&stale), Err(TokenError::Expired));
         assert!(matches!(
             tokens.verify("not.a.token"),
+            Err(TokenError::Invalid(_))
+        ));
+    }
+
+    /// `{"alg":"none","typ":"JWT"}`, base64url-encoded.
+    const NONE_HEADER: &str = "eyJhbGciOiJub25lIiwidHlwIjoiSldUIn0";
+
+    #[test]
+    fn an_unsigned_token_is_refused() {
+        let tokens = Tokens::new(b"secret one", Duration::from_secs(60));
+        let signed = tokens
+            .issue(Uuid::now_v7(), "x@example.com", &[Role::Operator])
+            .unwrap();
+        // The same claims with the signature stripped and the algorithm set to none.
+        let claims = signed.split('.').nth(1).unwrap();
+        let unsigned = format!("{NONE_HEADER}.{claims}.");
+        assert!(matches!(
+            tokens.verify(&unsigned),
             Err(TokenError::Invalid(_))
         ));
     }

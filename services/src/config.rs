@@ -1,8 +1,11 @@
 //! Which services exist, where they listen, and which database each one owns.
 
 use std::net::IpAddr;
+use std::path::PathBuf;
 
 use sqlx::postgres::PgConnectOptions;
+
+use crate::secrets::{DIGEST_SECRET, Secret, SecretSource, TOKEN_SECRET};
 
 /// The services of DESIGN §2.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -98,9 +101,15 @@ pub struct Config {
     /// `ORDERFLOW_CAPTURE_RETRY_MS`: how long the saga waits for a confirmed order's
     /// capture before it asks again (default 30 s).
     pub capture_retry: std::time::Duration,
-    /// `ORDERFLOW_JWT_SECRET`: signs and checks access tokens (a development secret
-    /// when unset, with a warning at start-up).
-    pub jwt_secret: Option<String>,
+    /// `ORDERFLOW_DATA_DIR`: where generated secrets are kept (default
+    /// `$XDG_DATA_HOME/orderflow`, or `~/.local/share/orderflow`).
+    pub data_dir: Option<PathBuf>,
+    /// `ORDERFLOW_JWT_SECRET` or `ORDERFLOW_JWT_SECRET_FILE`: signs and checks access
+    /// tokens (generated into the data folder when neither is set).
+    pub jwt_secret: SecretSource,
+    /// `ORDERFLOW_DIGEST_SECRET` or `ORDERFLOW_DIGEST_SECRET_FILE`: keys the request
+    /// digests of idempotency records (generated like the token secret).
+    pub digest_secret: SecretSource,
     /// `ORDERFLOW_JWT_TTL_SECONDS`: how long an access token is valid (default 3600).
     pub jwt_lifetime: std::time::Duration,
     /// `ORDERFLOW_REDIS_URL`: the registry and the gateway's rate limits.
@@ -113,8 +122,15 @@ pub struct Config {
     pub registry_ttl: std::time::Duration,
     /// `ORDERFLOW_GATEWAY_RATE_LIMIT`: requests per second per client (default 100).
     pub gateway_rate_limit: u64,
-    /// `ORDERFLOW_GATEWAY_AUTH_READS`: whether queries need a token too (default false).
-    pub gateway_auth_reads: bool,
+    /// `ORDERFLOW_ANONYMOUS_READS`: whether personal data (profiles, orders, payments,
+    /// sagas, notifications) may be read without a token (default false; a warning at
+    /// start-up when set).
+    pub anonymous_reads: bool,
+    /// `ORDERFLOW_TRUST_LOCAL_CALLERS`: whether a request that reaches a service
+    /// directly, not through the gateway, and carries no token acts as an operator
+    /// (default: when the services listen on a loopback address only, as in
+    /// development; refused on any other address).
+    pub trust_local_callers: bool,
     /// `ORDERFLOW_GATEWAY_TIMEOUT_MS`: how long the gateway waits for a service
     /// (default 10000).
     pub gateway_timeout: std::time::Duration,
@@ -180,15 +196,20 @@ impl Config {
                 anyhow::anyhow!("ORDERFLOW_GATEWAY_RATE_LIMIT={text:?} is not a positive number")
             })?,
         };
-        let gateway_auth_reads = match lookup("ORDERFLOW_GATEWAY_AUTH_READS")
-            .as_deref()
-            .map(str::trim)
-        {
-            None | Some("" | "false" | "0" | "no") => false,
-            Some("true" | "1" | "yes") => true,
-            Some(other) => {
-                anyhow::bail!("ORDERFLOW_GATEWAY_AUTH_READS={other:?} is not true or false")
-            }
+        if lookup("ORDERFLOW_GATEWAY_AUTH_READS").is_some() {
+            anyhow::bail!(
+                "ORDERFLOW_GATEWAY_AUTH_READS is gone: reads of personal data need a token by \
+                 default; ORDERFLOW_ANONYMOUS_READS=true opens them to anyone"
+            );
+        }
+        let anonymous_reads = flag(&lookup, "ORDERFLOW_ANONYMOUS_READS")?.unwrap_or(false);
+        let trust_local_callers = match flag(&lookup, "ORDERFLOW_TRUST_LOCAL_CALLERS")? {
+            None => bind_address.is_loopback(),
+            Some(true) if !bind_address.is_loopback() => anyhow::bail!(
+                "ORDERFLOW_TRUST_LOCAL_CALLERS=true needs ORDERFLOW_BIND_ADDRESS on loopback \
+                 (it is {bind_address}): anyone on the network could read personal data"
+            ),
+            Some(trust) => trust,
         };
         let consumer_partitions = match lookup("ORDERFLOW_CONSUMER_PARTITIONS") {
             None => 1,
@@ -203,7 +224,21 @@ impl Config {
                     )
                 })?,
         };
-        let jwt_secret = lookup("ORDERFLOW_JWT_SECRET").filter(|secret| !secret.is_empty());
+        let data_dir = lookup("ORDERFLOW_DATA_DIR")
+            .filter(|dir| !dir.trim().is_empty())
+            .map(PathBuf::from)
+            .or_else(|| {
+                lookup("XDG_DATA_HOME")
+                    .filter(|dir| !dir.is_empty())
+                    .map(|dir| PathBuf::from(dir).join("orderflow"))
+            })
+            .or_else(|| {
+                lookup("HOME")
+                    .filter(|dir| !dir.is_empty())
+                    .map(|home| PathBuf::from(home).join(".local/share/orderflow"))
+            });
+        let jwt_secret = SecretSource::from_lookup(TOKEN_SECRET, &lookup, data_dir.as_deref())?;
+        let digest_secret = SecretSource::from_lookup(DIGEST_SECRET, &lookup, data_dir.as_deref())?;
         let jwt_lifetime = match lookup("ORDERFLOW_JWT_TTL_SECONDS") {
             None => std::time::Duration::from_secs(3600),
             Some(text) => text
@@ -226,26 +261,35 @@ impl Config {
             ports,
             payment_deadline,
             capture_retry,
+            data_dir,
             jwt_secret,
+            digest_secret,
             jwt_lifetime,
             redis_url,
             registry_namespace,
             registry_ttl,
             gateway_rate_limit,
-            gateway_auth_reads,
+            anonymous_reads,
+            trust_local_callers,
             gateway_timeout,
             instance_id: None,
             consumer_partitions,
         })
     }
 
-    /// The access-token issuer this configuration describes.
-    pub fn tokens(&self) -> crate::auth::Tokens {
-        let secret = self
-            .jwt_secret
-            .as_deref()
-            .unwrap_or(crate::auth::DEVELOPMENT_SECRET);
-        crate::auth::Tokens::new(secret.as_bytes(), self.jwt_lifetime)
+    /// The secrets this configuration names, generated into the data folder where
+    /// it says so (see [`crate::secrets`]).
+    pub fn secrets(&self) -> anyhow::Result<Secrets> {
+        Ok(Secrets {
+            tokens: self.jwt_secret.resolve(TOKEN_SECRET)?,
+            digests: self.digest_secret.resolve(DIGEST_SECRET)?,
+        })
+    }
+
+    /// The access-token issuer and checker of this configuration.
+    pub fn tokens(&self) -> anyhow::Result<crate::auth::Tokens> {
+        let secret = self.jwt_secret.resolve(TOKEN_SECRET)?;
+        Ok(crate::auth::Tokens::new(secret.bytes(), self.jwt_lifetime))
     }
 
     /// The port a service listens on: its own from DESIGN §2 unless overridden.
@@ -286,6 +330,23 @@ impl Config {
                 .map_err(|error| anyhow::anyhow!("ORDERFLOW_PG_URL is not valid: {error}"))?,
         };
         Ok(Some(options))
+    }
+}
+
+/// The process's secrets, resolved.
+#[derive(Debug, Clone)]
+pub struct Secrets {
+    pub tokens: Secret,
+    pub digests: Secret,
+}
+
+/// A true/false variable, `None` when unset.
+fn flag(lookup: impl Fn(&str) -> Option<String>, variable: &str) -> anyhow::Result<Option<bool>> {
+    match lookup(variable).as_deref().map(str::trim) {
+        None | Some("") => Ok(None),
+        Some("true" | "1" | "yes") => Ok(Some(true)),
+        Some("false" | "0" | "no") => Ok(Some(false)),
+        Some(other) => anyhow::bail!("{variable}={other:?} is not true or false"),
     }
 }
 
@@ -358,6 +419,43 @@ mod tests {
         })
         .unwrap_err();
         assert!(error.to_string().contains("ORDERFLOW_BIND_ADDRESS"));
+    }
+
+    #[test]
+    fn personal_reads_are_closed_and_local_callers_trusted_only_on_loopback() {
+        let config = |variables: &[(&str, &str)]| {
+            Config::from_lookup(|name| {
+                variables
+                    .iter()
+                    .find(|(variable, _)| *variable == name)
+                    .map(|(_, value)| (*value).to_owned())
+            })
+        };
+        let default = config(&[]).unwrap();
+        assert!(!default.anonymous_reads);
+        assert!(default.trust_local_callers, "127.0.0.1 is loopback");
+        let exposed = config(&[("ORDERFLOW_BIND_ADDRESS", "0.0.0.0")]).unwrap();
+        assert!(!exposed.trust_local_callers);
+        let error = config(&[
+            ("ORDERFLOW_BIND_ADDRESS", "0.0.0.0"),
+            ("ORDERFLOW_TRUST_LOCAL_CALLERS", "true"),
+        ])
+        .unwrap_err();
+        assert!(error.to_string().contains("loopback"), "{error}");
+        let strict = config(&[("ORDERFLOW_TRUST_LOCAL_CALLERS", "false")]).unwrap();
+        assert!(!strict.trust_local_callers);
+        let open = config(&[("ORDERFLOW_ANONYMOUS_READS", "true")]).unwrap();
+        assert!(open.anonymous_reads);
+        let old = config(&[("ORDERFLOW_GATEWAY_AUTH_READS", "false")]).unwrap_err();
+        assert!(
+            old.to_string().contains("ORDERFLOW_ANONYMOUS_READS"),
+            "{old}"
+        );
+        let home = config(&[("HOME", "/home/ada")]).unwrap();
+        assert_eq!(
+            home.data_dir.as_deref(),
+            Some(std::path::Path::new("/home/ada/.local/share/orderflow"))
+        );
     }
 
     #[test]

@@ -1,8 +1,11 @@
 //! The gateway (port 8080): every public endpoint of every service under one origin.
 //!
 //! For each request it: finds the owning service from the path; requires a valid
-//! access token for commands (and for queries when `ORDERFLOW_GATEWAY_AUTH_READS` is
-//! set), except registering and logging in; counts the request against the client's
+//! access token for commands, except registering and logging in, and for every read
+//! but stock levels (unless `ORDERFLOW_ANONYMOUS_READS` opens them); passes the token
+//! on, which the service checks again and answers for its user only (see
+//! [`crate::http::caller`]), and marks the request as the gateway's so no service
+//! takes it for a local caller's; counts the request against the client's
 //! rate limit in Redis (the token's user, or the address it came from), so several
 //! gateway instances enforce one limit; picks a healthy instance of the service from
 //! the registry (round robin, skipping instances whose circuit breaker is open); and
@@ -21,15 +24,16 @@ use std::time::Duration;
 
 use axum::body::Body;
 use axum::extract::{ConnectInfo, Request, State};
-use axum::http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode, header};
+use axum::http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode};
 use axum::response::{IntoResponse, Response};
 use tokio::sync::OnceCell;
 
-use crate::auth::{TokenError, Tokens};
+use crate::auth::Tokens;
 use crate::breaker::Breaker;
 use crate::config::{Config, Service};
+use crate::http::caller::{Identity, VIA_GATEWAY_HEADER, identify, token_needed};
 use crate::http::problem::ApiError;
-use crate::http::{AppState, CALLER_HEADER, CORRELATION_HEADER, CorrelationId, MAX_BODY_BYTES};
+use crate::http::{AppState, CORRELATION_HEADER, CorrelationId, MAX_BODY_BYTES};
 use crate::registry::{Admission, Instance, Registry};
 
 /// Consecutive failures that open an upstream instance's breaker, and for how long.
@@ -49,8 +53,8 @@ pub struct Gateway {
     tokens: Arc<Tokens>,
     /// Requests per second per client.
     rate_limit: u64,
-    /// Whether queries need a token too.
-    protect_reads: bool,
+    /// Whether anyone may read personal data (`ORDERFLOW_ANONYMOUS_READS`).
+    anonymous_reads: bool,
     client: reqwest::Client,
     /// One breaker per upstream instance (by address).
     breakers: Mutex<HashMap<String, Arc<Breaker>>>,
@@ -69,7 +73,7 @@ impl std::fmt::Debug for Gateway {
         f.debug_struct("Gateway")
             .field("namespace", &self.namespace)
             .field("rate_limit", &self.rate_limit)
-            .field("protect_reads", &self.protect_reads)
+            .field("anonymous_reads", &self.anonymous_reads)
             .finish_non_exhaustive()
     }
 }
@@ -87,7 +91,7 @@ impl Gateway {
             registry: OnceCell::new(),
             tokens,
             rate_limit: config.gateway_rate_limit,
-            protect_reads: config.gateway_auth_reads,
+            anonymous_reads: config.anonymous_reads,
             client,
             breakers: Mutex::new(HashMap::new()),
             next: AtomicUsize::new(0),
@@ -207,10 +211,13 @@ fn owner(path: &str) -> Option<Service> {
     }
 }
 
-/// Whether a request needs an access token.
-fn needs_token(method: &Method, path: &str, protect_reads: bool) -> bool {
+/// Whether a request needs an access token: every command but registering and
+/// logging in, and every read of personal data (all but stock levels) unless
+/// anonymous reads are opened.
+fn needs_token(method: &Method, path: &str, anonymous_reads: bool) -> bool {
     if method == Method::GET || method == Method::HEAD {
-        return protect_reads;
+        let public = path == "/inventory" || path.starts_with("/inventory/");
+        return !public && !anonymous_reads;
     }
     // Registering and logging in are how a client gets a token.
     !(method == Method::POST && (path == "/users" || path == "/auth/token"))
@@ -226,22 +233,13 @@ pub async fn proxy(State(state): State<AppState>, request: Request) -> Result<Re
     let service = owner(&path).ok_or_else(|| {
         ApiError::not_found(format!("no such resource: {} {path}", request.method()))
     })?;
-    let token = bearer(request.headers())?;
-    let claims = match token {
-        Some(token) => Some(gateway.tokens.verify(token).map_err(unauthorized)?),
-        None if needs_token(request.method(), &path, gateway.protect_reads) => {
-            return Err(ApiError::new(
-                StatusCode::UNAUTHORIZED,
-                "unauthorized",
-                "this needs an access token: Authorization: Bearer <token> (POST /auth/token)",
-            )
-            .with_header(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer")));
-        }
-        None => None,
-    };
-    let client = match &claims {
-        Some(claims) => format!("user:{}", claims.sub),
-        None => request
+    let identity = identify(request.headers(), &gateway.tokens)?;
+    if identity.is_none() && needs_token(request.method(), &path, gateway.anonymous_reads) {
+        return Err(token_needed());
+    }
+    let client = match identity {
+        Some(Identity::User(user) | Identity::Operator(user)) => format!("user:{user}"),
+        _ => request
             .extensions()
             .get::<ConnectInfo<SocketAddr>>()
             .map_or_else(
@@ -307,9 +305,7 @@ pub async fn proxy(State(state): State<AppState>, request: Request) -> Result<Re
         if let Some(correlation) = &correlation {
             upstream = upstream.header(CORRELATION_HEADER, correlation);
         }
-        if let Some(claims) = &claims {
-            upstream = upstream.header(CALLER_HEADER, claims.sub.to_string());
-        }
+        upstream = upstream.header(VIA_GATEWAY_HEADER, "gateway");
         match upstream.send().await {
             Ok(response) => {
                 // The instance's own health: it answered. A 5xx of its own (a read
@@ -361,33 +357,6 @@ pub async fn proxy(State(state): State<AppState>, request: Request) -> Result<Re
     )))
 }
 
-/// The request's bearer token, if it sent one.
-fn bearer(headers: &HeaderMap) -> Result<Option<&str>, ApiError> {
-    let Some(value) = headers.get(header::AUTHORIZATION) else {
-        return Ok(None);
-    };
-    let text = value.to_str().unwrap_or("");
-    match text.split_once(' ') {
-        Some((scheme, token))
-            if scheme.eq_ignore_ascii_case("bearer") && !token.trim().is_empty() =>
-        {
-            Ok(Some(token.trim()))
-        }
-        _ => Err(unauthorized(TokenError::Invalid(
-            "Authorization must be `Bearer <token>`".into(),
-        ))),
-    }
-}
-
-fn unauthorized(error: TokenError) -> ApiError {
-    let kind = match error {
-        TokenError::Expired => "token-expired",
-        TokenError::Invalid(_) => "unauthorized",
-    };
-    ApiError::new(StatusCode::UNAUTHORIZED, kind, error.to_string())
-        .with_header(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"))
-}
-
 fn unavailable(detail: String) -> ApiError {
     ApiError::unavailable("upstream-unavailable", detail, 1)
 }
@@ -409,12 +378,13 @@ fn hop_by_hop(name: &HeaderName) -> bool {
     )
 }
 
-/// The request's headers as they go upstream (never a caller the client claims to be).
+/// The request's headers as they go upstream (the token among them, which the
+/// service checks again).
 fn forwarded(headers: &HeaderMap) -> HeaderMap {
     headers
         .iter()
         .filter(|(name, _)| {
-            !hop_by_hop(name) && *name != CORRELATION_HEADER && *name != CALLER_HEADER
+            !hop_by_hop(name) && *name != CORRELATION_HEADER && *name != VIA_GATEWAY_HEADER
         })
         .map(|(name, value)| (name.clone(), value.clone()))
         .collect()
@@ -458,7 +428,19 @@ mod tests {
         assert!(needs_token(&Method::POST, "/orders", false));
         assert!(!needs_token(&Method::POST, "/users", false));
         assert!(!needs_token(&Method::POST, "/auth/token", true));
-        assert!(!needs_token(&Method::GET, "/orders/1", false));
-        assert!(needs_token(&Method::GET, "/orders/1", true));
+        assert!(needs_token(&Method::POST, "/inventory/items", true));
+        for personal in [
+            "/orders/1",
+            "/users/1",
+            "/customers/1/orders",
+            "/payments/1",
+            "/sagas/1",
+            "/notifications",
+        ] {
+            assert!(needs_token(&Method::GET, personal, false), "{personal}");
+            assert!(!needs_token(&Method::GET, personal, true), "{personal}");
+        }
+        assert!(!needs_token(&Method::GET, "/inventory/items/SKU-1", false));
+        assert!(needs_token(&Method::GET, "/inventory-secrets", false));
     }
 }

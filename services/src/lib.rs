@@ -2,6 +2,8 @@
 //! servers of each service.
 //!
 //! - [`auth`]: password hashes and access tokens (JWT).
+//! - [`secrets`]: the token and digest secrets: given, from a file, or generated
+//!   into the data folder.
 //! - [`breaker`]: a circuit breaker.
 //! - [`gateway`]: the single entry point: authentication, rate limits, routing to
 //!   healthy instances.
@@ -33,6 +35,7 @@ pub mod load;
 pub mod notifications;
 pub mod ops;
 pub mod registry;
+pub mod secrets;
 pub mod serve;
 pub mod setup;
 pub mod workers;

@@ -19,7 +19,7 @@ use uuid::Uuid;
     name = "orderflow",
     version,
     about = "An event-sourced order platform: services, migrations and operator tools",
-    after_help = "Examples:\n  orderflow migrate\n  orderflow serve\n  orderflow serve --services order,inventory\n  orderflow schemas check --json\n  orderflow load --rate 200 --duration 30\n  orderflow events tail --service order --follow\n  orderflow replay order-summary\n  orderflow dlq list --service inventory\n  orderflow sagas list --status capturing\n\nConfiguration is by environment: ORDERFLOW_PG_URL (default postgres://postgres@127.0.0.1:5432),\nORDERFLOW_<SERVICE>_DATABASE_URL, ORDERFLOW_AMQP_URL (default amqp://guest:guest@127.0.0.1:5672/%2f),\nORDERFLOW_BIND_ADDRESS (default 127.0.0.1), RUST_LOG."
+    after_help = "Examples:\n  orderflow migrate\n  orderflow serve\n  orderflow serve --services order,inventory\n  orderflow schemas check --json\n  orderflow load --rate 200 --duration 30\n  orderflow events tail --service order --follow\n  orderflow replay order-summary\n  orderflow dlq list --service inventory\n  orderflow sagas list --status capturing\n  orderflow users grant ada@example.com operator\n\nConfiguration is by environment: ORDERFLOW_PG_URL (default postgres://postgres@127.0.0.1:5432),\nORDERFLOW_<SERVICE>_DATABASE_URL, ORDERFLOW_AMQP_URL (default amqp://guest:guest@127.0.0.1:5672/%2f),\nORDERFLOW_BIND_ADDRESS (default 127.0.0.1), RUST_LOG."
 )]
 struct Cli {
     #[command(subcommand)]
@@ -123,6 +123,34 @@ orderflow replay stock-levels\n  orderflow replay --republish --service order --
         #[command(subcommand)]
         command: SagasCommand,
     },
+    /// Grant or revoke a user's role (operator: reads everyone's data)
+    Users {
+        #[command(subcommand)]
+        command: UsersCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum UsersCommand {
+    /// Give a user a role; their tokens carry it from their next log-in
+    #[command(after_help = "Example:\n  orderflow users grant ada@example.com operator")]
+    Grant(RoleArgs),
+    /// Take a role from a user; tokens already issued keep it until they expire
+    /// (ORDERFLOW_JWT_TTL_SECONDS)
+    #[command(after_help = "Example:\n  orderflow users revoke ada@example.com operator")]
+    Revoke(RoleArgs),
+}
+
+#[derive(Args)]
+struct RoleArgs {
+    /// The user's e-mail address or id
+    user: String,
+    /// The role
+    #[arg(value_parser = PossibleValuesParser::new(["operator"]))]
+    role: String,
+    /// Print one JSON object
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Subcommand)]
@@ -440,6 +468,22 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
         Command::Replay(args) => replay(&Config::from_env()?, args).await,
         Command::Dlq { command } => dlq(&Config::from_env()?, command).await,
         Command::Sagas { command } => sagas_command(&Config::from_env()?, command).await,
+        Command::Users { command } => {
+            let (arguments, grant) = match command {
+                UsersCommand::Grant(arguments) => (arguments, true),
+                UsersCommand::Revoke(arguments) => (arguments, false),
+            };
+            let role = domain::user::Role::parse(&arguments.role)
+                .with_context(|| format!("unknown role {:?}", arguments.role))?;
+            let config = Config::from_env()?;
+            let change = ops::set_role(&config, &arguments.user, role, grant).await?;
+            if arguments.json {
+                json_line(&change)?;
+            } else {
+                println!("{change}");
+            }
+            Ok(ExitCode::SUCCESS)
+        }
     }
 }
 

@@ -139,6 +139,8 @@ impl Handler for Planner {
                     user_id,
                     preferences,
                 } => remember(connection, user_id, None, preferences, version).await?,
+                // Roles concern access, not what a user is told.
+                UserEvent::RoleGranted { .. } | UserEvent::RoleRevoked { .. } => {}
             },
             "order" => {
                 let (order_id, customer_id, kind, text) = match message.decode::<OrderEvent>()? {

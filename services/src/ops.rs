@@ -271,3 +271,79 @@ pub async fn dead_letter(
     });
     Ok(Some(view))
 }
+
+/// What `orderflow users grant|revoke` did.
+#[derive(Debug, Clone, Serialize)]
+pub struct RoleChange {
+    pub user_id: Uuid,
+    pub email: String,
+    pub role: &'static str,
+    /// Whether the user has the role now.
+    pub granted: bool,
+    /// Whether anything was recorded (false when the user already was so).
+    pub changed: bool,
+    /// The user stream's version afterwards.
+    pub version: i64,
+}
+
+impl fmt::Display for RoleChange {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let (now, already) = match self.granted {
+            true => ("is now", "already was"),
+            false => ("is no longer", "already was not"),
+        };
+        let verb = if self.changed { now } else { already };
+        write!(
+            f,
+            "{} ({}) {verb} {}; tokens issued from the next log-in carry it",
+            self.email, self.user_id, self.role
+        )
+    }
+}
+
+/// Grants or revokes a role of the user named by e-mail address or id, as an event
+/// on the user's stream (so it is audited, published and projected like any change).
+pub async fn set_role(
+    config: &Config,
+    user: &str,
+    role: domain::user::Role,
+    grant: bool,
+) -> anyhow::Result<RoleChange> {
+    use domain::user::{User, UserCommand};
+    let pool = connect(config, Service::User).await?;
+    let user_id = match Uuid::parse_str(user.trim()) {
+        Ok(user_id) => user_id,
+        Err(_) => sqlx::query_scalar("SELECT user_id FROM user_emails WHERE email = $1")
+            .bind(user.trim().to_ascii_lowercase())
+            .fetch_optional(&pool)
+            .await
+            .context("cannot look the user up")?
+            .with_context(|| format!("no user has the e-mail address {user:?}"))?,
+    };
+    let registry = SchemaRegistry::builtin().context("the built-in schemas")?;
+    let aggregates = eventstore::AggregateStore::new(EventStore::new(pool), registry);
+    let command = match grant {
+        true => UserCommand::GrantRole(role),
+        false => UserCommand::RevokeRole(role),
+    };
+    let stream_id = eventstore::AggregateStore::stream_id::<User>(user_id);
+    let command_id = Uuid::now_v7();
+    let metadata = eventstore::Metadata::new(command_id, command_id);
+    let executed = aggregates
+        .execute::<User>(&stream_id, None, &command, metadata)
+        .await
+        .map_err(|error| match error {
+            eventstore::ExecuteError::Domain(domain::user::UserError::NotFound) => {
+                anyhow::anyhow!("no user {user_id}")
+            }
+            other => anyhow::Error::new(other).context("cannot record the change"),
+        })?;
+    Ok(RoleChange {
+        user_id,
+        email: executed.state.email.clone(),
+        role: role.as_str(),
+        granted: grant,
+        changed: !executed.events.is_empty(),
+        version: executed.version,
+    })
+}

@@ -25,7 +25,7 @@ use uuid::Uuid;
 
 use crate::config::{Config, Service};
 use crate::gateway::Gateway;
-use crate::http::{AppState, Db, Health, ProjectionWatch, app};
+use crate::http::{Access, AppState, Db, Health, ProjectionWatch, app};
 use crate::registry::{Instance, Registry};
 use crate::setup::prepare_database;
 use crate::workers::{InventoryCommands, PaymentCommands, SimulatedProvider};
@@ -87,22 +87,29 @@ pub async fn start(
 ) -> anyhow::Result<Running> {
     let metrics = Metrics::new();
     let registry = SchemaRegistry::builtin()?;
-    let tokens = Arc::new(config.tokens());
-    crate::http::command::set_digest_key(
-        config
-            .jwt_secret
-            .as_deref()
-            .unwrap_or(crate::auth::DEVELOPMENT_SECRET)
-            .as_bytes(),
-    );
-    // One set per process: the notification service's sender and its HTTP controls.
-    let providers = Arc::new(crate::notifications::Providers::default());
-    let checks_tokens = services.contains(&Service::User) || services.contains(&Service::Gateway);
-    if config.jwt_secret.is_none() && checks_tokens {
+    let secrets = config.secrets()?;
+    let tokens = Arc::new(crate::auth::Tokens::new(
+        secrets.tokens.bytes(),
+        config.jwt_lifetime,
+    ));
+    let digest_key = Arc::new(secrets.digests);
+    let access = Access {
+        trust_local_callers: config.trust_local_callers,
+        anonymous_reads: config.anonymous_reads,
+    };
+    if config.anonymous_reads {
         tracing::warn!(
-            "ORDERFLOW_JWT_SECRET is not set: tokens are signed and checked with a development secret anyone can read; set it outside development"
+            "ORDERFLOW_ANONYMOUS_READS is set: anyone may read every user's profile, orders, payments and notifications"
         );
     }
+    if config.trust_local_callers {
+        tracing::info!(
+            bind_address = %config.bind_address,
+            "requests that reach a service directly without a token act as an operator (loopback only; ORDERFLOW_TRUST_LOCAL_CALLERS=false turns this off)"
+        );
+    }
+    // One set per process: the notification service's sender and its HTTP controls.
+    let providers = Arc::new(crate::notifications::Providers::default());
     let instance_id = config
         .instance_id
         .clone()
@@ -165,6 +172,8 @@ pub async fn start(
             metrics: metrics.clone(),
             health: Arc::new(health),
             tokens: tokens.clone(),
+            digest_key: digest_key.clone(),
+            access,
             providers: (service == Service::Notification).then(|| providers.clone()),
             gateway: match service {
                 Service::Gateway => Some(Arc::new(Gateway::new(config, tokens.clone())?)),

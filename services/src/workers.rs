@@ -150,12 +150,14 @@ impl Handler for PaymentCommands {
         let stream_id = AggregateStore::stream_id::<Payment>(order_id);
         let command = match request {
             PaymentRequest::AuthorizePayment {
+                customer_id,
                 amount_cents,
                 card_token,
                 ..
             } => match self.provider.authorize(&card_token) {
                 Some(answer) => PaymentCommand::AuthorizePayment {
                     order_id,
+                    customer_id,
                     amount_cents,
                     answer,
                 },

@@ -5,13 +5,19 @@ use std::process::{Command, Output};
 
 mod common;
 
+/// Runs the binary with a data folder of its own (removed afterwards), so a `serve`
+/// that gets as far as generating its secrets leaves nothing behind.
 fn orderflow(args: &[&str], env: &[(String, String)]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_orderflow"))
+    let data_dir = std::env::temp_dir().join(format!("orderflow-cli-{}", uuid::Uuid::now_v7()));
+    let out = Command::new(env!("CARGO_BIN_EXE_orderflow"))
         .args(args)
+        .env("ORDERFLOW_DATA_DIR", &data_dir)
         .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
         .env("RUST_LOG", "error")
         .output()
-        .expect("the orderflow binary runs")
+        .expect("the orderflow binary runs");
+    let _ = std::fs::remove_dir_all(data_dir);
+    out
 }
 
 fn text(bytes: &[u8]) -> String {
@@ -123,6 +129,39 @@ fn an_unreachable_database_is_one_line_and_exit_1() {
         assert_eq!(stderr.trim_end().lines().count(), 1, "{stderr}");
         assert!(stderr.starts_with("orderflow: "), "{stderr}");
         assert!(stderr.contains("Connection refused"), "{stderr}");
+    }
+}
+
+#[test]
+fn a_short_or_published_secret_is_refused_at_start_up_in_one_line() {
+    for (variable, value, says) in [
+        (
+            "ORDERFLOW_JWT_SECRET",
+            "short",
+            "ORDERFLOW_JWT_SECRET has 5 bytes",
+        ),
+        (
+            "ORDERFLOW_DIGEST_SECRET",
+            "also too short",
+            "ORDERFLOW_DIGEST_SECRET has 14 bytes",
+        ),
+        (
+            "ORDERFLOW_JWT_SECRET",
+            "orderflow-development-secret-change-me",
+            "old development secret",
+        ),
+        (
+            "ORDERFLOW_GATEWAY_AUTH_READS",
+            "false",
+            "ORDERFLOW_ANONYMOUS_READS",
+        ),
+    ] {
+        let env = [(variable.to_owned(), value.to_owned())];
+        let out = orderflow(&["serve", "--services", "gateway"], &env);
+        assert_eq!(out.status.code(), Some(1), "{variable}={value}");
+        let stderr = text(&out.stderr);
+        assert_eq!(stderr.trim_end().lines().count(), 1, "{stderr}");
+        assert!(stderr.contains(says), "{stderr}");
     }
 }
 

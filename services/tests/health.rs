@@ -2,9 +2,14 @@
 
 use axum::body::{Body, to_bytes};
 use axum::http::{Request, StatusCode};
+use services::auth::Tokens;
 use services::config::Service;
 use services::http::{AppState, Db, app};
+use services::secrets::Secret;
+use std::time::Duration;
 use tower::ServiceExt;
+
+const SECRET: &str = "a secret of the health tests, 32 bytes or more";
 
 mod common;
 
@@ -38,7 +43,9 @@ async fn ready_follows_the_database() {
         }),
         metrics: eventstore::Metrics::new(),
         health: Default::default(),
-        tokens: Default::default(),
+        tokens: std::sync::Arc::new(Tokens::new(SECRET.as_bytes(), Duration::from_secs(60))),
+        digest_key: std::sync::Arc::new(Secret::new(SECRET, "a test secret").unwrap()),
+        access: Default::default(),
         providers: None,
         gateway: None,
     };
@@ -76,7 +83,9 @@ async fn metrics_are_served_in_prometheus_text() {
         db: None,
         metrics,
         health: Default::default(),
-        tokens: Default::default(),
+        tokens: std::sync::Arc::new(Tokens::new(SECRET.as_bytes(), Duration::from_secs(60))),
+        digest_key: std::sync::Arc::new(Secret::new(SECRET, "a test secret").unwrap()),
+        access: Default::default(),
         providers: None,
         gateway: None,
     };

@@ -518,7 +518,14 @@ impl Cluster {
                 "3000".to_owned(),
             ),
             ("ORDERFLOW_CAPTURE_RETRY_MS".to_owned(), "2000".to_owned()),
-            ("ORDERFLOW_JWT_SECRET".to_owned(), format!("chaos-{run}")),
+            (
+                "ORDERFLOW_JWT_SECRET".to_owned(),
+                format!("chaos-{run}-signs-the-tokens-of-this-run"),
+            ),
+            (
+                "ORDERFLOW_DIGEST_SECRET".to_owned(),
+                format!("chaos-{run}-keys-the-request-digests"),
+            ),
             (
                 "ORDERFLOW_GATEWAY_RATE_LIMIT".to_owned(),
                 "100000".to_owned(),

@@ -87,6 +87,10 @@ pub struct System {
     databases: Vec<(services::config::Service, String)>,
     server: PgConnectOptions,
     pub vhost: Vhost,
+    /// The data folder the services keep their generated secrets in; removed on drop
+    /// when the system made it.
+    data_dir: std::path::PathBuf,
+    owns_data_dir: bool,
 }
 
 impl System {
@@ -107,8 +111,19 @@ impl System {
         let server: PgConnectOptions = server_url().parse().expect("ORDERFLOW_PG_URL");
         // A registry of its own, unless the test shares one between systems.
         let namespace = format!("orderflow-test-{}", uuid::Uuid::now_v7().simple());
+        // A data folder of its own (where the services generate their secrets), unless
+        // the test gives one to share it or to start again on it.
+        let given_data_dir = variables
+            .iter()
+            .find(|(name, _)| *name == "ORDERFLOW_DATA_DIR")
+            .map(|(_, dir)| std::path::PathBuf::from(dir));
+        let owns_data_dir = given_data_dir.is_none();
+        let data_dir = given_data_dir.unwrap_or_else(|| {
+            std::env::temp_dir().join(format!("orderflow-test-{}", uuid::Uuid::now_v7().simple()))
+        });
         let mut config = services::config::Config::from_lookup(|name| match name {
             "ORDERFLOW_PG_URL" => Some(server_url()),
+            "ORDERFLOW_DATA_DIR" => Some(data_dir.display().to_string()),
             "ORDERFLOW_AMQP_URL" => Some(vhost.url.clone()),
             "ORDERFLOW_REGISTRY_NAMESPACE" => variables
                 .iter()
@@ -145,7 +160,15 @@ impl System {
             databases,
             server,
             vhost,
+            data_dir,
+            owns_data_dir,
         }
+    }
+
+    /// Issues and checks tokens as this system's services do (with the secret they
+    /// generated, or were given).
+    pub fn tokens(&self) -> services::auth::Tokens {
+        self.config.tokens().expect("the system's token secret")
     }
 
     /// `http://<address of service><path>`.
@@ -171,6 +194,61 @@ impl System {
             .await
             .expect("request");
         answer(response).await
+    }
+
+    /// GETs `path` on a service with an access token.
+    pub async fn get_as(
+        &self,
+        service: services::config::Service,
+        path: &str,
+        token: &str,
+    ) -> (reqwest::StatusCode, serde_json::Value) {
+        let request = self.http.get(self.url(service, path)).bearer_auth(token);
+        answer(request.send().await.expect("request")).await
+    }
+
+    /// Waits (30 s at most) until the gateway sees an instance of each service.
+    pub async fn routable(&self, services: &[services::config::Service]) {
+        let gateway = services::config::Service::Gateway;
+        wait_for(
+            Duration::from_secs(30),
+            "every service to register",
+            || async {
+                let (status, upstreams) = self.get(gateway, "/gateway/upstreams").await;
+                if status != reqwest::StatusCode::OK {
+                    return None;
+                }
+                let registered: Vec<&str> = upstreams
+                    .as_array()?
+                    .iter()
+                    .filter_map(|u| u["service"].as_str())
+                    .collect();
+                services
+                    .iter()
+                    .all(|service| registered.contains(&service.name()))
+                    .then_some(())
+            },
+        )
+        .await;
+    }
+
+    /// Registers a user through the gateway and logs them in: their access token.
+    pub async fn token_for(&self, email: &str) -> String {
+        let gateway = services::config::Service::Gateway;
+        let user = serde_json::json!({ "email": email, "name": "Gia", "password": "password one" });
+        let (status, body) = answer(self.post(gateway, "/users", user).await).await;
+        assert_eq!(status, reqwest::StatusCode::CREATED, "{body}");
+        self.log_in(email).await
+    }
+
+    /// Logs a user registered by [`token_for`](Self::token_for) in again (a new
+    /// token, carrying the roles the user has now).
+    pub async fn log_in(&self, email: &str) -> String {
+        let gateway = services::config::Service::Gateway;
+        let credentials = serde_json::json!({ "email": email, "password": "password one" });
+        let (status, body) = answer(self.post(gateway, "/auth/token", credentials).await).await;
+        assert_eq!(status, reqwest::StatusCode::OK, "{body}");
+        body["access_token"].as_str().expect("a token").to_owned()
     }
 
     /// A service's `/metrics` exposition (one for every service of its process).
@@ -207,6 +285,10 @@ impl System {
             (
                 "ORDERFLOW_REGISTRY_NAMESPACE".to_owned(),
                 self.config.registry_namespace.clone(),
+            ),
+            (
+                "ORDERFLOW_DATA_DIR".to_owned(),
+                self.data_dir.display().to_string(),
             ),
         ];
         for (service, name) in self
@@ -268,6 +350,9 @@ impl Drop for System {
     fn drop(&mut self) {
         for (_, name) in &self.databases {
             drop_database_now(&self.server, name);
+        }
+        if self.owns_data_dir {
+            let _ = std::fs::remove_dir_all(&self.data_dir);
         }
     }
 }

@@ -690,6 +690,7 @@ async fn inventory_and_payment_handle_the_sagas_commands() {
     let paid = Uuid::now_v7();
     let declined = Uuid::now_v7();
     let silent = Uuid::now_v7();
+    let customer = Uuid::now_v7();
     let payment = |order_id: Uuid, request: PaymentRequest| {
         command("payment", format!("payment-{order_id}"), &request)
     };
@@ -700,6 +701,7 @@ async fn inventory_and_payment_handle_the_sagas_commands() {
     ] {
         let request = PaymentRequest::AuthorizePayment {
             order_id,
+            customer_id: Some(customer),
             amount_cents: 500,
             card_token: token.into(),
         };
@@ -726,6 +728,8 @@ async fn inventory_and_payment_handle_the_sagas_commands() {
     .await;
     let (_, body) = status(paid).await;
     assert_eq!(body["amount_cents"], 500);
+    // Who pays travelled from the request, and stayed through the capture.
+    assert_eq!(body["customer_id"], customer.to_string());
     wait_for(DEADLINE, "the payment declined", || async {
         let (_, body) = status(declined).await;
         (body["status"] == "declined").then_some(())

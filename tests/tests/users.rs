@@ -32,7 +32,8 @@ async fn a_user_registers_logs_in_and_reads_their_profile() {
     assert_eq!(status, StatusCode::OK, "{token}");
     assert_eq!(token["token_type"], "Bearer");
     assert_eq!(token["expires_in"], 3600);
-    let claims = Tokens::default()
+    let claims = system
+        .tokens()
         .verify(token["access_token"].as_str().unwrap())
         .expect("signed with the configured secret");
     assert_eq!(claims.sub.to_string(), user_id);
@@ -196,7 +197,7 @@ async fn tokens_use_the_configured_secret_and_lifetime() {
     let system = System::start_with(
         &[User],
         &[
-            ("ORDERFLOW_JWT_SECRET", "test secret"),
+            ("ORDERFLOW_JWT_SECRET", "a test secret, long enough to sign"),
             ("ORDERFLOW_JWT_TTL_SECONDS", "120"),
         ],
     )
@@ -205,11 +206,15 @@ async fn tokens_use_the_configured_secret_and_lifetime() {
     let (_, token) = log_in(&system, "lee@example.com", "password one").await;
     assert_eq!(token["expires_in"], 120);
     let token = token["access_token"].as_str().unwrap();
-    let configured = Tokens::new(b"test secret", Duration::from_secs(120));
+    let configured = Tokens::new(
+        b"a test secret, long enough to sign",
+        Duration::from_secs(120),
+    );
     assert!(configured.verify(token).is_ok());
-    assert!(matches!(
-        Tokens::default().verify(token),
-        Err(TokenError::Invalid(_))
-    ));
+    let other = Tokens::new(
+        b"another secret, as long as the first",
+        Duration::from_secs(120),
+    );
+    assert!(matches!(other.verify(token), Err(TokenError::Invalid(_))));
     system.stop().await;
 }

@@ -79,7 +79,9 @@ pub static SCHEMA_FILES: &[SchemaFile] = schema_files![
     "inventory" / "StockReleased" v 1,
     "inventory" / "StockCommitted" v 1,
     "payment" / "PaymentAuthorized" v 1,
+    "payment" / "PaymentAuthorized" v 2,
     "payment" / "PaymentDeclined" v 1,
+    "payment" / "PaymentDeclined" v 2,
     "payment" / "PaymentCaptured" v 1,
     "payment" / "PaymentCaptureFailed" v 1,
     "payment" / "PaymentVoided" v 1,
@@ -88,12 +90,15 @@ pub static SCHEMA_FILES: &[SchemaFile] = schema_files![
     "inventory" / "ReleaseStock" v 1,
     "inventory" / "CommitStock" v 1,
     "payment" / "AuthorizePayment" v 1,
+    "payment" / "AuthorizePayment" v 2,
     "payment" / "CapturePayment" v 1,
     "payment" / "VoidPayment" v 1,
     "payment" / "RefundPayment" v 1,
     "user" / "UserRegistered" v 1,
     "user" / "ProfileChanged" v 1,
     "user" / "NotificationPreferencesChanged" v 1,
+    "user" / "RoleGranted" v 1,
+    "user" / "RoleRevoked" v 1,
 ];
 
 /// A domain event enum that can be written as, and read back from, Avro.
@@ -202,6 +207,14 @@ fn parse_uuid(field: &'static str, text: &str) -> Result<Uuid, WireError> {
         field,
         message: error.to_string(),
     })
+}
+
+/// A UUID, or none for the empty text that older schema versions default to.
+fn optional_uuid(field: &'static str, text: &str) -> Result<Option<Uuid>, WireError> {
+    if text.is_empty() {
+        return Ok(None);
+    }
+    parse_uuid(field, text).map(Some)
 }
 
 fn to_u32(field: &'static str, value: i64) -> Result<u32, WireError> {
@@ -321,11 +334,13 @@ mod tests {
             }),
             round_trip(PaymentEvent::PaymentAuthorized {
                 order_id: order,
+                customer_id: Some(customer),
                 amount_cents: 300,
                 authorization_id: "auth-1".into(),
             }),
             round_trip(PaymentEvent::PaymentDeclined {
                 order_id: order,
+                customer_id: None,
                 amount_cents: 300,
                 reason: "card_declined".into(),
             }),
@@ -364,6 +379,14 @@ mod tests {
                     push: true,
                 },
             }),
+            round_trip(UserEvent::RoleGranted {
+                user_id: customer,
+                role: crate::user::Role::Operator,
+            }),
+            round_trip(UserEvent::RoleRevoked {
+                user_id: customer,
+                role: crate::user::Role::Operator,
+            }),
             round_trip(StockRequest::ReserveStock {
                 order_id: order,
                 lines: vec![StockLine {
@@ -384,6 +407,7 @@ mod tests {
             }),
             round_trip(PaymentRequest::AuthorizePayment {
                 order_id: order,
+                customer_id: Some(customer),
                 amount_cents: 300,
                 card_token: "tok_visa".into(),
             }),

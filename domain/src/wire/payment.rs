@@ -3,17 +3,27 @@
 use apache_avro::types::Value;
 use serde::{Deserialize, Serialize};
 
-use super::{WireError, WireEvent, from_avro, parse_uuid, to_avro};
+use super::{WireError, WireEvent, from_avro, optional_uuid, parse_uuid, to_avro};
 use crate::payment::PaymentEvent;
 
 #[derive(Serialize, Deserialize)]
 struct PaymentAuthorized {
     order_id: String,
+    /// Empty when unknown (v1).
+    customer_id: String,
     amount_cents: i64,
     authorization_id: String,
 }
 
-/// The shape of a declined authorization and of a refused capture.
+#[derive(Serialize, Deserialize)]
+struct PaymentDeclined {
+    order_id: String,
+    customer_id: String,
+    amount_cents: i64,
+    reason: String,
+}
+
+/// The shape of a refused capture.
 #[derive(Serialize, Deserialize)]
 struct PaymentRefused {
     order_id: String,
@@ -44,19 +54,27 @@ impl WireEvent for PaymentEvent {
         match self {
             PaymentEvent::PaymentAuthorized {
                 order_id,
+                customer_id,
                 amount_cents,
                 authorization_id,
             } => to_avro(&PaymentAuthorized {
                 order_id: order_id.to_string(),
+                customer_id: customer_id.map(|id| id.to_string()).unwrap_or_default(),
                 amount_cents: *amount_cents,
                 authorization_id: authorization_id.clone(),
             }),
             PaymentEvent::PaymentDeclined {
                 order_id,
+                customer_id,
                 amount_cents,
                 reason,
-            }
-            | PaymentEvent::PaymentCaptureFailed {
+            } => to_avro(&PaymentDeclined {
+                order_id: order_id.to_string(),
+                customer_id: customer_id.map(|id| id.to_string()).unwrap_or_default(),
+                amount_cents: *amount_cents,
+                reason: reason.clone(),
+            }),
+            PaymentEvent::PaymentCaptureFailed {
                 order_id,
                 amount_cents,
                 reason,
@@ -101,17 +119,20 @@ impl WireEvent for PaymentEvent {
                 let record: PaymentAuthorized = from_avro(value)?;
                 Ok(PaymentEvent::PaymentAuthorized {
                     order_id: parse_uuid("order_id", &record.order_id)?,
+                    customer_id: optional_uuid("customer_id", &record.customer_id)?,
                     amount_cents: record.amount_cents,
                     authorization_id: record.authorization_id,
                 })
             }
-            "PaymentDeclined" => refused(value).map(|(order_id, amount_cents, reason)| {
-                PaymentEvent::PaymentDeclined {
-                    order_id,
-                    amount_cents,
-                    reason,
-                }
-            }),
+            "PaymentDeclined" => {
+                let record: PaymentDeclined = from_avro(value)?;
+                Ok(PaymentEvent::PaymentDeclined {
+                    order_id: parse_uuid("order_id", &record.order_id)?,
+                    customer_id: optional_uuid("customer_id", &record.customer_id)?,
+                    amount_cents: record.amount_cents,
+                    reason: record.reason,
+                })
+            }
             "PaymentCaptureFailed" => refused(value).map(|(order_id, amount_cents, reason)| {
                 PaymentEvent::PaymentCaptureFailed {
                     order_id,

@@ -25,6 +25,8 @@ struct StockLines {
 #[derive(Serialize, Deserialize)]
 struct AuthorizePayment {
     order_id: String,
+    /// Empty when unknown (v1).
+    customer_id: String,
     amount_cents: i64,
     card_token: String,
 }
@@ -95,10 +97,12 @@ impl WireEvent for PaymentRequest {
         match self {
             PaymentRequest::AuthorizePayment {
                 order_id,
+                customer_id,
                 amount_cents,
                 card_token,
             } => to_avro(&AuthorizePayment {
                 order_id: order_id.to_string(),
+                customer_id: customer_id.map(|id| id.to_string()).unwrap_or_default(),
                 amount_cents: *amount_cents,
                 card_token: card_token.clone(),
             }),
@@ -113,6 +117,7 @@ impl WireEvent for PaymentRequest {
             let record: AuthorizePayment = from_avro(value)?;
             return Ok(PaymentRequest::AuthorizePayment {
                 order_id: parse_uuid("order_id", &record.order_id)?,
+                customer_id: super::optional_uuid("customer_id", &record.customer_id)?,
                 amount_cents: record.amount_cents,
                 card_token: record.card_token,
             });

@@ -4,7 +4,7 @@ use apache_avro::types::Value;
 use serde::{Deserialize, Serialize};
 
 use super::{WireError, WireEvent, from_avro, parse_uuid, to_avro};
-use crate::user::{NotificationPreferences, UserEvent};
+use crate::user::{NotificationPreferences, Role, UserEvent};
 
 #[derive(Serialize, Deserialize)]
 struct UserRegistered {
@@ -28,12 +28,21 @@ struct NotificationPreferencesChanged {
     push: bool,
 }
 
+/// The shape of a granted and of a revoked role.
+#[derive(Serialize, Deserialize)]
+struct RoleChanged {
+    user_id: String,
+    role: String,
+}
+
 impl WireEvent for UserEvent {
     fn event_type(&self) -> &'static str {
         match self {
             UserEvent::UserRegistered { .. } => "UserRegistered",
             UserEvent::ProfileChanged { .. } => "ProfileChanged",
             UserEvent::NotificationPreferencesChanged { .. } => "NotificationPreferencesChanged",
+            UserEvent::RoleGranted { .. } => "RoleGranted",
+            UserEvent::RoleRevoked { .. } => "RoleRevoked",
         }
     }
 
@@ -63,6 +72,12 @@ impl WireEvent for UserEvent {
                 sms: preferences.sms,
                 push: preferences.push,
             }),
+            UserEvent::RoleGranted { user_id, role } | UserEvent::RoleRevoked { user_id, role } => {
+                to_avro(&RoleChanged {
+                    user_id: user_id.to_string(),
+                    role: role.as_str().to_owned(),
+                })
+            }
         }
     }
 
@@ -93,6 +108,19 @@ impl WireEvent for UserEvent {
                         sms: record.sms,
                         push: record.push,
                     },
+                })
+            }
+            "RoleGranted" | "RoleRevoked" => {
+                let record: RoleChanged = from_avro(value)?;
+                let user_id = parse_uuid("user_id", &record.user_id)?;
+                let role = Role::parse(&record.role).ok_or_else(|| WireError::Invalid {
+                    field: "role",
+                    message: format!("unknown role {:?}", record.role),
+                })?;
+                Ok(if event_type == "RoleGranted" {
+                    UserEvent::RoleGranted { user_id, role }
+                } else {
+                    UserEvent::RoleRevoked { user_id, role }
                 })
             }
             other => Err(WireError::UnknownType(other.to_owned())),

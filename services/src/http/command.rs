@@ -15,7 +15,7 @@ use utoipa::openapi::path::{Parameter, ParameterIn};
 use uuid::Uuid;
 
 use super::problem::ApiError;
-use super::{CorrelationId, openapi};
+use super::{AppState, CorrelationId, openapi};
 
 /// Longest accepted `Idempotency-Key`.
 const MAX_KEY_LENGTH: usize = 255;
@@ -72,14 +72,13 @@ pub struct IdempotencyKey {
     pub request: Vec<u8>,
 }
 
-impl<S, T> FromRequest<S> for Command<T>
+impl<T> FromRequest<AppState> for Command<T>
 where
-    S: Send + Sync,
     T: DeserializeOwned,
 {
     type Rejection = ApiError;
 
-    async fn from_request(request: Request, state: &S) -> Result<Self, ApiError> {
+    async fn from_request(request: Request, state: &AppState) -> Result<Self, ApiError> {
         let correlation_id = request
             .extensions()
             .get::<CorrelationId>()
@@ -119,7 +118,11 @@ where
         let body = parse_json(json)?;
         let idempotency = key.map(|key| IdempotencyKey {
             key,
-            request: request_digest(&format!("{method} {path}\n"), &bytes),
+            request: request_digest(
+                state.digest_key.bytes(),
+                &format!("{method} {path}\n"),
+                &bytes,
+            ),
         });
         Ok(Command {
             body,
@@ -133,23 +136,11 @@ where
     }
 }
 
-/// The key of the request digests, set once at start-up from the service's secret
-/// ([`set_digest_key`]); a development key until then.
-static DIGEST_KEY: std::sync::OnceLock<Vec<u8>> = std::sync::OnceLock::new();
-
-/// Keys the request digests kept with Idempotency-Key records with a secret, so a
-/// digest of a body with a password cannot be tried against guesses by whoever reads
+/// HMAC-SHA256 of a request's method, path and body, keyed with the digest secret so
+/// a digest of a body with a password cannot be tried against guesses by whoever reads
 /// the database.
-pub fn set_digest_key(secret: &[u8]) {
-    let _ = DIGEST_KEY.set(secret.to_vec());
-}
-
-/// HMAC-SHA256 of a request's method, path and body.
-fn request_digest(head: &str, body: &[u8]) -> Vec<u8> {
+fn request_digest(key: &[u8], head: &str, body: &[u8]) -> Vec<u8> {
     use hmac::Mac;
-    let key = DIGEST_KEY
-        .get()
-        .map_or(crate::auth::DEVELOPMENT_SECRET.as_bytes(), Vec::as_slice);
     // HMAC takes keys of any length.
     let mut mac = hmac::Hmac::<sha2::Sha256>::new_from_slice(key)
         .unwrap_or_else(|_| unreachable!("HMAC accepts any key length"));

@@ -6,6 +6,7 @@
 //! [`command`] (JSON body, `If-Match`, `Idempotency-Key`), queries [`read`]
 //! (read-your-writes).
 
+pub mod caller;
 pub mod command;
 mod health;
 mod inventory;
@@ -33,6 +34,7 @@ use tracing::Instrument;
 use uuid::Uuid;
 
 use crate::config::Service;
+pub use caller::{Access, Caller, Identity};
 pub use health::{Health, ProjectionWatch};
 use problem::{ApiError, InternalCause};
 
@@ -67,8 +69,12 @@ pub struct AppState {
     pub metrics: Metrics,
     /// What `/health/ready` checks beyond the database.
     pub health: Arc<Health>,
-    /// Issues access tokens (user service) and checks them (gateway).
+    /// Issues access tokens (user service) and checks them (every service).
     pub tokens: Arc<crate::auth::Tokens>,
+    /// Keys the request digests of idempotency records.
+    pub digest_key: Arc<crate::secrets::Secret>,
+    /// How callers without a token are treated.
+    pub access: Access,
     /// The notification service's simulated providers.
     pub providers: Option<Arc<crate::notifications::Providers>>,
     /// The gateway's routing, authentication and rate limiting.
@@ -88,50 +94,6 @@ impl AppState {
         self.db.as_ref().ok_or_else(|| {
             ApiError::internal(format!("the {} service has no database", self.service))
         })
-    }
-}
-
-/// Who the gateway says is calling: the user its access token names, in
-/// [`CALLER_HEADER`], which the gateway sets and never passes on from a client. A
-/// request that comes through the gateway may act only for that user; one without the
-/// header (the services' own ports, which only the internal network reaches) is
-/// trusted as it is.
-#[derive(Debug, Clone, Copy)]
-pub struct Caller(pub Option<Uuid>);
-
-/// Set by the gateway on requests it forwards for a logged-in user.
-pub const CALLER_HEADER: &str = "x-orderflow-user";
-
-impl Caller {
-    /// Refuses (403) a request that acts for someone other than its caller.
-    pub fn may_act_for(&self, owner: Uuid) -> Result<(), ApiError> {
-        match self.0 {
-            Some(user) if user != owner => Err(ApiError::new(
-                axum::http::StatusCode::FORBIDDEN,
-                "forbidden",
-                "the access token belongs to another user",
-            )),
-            _ => Ok(()),
-        }
-    }
-}
-
-impl<S: Send + Sync> axum::extract::FromRequestParts<S> for Caller {
-    type Rejection = ApiError;
-
-    async fn from_request_parts(
-        parts: &mut axum::http::request::Parts,
-        _state: &S,
-    ) -> Result<Self, ApiError> {
-        match parts.headers.get(CALLER_HEADER) {
-            None => Ok(Caller(None)),
-            Some(value) => value
-                .to_str()
-                .ok()
-                .and_then(|text| Uuid::parse_str(text).ok())
-                .map(|user| Caller(Some(user)))
-                .ok_or_else(|| ApiError::bad_header(CALLER_HEADER, "must be a user id")),
-        }
     }
 }
 

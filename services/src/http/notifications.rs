@@ -42,6 +42,10 @@ struct ListQuery {
 #[utoipa::path(get, path = "/notifications", tag = "notifications", params(ListQuery),
     responses(
         (status = 200, description = "Sent notifications", body = [NotificationView]),
+        (status = 401, description = "No access token, or one that does not verify",
+            body = Problem, content_type = PROBLEM),
+        (status = 404, description = "Another user's notifications", body = Problem,
+            content_type = PROBLEM),
         (status = 422, description = "Missing or bad user_id", body = Problem, content_type = PROBLEM),
     ))]
 async fn list(
@@ -49,11 +53,14 @@ async fn list(
     caller: Caller,
     query: Result<Query<ListQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Response, ApiError> {
+    caller.reader()?;
     let Query(query) =
         query.map_err(|rejection| ApiError::invalid("user_id", rejection.body_text()))?;
     let user_id = Uuid::parse_str(query.user_id.trim())
         .map_err(|_| ApiError::invalid("user_id", "must be a UUID"))?;
-    caller.may_act_for(user_id)?;
+    if !caller.sees(Some(user_id)) {
+        return Err(ApiError::not_found(format!("no user {user_id}")));
+    }
     let limit = query.limit.unwrap_or(100).clamp(1, 1000);
     let sent = crate::notifications::sent_to(&state.db()?.pool, user_id, limit).await?;
     Ok(Json(sent).into_response())

@@ -79,8 +79,12 @@ impl IntoResponses for CommandProblems {
         responses([
             (400, problem("Malformed JSON or header")),
             (
+                401,
+                problem("No access token where one is needed, or one that does not verify"),
+            ),
+            (
                 403,
-                problem("Through the gateway: the access token belongs to another user"),
+                problem("The command acts for another user than the access token's"),
             ),
             (413, problem("Body over 64 KiB")),
             (415, problem("Not JSON")),
@@ -100,8 +104,8 @@ impl IntoResponses for QueryProblems {
         let retry = Header::new(ObjectBuilder::new().schema_type(Type::Integer));
         responses([
             (
-                403,
-                problem("Through the gateway: the access token belongs to another user"),
+                401,
+                problem("Personal data without an access token, or a token that does not verify"),
             ),
             (422, problem("Bad min_version or min_position")),
             (

@@ -165,14 +165,16 @@ async fn cancel_order(
     Path(order_id): Path<String>,
     request: Command<serde_json::Value>,
 ) -> Result<Response, ApiError> {
+    caller.actor()?;
     let db = state.db()?;
     let order_id = parse_id("order_id", &order_id)?;
     let stream_id = AggregateStore::stream_id::<Order>(order_id);
-    if caller.0.is_some() {
-        // Whose order it is, from the aggregate (current, where the read model lags).
+    if !caller.sees(None) {
+        // Whose order it is, from the aggregate (current, where the read model lags);
+        // another customer's order answers as a missing one does.
         let order = db.aggregates.load::<Order>(&stream_id).await?.state;
-        if order.order_id.is_some() {
-            caller.may_act_for(order.customer_id)?;
+        if order.order_id.is_some() && !caller.sees(Some(order.customer_id)) {
+            return Err(ApiError::from(domain::order::OrderError::NotFound));
         }
     }
     command::run::<Order>(
@@ -199,7 +201,8 @@ async fn cancel_order(
     params(("order_id" = Uuid, Path), Freshness),
     responses(
         (status = 200, description = "The order", body = OrderView),
-        (status = 404, description = "No such order", body = Problem, content_type = PROBLEM),
+        (status = 404, description = "No such order, or another customer's", body = Problem,
+            content_type = PROBLEM),
         QueryProblems,
     ))]
 async fn get_order(
@@ -208,16 +211,16 @@ async fn get_order(
     Path(order_id): Path<String>,
     freshness: Freshness,
 ) -> Result<Response, ApiError> {
+    caller.reader()?;
     let db = state.db()?;
     let order_id = parse_id("order_id", &order_id)?;
     let stream_id = AggregateStore::stream_id::<Order>(order_id);
     freshness
         .wait::<OrderSummaries>(&state, Some(&stream_id))
         .await?;
-    let order = projections::order::find_order(&db.pool, order_id).await?;
-    if let Some(order) = &order {
-        caller.may_act_for(order.customer_id)?;
-    }
+    let order = projections::order::find_order(&db.pool, order_id)
+        .await?
+        .filter(|order| caller.sees(Some(order.customer_id)));
     found(order, || format!("order {order_id} not found"))
 }
 
@@ -236,8 +239,8 @@ struct Page {
         (status = 200, description = "The orders (empty for an unknown customer)",
             body = Vec<CustomerOrderView>),
         QueryProblems,
-        (status = 404, description = "customer_id is not a UUID", body = Problem,
-            content_type = PROBLEM),
+        (status = 404, description = "customer_id is not a UUID, or another customer's",
+            body = Problem, content_type = PROBLEM),
         (status = 422, description = "Bad limit or min_position; min_version is refused here",
             body = Problem, content_type = PROBLEM),
     ))]
@@ -248,11 +251,14 @@ async fn customer_orders(
     page: Result<Query<Page>, QueryRejection>,
     freshness: Freshness,
 ) -> Result<Response, ApiError> {
+    caller.reader()?;
     let Query(page) =
         page.map_err(|rejection| ApiError::invalid("limit", rejection.body_text()))?;
     let db = state.db()?;
     let customer_id = parse_id("customer_id", &customer_id)?;
-    caller.may_act_for(customer_id)?;
+    if !caller.sees(Some(customer_id)) {
+        return Err(ApiError::not_found(format!("no customer {customer_id}")));
+    }
     let limit = match page.limit.as_deref().map(str::parse::<i64>) {
         None => 100,
         Some(Ok(limit)) if (1..=1000).contains(&limit) => limit,

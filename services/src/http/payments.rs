@@ -10,11 +10,11 @@ use eventstore::AggregateStore;
 use projections::payment::{PaymentStatuses, PaymentView};
 use utoipa::OpenApi;
 
-use super::AppState;
 use super::openapi::QueryProblems;
 use super::orders::parse_id;
 use super::problem::{ApiError, PROBLEM, Problem};
 use super::read::{Freshness, found};
+use super::{AppState, Caller};
 
 /// The payment service's endpoints, for `/openapi.json`.
 #[derive(OpenApi)]
@@ -33,21 +33,25 @@ pub fn router() -> Router<AppState> {
     params(("order_id" = Uuid, Path), Freshness),
     responses(
         (status = 200, description = "The payment", body = PaymentView),
-        (status = 404, description = "No payment for this order", body = Problem,
-            content_type = PROBLEM),
+        (status = 404, description = "No payment for this order, or another customer's",
+            body = Problem, content_type = PROBLEM),
         QueryProblems,
     ))]
 async fn get_payment(
     State(state): State<AppState>,
+    caller: Caller,
     Path(order_id): Path<String>,
     freshness: Freshness,
 ) -> Result<Response, ApiError> {
+    caller.reader()?;
     let db = state.db()?;
     let order_id = parse_id("order_id", &order_id)?;
     let stream_id = AggregateStore::stream_id::<Payment>(order_id);
     freshness
         .wait::<PaymentStatuses>(&state, Some(&stream_id))
         .await?;
-    let payment = projections::payment::find_payment(&db.pool, order_id).await?;
+    let payment = projections::payment::find_payment(&db.pool, order_id)
+        .await?
+        .filter(|payment| caller.sees(payment.customer_id));
     found(payment, || format!("no payment for order {order_id}"))
 }

@@ -7,10 +7,10 @@ use axum::routing::get;
 use sagas::runner::SagaView;
 use utoipa::OpenApi;
 
-use super::AppState;
 use super::orders::parse_id;
 use super::problem::{ApiError, PROBLEM, Problem};
 use super::read::found;
+use super::{AppState, Caller};
 
 /// The saga endpoints, for `/openapi.json`.
 #[derive(OpenApi)]
@@ -30,15 +30,21 @@ pub fn router() -> Router<AppState> {
     params(("order_id" = Uuid, Path)),
     responses(
         (status = 200, description = "The saga", body = SagaView),
-        (status = 404, description = "No saga for this order (yet)", body = Problem,
-            content_type = PROBLEM),
+        (status = 401, description = "No access token, or one that does not verify",
+            body = Problem, content_type = PROBLEM),
+        (status = 404, description = "No saga for this order (yet), or another customer's",
+            body = Problem, content_type = PROBLEM),
     ))]
 async fn get_saga(
     State(state): State<AppState>,
+    caller: Caller,
     Path(order_id): Path<String>,
 ) -> Result<Response, ApiError> {
+    caller.reader()?;
     let db = state.db()?;
     let order_id = parse_id("order_id", &order_id)?;
-    let saga = sagas::runner::find(&db.pool, order_id).await?;
+    let saga = sagas::runner::find(&db.pool, order_id)
+        .await?
+        .filter(|saga| caller.sees(saga.customer_id()));
     found(saga, || format!("no saga for order {order_id}"))
 }

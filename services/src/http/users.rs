@@ -73,7 +73,7 @@ pub(crate) struct Credentials {
 /// The answer to `POST /auth/token`.
 #[derive(Debug, Serialize, ToSchema)]
 struct AccessToken {
-    /// A JWT (HS256) naming the user in `sub`.
+    /// A JWT (HS256) naming the user in `sub` and their roles (`operator`) in `roles`.
     access_token: String,
     #[schema(example = "Bearer")]
     token_type: &'static str,
@@ -221,9 +221,10 @@ async fn token(
     let user_id = user
         .user_id
         .ok_or_else(|| ApiError::internal("a user without an id"))?;
+    let roles: Vec<_> = user.roles.iter().copied().collect();
     let access_token = state
         .tokens
-        .issue(user_id, &user.email)
+        .issue(user_id, &user.email, &roles)
         .map_err(ApiError::internal)?;
     Ok(Json(AccessToken {
         access_token,
@@ -238,7 +239,8 @@ async fn token(
     params(("user_id" = Uuid, Path), Freshness),
     responses(
         (status = 200, description = "The user", body = UserView),
-        (status = 404, description = "No such user", body = Problem, content_type = PROBLEM),
+        (status = 404, description = "No such user, or another user", body = Problem,
+            content_type = PROBLEM),
         QueryProblems,
     ))]
 async fn get_user(
@@ -247,14 +249,17 @@ async fn get_user(
     Path(user_id): Path<String>,
     freshness: Freshness,
 ) -> Result<Response, ApiError> {
+    caller.reader()?;
     let user_id = parse_user_id(&user_id)?;
-    caller.may_act_for(user_id)?;
+    if !caller.sees(Some(user_id)) {
+        return Err(no_user(user_id));
+    }
     let stream_id = AggregateStore::stream_id::<User>(user_id);
     freshness
         .wait::<UserProfiles>(&state, Some(&stream_id))
         .await?;
     let view = projections::user::find_user(&state.db()?.pool, user_id).await?;
-    found(view, || format!("no user {user_id}"))
+    found(view, || no_user(user_id).detail)
 }
 
 /// Change the user's name.
@@ -311,8 +316,11 @@ async fn change(
     context: &CommandContext,
     command: &UserCommand,
 ) -> Result<Response, ApiError> {
+    caller.actor()?;
     let user_id = parse_user_id(user_id)?;
-    caller.may_act_for(user_id)?;
+    if !caller.sees(Some(user_id)) {
+        return Err(no_user(user_id));
+    }
     let stream_id = AggregateStore::stream_id::<User>(user_id);
     command::run::<User>(
         &state.db()?.aggregates,
@@ -329,6 +337,11 @@ async fn change(
         },
     )
     .await
+}
+
+/// What a missing user and another user's answer alike.
+fn no_user(user_id: Uuid) -> ApiError {
+    ApiError::not_found(format!("no user {user_id}"))
 }
 
 fn parse_user_id(text: &str) -> Result<Uuid, ApiError> {
