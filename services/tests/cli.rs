@@ -195,6 +195,8 @@ fn every_operator_command_has_an_example_in_its_help() {
         &["dlq", "purge"][..],
         &["sagas", "list"][..],
         &["sagas", "show"][..],
+        &["users", "grant"][..],
+        &["users", "revoke"][..],
     ] {
         let mut arguments = command.to_vec();
         arguments.push("--help");
