@@ -12,6 +12,12 @@ pub static EVENT_STORE_MIGRATIONS: sqlx::migrate::Migrator =
 /// A pool tuned for this workload: sqlx's default pings a connection each time it is
 /// taken out, which on a 2-core machine cost 20–40 % of append throughput; a broken
 /// connection shows up as an error on first use instead, and callers retry.
+///
+/// Its connections (and every connection made from its options: relays, consumers)
+/// end a transaction left idle for [`IDLE_IN_TRANSACTION_TIMEOUT`]: an open writer
+/// holds every reader of the store back (see `store::Fence`), and no code path of
+/// orderflow waits between the statements of a transaction for anything but the
+/// database, so one that idles that long is stuck (a process paused, a bug).
 pub async fn connect(
     options: PgConnectOptions,
     max_connections: u32,
@@ -20,8 +26,18 @@ pub async fn connect(
         .max_connections(max_connections)
         .test_before_acquire(false)
         .acquire_timeout(Duration::from_secs(10))
-        .connect_with(options)
+        .connect_with(guarded(options))
         .await
+}
+
+/// How long an orderflow connection may sit idle inside a transaction before
+/// PostgreSQL ends its session (and so rolls the transaction back).
+pub const IDLE_IN_TRANSACTION_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// `options` with the guard against transactions left open.
+pub fn guarded(options: PgConnectOptions) -> PgConnectOptions {
+    let timeout = format!("{}ms", IDLE_IN_TRANSACTION_TIMEOUT.as_millis());
+    options.options([("idle_in_transaction_session_timeout", timeout.as_str())])
 }
 
 /// The options for `database` on the server `server_url` points at.

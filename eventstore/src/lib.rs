@@ -40,6 +40,6 @@ pub use consumer::{Consumer, ConsumerConfig, Handler, HandlerError, Message};
 pub use metrics::Metrics;
 pub use relay::{Relay, RelayConfig};
 pub use store::{
-    AppendResult, EventStore, ExpectedVersion, Metadata, NewEvent, OUTBOX_CHANNEL, OutgoingCommand,
-    RecordedEvent, RelayWaker, StoreError, StoreTransaction, StoredVersion,
+    AppendResult, Blocker, EventStore, ExpectedVersion, Fence, Metadata, NewEvent, OUTBOX_CHANNEL,
+    OutgoingCommand, RecordedEvent, RelayWaker, StoreError, StoreTransaction, StoredVersion,
 };

@@ -154,11 +154,15 @@ pub async fn tail(
     let decoder = Decoder::new(pool)?;
     let mut after = from;
     let mut shown = 0;
+    // The writer holding the tail back, and since when, once it has been said.
+    let mut held_back: Option<(i64, std::time::Instant, bool)> = None;
     while !cancel.is_cancelled() {
         // Following needs the gap-safe read (an event committing late with a lower
         // position must not be passed by); reading to the end once does not.
         let page = if follow {
-            store.read_all(after, 500).await?
+            let fence = store.fence().await?;
+            warn_when_held_back(fence.blocker.as_ref(), &mut held_back);
+            store.read_below(after, &fence, 500).await?
         } else {
             store.read_committed(after, 500).await?
         };
@@ -180,6 +184,36 @@ pub async fn tail(
         }
     }
     Ok(shown)
+}
+
+/// How long a writer may hold a following tail back before the tail says so.
+const HELD_BACK_WARNING: Duration = Duration::from_secs(2);
+
+/// Says (once per writer) which open transaction of the store holds a following tail
+/// back, so an operator can find it in `pg_stat_activity`.
+fn warn_when_held_back(
+    blocker: Option<&eventstore::Blocker>,
+    held_back: &mut Option<(i64, std::time::Instant, bool)>,
+) {
+    let Some(blocker) = blocker.filter(|blocker| blocker.events_waiting) else {
+        *held_back = None;
+        return;
+    };
+    let (xid, since, said) =
+        held_back.get_or_insert((blocker.xid, std::time::Instant::now(), false));
+    if *xid != blocker.xid {
+        *held_back = Some((blocker.xid, std::time::Instant::now(), false));
+        return;
+    }
+    if !*said && since.elapsed() >= HELD_BACK_WARNING {
+        *said = true;
+        tracing::warn!(
+            xid = blocker.xid,
+            pid = blocker.pid,
+            application_name = %blocker.application_name,
+            "events wait behind an open transaction of this store; see pg_stat_activity"
+        );
+    }
 }
 
 /// A dead letter as the tools show it.

@@ -142,6 +142,9 @@ pub async fn start(
         let mut health = Health::default();
         let db = match config.database(service)? {
             Some(options) => {
+                // Named, so an operator finds its sessions in pg_stat_activity (a
+                // reader held back by an open writer names it).
+                let options = options.application_name(&format!("orderflow {service}"));
                 let pool = prepare_database(&options, POOL_SIZE).await?;
                 let store = EventStore::new(pool.clone());
                 let aggregates = AggregateStore::new(store.clone(), registry.clone())

@@ -14,6 +14,7 @@ use eventstore::{
     StoreError,
 };
 use rand::Rng;
+use sqlx::{Connection, PgConnection};
 use tests::TestDb;
 use tokio::sync::Barrier;
 use uuid::Uuid;
@@ -65,6 +66,43 @@ async fn read_all_until(store: &EventStore, after: i64, count: usize) -> Vec<Rec
         events.extend(page);
     }
     events
+}
+
+/// Transactions that have nothing to do with a store, left open: one that holds a
+/// transaction id in another database, and a read-only one (holding a snapshot, so
+/// the server-wide xmin) in the store's own. Neither may hold the store's readers
+/// back. Their connections are made without orderflow's idle-in-transaction guard.
+struct Unrelated {
+    _elsewhere_db: TestDb,
+    _elsewhere: PgConnection,
+    _reading: PgConnection,
+}
+
+async fn unrelated_transactions(db: &TestDb) -> Unrelated {
+    let elsewhere_db = TestDb::new(1).await.unwrap();
+    let server: sqlx::postgres::PgConnectOptions = tests::server_url().parse().unwrap();
+    let mut elsewhere = PgConnection::connect_with(&server.clone().database(&elsewhere_db.name))
+        .await
+        .unwrap();
+    sqlx::raw_sql(
+        "BEGIN; INSERT INTO snapshots (stream_id, stream_version, state_format, state) \
+         VALUES ('elsewhere', 1, 'x', '{}')",
+    )
+    .execute(&mut elsewhere)
+    .await
+    .unwrap();
+    let mut reading = PgConnection::connect_with(&server.database(&db.name))
+        .await
+        .unwrap();
+    sqlx::raw_sql("BEGIN ISOLATION LEVEL REPEATABLE READ; SELECT count(*) FROM events")
+        .execute(&mut reading)
+        .await
+        .unwrap();
+    Unrelated {
+        _elsewhere_db: elsewhere_db,
+        _elsewhere: elsewhere,
+        _reading: reading,
+    }
 }
 
 async fn count(db: &TestDb, table: &str) -> i64 {
@@ -179,6 +217,153 @@ async fn read_all_waits_for_an_older_open_transaction_then_returns_both_in_order
     );
 }
 
+/// A transaction with an id in another database, and a long read-only one in this
+/// database, hold no reader of this store back (before the fence waited only for
+/// this store's writers, either stalled every reader on the server).
+#[tokio::test]
+async fn transactions_that_do_not_write_to_the_store_hold_no_reader_back() {
+    let db = TestDb::new(4).await.unwrap();
+    let store = db.store();
+    let _unrelated = unrelated_transactions(&db).await;
+    let event = new_event();
+    store
+        .append(
+            "stream-u",
+            ExpectedVersion::NoStream,
+            std::slice::from_ref(&event),
+        )
+        .await
+        .unwrap();
+    let fence = store.fence().await.unwrap();
+    assert_eq!(fence.blocker, None, "nothing of this store's is open");
+    let all = store.read_all(0, 10).await.unwrap();
+    assert_eq!(all.len(), 1, "readable at once");
+    assert_eq!(all[0].event_id, event.event_id);
+}
+
+/// A transaction that writes to another table first (so it has a transaction id)
+/// and appends only later is waited for: events committed meanwhile by others, with
+/// higher positions, are not handed out before its own.
+#[tokio::test]
+async fn a_writer_that_writes_elsewhere_first_and_appends_late_is_not_skipped() {
+    let db = TestDb::new(4).await.unwrap();
+    let store = db.store();
+    let mut late = store.begin().await.unwrap();
+    sqlx::query("INSERT INTO inbox (consumer, message_id) VALUES ('test', $1)")
+        .bind(Uuid::now_v7())
+        .execute(late.connection())
+        .await
+        .unwrap();
+    let early = new_event();
+    store
+        .append(
+            "stream-early",
+            ExpectedVersion::NoStream,
+            std::slice::from_ref(&early),
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        store.read_all(0, 10).await.unwrap(),
+        vec![],
+        "held back by the open writer"
+    );
+    let blocker = store
+        .fence()
+        .await
+        .unwrap()
+        .blocker
+        .expect("the open writer is named");
+    let pid: i32 = sqlx::query_scalar("SELECT pg_backend_pid()")
+        .fetch_one(late.connection())
+        .await
+        .unwrap();
+    assert_eq!(blocker.pid, pid);
+    assert!(blocker.events_waiting, "the early event waits behind it");
+    let own = new_event();
+    late.append(
+        "stream-late",
+        ExpectedVersion::NoStream,
+        std::slice::from_ref(&own),
+    )
+    .await
+    .unwrap();
+    late.commit().await.unwrap();
+    let all = read_all_until(&store, 0, 2).await;
+    let ids: Vec<Uuid> = all.iter().map(|e| e.event_id).collect();
+    assert_eq!(
+        ids,
+        vec![own.event_id, early.event_id],
+        "the late writer's event first"
+    );
+}
+
+/// A savepoint rolled back inside a writer releases nothing of its announcement: the
+/// writer is still waited for, its rolled-back event is never seen, and what it
+/// appends afterwards is.
+#[tokio::test]
+async fn a_savepoint_rolled_back_keeps_its_writer_waited_for() {
+    let db = TestDb::new(4).await.unwrap();
+    let store = db.store();
+    let mut writer = store.begin().await.unwrap();
+    sqlx::raw_sql("SAVEPOINT attempt")
+        .execute(writer.connection())
+        .await
+        .unwrap();
+    let undone = new_event();
+    writer
+        .append(
+            "stream-s",
+            ExpectedVersion::NoStream,
+            std::slice::from_ref(&undone),
+        )
+        .await
+        .unwrap();
+    sqlx::raw_sql("ROLLBACK TO SAVEPOINT attempt")
+        .execute(writer.connection())
+        .await
+        .unwrap();
+    let other = new_event();
+    store
+        .append(
+            "stream-o",
+            ExpectedVersion::NoStream,
+            std::slice::from_ref(&other),
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        store.read_all(0, 10).await.unwrap(),
+        vec![],
+        "still held back"
+    );
+    let kept = new_event();
+    writer
+        .append(
+            "stream-s",
+            ExpectedVersion::NoStream,
+            std::slice::from_ref(&kept),
+        )
+        .await
+        .unwrap();
+    writer.commit().await.unwrap();
+    let all = read_all_until(&store, 0, 2).await;
+    let ids: Vec<Uuid> = all.iter().map(|e| e.event_id).collect();
+    assert_eq!(ids, vec![kept.event_id, other.event_id]);
+}
+
+/// Every connection orderflow makes ends a transaction left idle, so no stuck writer
+/// holds readers back for long.
+#[tokio::test]
+async fn orderflow_connections_end_transactions_left_idle() {
+    let db = TestDb::new(1).await.unwrap();
+    let timeout: String = sqlx::query_scalar("SHOW idle_in_transaction_session_timeout")
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    assert_eq!(timeout, "10s");
+}
+
 #[tokio::test]
 async fn a_rolled_back_append_leaves_no_event_and_no_outbox_row() {
     let db = TestDb::new(2).await.unwrap();
@@ -226,6 +411,8 @@ async fn stress_a_tailing_reader_sees_every_committed_event_once_in_order() {
     let run_for = Duration::from_secs(20);
     let db = TestDb::new(WRITERS as u32 + 4).await.unwrap();
     let store = db.store();
+    // Open for the whole run, the final drain included: they must hold nothing back.
+    let unrelated = unrelated_transactions(&db).await;
     let start = Instant::now();
 
     let writers: Vec<_> = (0..WRITERS)
@@ -323,6 +510,7 @@ async fn stress_a_tailing_reader_sees_every_committed_event_once_in_order() {
         "the stress produced too little: {expected_total}"
     );
     assert!(!rolled_back.is_empty());
+    drop(unrelated);
     eprintln!(
         "stress: {} committed, {} rolled back, all seen once in order",
         committed.len(),
