@@ -8,15 +8,14 @@
 //!
 //! Global order: an event's `global_position` is `(writing transaction id << 20) +
 //! ordinal`, and [`EventStore::read_all`] only returns positions below a [`Fence`]:
-//! the oldest transaction id among this store's running *writers*, or the next
-//! transaction id when none runs. Every transaction that may append announces itself
-//! first (a shared advisory lock taken before it writes anything, so before it has a
-//! transaction id), so every transaction that could still commit an event has an id at
-//! or above the fence and its events sort after everything already returned: a reader
-//! that remembers the last position it saw can never skip an event that commits late.
-//! Transactions that do not write to this store (in other databases, or read-only) are
-//! not waited for. Positions are sparse, never reused, and totally ordered;
-//! ARCHITECTURE.md has the argument in full.
+//! the oldest transaction id among the transactions running in *this store's
+//! database*, or the next transaction id when none runs. Every transaction that could
+//! still commit an event to this store is one of them, so its events sort after
+//! everything already returned: a reader that remembers the last position it saw can
+//! never skip an event that commits late. Transactions that cannot write to this store
+//! (in other databases, or holding no transaction id) are not waited for. Positions
+//! are sparse, never reused, and totally ordered; ARCHITECTURE.md has the argument in
+//! full.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -33,18 +32,6 @@ pub const OUTBOX_CHANNEL: &str = "orderflow_outbox";
 /// Events one transaction may append in total: the ordinal takes the low 20 bits of a
 /// position.
 pub const MAX_EVENTS_PER_TRANSACTION: usize = (1 << 20) - 1;
-
-/// The two-key advisory lock (class 2, key 0; class 1 is streams) that every
-/// transaction which may append holds, shared, from before its first write to the end:
-/// how a reader's [`Fence`] finds this store's writers among everything running on the
-/// server. Shared holders never wait for each other, and nothing takes it exclusively.
-pub const APPENDERS_LOCK: (i32, i32) = (2, 0);
-
-/// Opens a transaction that may append: BEGIN and the announcement in one round trip
-/// (the simple-query protocol runs both), before the transaction writes anything and
-/// so before it has an id. Taken at the top level: a savepoint rolled back later
-/// cannot release it.
-const BEGIN_APPENDING: &str = "BEGIN; SELECT pg_advisory_xact_lock_shared(2, 0)";
 
 /// What the writer believes about the stream's current version.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -306,14 +293,9 @@ macro_rules! append_sql {
 /// Versions $2 + 1…: a new stream ($2 = 0) or a version the store reported. The
 /// unique index on (stream, version) refuses the append if anyone wrote $2 + 1 first.
 /// The outbox insert's own result is the statement's result: no extra select.
-///
-/// Outside a [`StoreTransaction`] the statement is its own transaction, so it
-/// announces itself as a writer in its guard ([`APPENDERS_LOCK`]): a qual is evaluated
-/// before the select list that takes the transaction id, and the statement writes
-/// nothing before it.
 const APPEND_AT: AppendSql = append_sql!(
     first_version: "$2::bigint",
-    guard: "pg_try_advisory_xact_lock_shared(2, 0) AND $2 >= 0",
+    guard: "$2 >= 0",
     result: "INSERT INTO outbox (global_position) SELECT global_position FROM inserted
 RETURNING global_position, $2::bigint + 1 AS first_version"
 );
@@ -321,8 +303,7 @@ RETURNING global_position, $2::bigint + 1 AS first_version"
 /// Like [`APPEND_AT`] for a version the caller only claims: it must exist.
 const APPEND_AT_EXISTING: AppendSql = append_sql!(
     first_version: "$2::bigint",
-    guard: "pg_try_advisory_xact_lock_shared(2, 0) \
-     AND EXISTS (SELECT 1 FROM events WHERE stream_id = $1 AND stream_version = $2)",
+    guard: "EXISTS (SELECT 1 FROM events WHERE stream_id = $1 AND stream_version = $2)",
     result: "INSERT INTO outbox (global_position) SELECT global_position FROM inserted
 RETURNING global_position, $2::bigint + 1 AS first_version"
 );
@@ -330,13 +311,12 @@ RETURNING global_position, $2::bigint + 1 AS first_version"
 /// Any version: continue after the stream's head ($2 is unused and always -1).
 const APPEND_ANY: AppendSql = append_sql!(
     first_version: "(SELECT coalesce(max(stream_version), 0) FROM events WHERE stream_id = $1)",
-    guard: "pg_try_advisory_xact_lock_shared(2, 0) AND $2 = -1",
+    guard: "$2 = -1",
     result: ", queued AS (INSERT INTO outbox (global_position) SELECT global_position FROM inserted)
 SELECT global_position, min(stream_version) OVER () AS first_version FROM inserted"
 );
 
-/// [`APPEND_AT`] inside a [`StoreTransaction`] (announced when it began), guarded: the
-/// stream's head must come
+/// [`APPEND_AT`] inside a [`StoreTransaction`], guarded: the stream's head must come
 /// from a transaction no newer than this one. Outside such a transaction that always
 /// holds (the writer gets its transaction id inside the append statement, after every
 /// event it can see was committed), but a transaction that wrote something else first
@@ -390,20 +370,26 @@ const READ_BELOW: &str = select_events!(
     "WHERE global_position > $1 AND global_position < $3 ORDER BY global_position LIMIT $2"
 );
 
-/// The fence: the next transaction id as of this statement's snapshot, and this
-/// database's oldest running announced writer that has a transaction id (a 32-bit
-/// `backend_xid` widened to 64 bits against the next id, which it is at most 2^31
-/// behind), with its process, and whether committed events wait beyond it.
+/// The fence: the next transaction id as of this statement's snapshot, and the oldest
+/// transaction running in this database that holds an id (a 32-bit `backend_xid`
+/// widened to 64 bits against the next id, which it is at most 2^31 behind; prepared
+/// transactions of this database count too), with its process, and whether committed
+/// events wait beyond it.
 const FENCE: &str = "WITH horizon AS (
     SELECT pg_snapshot_xmax(pg_current_snapshot())::text::bigint AS next
+), running AS (
+    SELECT a.pid, a.application_name, a.xact_start, a.backend_xid AS xid32
+    FROM pg_stat_activity a
+    WHERE a.backend_xid IS NOT NULL
+      AND a.datid = (SELECT oid FROM pg_database WHERE datname = current_database())
+    UNION ALL
+    SELECT NULL, 'prepared transaction ' || p.gid, p.prepared, p.transaction
+    FROM pg_prepared_xacts p WHERE p.database = current_database()
 ), writer AS (
-    SELECT a.pid, a.application_name, a.xact_start,
-           h.next - (((h.next & 4294967295) - a.backend_xid::text::bigint + 4294967296)
+    SELECT r.pid, r.application_name, r.xact_start,
+           h.next - (((h.next & 4294967295) - r.xid32::text::bigint + 4294967296)
                      % 4294967296) AS xid
-    FROM horizon h, pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid
-    WHERE l.locktype = 'advisory' AND l.classid = 2 AND l.objid = 0 AND l.objsubid = 2
-      AND l.granted AND a.backend_xid IS NOT NULL
-      AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())
+    FROM horizon h, running r
     ORDER BY xid LIMIT 1
 )
 SELECT h.next, w.xid, w.pid, w.application_name, w.xact_start,
@@ -416,16 +402,17 @@ FROM horizon h LEFT JOIN writer w ON true";
 /// fence was taken sees all of them.
 ///
 /// The argument (ARCHITECTURE.md has it with the tests that guard each case): the
-/// fence is the smaller of `next`, the next transaction id at the fence statement's
-/// snapshot, and the oldest id among the announced writers that hold an id when the
-/// statement reads the lock table, which is after its snapshot. Take a transaction T
-/// that appends an event below the fence: its id is below `next`, so T had its id
-/// before the snapshot, and it announced itself before it had an id. Had T still been
-/// running when the lock table was read, it would have been listed with that id and
-/// the fence would be at or below it. So T had ended by then: committed (and visible
-/// to any later snapshot, since PostgreSQL releases locks only after a commit is
-/// visible) or rolled back (no events). An announced writer with no id yet gets one at
-/// or above `next`. Transactions that never announce never append.
+/// fence is the smaller of `next` (the fence statement's snapshot's xmax: every id
+/// below it was handed out before that snapshot) and the oldest id held by a
+/// transaction running in this database when the statement reads
+/// `pg_stat_activity`, which is after its snapshot. Take a transaction T that appends
+/// an event below the fence: its id is below `next`, so T had it before the snapshot,
+/// and T runs in this database (it writes this store's table). Had T still been
+/// running when the activity was read, its id would have been listed and the fence
+/// would be at or below it. So T had ended by then: committed (and visible to any later
+/// snapshot) or rolled back (no events). A transaction with no id yet gets one at or
+/// above `next`. No writer has to announce itself, so even a writer that is not
+/// orderflow's (an operator's `INSERT`) is waited for.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Fence {
     /// The first position that may not be read yet.
@@ -434,13 +421,13 @@ pub struct Fence {
     pub blocker: Option<Blocker>,
 }
 
-/// An open transaction of this store's writers that holds readers back.
+/// An open transaction in the store's database that holds readers back.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Blocker {
     /// Its transaction id (the fence).
     pub xid: i64,
-    /// The backend in `pg_stat_activity`.
-    pub pid: i32,
+    /// The backend in `pg_stat_activity` (none for a prepared transaction).
+    pub pid: Option<i32>,
     pub application_name: String,
     pub transaction_started: Option<DateTime<Utc>>,
     /// Committed events wait beyond it: readers are held back now, not only later.
@@ -514,11 +501,10 @@ impl EventStore {
     }
 
     /// Starts a transaction in which events can be appended together with the caller's
-    /// other writes (saga state, inbox rows, read models). It announces itself as a
-    /// writer of this store ([`APPENDERS_LOCK`]) in the same round trip as BEGIN.
+    /// other writes (saga state, inbox rows, read models).
     pub async fn begin(&self) -> Result<StoreTransaction<'static>, StoreError> {
         Ok(StoreTransaction {
-            transaction: self.pool.begin_with(BEGIN_APPENDING).await?,
+            transaction: self.pool.begin().await?,
             waker: self.waker.clone(),
             positions_used: 0,
             locked_streams: Vec::new(),
@@ -533,7 +519,7 @@ impl EventStore {
         connection: &'c mut PgConnection,
     ) -> Result<StoreTransaction<'c>, StoreError> {
         Ok(StoreTransaction {
-            transaction: Connection::begin_with(connection, BEGIN_APPENDING).await?,
+            transaction: Connection::begin(connection).await?,
             waker: self.waker.clone(),
             positions_used: 0,
             locked_streams: Vec::new(),
@@ -575,8 +561,8 @@ impl EventStore {
 
     /// Up to `limit` events after `after` in global order, never skipping one that
     /// commits later: only positions below the [`Fence`] are returned, so a reader waits
-    /// for this store's running writers, and for nothing else on the server. Start from
-    /// 0; continue from the last position returned.
+    /// for the writers running in this store's database, and for nothing else on the
+    /// server. Start from 0; continue from the last position returned.
     pub async fn read_all(&self, after: i64, limit: i64) -> Result<Vec<RecordedEvent>, StoreError> {
         let mut connection = self.pool.acquire().await?;
         let fence = fence_on(&mut connection).await?;

@@ -218,8 +218,8 @@ async fn read_all_waits_for_an_older_open_transaction_then_returns_both_in_order
 }
 
 /// A transaction with an id in another database, and a long read-only one in this
-/// database, hold no reader of this store back (before the fence waited only for
-/// this store's writers, either stalled every reader on the server).
+/// database, hold no reader of this store back (with the server-wide xmin as the
+/// fence, either stalled every reader on the server).
 #[tokio::test]
 async fn transactions_that_do_not_write_to_the_store_hold_no_reader_back() {
     let db = TestDb::new(4).await.unwrap();
@@ -278,7 +278,7 @@ async fn a_writer_that_writes_elsewhere_first_and_appends_late_is_not_skipped() 
         .fetch_one(late.connection())
         .await
         .unwrap();
-    assert_eq!(blocker.pid, pid);
+    assert_eq!(blocker.pid, Some(pid));
     assert!(blocker.events_waiting, "the early event waits behind it");
     let own = new_event();
     late.append(
@@ -298,9 +298,9 @@ async fn a_writer_that_writes_elsewhere_first_and_appends_late_is_not_skipped() 
     );
 }
 
-/// A savepoint rolled back inside a writer releases nothing of its announcement: the
-/// writer is still waited for, its rolled-back event is never seen, and what it
-/// appends afterwards is.
+/// A savepoint rolled back inside a writer leaves its transaction, and its id, in
+/// place: the writer is still waited for, its rolled-back event is never seen, and
+/// what it appends afterwards is.
 #[tokio::test]
 async fn a_savepoint_rolled_back_keeps_its_writer_waited_for() {
     let db = TestDb::new(4).await.unwrap();
