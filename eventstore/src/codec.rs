@@ -256,6 +256,23 @@ impl SchemaRegistry {
         Ok((writer.event_type.clone(), value))
     }
 
+    /// [`decode`](Self::decode), learning a writer schema this code does not know from
+    /// the registry table in `pool` first (an event another version of the service
+    /// wrote): what a reader of the store uses.
+    pub async fn decode_learning<E: WireEvent>(
+        &self,
+        pool: &PgPool,
+        payload: &[u8],
+    ) -> Result<E, CodecError> {
+        match self.decode(payload) {
+            Err(CodecError::UnknownFingerprint(fingerprint)) => {
+                self.learn(pool, fingerprint).await?;
+                self.decode(payload)
+            }
+            other => other,
+        }
+    }
+
     /// Decodes a payload into its event type and its data as JSON (in the current
     /// schema of its type), learning a writer schema this code does not know from the
     /// registry table in `pool` first: what operator tools show.

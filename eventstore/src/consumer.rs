@@ -526,17 +526,27 @@ pub async fn skip(
 /// again. Returns whether the stream was parked.
 pub async fn unpark(pool: &PgPool, consumer: &str, stream_id: &str) -> Result<bool, sqlx::Error> {
     let mut transaction = pool.begin().await?;
+    let unparked = unpark_in(&mut transaction, consumer, stream_id).await?;
+    transaction.commit().await?;
+    Ok(unparked)
+}
+
+/// [`unpark`] inside the caller's transaction.
+pub async fn unpark_in(
+    connection: &mut sqlx::PgConnection,
+    consumer: &str,
+    stream_id: &str,
+) -> Result<bool, sqlx::Error> {
     sqlx::query("DELETE FROM parked_messages WHERE consumer = $1 AND stream_id = $2")
         .bind(consumer)
         .bind(stream_id)
-        .execute(&mut *transaction)
+        .execute(&mut *connection)
         .await?;
     let deleted = sqlx::query("DELETE FROM parked_streams WHERE consumer = $1 AND stream_id = $2")
         .bind(consumer)
         .bind(stream_id)
-        .execute(&mut *transaction)
+        .execute(connection)
         .await?;
-    transaction.commit().await?;
     Ok(deleted.rows_affected() > 0)
 }
 

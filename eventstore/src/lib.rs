@@ -13,8 +13,11 @@
 //! - [`db`]: connecting, creating service databases, and running migrations.
 //! - [`amqp`]: the RabbitMQ topology and the AMQP properties every message carries.
 //! - [`relay`]: the outbox relay, one leader per database, publishing with confirms.
+//! - [`subscription`]: subscriptions on a service's own store (its projections, its
+//!   saga's own events): gap-safe reads by global position, the effect and the
+//!   checkpoint in one transaction, one leader per subscription, parked streams.
 //! - [`consumer`]: the consumer runtime (inbox, per-stream order, retries, dead
-//!   letters) that projections, sagas and command handlers run on.
+//!   letters) for what arrives from other services: their events and commands.
 //! - [`dlq`]: listing, replaying and purging a service's dead letters.
 //! - [`republish`]: sending recorded events to RabbitMQ again.
 //! - [`metrics`]: Prometheus metrics of all of the above.
@@ -33,6 +36,7 @@ pub mod metrics;
 pub mod relay;
 pub mod republish;
 pub mod store;
+pub mod subscription;
 
 pub use aggregates::{AggregateStore, ExecuteError, Executed, Loaded, Snapshot};
 pub use codec::{CodecError, Encoded, SchemaRegistry};
@@ -43,3 +47,4 @@ pub use store::{
     AppendResult, Blocker, EventStore, ExpectedVersion, Fence, Metadata, NewEvent, OUTBOX_CHANNEL,
     OutgoingCommand, RecordedEvent, RelayWaker, StoreError, StoreTransaction, StoredVersion,
 };
+pub use subscription::{Subscriber, Subscription, SubscriptionConfig};

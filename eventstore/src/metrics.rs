@@ -40,9 +40,17 @@ struct Inner {
     dead_lettered: Family<Labels, Counter>,
     transactions: Family<Labels, Counter>,
     processing: HistogramFamily,
-    projection_lag: Family<Labels, Gauge>,
-    projection_stalled: Family<Labels, Gauge>,
     relay_leading: Family<Labels, Gauge>,
+    subscription_applied: Family<Labels, Counter>,
+    subscription_failed: Family<Labels, Counter>,
+    subscription_parked: Family<Labels, Counter>,
+    subscription_leading: Family<Labels, Gauge>,
+    subscription_lag: Family<Labels, Gauge>,
+    subscription_stalled: Family<Labels, Gauge>,
+    subscription_held_back: Family<Labels, Gauge<f64, AtomicU64>>,
+    subscription_blocker: Family<Labels, Gauge>,
+    /// The labels of each subscription's blocker series now, to remove it once gone.
+    blockers: std::sync::Mutex<std::collections::HashMap<String, Labels>>,
 }
 
 impl Default for Metrics {
@@ -64,9 +72,15 @@ impl Metrics {
         let dead_lettered = Family::<Labels, Counter>::default();
         let transactions = Family::<Labels, Counter>::default();
         let processing: HistogramFamily = Family::new_with_constructor(latency_histogram);
-        let projection_lag = Family::<Labels, Gauge>::default();
-        let projection_stalled = Family::<Labels, Gauge>::default();
         let relay_leading = Family::<Labels, Gauge>::default();
+        let subscription_applied = Family::<Labels, Counter>::default();
+        let subscription_failed = Family::<Labels, Counter>::default();
+        let subscription_parked = Family::<Labels, Counter>::default();
+        let subscription_leading = Family::<Labels, Gauge>::default();
+        let subscription_lag = Family::<Labels, Gauge>::default();
+        let subscription_stalled = Family::<Labels, Gauge>::default();
+        let subscription_held_back = Family::<Labels, Gauge<f64, AtomicU64>>::default();
+        let subscription_blocker = Family::<Labels, Gauge>::default();
         registry.register(
             "outbox_backlog",
             "Outbox rows not yet confirmed by the broker",
@@ -118,14 +132,44 @@ impl Metrics {
             processing.clone(),
         );
         registry.register(
-            "projection_lag_events",
-            "Events recorded after the last position the projection applied",
-            projection_lag.clone(),
+            "subscription_applied",
+            "Events a subscription on the service's own store applied",
+            subscription_applied.clone(),
         );
         registry.register(
-            "projection_stalled",
-            "1 while the projection has events to apply but made no progress for a while",
-            projection_stalled.clone(),
+            "subscription_failed",
+            "Attempts at an event that failed (three, and its stream is parked)",
+            subscription_failed.clone(),
+        );
+        registry.register(
+            "subscription_parked",
+            "Streams a subscription parked behind an event that failed for good",
+            subscription_parked.clone(),
+        );
+        registry.register(
+            "subscription_leading",
+            "1 while this process leads the subscription, 0 on standby",
+            subscription_leading.clone(),
+        );
+        registry.register(
+            "subscription_lag_events",
+            "Events recorded after the subscription's checkpoint",
+            subscription_lag.clone(),
+        );
+        registry.register(
+            "subscription_stalled",
+            "1 while the subscription has events to apply but its checkpoint has not moved for 30 s",
+            subscription_stalled.clone(),
+        );
+        registry.register(
+            "subscription_held_back_seconds",
+            "How long an open transaction in the store's database has held the subscription back (0: none)",
+            subscription_held_back.clone(),
+        );
+        registry.register(
+            "subscription_blocker",
+            "1 for the transaction holding the subscription back: its xid, pid and application_name",
+            subscription_blocker.clone(),
         );
         registry.register(
             "relay_leading",
@@ -145,9 +189,16 @@ impl Metrics {
                 dead_lettered,
                 transactions,
                 processing,
-                projection_lag,
-                projection_stalled,
                 relay_leading,
+                subscription_applied,
+                subscription_failed,
+                subscription_parked,
+                subscription_leading,
+                subscription_lag,
+                subscription_stalled,
+                subscription_held_back,
+                subscription_blocker,
+                blockers: Default::default(),
             }),
         }
     }
@@ -190,17 +241,101 @@ impl Metrics {
         let _ = self.inner.processing.get_or_create(&labels);
     }
 
-    /// Records how far a projection (named by its queue) is behind its event store.
-    pub fn projection(&self, projection: &str, lag_events: i64, stalled: bool) {
-        let labels = vec![("projection", projection.to_owned())];
+    /// Starts the series of a subscription at zero.
+    pub fn track_subscription(&self, subscription: &str) {
+        let labels = subscription_labels(subscription);
+        let _ = self.inner.subscription_applied.get_or_create(&labels);
+        let _ = self.inner.subscription_failed.get_or_create(&labels);
+        let _ = self.inner.subscription_parked.get_or_create(&labels);
+        let _ = self.inner.subscription_leading.get_or_create(&labels);
+        let _ = self.inner.subscription_lag.get_or_create(&labels);
+        let _ = self.inner.subscription_stalled.get_or_create(&labels);
+        let _ = self.inner.subscription_held_back.get_or_create(&labels);
+    }
+
+    /// Records how far a subscription is behind its event store.
+    pub fn subscription_lag(&self, subscription: &str, lag_events: i64, stalled: bool) {
+        let labels = subscription_labels(subscription);
         self.inner
-            .projection_lag
+            .subscription_lag
             .get_or_create(&labels)
             .set(lag_events);
         self.inner
-            .projection_stalled
+            .subscription_stalled
             .get_or_create(&labels)
             .set(i64::from(stalled));
+    }
+
+    pub(crate) fn subscription_leading(&self, subscription: &str, leading: bool) {
+        self.inner
+            .subscription_leading
+            .get_or_create(&subscription_labels(subscription))
+            .set(i64::from(leading));
+    }
+
+    pub(crate) fn subscription_applied(&self, subscription: &str, events: u64) {
+        self.inner
+            .subscription_applied
+            .get_or_create(&subscription_labels(subscription))
+            .inc_by(events);
+    }
+
+    pub(crate) fn subscription_failed(&self, subscription: &str) {
+        self.inner
+            .subscription_failed
+            .get_or_create(&subscription_labels(subscription))
+            .inc();
+    }
+
+    pub(crate) fn subscription_parked(&self, subscription: &str) {
+        self.inner
+            .subscription_parked
+            .get_or_create(&subscription_labels(subscription))
+            .inc();
+    }
+
+    /// The transaction holding a subscription back (or none any more).
+    pub(crate) fn subscription_held_back(
+        &self,
+        subscription: &str,
+        held: Option<&crate::subscription::HeldBack>,
+    ) {
+        let labels = subscription_labels(subscription);
+        self.inner
+            .subscription_held_back
+            .get_or_create(&labels)
+            .set(held.map_or(0.0, |held| held.for_seconds));
+        let mut blockers = self
+            .inner
+            .blockers
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        if let Some(previous) = blockers.remove(subscription) {
+            self.inner.subscription_blocker.remove(&previous);
+        }
+        if let Some(held) = held {
+            let blocker = &held.blocker;
+            let mut labels = labels;
+            labels.push(("xid", blocker.xid.to_string()));
+            labels.push((
+                "pid",
+                blocker.pid.map(|pid| pid.to_string()).unwrap_or_default(),
+            ));
+            labels.push(("application_name", blocker.application_name.clone()));
+            self.inner
+                .subscription_blocker
+                .get_or_create(&labels)
+                .set(1);
+            blockers.insert(subscription.to_owned(), labels);
+        }
+    }
+
+    /// Events a subscription applied so far.
+    pub fn subscription_applied_count(&self, subscription: &str) -> u64 {
+        count(
+            &self.inner.subscription_applied,
+            &subscription_labels(subscription),
+        )
     }
 
     pub(crate) fn outbox(&self, service: &str, backlog: i64, oldest_age: Duration) {
@@ -293,6 +428,10 @@ fn count(family: &Family<Labels, Counter>, labels: &Labels) -> u64 {
 
 fn service_labels(service: &str) -> Labels {
     vec![("service", service.to_owned())]
+}
+
+fn subscription_labels(subscription: &str) -> Labels {
+    vec![("subscription", subscription.to_owned())]
 }
 
 fn consumer_labels(consumer: &str) -> Labels {

@@ -536,6 +536,10 @@ impl EventStore {
         self.waker.local_signal()
     }
 
+    pub(crate) fn waker(&self) -> &RelayWaker {
+        &self.waker
+    }
+
     /// Events of one stream from `from_version` on, in version order.
     pub async fn read_stream(
         &self,
@@ -557,6 +561,21 @@ impl EventStore {
         .fetch_optional(&self.pool)
         .await?;
         Ok(row)
+    }
+
+    /// The global position of a stream's event at `version`, if one is stored.
+    pub async fn position_of(
+        &self,
+        stream_id: &str,
+        version: i64,
+    ) -> Result<Option<i64>, StoreError> {
+        Ok(sqlx::query_scalar(
+            "SELECT global_position FROM events WHERE stream_id = $1 AND stream_version = $2",
+        )
+        .bind(stream_id)
+        .bind(version)
+        .fetch_optional(&self.pool)
+        .await?)
     }
 
     /// Up to `limit` events after `after` in global order, never skipping one that
@@ -763,8 +782,15 @@ impl StoreTransaction<'_> {
 pub struct RelayWaker {
     /// Wakes a relay in this process directly: no round trip through PostgreSQL.
     local: Arc<tokio::sync::Notify>,
-    /// Set while a relay of this process leads; then no other process needs a NOTIFY.
+    /// Counts the commits of this process that appended: the store's subscriptions in
+    /// this process wait on it (each sees every change, unlike a `Notify`).
+    commits: Arc<tokio::sync::watch::Sender<u64>>,
+    /// Set while a relay of this process leads.
     local_leader: Arc<AtomicBool>,
+    /// Subscriptions of this store in this process that stand by (another process
+    /// leads them). While none does and the relay leads here, no other process reads
+    /// this store, and no NOTIFY is needed.
+    standing_by: Arc<std::sync::atomic::AtomicUsize>,
     wakes: tokio::sync::mpsc::Sender<()>,
     /// Taken by the first wake, which starts the task that sends the notifications
     /// (starting it lazily keeps `EventStore::new` free of a runtime requirement).
@@ -784,7 +810,9 @@ impl RelayWaker {
         let (wakes, receiver) = tokio::sync::mpsc::channel(1);
         RelayWaker {
             local: Arc::new(tokio::sync::Notify::new()),
+            commits: Arc::new(tokio::sync::watch::Sender::new(0)),
             local_leader: Arc::new(AtomicBool::new(false)),
+            standing_by: Arc::default(),
             wakes,
             pending_task: Arc::new(Mutex::new(Some((receiver, options)))),
             started: Arc::new(AtomicBool::new(false)),
@@ -793,7 +821,11 @@ impl RelayWaker {
 
     fn wake(&self) {
         self.local.notify_one();
-        if self.local_leader.load(Ordering::Acquire) {
+        self.commits
+            .send_modify(|count| *count = count.wrapping_add(1));
+        if self.local_leader.load(Ordering::Acquire)
+            && self.standing_by.load(Ordering::Acquire) == 0
+        {
             return;
         }
         // After the first wake this is one atomic load: appends never contend here.
@@ -823,6 +855,50 @@ impl RelayWaker {
         LocalRelaySignal {
             wakes: self.local.clone(),
             leading: self.local_leader.clone(),
+        }
+    }
+
+    /// Changes whenever an append of this process commits.
+    pub(crate) fn commits(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.commits.subscribe()
+    }
+
+    /// Counts a subscription of this process as standing by until the returned guard
+    /// says it leads (or is dropped): appends then notify other processes.
+    pub(crate) fn standby(&self) -> Standby {
+        self.standing_by.fetch_add(1, Ordering::AcqRel);
+        Standby {
+            standing_by: self.standing_by.clone(),
+            counted: true,
+        }
+    }
+}
+
+/// A subscription of this process standing by, counted until it leads.
+#[derive(Debug)]
+pub(crate) struct Standby {
+    standing_by: Arc<std::sync::atomic::AtomicUsize>,
+    counted: bool,
+}
+
+impl Standby {
+    /// Whether the subscription leads here now.
+    pub(crate) fn leading(&mut self, leading: bool) {
+        if leading == self.counted {
+            if leading {
+                self.standing_by.fetch_sub(1, Ordering::AcqRel);
+            } else {
+                self.standing_by.fetch_add(1, Ordering::AcqRel);
+            }
+            self.counted = !leading;
+        }
+    }
+}
+
+impl Drop for Standby {
+    fn drop(&mut self) {
+        if self.counted {
+            self.standing_by.fetch_sub(1, Ordering::AcqRel);
         }
     }
 }
@@ -1095,6 +1171,37 @@ pub async fn read_below_on(
         .bind(fence.position)
         .fetch_all(connection)
         .await?;
+    rows.iter().map(recorded).collect()
+}
+
+/// Up to `limit` events after `after` and up to `until` (inclusive), in global order, as
+/// committed now: for a reader that knows everything up to `until` is committed (a
+/// subscription's checkpoint).
+pub async fn read_between_on(
+    connection: &mut PgConnection,
+    after: i64,
+    until: i64,
+    limit: i64,
+) -> Result<Vec<RecordedEvent>, StoreError> {
+    let rows = sqlx::query(select_events!(
+        "WHERE global_position > $1 AND global_position <= $2 ORDER BY global_position LIMIT $3"
+    ))
+    .bind(after)
+    .bind(until)
+    .bind(limit)
+    .fetch_all(connection)
+    .await?;
+    rows.iter().map(recorded).collect()
+}
+
+/// The events with these ids, in global order (those not stored are left out).
+pub async fn events_by_id(pool: &PgPool, ids: &[Uuid]) -> Result<Vec<RecordedEvent>, StoreError> {
+    let rows = sqlx::query(select_events!(
+        "WHERE event_id = ANY($1) ORDER BY global_position"
+    ))
+    .bind(ids)
+    .fetch_all(pool)
+    .await?;
     rows.iter().map(recorded).collect()
 }
 

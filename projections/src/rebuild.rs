@@ -15,7 +15,6 @@
 //! Stopping a rebuild (cancel, a crash) leaves the live tables untouched; the copies
 //! are dropped then or by the next rebuild. One rebuild of a projection runs at a time.
 
-use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
@@ -244,18 +243,15 @@ impl Run<'_> {
             }
         }
         drop(senders);
-        // The version of each stream the copies reflect.
-        let mut versions: HashMap<String, i64> = HashMap::new();
         while let Some(done) = workers.join_next().await {
-            let filled = done.map_err(|error| RebuildError::Worker(error.to_string()))??;
-            versions.extend(filled);
+            done.map_err(|error| RebuildError::Worker(error.to_string()))??;
         }
         status.applied = applied.load(Ordering::Relaxed);
         progress(status);
         if stopped || self.cancel.is_cancelled() {
             return Err(RebuildError::Cancelled);
         }
-        let caught_up = swap(applier, copies, work, &versions).await?;
+        let caught_up = swap(applier, copies, work, status.position).await?;
         Ok((status.applied, caught_up))
     }
 }
@@ -266,15 +262,13 @@ fn worker_of(stream_id: &str) -> usize {
     BuildHasherDefault::<DefaultHasher>::default().hash_one(stream_id) as usize % WORKERS
 }
 
-/// One worker: applies each batch it is sent in a transaction of its own, and returns
-/// the version each of its streams reached.
+/// One worker: applies each batch it is sent in a transaction of its own.
 async fn fill<P: Projection>(
     applier: Arc<Applier<P>>,
     mut connection: PgConnection,
     mut batches: tokio::sync::mpsc::Receiver<Vec<RecordedEvent>>,
     applied: Arc<AtomicU64>,
-) -> Result<HashMap<String, i64>, RebuildError> {
-    let mut versions = HashMap::new();
+) -> Result<(), RebuildError> {
     while let Some(batch) = batches.recv().await {
         let mut transaction = connection.begin().await?;
         for event in &batch {
@@ -282,21 +276,24 @@ async fn fill<P: Projection>(
         }
         transaction.commit().await?;
         applied.fetch_add(batch.len() as u64, Ordering::Relaxed);
-        for event in batch {
-            versions.insert(event.stream_id, event.stream_version);
-        }
     }
     let _ = connection.close().await;
-    Ok(versions)
+    Ok(())
 }
 
-/// Locks the live tables, brings the copies up to what the live consumer applied,
-/// and puts the copies in their place, in one transaction.
+/// Locks the live tables, brings the copies up to what the live subscription applied,
+/// and puts the copies in their place, in one transaction. The copies hold every event
+/// up to `read_up_to`; the live read model everything up to its subscription's
+/// checkpoint, which cannot move while the tables are locked (the subscription writes
+/// them in the transaction that moves it). Events between the two are applied to the
+/// copies; if the live model is behind the copies instead, its subscription applies
+/// them again after the swap, which changes nothing (every row keeps the version of
+/// the last event it reflects, and older ones pass it by).
 async fn swap<P: Projection>(
     applier: &Applier<P>,
     copies: &Copies<P>,
     work: &mut PgConnection,
-    versions: &HashMap<String, i64>,
+    read_up_to: i64,
 ) -> Result<u64, RebuildError> {
     for table in P::TABLES {
         execute(work, format!("ANALYZE {}.{table}", copies.schema)).await?;
@@ -319,28 +316,24 @@ async fn swap<P: Projection>(
         format!("LOCK TABLE {live} IN ACCESS EXCLUSIVE MODE"),
     )
     .await?;
-    let applied: Vec<(String, i64)> = sqlx::query_as(
-        "SELECT stream_id, last_version FROM consumer_streams \
-         WHERE consumer = $1 AND stream_id LIKE $2 || '%'",
+    let applied_live: i64 = sqlx::query_scalar(
+        "SELECT coalesce((SELECT position FROM subscription_checkpoints \
+         WHERE subscription = $1), 0)",
     )
     .bind(crate::queue(P::SERVICE))
-    .bind(P::STREAM_PREFIX)
-    .fetch_all(&mut *transaction)
+    .fetch_one(&mut *transaction)
     .await?;
     let mut caught_up = 0;
-    for (stream_id, live_version) in applied {
-        let have = versions.get(&stream_id).copied().unwrap_or(0);
-        if live_version <= have {
-            continue;
-        }
-        let events = eventstore::store::read_stream_on(
-            &mut transaction,
-            &stream_id,
-            have + 1,
-            live_version - have,
-        )
-        .await?;
-        for event in &events {
+    let mut after = read_up_to;
+    while after < applied_live {
+        let events: Vec<RecordedEvent> =
+            eventstore::store::read_between_on(&mut transaction, after, applied_live, PAGE).await?;
+        let Some(last) = events.last() else { break };
+        after = last.global_position;
+        for event in events
+            .iter()
+            .filter(|e| e.stream_id.starts_with(P::STREAM_PREFIX))
+        {
             applier.apply(event, &mut transaction).await?;
             caught_up += 1;
         }

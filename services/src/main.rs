@@ -647,11 +647,15 @@ async fn dlq(config: &Config, command: DlqCommand) -> anyhow::Result<ExitCode> {
     match command {
         DlqCommand::List { service, json } => {
             let letters = ops::dead_letters(config, service).await?;
-            if letters.is_empty() && !json {
+            let parked = ops::parked_events(config, service).await?;
+            if letters.is_empty() && parked.is_empty() && !json {
                 eprintln!("no dead letters for {service}");
             }
-            for letter in &letters {
-                let view = ops::DeadLetterView::from(letter);
+            let views = letters
+                .iter()
+                .map(ops::DeadLetterView::from)
+                .chain(parked.iter().map(ops::DeadLetterView::from));
+            for view in views {
                 if json {
                     json_line(&view)?;
                 } else {
@@ -680,12 +684,15 @@ async fn dlq(config: &Config, command: DlqCommand) -> anyhow::Result<ExitCode> {
                 eventstore::dlq::replay(&config.amqp_url, service.name(), select, chosen.dry_run)
                     .await
                     .with_context(|| format!("cannot replay the {service} dead letters"))?;
+            let parked = ops::replay_parked(config, service, chosen.id, chosen.dry_run)
+                .await
+                .with_context(|| format!("cannot replay the {service} parked events"))?;
             let verb = if chosen.dry_run {
                 "would replay"
             } else {
                 "replayed"
             };
-            report_dead_letters(&outcome, verb, &chosen)
+            report_dead_letters(&outcome, &parked, verb, &chosen)
         }
         DlqCommand::Purge(chosen) => {
             let select =
@@ -701,33 +708,55 @@ async fn dlq(config: &Config, command: DlqCommand) -> anyhow::Result<ExitCode> {
             )
             .await
             .with_context(|| format!("cannot purge the {service} dead letters"))?;
+            let parked = ops::skip_parked(config, service, chosen.id, chosen.dry_run)
+                .await
+                .with_context(|| format!("cannot skip the {service} parked events"))?;
             let verb = if chosen.dry_run {
                 "would purge"
             } else {
                 "purged"
             };
-            report_dead_letters(&outcome, verb, &chosen)
+            report_dead_letters(&outcome, &parked, verb, &chosen)
         }
     }
 }
 
-/// Prints what a replay or purge did; fails when `--id` named no dead letter.
+/// Prints what a replay or purge did, with the dead letters of the broker and the
+/// events parked by the service's own subscriptions alike; fails when `--id` named
+/// neither.
 fn report_dead_letters(
     outcome: &eventstore::dlq::Outcome,
+    parked: &ops::ParkedOutcome,
     verb: &str,
     chosen: &DlqSelection,
 ) -> anyhow::Result<ExitCode> {
     let (json, id) = (chosen.json, chosen.id);
-    for letter in &outcome.done {
-        let view = ops::DeadLetterView::from(letter);
+    let done = outcome
+        .done
+        .iter()
+        .map(ops::DeadLetterView::from)
+        .chain(parked.done.iter().map(ops::DeadLetterView::from));
+    let mut handled = 0;
+    for view in done {
+        handled += 1;
         if json {
             json_line(&serde_json::json!({ "action": verb, "letter": view }))?;
         } else {
             println!("{verb} {view}");
         }
     }
-    for (letter, why) in &outcome.skipped {
-        let view = ops::DeadLetterView::from(letter);
+    let left: Vec<(ops::DeadLetterView, &String)> = outcome
+        .skipped
+        .iter()
+        .map(|(letter, why)| (ops::DeadLetterView::from(letter), why))
+        .chain(
+            parked
+                .left
+                .iter()
+                .map(|(event, why)| (ops::DeadLetterView::from(event), why)),
+        )
+        .collect();
+    for (view, why) in &left {
         eprintln!(
             "left {}: {why}",
             view.id.map(|id| id.to_string()).unwrap_or_default()
@@ -735,19 +764,15 @@ fn report_dead_letters(
     }
     if !json {
         eprintln!(
-            "{verb} {} dead letter(s); {} left as they were",
-            outcome.done.len(),
-            outcome.others + outcome.skipped.len()
+            "{verb} {handled} dead letter(s); {} left as they were",
+            outcome.others + left.len()
         );
     }
-    if let (Some(id), true) = (id, outcome.done.is_empty() && outcome.skipped.is_empty()) {
+    if let (Some(id), true) = (id, handled == 0 && left.is_empty()) {
         anyhow::bail!("no dead letter {id}");
     }
-    if !outcome.skipped.is_empty() {
-        anyhow::bail!(
-            "{} dead letter(s) could not be handled",
-            outcome.skipped.len()
-        );
+    if !left.is_empty() {
+        anyhow::bail!("{} dead letter(s) could not be handled", left.len());
     }
     Ok(ExitCode::SUCCESS)
 }

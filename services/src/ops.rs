@@ -293,17 +293,188 @@ pub async fn dead_letter(
     id: Uuid,
 ) -> anyhow::Result<Option<DeadLetterView>> {
     let letters = dead_letters(config, service).await?;
-    let Some(letter) = letters.iter().find(|letter| letter.message_id == Some(id)) else {
-        return Ok(None);
+    let parked = parked_events(config, service).await?;
+    let (mut view, payload) = match letters.iter().find(|letter| letter.message_id == Some(id)) {
+        Some(letter) => (DeadLetterView::from(letter), letter.payload.clone()),
+        None => match parked.iter().find(|parked| parked.event.event_id == id) {
+            Some(parked) => (DeadLetterView::from(parked), parked.event.payload.clone()),
+            None => return Ok(None),
+        },
     };
-    let mut view = DeadLetterView::from(letter);
     let pool = connect(config, service).await?;
     let registry = SchemaRegistry::builtin().context("the built-in schemas")?;
-    view.data = Some(match registry.decode_json(&pool, &letter.payload).await {
+    view.data = Some(match registry.decode_json(&pool, &payload).await {
         Ok((_, data)) => data,
         Err(error) => serde_json::json!({ "undecodable": error.to_string() }),
     });
     Ok(Some(view))
+}
+
+impl From<&eventstore::subscription::ParkedEvent> for DeadLetterView {
+    fn from(parked: &eventstore::subscription::ParkedEvent) -> Self {
+        let event = &parked.event;
+        DeadLetterView {
+            id: Some(event.event_id),
+            message_type: Some(event.event_type.clone()),
+            queue: Some(parked.subscription.clone()),
+            stream_id: Some(event.stream_id.clone()),
+            stream_version: Some(event.stream_version),
+            error: parked.error.clone(),
+            // The event its stream waits for failed every attempt; one parked behind it
+            // was never tried.
+            attempts: Some(if parked.parked_behind.is_none() { 3 } else { 0 }),
+            parked_behind: parked.parked_behind,
+            first_failed_at: parked.parked_at,
+            last_failed_at: parked.parked_at,
+            routing_key: None,
+            data: None,
+        }
+    }
+}
+
+/// The subscriptions on a service's own store, by name.
+pub fn subscriptions(service: Service) -> Vec<String> {
+    match service {
+        Service::Gateway | Service::Notification => Vec::new(),
+        service => vec![projections::queue(service.name())],
+    }
+}
+
+/// Events parked for a service's subscriptions: the one each stream waits for first,
+/// then those behind it.
+pub async fn parked_events(
+    config: &Config,
+    service: Service,
+) -> anyhow::Result<Vec<eventstore::subscription::ParkedEvent>> {
+    let pool = connect(config, service).await?;
+    let names = subscriptions(service);
+    let names: Vec<&str> = names.iter().map(String::as_str).collect();
+    Ok(eventstore::subscription::parked_events(&pool, &names).await?)
+}
+
+/// What `orderflow dlq replay|purge` did with a service's parked events.
+#[derive(Debug, Default)]
+pub struct ParkedOutcome {
+    /// Replayed or skipped.
+    pub done: Vec<eventstore::subscription::ParkedEvent>,
+    /// Selected but left parked, and why.
+    pub left: Vec<(eventstore::subscription::ParkedEvent, String)>,
+}
+
+/// Replays parked streams of a service's subscriptions in order, with the subscriber
+/// the service runs (every parked stream, or the one whose event `id` is): a stream's
+/// events apply together or, if one fails again, not at all.
+pub async fn replay_parked(
+    config: &Config,
+    service: Service,
+    id: Option<Uuid>,
+    dry_run: bool,
+) -> anyhow::Result<ParkedOutcome> {
+    let pool = connect(config, service).await?;
+    let store = EventStore::new(pool.clone());
+    let registry = SchemaRegistry::builtin().context("the built-in schemas")?;
+    let mut outcome = ParkedOutcome::default();
+    let parked = parked_events(config, service).await?;
+    let mut streams: Vec<(String, String)> = Vec::new();
+    for event in &parked {
+        if id.is_some_and(|id| id != event.event.event_id) {
+            continue;
+        }
+        if let (Some(_), Some(behind)) = (id, event.parked_behind) {
+            let why = format!("it waits behind {behind}: replay that one, which brings it along");
+            outcome.left.push((event.clone(), why));
+            continue;
+        }
+        let key = (event.subscription.clone(), event.event.stream_id.clone());
+        if !streams.contains(&key) {
+            streams.push(key);
+        }
+    }
+    for (name, stream) in streams {
+        let events: Vec<_> = parked
+            .iter()
+            .filter(|p| p.subscription == name && p.event.stream_id == stream)
+            .cloned()
+            .collect();
+        if dry_run {
+            outcome.done.extend(events);
+            continue;
+        }
+        match replay_stream(&store, &registry, &pool, &name, &stream).await {
+            Ok(_) => outcome.done.extend(events),
+            Err(error) => {
+                let why = error.to_string();
+                outcome
+                    .left
+                    .extend(events.into_iter().map(|e| (e, why.clone())));
+            }
+        }
+    }
+    Ok(outcome)
+}
+
+/// Lets parked streams move on without their events (every parked event, or the one
+/// `id` names): `orderflow dlq purge`.
+pub async fn skip_parked(
+    config: &Config,
+    service: Service,
+    id: Option<Uuid>,
+    dry_run: bool,
+) -> anyhow::Result<ParkedOutcome> {
+    let pool = connect(config, service).await?;
+    let mut outcome = ParkedOutcome::default();
+    for parked in parked_events(config, service).await? {
+        if id.is_some_and(|id| id != parked.event.event_id) {
+            continue;
+        }
+        if !dry_run {
+            eventstore::consumer::forget(
+                &pool,
+                &parked.subscription,
+                &parked.event.stream_id,
+                parked.event.event_id,
+            )
+            .await?;
+        }
+        outcome.done.push(parked);
+    }
+    Ok(outcome)
+}
+
+/// Replays one parked stream of the subscription `name` with the subscriber the
+/// service runs under that name.
+async fn replay_stream(
+    store: &EventStore,
+    registry: &SchemaRegistry,
+    pool: &PgPool,
+    name: &str,
+    stream: &str,
+) -> Result<usize, eventstore::HandlerError> {
+    use eventstore::subscription::replay_parked;
+    use projections::Runner;
+    let (registry, pool) = (registry.clone(), pool.clone());
+    match name {
+        "order.read-models" => {
+            let models = (
+                projections::order::OrderSummaries,
+                projections::order::CustomerOrders,
+            );
+            replay_parked(store, &Runner::new(models, registry, pool), name, stream).await
+        }
+        "inventory.read-models" => {
+            let models = projections::inventory::StockLevels;
+            replay_parked(store, &Runner::new(models, registry, pool), name, stream).await
+        }
+        "payment.read-models" => {
+            let models = projections::payment::PaymentStatuses;
+            replay_parked(store, &Runner::new(models, registry, pool), name, stream).await
+        }
+        "user.read-models" => {
+            let models = projections::user::UserProfiles;
+            replay_parked(store, &Runner::new(models, registry, pool), name, stream).await
+        }
+        other => Err(format!("no subscription is called {other:?}").into()),
+    }
 }
 
 /// What `orderflow users grant|revoke` did.

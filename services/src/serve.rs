@@ -10,7 +10,7 @@ use std::time::Duration;
 use anyhow::Context;
 use eventstore::{
     AggregateStore, Consumer, ConsumerConfig, EventStore, Handler, Metrics, Relay, RelayConfig,
-    SchemaRegistry,
+    SchemaRegistry, Subscriber, Subscription, SubscriptionConfig,
 };
 use projections::inventory::StockLevels;
 use projections::order::{CustomerOrders, OrderSummaries};
@@ -25,7 +25,7 @@ use uuid::Uuid;
 
 use crate::config::{Config, Service};
 use crate::gateway::Gateway;
-use crate::http::{Access, AppState, Db, Health, ProjectionWatch, app};
+use crate::http::{Access, AppState, Db, Health, SubscriptionWatch, app};
 use crate::registry::{Instance, Registry};
 use crate::setup::prepare_database;
 use crate::workers::{InventoryCommands, PaymentCommands, SimulatedProvider};
@@ -338,24 +338,34 @@ impl Plan<'_> {
         ConsumerConfig::commands(self.service.name(), &self.config.amqp_url)
     }
 
-    /// The service's read models, kept by one consumer.
+    /// The service's read models, kept by one subscription on its own store.
     fn read_models<R: ReadModels>(&mut self, read_models: R) {
-        let runner = Runner::new(read_models);
-        let lag = projections::monitor(
+        let runner = Runner::new(
+            read_models,
+            self.registry.clone(),
             self.store.pool().clone(),
-            R::queue(),
-            R::STREAM_PREFIX,
-            runner.progress(),
+        );
+        self.subscription(Runner::<R>::config(), runner);
+    }
+
+    /// A subscription on the service's own store, with its lag monitor, registered
+    /// with the service's health (readiness, read-your-writes).
+    fn subscription<S: Subscriber>(&mut self, config: SubscriptionConfig, subscriber: S) {
+        let name = format!("subscription {}", config.name);
+        let lag = eventstore::subscription::monitor(
+            self.store.pool().clone(),
+            config.name.clone(),
             self.metrics.clone(),
             LAG_EVERY,
             self.shutdown.clone(),
         );
-        self.health.projections.push(ProjectionWatch {
-            queue: R::queue(),
+        let subscription =
+            Subscription::new(config, self.store.clone(), subscriber, self.metrics.clone());
+        self.health.subscriptions.push(SubscriptionWatch {
             lag,
-            progress: runner.progress(),
+            progress: subscription.progress(),
         });
-        self.consumer(Runner::<R>::config(&self.config.amqp_url), runner);
+        self.worker(name, subscription.run(self.shutdown.clone()));
     }
 
     fn consumer<H: Handler>(&mut self, mut config: ConsumerConfig, handler: H) {

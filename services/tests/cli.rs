@@ -284,6 +284,7 @@ async fn migrate_creates_and_migrates_every_service_database() {
                 "schema_registry",
                 "snapshots",
                 "stock_levels",
+                "subscription_checkpoints",
                 "user_emails",
                 "user_profiles"
             ]

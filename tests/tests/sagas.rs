@@ -513,11 +513,12 @@ async fn quiet_books(system: &System) -> Vec<(String, String)> {
 }
 
 async fn books(system: &System) -> Vec<(String, String)> {
-    const TABLES: [&str; 10] = [
+    const TABLES: [&str; 11] = [
         "events",
         "snapshots",
         "inbox",
         "consumer_streams",
+        "subscription_checkpoints",
         "order_summaries",
         "customer_orders",
         "stock_levels",

@@ -400,8 +400,8 @@ async fn errors_are_problem_documents_naming_the_field() {
         Some("if-match"),
     )
     .await;
-    // The read model holds version 1; its progress row is then held locked, so the
-    // cancellation (version 2) cannot be applied until the test lets go.
+    // The read model holds version 1; its subscription's checkpoint row is then held
+    // locked, so the cancellation (version 2) cannot be applied until the test lets go.
     let order_id = placed["order_id"].as_str().unwrap().to_owned();
     let read = |min_version: u32| {
         system
@@ -416,10 +416,9 @@ async fn errors_are_problem_documents_naming_the_field() {
     let pool = system.pool(Order).await;
     let mut blocker = pool.begin().await.unwrap();
     sqlx::query(
-        "SELECT 1 FROM consumer_streams WHERE consumer = 'order.read-models' \
-         AND stream_id = $1 FOR UPDATE",
+        "SELECT 1 FROM subscription_checkpoints WHERE subscription = 'order.read-models' \
+         FOR UPDATE",
     )
-    .bind(format!("order-{order_id}"))
     .fetch_one(&mut *blocker)
     .await
     .unwrap();
@@ -754,7 +753,8 @@ async fn inventory_and_payment_handle_the_sagas_commands() {
     assert_eq!(ready["checks"]["consumer payment.commands"], "ok");
     let metrics = system.metrics(Inventory).await;
     assert!(
-        metrics.contains("orderflow_projection_lag_events{projection=\"inventory.read-models\"}"),
+        metrics
+            .contains("orderflow_subscription_lag_events{subscription=\"inventory.read-models\"}"),
         "{metrics}"
     );
     assert!(

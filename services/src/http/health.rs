@@ -9,7 +9,7 @@ use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Json};
 use axum::routing::get;
-use projections::{Lag, Progress};
+use eventstore::subscription::{Lag, Progress};
 use serde_json::{Value, json};
 
 use super::AppState;
@@ -24,27 +24,26 @@ pub struct Health {
     pub amqp_url: Option<String>,
     /// Background workers (relay, consumers) and whether each is still running.
     pub workers: Vec<(String, Arc<AtomicBool>)>,
-    /// The projections the service runs in this process.
-    pub projections: Vec<ProjectionWatch>,
+    /// The subscriptions on the service's own store (projections, the saga's own
+    /// events) this process runs or stands by for.
+    pub subscriptions: Vec<SubscriptionWatch>,
 }
 
-/// A projection running in this process, as queries and readiness see it.
+/// A subscription of this process, as queries and readiness see it.
 #[derive(Debug)]
-pub struct ProjectionWatch {
-    /// Its consumer queue, which names it.
-    pub queue: String,
+pub struct SubscriptionWatch {
     /// Its lag, as its monitor last measured it.
     pub lag: tokio::sync::watch::Receiver<Lag>,
-    /// Its runner's progress: read-your-writes queries wake on its commits.
+    /// Its progress: read-your-writes queries wake on its commits.
     pub progress: Arc<Progress>,
 }
 
 impl Health {
-    /// The progress of the projection with queue `queue`, if it runs here.
-    pub fn progress(&self, queue: &str) -> Option<&Arc<Progress>> {
-        self.projections
+    /// The progress of the subscription called `name`, if this process runs it.
+    pub fn progress(&self, name: &str) -> Option<&Arc<Progress>> {
+        self.subscriptions
             .iter()
-            .find(|watch| watch.queue == queue)
+            .find(|watch| watch.progress.name() == name)
             .map(|watch| &watch.progress)
     }
 }
@@ -64,10 +63,10 @@ pub(super) async fn live(State(state): State<AppState>) -> Json<Value> {
 }
 
 /// Ready when the database and the broker answer, every worker runs, and no
-/// projection is stalled.
+/// subscription is stalled or held back by an open transaction.
 #[utoipa::path(get, path = "/health/ready", tag = "service", responses(
-    (status = 200, description = "`{status: \"ready\", service, checks, projections}`: every \
-        check is `ok`; `projections` gives each one's lag", content_type = "application/json"),
+    (status = 200, description = "`{status: \"ready\", service, checks, subscriptions}`: every \
+        check is `ok`; `subscriptions` gives each one's lag, position and leader", content_type = "application/json"),
     (status = 503, description = "`status: \"not_ready\"`; each failed check says why",
         content_type = "application/json")))]
 pub(super) async fn ready(State(state): State<AppState>) -> impl IntoResponse {
@@ -107,21 +106,26 @@ pub(super) async fn ready(State(state): State<AppState>) -> impl IntoResponse {
         check(name, outcome);
     }
     let mut lags = serde_json::Map::new();
-    for ProjectionWatch {
-        queue: name, lag, ..
-    } in &state.health.projections
-    {
+    for SubscriptionWatch { lag, progress } in &state.health.subscriptions {
+        let name = progress.name();
         let lag = *lag.borrow();
+        let held_back = progress.held_back();
         lags.insert(
-            name.clone(),
-            json!({ "lag_events": lag.events, "stalled": lag.stalled }),
+            name.to_owned(),
+            json!({
+                "lag_events": lag.events,
+                "stalled": lag.stalled,
+                "position": progress.position(),
+                "leading_here": progress.leading(),
+                "held_back": held_back.as_ref().map(ToString::to_string),
+            }),
         );
-        let outcome = if lag.stalled {
-            Err(format!("stalled with {} events to apply", lag.events))
-        } else {
-            Ok(())
+        let outcome = match (&held_back, lag.stalled) {
+            (Some(held), _) => Err(held.to_string()),
+            (None, true) => Err(format!("stalled with {} events to apply", lag.events)),
+            (None, false) => Ok(()),
         };
-        check(&format!("projection {name}"), outcome);
+        check(&format!("subscription {name}"), outcome);
     }
     let status = if ready {
         StatusCode::OK
@@ -132,7 +136,7 @@ pub(super) async fn ready(State(state): State<AppState>) -> impl IntoResponse {
         "status": if ready { "ready" } else { "not_ready" },
         "service": state.service.name(),
         "checks": checks,
-        "projections": lags,
+        "subscriptions": lags,
     });
     (status, Json(body))
 }

@@ -35,7 +35,7 @@ use uuid::Uuid;
 
 use crate::config::Service;
 pub use caller::{Access, Caller, Identity};
-pub use health::{Health, ProjectionWatch};
+pub use health::{Health, SubscriptionWatch};
 use problem::{ApiError, InternalCause};
 
 /// Largest request body accepted; larger ones get a 413.

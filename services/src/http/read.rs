@@ -16,6 +16,9 @@ use utoipa::openapi::path::{Parameter, ParameterIn};
 
 /// How long a query waits for its read model.
 pub const WAIT: Duration = Duration::from_secs(2);
+/// How often a query waiting for a stream version not yet written looks again, at
+/// most (the read model moving on wakes it sooner).
+const NEXT_LOOK: Duration = Duration::from_millis(100);
 
 /// What the client has seen and wants the answer to include.
 #[derive(Debug, Default, Clone, Copy)]
@@ -89,22 +92,56 @@ fn number(field: &str, text: Option<String>) -> Result<Option<i64>, ApiError> {
 }
 
 impl Freshness {
-    /// Waits until the projection `queue` has applied what the client asked to see:
-    /// `min_version` of `stream_id`, and the event at `min_position` (whatever stream
-    /// it is in, as long as the projection reads it). A 503 with `Retry-After` when
-    /// it has not within [`WAIT`]; a 404 or 422 when the stream never reached that
-    /// version (there was nothing to wait for).
+    /// Waits until the read models of `P`'s service have applied what the client asked
+    /// to see: `min_version` of `stream_id`, and the event at `min_position`. Their
+    /// subscription applies the store in global order, so this is one position to
+    /// wait for. A 503 with `Retry-After` when it has not within [`WAIT`] (or the
+    /// stream is parked behind an event that failed); a 404 or 422 when there is
+    /// nothing to wait for (a version the stream never reached, no event at the
+    /// position).
     pub async fn wait<P: Projection>(
         &self,
         state: &AppState,
         stream_id: Option<&str>,
     ) -> Result<(), ApiError> {
         let store = state.db()?.aggregates.event_store();
-        let queue = projections::queue(P::SERVICE);
-        let progress = state.health.progress(&queue);
+        let name = projections::queue(P::SERVICE);
+        let progress = state.health.progress(&name);
+        let deadline = tokio::time::Instant::now() + WAIT;
         let mut targets = Vec::new();
         match (self.min_version, stream_id) {
-            (Some(version), Some(stream_id)) => targets.push((stream_id.to_owned(), version)),
+            (Some(version), Some(stream_id)) if version > 0 => {
+                // The version may still be on its way (a saga about to confirm): look
+                // again each time the read model moves on, until the deadline.
+                let position = loop {
+                    if let Some(position) = store.position_of(stream_id, version).await? {
+                        break position;
+                    }
+                    let now = tokio::time::Instant::now();
+                    if now >= deadline {
+                        let recorded = store.stream_version(stream_id).await?;
+                        if recorded == 0 {
+                            return Err(ApiError::not_found(format!("{stream_id} has no events")));
+                        }
+                        return Err(ApiError::invalid(
+                            "min_version",
+                            format!(
+                                "{stream_id} is at version {recorded}; {version} was never written"
+                            ),
+                        ));
+                    }
+                    let pause = (deadline - now).min(NEXT_LOOK);
+                    match progress {
+                        Some(progress) => {
+                            let next = progress.position() + 1;
+                            progress.wait_for(store.pool(), next, pause).await?;
+                        }
+                        None => tokio::time::sleep(pause).await,
+                    }
+                };
+                targets.push((stream_id.to_owned(), position));
+            }
+            (Some(_), Some(_)) => {}
             // A list spans many streams: only a position says what to wait for.
             (Some(_), None) => {
                 return Err(ApiError::invalid(
@@ -116,7 +153,7 @@ impl Freshness {
         }
         if let Some(position) = self.min_position {
             match store.event_at(position).await? {
-                Some(target) => targets.push(target),
+                Some((stream_id, _)) => targets.push((stream_id, position)),
                 None => {
                     return Err(ApiError::invalid(
                         "min_position",
@@ -125,37 +162,33 @@ impl Freshness {
                 }
             }
         }
-        for (stream_id, version) in targets {
-            let caught_up = projections::wait_until_applied(
-                store.pool(),
-                &queue,
-                &stream_id,
-                version,
-                WAIT,
-                progress,
+        let Some(position) = targets.iter().map(|(_, position)| *position).max() else {
+            return Ok(());
+        };
+        let behind = || {
+            ApiError::unavailable(
+                "read-model-behind",
+                format!("the read model has not caught up with position {position} yet"),
+                1,
             )
-            .await?;
-            if !caught_up {
-                // A version the stream never reached is the client's mistake, not a
-                // read model behind: say so rather than ask it to come back.
-                let recorded = store.stream_version(&stream_id).await?;
-                if recorded == 0 {
-                    return Err(ApiError::not_found(format!("{stream_id} has no events")));
-                }
-                if recorded < version {
-                    return Err(ApiError::invalid(
-                        "min_version",
-                        format!(
-                            "{stream_id} is at version {recorded}; {version} was never written"
-                        ),
-                    ));
-                }
+        };
+        let remaining = deadline.saturating_duration_since(tokio::time::Instant::now());
+        let caught_up = match progress {
+            Some(progress) => progress.wait_for(store.pool(), position, remaining).await?,
+            // Not run by this process (a tool, a test): look once.
+            None => eventstore::subscription::checkpoint(store.pool(), &name).await? >= position,
+        };
+        if !caught_up {
+            return Err(behind());
+        }
+        for (stream_id, _) in &targets {
+            if eventstore::subscription::is_parked(store.pool(), &name, stream_id).await? {
                 return Err(ApiError::unavailable(
                     "read-model-behind",
                     format!(
-                        "the read model has not caught up with version {version} of {stream_id} yet"
+                        "{stream_id} is parked behind an event its read model could not apply (orderflow dlq list)"
                     ),
-                    1,
+                    30,
                 ));
             }
         }
@@ -163,7 +196,7 @@ impl Freshness {
     }
 }
 
-/// A read model's answer: 200 with the view, or a 404 saying what is missing.
+/// The view as JSON, or a 404 saying what is missing.
 pub fn found<T: serde::Serialize>(
     view: Option<T>,
     missing: impl FnOnce() -> String,
