@@ -135,6 +135,74 @@ impl StockRequest {
     }
 }
 
+/// The inventory's one answer to a `ReserveStock`, for the saga that sent it: recorded
+/// on the stream `reservation-<order id>` (the per-SKU events stay on the stock
+/// streams, for the inventory's own read model) and the only message of the
+/// reservation that crosses to the order service.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ReservationReply {
+    /// Every line is held for the order.
+    OrderStockReserved {
+        order_id: Uuid,
+        lines: Vec<StockLine>,
+    },
+    /// A line could not be held (the first one short, by SKU), so none is.
+    OrderStockUnavailable {
+        order_id: Uuid,
+        sku: String,
+        requested: u32,
+        available: u64,
+    },
+}
+
+impl ReservationReply {
+    /// The stream a reservation's answer is recorded on.
+    pub fn stream_id(order_id: Uuid) -> String {
+        format!("reservation-{order_id}")
+    }
+
+    pub fn order_id(&self) -> Uuid {
+        match self {
+            ReservationReply::OrderStockReserved { order_id, .. }
+            | ReservationReply::OrderStockUnavailable { order_id, .. } => *order_id,
+        }
+    }
+
+    /// The answer to reserving `lines` for `order_id`, from what [`reserve_all`]
+    /// decided for them (a line already held for the order decides nothing, and
+    /// counts as held).
+    pub fn answering(
+        order_id: Uuid,
+        lines: &[StockLine],
+        decided: &[(String, Vec<StockEvent>)],
+    ) -> ReservationReply {
+        let short = decided
+            .iter()
+            .flat_map(|(_, events)| events)
+            .find_map(|event| match event {
+                StockEvent::StockReservationFailed {
+                    sku,
+                    requested,
+                    available,
+                    ..
+                } => Some((sku.clone(), *requested, *available)),
+                _ => None,
+            });
+        match short {
+            Some((sku, requested, available)) => ReservationReply::OrderStockUnavailable {
+                order_id,
+                sku,
+                requested,
+                available,
+            },
+            None => ReservationReply::OrderStockReserved {
+                order_id,
+                lines: lines.to_vec(),
+            },
+        }
+    }
+}
+
 /// Decides a whole-order reservation over several stock items, all lines or none: the
 /// events to append to each item's stream. If any line cannot be held (too little
 /// available, or no such item), only the failures are recorded, on the short items'
@@ -346,6 +414,65 @@ fn invalid(field: &'static str, message: impl Into<String>) -> StockError {
     StockError::Invalid {
         field,
         message: message.into(),
+    }
+}
+
+#[cfg(test)]
+mod reply_tests {
+    use super::*;
+
+    #[test]
+    fn a_reservation_is_answered_once_for_all_its_lines() {
+        let order_id = Uuid::from_u128(3);
+        let line = |sku: &str, quantity| StockLine {
+            sku: sku.into(),
+            quantity,
+        };
+        let item = |sku: &str, available| {
+            let mut item = StockItem::default().evolve(&StockEvent::StockItemCreated {
+                sku: sku.into(),
+                name: sku.into(),
+            });
+            if available > 0 {
+                item = item.evolve(&StockEvent::StockAdded {
+                    sku: sku.into(),
+                    quantity: available,
+                });
+            }
+            item
+        };
+        let lines = [line("A", 2), line("B", 1)];
+        let enough = [
+            (lines[0].clone(), item("A", 5)),
+            (lines[1].clone(), item("B", 1)),
+        ];
+        let decided = reserve_all(order_id, &enough).unwrap();
+        assert_eq!(decided.len(), 2, "one stream per SKU");
+        assert_eq!(
+            ReservationReply::answering(order_id, &lines, &decided),
+            ReservationReply::OrderStockReserved {
+                order_id,
+                lines: lines.to_vec(),
+            }
+        );
+        let short = [
+            (lines[0].clone(), item("A", 5)),
+            (lines[1].clone(), item("B", 0)),
+        ];
+        let decided = reserve_all(order_id, &short).unwrap();
+        assert_eq!(
+            ReservationReply::answering(order_id, &lines, &decided),
+            ReservationReply::OrderStockUnavailable {
+                order_id,
+                sku: "B".into(),
+                requested: 1,
+                available: 0,
+            }
+        );
+        assert_eq!(
+            ReservationReply::stream_id(order_id),
+            format!("reservation-{order_id}")
+        );
     }
 }
 

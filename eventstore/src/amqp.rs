@@ -10,7 +10,7 @@
 
 use lapin::options::{
     BasicQosOptions, ConfirmSelectOptions, ExchangeBindOptions, ExchangeDeclareOptions,
-    QueueBindOptions, QueueDeclareOptions,
+    QueueBindOptions, QueueDeclareOptions, QueueDeleteOptions,
 };
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, ExchangeKind};
@@ -60,8 +60,23 @@ pub fn dead_letter_queue(service: &str) -> String {
 /// can close by).
 pub async fn connect(url: &str, name: &str) -> Result<Connection, lapin::Error> {
     let properties = ConnectionProperties::default().with_connection_name(name.into());
-    Connection::connect(url, properties).await
+    // lapin's connect was seen to hang for good, once in many runs, after the broker
+    // refused the connection: bounded, it fails like any refused connection.
+    match tokio::time::timeout(CONNECT_TIMEOUT, Connection::connect(url, properties)).await {
+        Ok(connected) => connected,
+        Err(_) => Err(std::io::Error::new(
+            std::io::ErrorKind::TimedOut,
+            format!(
+                "no connection to the broker within {} s",
+                CONNECT_TIMEOUT.as_secs()
+            ),
+        )
+        .into()),
+    }
 }
+
+/// How long [`connect`] waits for the broker.
+const CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// A channel with publisher confirms on.
 pub async fn confirming_channel(connection: &Connection) -> Result<Channel, lapin::Error> {
@@ -197,8 +212,26 @@ pub async fn declare_partitioned(
 /// is split: see [`ConsumerConfig::commands`](crate::ConsumerConfig::commands).)
 pub async fn declare_service(channel: &Channel, service: &str) -> Result<(), lapin::Error> {
     declare_exchanges(channel).await?;
+    // Queues of consumers this version no longer runs: left in place, they would
+    // keep every event bound to them, for ever, with nobody to read them.
+    for obsolete in obsolete_queues(service) {
+        channel
+            .queue_delete(short_string(&obsolete), QueueDeleteOptions::default())
+            .await?;
+    }
     // Read by operators (`orderflow dlq`), not by a consumer.
     declare_queue(channel, &dead_letter_queue(service), &[], false).await
+}
+
+/// Queues earlier versions declared for a service and this one does not: its read
+/// models (which follow its own store now) and, for the order service, the saga's
+/// queue of the order's own events.
+fn obsolete_queues(service: &str) -> Vec<String> {
+    let mut queues = vec![format!("{service}.read-models")];
+    if service == "order" {
+        queues.push("order.fulfilment-saga".to_owned());
+    }
+    queues
 }
 
 /// Limits how many unacknowledged messages the broker hands this channel.

@@ -257,7 +257,9 @@ struct AppendSql {
 /// Builds both shapes. $1 is the stream, $2 the version parameter, $3..$8 the event
 /// columns (id, type, fingerprint, payload, correlation id, causation id), $9 the
 /// number of positions this transaction already used (earlier appends in a
-/// [`StoreTransaction`]). Each statement returns one row per stored event.
+/// [`StoreTransaction`]), $10 the event types that leave the service through the
+/// outbox (NULL: every one; see [`EventStore::publishing`]). Each statement returns
+/// one row per stored event.
 macro_rules! append_sql {
     (first_version: $first_version:literal, guard: $guard:literal, result: $result:literal) => {
         AppendSql {
@@ -282,7 +284,7 @@ macro_rules! append_sql {
     WHERE ",
             $guard,
             "
-    RETURNING global_position, stream_version
+    RETURNING global_position, stream_version, event_type
 )
 ",
             $result
@@ -292,27 +294,29 @@ macro_rules! append_sql {
 
 /// Versions $2 + 1…: a new stream ($2 = 0) or a version the store reported. The
 /// unique index on (stream, version) refuses the append if anyone wrote $2 + 1 first.
-/// The outbox insert's own result is the statement's result: no extra select.
 const APPEND_AT: AppendSql = append_sql!(
     first_version: "$2::bigint",
     guard: "$2 >= 0",
-    result: "INSERT INTO outbox (global_position) SELECT global_position FROM inserted
-RETURNING global_position, $2::bigint + 1 AS first_version"
+    result: ", queued AS (INSERT INTO outbox (global_position) SELECT global_position FROM inserted
+    WHERE $10::text[] IS NULL OR event_type = ANY($10::text[]))
+SELECT global_position, $2::bigint + 1 AS first_version FROM inserted"
 );
 
 /// Like [`APPEND_AT`] for a version the caller only claims: it must exist.
 const APPEND_AT_EXISTING: AppendSql = append_sql!(
     first_version: "$2::bigint",
     guard: "EXISTS (SELECT 1 FROM events WHERE stream_id = $1 AND stream_version = $2)",
-    result: "INSERT INTO outbox (global_position) SELECT global_position FROM inserted
-RETURNING global_position, $2::bigint + 1 AS first_version"
+    result: ", queued AS (INSERT INTO outbox (global_position) SELECT global_position FROM inserted
+    WHERE $10::text[] IS NULL OR event_type = ANY($10::text[]))
+SELECT global_position, $2::bigint + 1 AS first_version FROM inserted"
 );
 
 /// Any version: continue after the stream's head ($2 is unused and always -1).
 const APPEND_ANY: AppendSql = append_sql!(
     first_version: "(SELECT coalesce(max(stream_version), 0) FROM events WHERE stream_id = $1)",
     guard: "$2 = -1",
-    result: ", queued AS (INSERT INTO outbox (global_position) SELECT global_position FROM inserted)
+    result: ", queued AS (INSERT INTO outbox (global_position) SELECT global_position FROM inserted
+    WHERE $10::text[] IS NULL OR event_type = ANY($10::text[]))
 SELECT global_position, min(stream_version) OVER () AS first_version FROM inserted"
 );
 
@@ -327,8 +331,9 @@ const APPEND_AT_IN_TX: AppendSql = append_sql!(
     first_version: "$2::bigint",
     guard: "$2 >= 0 AND coalesce((SELECT global_position >> 20 FROM events \
      WHERE stream_id = $1 AND stream_version = $2), 0) <= pg_current_xact_id()::text::bigint",
-    result: "INSERT INTO outbox (global_position) SELECT global_position FROM inserted
-RETURNING global_position, $2::bigint + 1 AS first_version"
+    result: ", queued AS (INSERT INTO outbox (global_position) SELECT global_position FROM inserted
+    WHERE $10::text[] IS NULL OR event_type = ANY($10::text[]))
+SELECT global_position, $2::bigint + 1 AS first_version FROM inserted"
 );
 
 /// [`APPEND_AT_EXISTING`] inside a caller's transaction.
@@ -336,8 +341,9 @@ const APPEND_AT_EXISTING_IN_TX: AppendSql = append_sql!(
     first_version: "$2::bigint",
     guard: "EXISTS (SELECT 1 FROM events WHERE stream_id = $1 AND stream_version = $2 \
      AND global_position >> 20 <= pg_current_xact_id()::text::bigint)",
-    result: "INSERT INTO outbox (global_position) SELECT global_position FROM inserted
-RETURNING global_position, $2::bigint + 1 AS first_version"
+    result: ", queued AS (INSERT INTO outbox (global_position) SELECT global_position FROM inserted
+    WHERE $10::text[] IS NULL OR event_type = ANY($10::text[]))
+SELECT global_position, $2::bigint + 1 AS first_version FROM inserted"
 );
 
 /// [`APPEND_ANY`] inside a caller's transaction.
@@ -345,7 +351,8 @@ const APPEND_ANY_IN_TX: AppendSql = append_sql!(
     first_version: "(SELECT coalesce(max(stream_version), 0) FROM events WHERE stream_id = $1)",
     guard: "$2 = -1 AND coalesce((SELECT global_position >> 20 FROM events \
      WHERE stream_id = $1 ORDER BY stream_version DESC LIMIT 1), 0) <= pg_current_xact_id()::text::bigint",
-    result: ", queued AS (INSERT INTO outbox (global_position) SELECT global_position FROM inserted)
+    result: ", queued AS (INSERT INTO outbox (global_position) SELECT global_position FROM inserted
+    WHERE $10::text[] IS NULL OR event_type = ANY($10::text[]))
 SELECT global_position, min(stream_version) OVER () AS first_version FROM inserted"
 );
 
@@ -443,12 +450,27 @@ const READ_COMMITTED: &str =
 pub struct EventStore {
     pool: PgPool,
     waker: RelayWaker,
+    /// The event types that leave the service through the outbox; `None`: every one.
+    published: Option<Arc<[String]>>,
 }
 
 impl EventStore {
     pub fn new(pool: PgPool) -> Self {
         let waker = RelayWaker::new(pool.connect_options().as_ref().clone());
-        EventStore { pool, waker }
+        EventStore {
+            pool,
+            waker,
+            published: None,
+        }
+    }
+
+    /// Puts only events of these types in the outbox: what other services consume
+    /// (DESIGN §3). The service's own subscriptions read every event from the store,
+    /// so an event nobody else reads never goes to the broker. Without this, every
+    /// event is published.
+    pub fn publishing(mut self, event_types: impl IntoIterator<Item = impl Into<String>>) -> Self {
+        self.published = Some(event_types.into_iter().map(Into::into).collect());
+        self
     }
 
     pub fn pool(&self) -> &PgPool {
@@ -484,8 +506,9 @@ impl EventStore {
     ) -> Result<AppendResult, StoreError> {
         const ANY_RETRIES: usize = 16;
         let mut attempt = 0;
+        let published = self.published.as_deref();
         let result = loop {
-            match append_once(connection, stream_id, expected, events, 0, true).await {
+            match append_once(connection, stream_id, expected, events, 0, true, published).await {
                 Err(StoreError::Concurrency { .. })
                     if expected == ExpectedVersion::Any && attempt < ANY_RETRIES =>
                 {
@@ -506,6 +529,7 @@ impl EventStore {
         Ok(StoreTransaction {
             transaction: self.pool.begin().await?,
             waker: self.waker.clone(),
+            published: self.published.clone(),
             positions_used: 0,
             locked_streams: Vec::new(),
             after_commit: Vec::new(),
@@ -521,6 +545,7 @@ impl EventStore {
         Ok(StoreTransaction {
             transaction: Connection::begin(connection).await?,
             waker: self.waker.clone(),
+            published: self.published.clone(),
             positions_used: 0,
             locked_streams: Vec::new(),
             after_commit: Vec::new(),
@@ -639,6 +664,8 @@ impl EventStore {
 pub struct StoreTransaction<'c> {
     transaction: sqlx::Transaction<'c, sqlx::Postgres>,
     waker: RelayWaker,
+    /// The store's [`EventStore::publishing`] choice.
+    published: Option<Arc<[String]>>,
     /// Positions are (transaction id << 20) + ordinal; this is the next ordinal.
     positions_used: i64,
     /// Streams this transaction holds the lock of: locking one again costs nothing.
@@ -677,6 +704,7 @@ impl StoreTransaction<'_> {
             events,
             self.positions_used,
             false,
+            self.published.as_deref(),
         )
         .await?;
         self.positions_used += events.len() as i64;
@@ -961,6 +989,7 @@ async fn append_once(
     events: &[NewEvent],
     first_ordinal: i64,
     can_look_again: bool,
+    published: Option<&[String]>,
 ) -> Result<AppendResult, StoreError> {
     if events.is_empty() || events.len() > MAX_EVENTS_PER_TRANSACTION {
         return Err(StoreError::BadBatch(events.len()));
@@ -972,6 +1001,7 @@ async fn append_once(
         .bind(version);
     let outcome = bind_events(query, events)
         .bind(first_ordinal)
+        .bind(published)
         .fetch_all(&mut *connection)
         .await;
     let refused = match outcome {

@@ -121,9 +121,9 @@ pub enum Input {
         card_token: String,
     },
     CancellationRequested,
-    StockReserved {
-        sku: String,
-    },
+    /// Every line is held (the inventory's one answer to the reservation).
+    StockReserved,
+    /// A line could not be held, so none is.
     StockReservationFailed {
         sku: String,
     },
@@ -166,7 +166,7 @@ impl Input {
         match self {
             Input::OrderPlaced { .. } => "OrderPlaced".to_owned(),
             Input::CancellationRequested => "OrderCancellationRequested".to_owned(),
-            Input::StockReserved { sku } => format!("StockReserved {sku}"),
+            Input::StockReserved => "StockReserved".to_owned(),
             Input::StockReservationFailed { sku } => format!("StockReservationFailed {sku}"),
             Input::PaymentAuthorized => "PaymentAuthorized".to_owned(),
             Input::PaymentDeclined => "PaymentDeclined".to_owned(),
@@ -246,28 +246,22 @@ impl ProcessManager for Fulfilment {
                 );
             }
 
-            // Reserving stock: wait for every SKU's answer. A cancellation waits too:
-            // only the answer says whether there is anything to release.
-            (Step::ReservingStock, Input::StockReserved { sku }) => {
-                next.reserved.insert(sku.clone());
-                if next
-                    .lines
-                    .iter()
-                    .all(|line| next.reserved.contains(&line.sku))
-                {
-                    if next.cancellation_requested {
-                        commands.push(next.release());
-                        next.end(Step::Cancelled, EndReason::CustomerRequest, &mut commands);
-                    } else {
-                        next.step = Step::AuthorizingPayment;
-                        commands.push(Command::Payment(PaymentRequest::AuthorizePayment {
-                            order_id: next.order_id,
-                            customer_id: Some(next.customer_id),
-                            amount_cents: next.total_cents,
-                            card_token: next.card_token.clone(),
-                        }));
-                        deadline = after(settings.payment_deadline);
-                    }
+            // Reserving stock: wait for the inventory's answer. A cancellation waits
+            // too: only the answer says whether there is anything to release.
+            (Step::ReservingStock, Input::StockReserved) => {
+                next.reserved = next.lines.iter().map(|line| line.sku.clone()).collect();
+                if next.cancellation_requested {
+                    commands.push(next.release());
+                    next.end(Step::Cancelled, EndReason::CustomerRequest, &mut commands);
+                } else {
+                    next.step = Step::AuthorizingPayment;
+                    commands.push(Command::Payment(PaymentRequest::AuthorizePayment {
+                        order_id: next.order_id,
+                        customer_id: Some(next.customer_id),
+                        amount_cents: next.total_cents,
+                        card_token: next.card_token.clone(),
+                    }));
+                    deadline = after(settings.payment_deadline);
                 }
             }
             // All or nothing: a failed line means nothing was reserved.
@@ -336,13 +330,9 @@ impl ProcessManager for Fulfilment {
             (Step::Cancelled | Step::Rejected, Input::PaymentAuthorized) => {
                 commands.push(next.void());
             }
-            (Step::Cancelled | Step::Rejected, Input::StockReserved { sku }) => {
-                if let Some(line) = next.lines.iter().find(|line| &line.sku == sku) {
-                    commands.push(Command::Stock(StockRequest::ReleaseStock {
-                        order_id: next.order_id,
-                        lines: vec![line.stock()],
-                    }));
-                }
+            // (Releasing what is not held changes nothing.)
+            (Step::Cancelled | Step::Rejected, Input::StockReserved) => {
+                commands.push(next.release());
             }
 
             // Anything else is a duplicate, or too late to matter.
@@ -463,8 +453,8 @@ mod tests {
         ]
     }
 
-    fn reserved(sku: &str) -> Input {
-        Input::StockReserved { sku: sku.into() }
+    fn reserved() -> Input {
+        Input::StockReserved
     }
 
     fn reserve() -> Command {
@@ -543,13 +533,10 @@ mod tests {
 
     #[test]
     fn payment_is_asked_for_once_every_sku_is_reserved_with_a_deadline() {
-        saga()
+        let then = saga()
             .given(&[placed()])
-            .when(reserved("A"))
-            .then_commands(&[])
-            .then_state(|state| assert_eq!(state.step, Step::ReservingStock));
-        let given = saga().given(&[placed(), reserved("A")]);
-        let then = given.when(reserved("B")).then_commands(&[authorize()]);
+            .when(reserved())
+            .then_commands(&[authorize()]);
         let due = then.at + chrono::Duration::seconds(5);
         then.then_deadline(Deadline::Set(due))
             .then_state(|state| assert_eq!(state.step, Step::AuthorizingPayment));
@@ -558,19 +545,14 @@ mod tests {
     #[test]
     fn an_authorized_payment_confirms_commits_and_captures() {
         let then = saga()
-            .given(&[placed(), reserved("A"), reserved("B")])
+            .given(&[placed(), reserved()])
             .when(Input::PaymentAuthorized)
             .then_commands(&[order(OrderCommand::ConfirmOrder), commit(), capture()])
             .then_state(|state| assert_eq!(state.step, Step::Capturing));
         let retry = then.at + chrono::Duration::seconds(60);
         then.then_deadline(Deadline::Set(retry));
         saga()
-            .given(&[
-                placed(),
-                reserved("A"),
-                reserved("B"),
-                Input::PaymentAuthorized,
-            ])
+            .given(&[placed(), reserved(), Input::PaymentAuthorized])
             .when(Input::PaymentCaptured)
             .then_commands(&[])
             .then_deadline(Deadline::Clear)
@@ -582,8 +564,7 @@ mod tests {
         saga()
             .given(&[
                 placed(),
-                reserved("A"),
-                reserved("B"),
+                reserved(),
                 Input::PaymentAuthorized,
                 Input::DeadlinePassed,
             ])
@@ -600,12 +581,7 @@ mod tests {
         let refused = || Input::PaymentCaptureFailed {
             reason: "provider_unavailable".into(),
         };
-        let confirmed = [
-            placed(),
-            reserved("A"),
-            reserved("B"),
-            Input::PaymentAuthorized,
-        ];
+        let confirmed = [placed(), reserved(), Input::PaymentAuthorized];
         saga()
             .given(&confirmed)
             .when(refused())
@@ -650,7 +626,7 @@ mod tests {
     #[test]
     fn a_declined_payment_releases_the_stock_and_cancels() {
         saga()
-            .given(&[placed(), reserved("A"), reserved("B")])
+            .given(&[placed(), reserved()])
             .when(Input::PaymentDeclined)
             .then_commands(&[
                 release(),
@@ -664,14 +640,9 @@ mod tests {
 
     #[test]
     fn no_payment_answer_in_time_releases_voids_and_cancels_then_voids_a_late_one() {
-        let timed_out = [
-            placed(),
-            reserved("A"),
-            reserved("B"),
-            Input::DeadlinePassed,
-        ];
+        let timed_out = [placed(), reserved(), Input::DeadlinePassed];
         saga()
-            .given(&timed_out[..3])
+            .given(&timed_out[..2])
             .when(Input::DeadlinePassed)
             .then_commands(&[
                 release(),
@@ -700,8 +671,8 @@ mod tests {
             .when(Input::CancellationRequested)
             .then_commands(&[]);
         saga()
-            .given(&[placed(), Input::CancellationRequested, reserved("A")])
-            .when(reserved("B"))
+            .given(&[placed(), Input::CancellationRequested])
+            .when(reserved())
             .then_commands(&[release(), cancelled.clone()])
             .then_state(ended(Step::Cancelled, EndReason::CustomerRequest));
         // ...or, if it reserved nothing, release nothing.
@@ -712,18 +683,13 @@ mod tests {
             .then_state(ended(Step::Cancelled, EndReason::CustomerRequest));
         // While the payment is pending: release the stock and void any authorization.
         saga()
-            .given(&[placed(), reserved("A"), reserved("B")])
+            .given(&[placed(), reserved()])
             .when(Input::CancellationRequested)
             .then_commands(&[release(), void(), cancelled])
             .then_deadline(Deadline::Clear);
         // Once confirmed, there is nothing to cancel.
         saga()
-            .given(&[
-                placed(),
-                reserved("A"),
-                reserved("B"),
-                Input::PaymentAuthorized,
-            ])
+            .given(&[placed(), reserved(), Input::PaymentAuthorized])
             .when(Input::CancellationRequested)
             .then_commands(&[])
             .then_state(|state| assert_eq!(state.step, Step::Capturing));
@@ -733,8 +699,7 @@ mod tests {
     fn every_input_delivered_twice_decides_nothing_the_second_time() {
         let script = [
             placed(),
-            reserved("A"),
-            reserved("B"),
+            reserved(),
             Input::PaymentAuthorized,
             Input::PaymentCaptured,
         ];
@@ -753,12 +718,13 @@ mod tests {
     #[test]
     fn the_state_round_trips_through_json() {
         let state = saga()
-            .given(&[placed(), reserved("A")])
+            .given(&[placed()])
             .when(Input::CancellationRequested)
             .decision
             .state;
         let json = serde_json::to_value(&state).unwrap();
         assert_eq!(json["step"], "reserving_stock");
+        assert_eq!(json["cancellation_requested"], true);
         let back: Fulfilment = serde_json::from_value(json).unwrap();
         assert_eq!(back, state);
         let ended = saga()

@@ -1,19 +1,27 @@
-//! Runs the order-fulfilment saga: a [`Handler`] of the consumer runtime for the events
-//! it reacts to, and a scheduler for its deadlines. Each input is one transaction: the
-//! saga row locked, the decision taken, its order commands executed on the order
-//! aggregate, its other commands queued in the outbox, the new state, deadline and
-//! history step written, and (for an event) the inbox row: all or nothing.
+//! Runs the order-fulfilment saga, which hears each of its inputs once:
+//!
+//! - the order service's own events (an order placed, a cancellation asked for) from
+//!   the order store, as a [`Subscriber`] (subscription `order.fulfilment-saga`), never
+//!   back through the broker (DESIGN §6);
+//! - the other services' answers (stock, payment) as a [`Handler`] of the consumer
+//!   runtime (queue `order.saga-replies`);
+//! - its deadlines, from a scheduler.
+//!
+//! Each input is one transaction: the saga row locked, the decision taken, its order
+//! commands executed on the order aggregate, its other commands queued in the outbox,
+//! the new state, deadline and history step written, and the subscription's
+//! checkpoint or the message's inbox row: all or nothing.
 
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
-use domain::inventory::StockEvent;
+use domain::inventory::ReservationReply;
 use domain::order::{Order, OrderEvent};
 use domain::payment::PaymentEvent;
 use eventstore::cache::VersionedCache;
 use eventstore::{
     AggregateStore, ConsumerConfig, Handler, HandlerError, Message, Metadata, OutgoingCommand,
-    StoreTransaction,
+    RecordedEvent, StoreTransaction, Subscriber, SubscriptionConfig,
 };
 use serde::Serialize;
 use sqlx::{PgPool, Row};
@@ -77,19 +85,22 @@ impl FulfilmentRunner {
         }
     }
 
-    /// Its consumer, bound to exactly the events it reacts to: every delivery costs
-    /// work, and most events of these services (stock committed or released, payments
-    /// voided, the order's own outcome) are not inputs.
+    /// Its subscription on the order store, for the order's own events.
+    pub fn subscription_config() -> SubscriptionConfig {
+        SubscriptionConfig::new("order.fulfilment-saga")
+    }
+
+    /// Its consumer of the other services' answers, bound to exactly the events it
+    /// reacts to: every delivery costs work, and most events of these services (stock
+    /// committed or released, payments voided) are not inputs.
     pub fn config(amqp_url: &str) -> ConsumerConfig {
         ConsumerConfig::events(
             "order",
-            "fulfilment-saga",
+            "saga-replies",
             amqp_url,
             &[
-                "order.OrderPlaced",
-                "order.OrderCancellationRequested",
-                "inventory.StockReserved",
-                "inventory.StockReservationFailed",
+                "inventory.OrderStockReserved",
+                "inventory.OrderStockUnavailable",
                 "payment.PaymentAuthorized",
                 "payment.PaymentDeclined",
                 "payment.PaymentCaptured",
@@ -369,6 +380,39 @@ enum Cause {
     Deadline,
 }
 
+/// The order's own events the saga reacts to.
+const OWN_INPUTS: [&str; 2] = ["OrderPlaced", "OrderCancellationRequested"];
+
+impl Subscriber for FulfilmentRunner {
+    fn wants(&self, event: &RecordedEvent) -> bool {
+        OWN_INPUTS.contains(&event.event_type.as_str())
+    }
+
+    fn streams_to_lock(&self, event: &RecordedEvent) -> Vec<String> {
+        vec![event.stream_id.clone()]
+    }
+
+    async fn apply(
+        &self,
+        event: &RecordedEvent,
+        transaction: &mut StoreTransaction<'_>,
+    ) -> Result<(), HandlerError> {
+        let pool = self.aggregates.event_store().pool().clone();
+        let decoded: OrderEvent = self
+            .aggregates
+            .registry()
+            .decode_learning(&pool, &event.payload)
+            .await?;
+        let Some((order_id, input)) = order_input(decoded) else {
+            return Ok(());
+        };
+        let cause = Cause::Message(Metadata::new(event.correlation_id, event.event_id));
+        self.step(transaction, order_id, &input, cause)
+            .await
+            .map(drop)
+    }
+}
+
 impl Handler for FulfilmentRunner {
     fn streams_to_lock(&self, message: &Message) -> Vec<String> {
         match input_of(message) {
@@ -392,43 +436,47 @@ impl Handler for FulfilmentRunner {
     }
 }
 
-/// The saga input an event is, and for which order; `None` for events the saga does
-/// not react to.
-fn input_of(message: &Message) -> Result<Option<(Uuid, Input)>, HandlerError> {
-    let service = message.routing_key.split('.').next().unwrap_or_default();
-    Ok(match service {
-        "order" => match message.decode::<OrderEvent>()? {
-            OrderEvent::OrderPlaced {
+/// The saga input an order event is, and for which order; `None` for the order's other
+/// events.
+fn order_input(event: OrderEvent) -> Option<(Uuid, Input)> {
+    match event {
+        OrderEvent::OrderPlaced {
+            order_id,
+            customer_id,
+            lines,
+            total_cents,
+            currency,
+            card_token,
+        } => Some((
+            order_id,
+            Input::OrderPlaced {
                 order_id,
                 customer_id,
                 lines,
                 total_cents,
                 currency,
                 card_token,
-            } => Some((
-                order_id,
-                Input::OrderPlaced {
-                    order_id,
-                    customer_id,
-                    lines,
-                    total_cents,
-                    currency,
-                    card_token,
-                },
-            )),
-            OrderEvent::OrderCancellationRequested { order_id } => {
-                Some((order_id, Input::CancellationRequested))
+            },
+        )),
+        OrderEvent::OrderCancellationRequested { order_id } => {
+            Some((order_id, Input::CancellationRequested))
+        }
+        _ => None,
+    }
+}
+
+/// The saga input another service's answer is, and for which order; `None` for events
+/// the saga does not react to.
+fn input_of(message: &Message) -> Result<Option<(Uuid, Input)>, HandlerError> {
+    let service = message.routing_key.split('.').next().unwrap_or_default();
+    Ok(match service {
+        "inventory" => match message.decode::<ReservationReply>()? {
+            ReservationReply::OrderStockReserved { order_id, .. } => {
+                Some((order_id, Input::StockReserved))
             }
-            _ => None,
-        },
-        "inventory" => match message.decode::<StockEvent>()? {
-            StockEvent::StockReserved { sku, order_id, .. } => {
-                Some((order_id, Input::StockReserved { sku }))
-            }
-            StockEvent::StockReservationFailed { sku, order_id, .. } => {
+            ReservationReply::OrderStockUnavailable { order_id, sku, .. } => {
                 Some((order_id, Input::StockReservationFailed { sku }))
             }
-            _ => None,
         },
         "payment" => match message.decode::<PaymentEvent>()? {
             PaymentEvent::PaymentAuthorized { order_id, .. } => {

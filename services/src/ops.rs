@@ -336,6 +336,10 @@ impl From<&eventstore::subscription::ParkedEvent> for DeadLetterView {
 pub fn subscriptions(service: Service) -> Vec<String> {
     match service {
         Service::Gateway | Service::Notification => Vec::new(),
+        Service::Order => vec![
+            projections::queue("order"),
+            sagas::runner::FulfilmentRunner::subscription_config().name,
+        ],
         service => vec![projections::queue(service.name())],
     }
 }
@@ -400,7 +404,7 @@ pub async fn replay_parked(
             outcome.done.extend(events);
             continue;
         }
-        match replay_stream(&store, &registry, &pool, &name, &stream).await {
+        match replay_stream(config, &store, &registry, &pool, &name, &stream).await {
             Ok(_) => outcome.done.extend(events),
             Err(error) => {
                 let why = error.to_string();
@@ -444,6 +448,7 @@ pub async fn skip_parked(
 /// Replays one parked stream of the subscription `name` with the subscriber the
 /// service runs under that name.
 async fn replay_stream(
+    config: &Config,
     store: &EventStore,
     registry: &SchemaRegistry,
     pool: &PgPool,
@@ -454,6 +459,15 @@ async fn replay_stream(
     use projections::Runner;
     let (registry, pool) = (registry.clone(), pool.clone());
     match name {
+        "order.fulfilment-saga" => {
+            let aggregates = eventstore::AggregateStore::new(store.clone(), registry);
+            let settings = sagas::fulfilment::Settings {
+                payment_deadline: config.payment_deadline,
+                capture_retry: config.capture_retry,
+            };
+            let saga = sagas::runner::FulfilmentRunner::new(aggregates, settings);
+            replay_parked(store, &saga, name, stream).await
+        }
         "order.read-models" => {
             let models = (
                 projections::order::OrderSummaries,
@@ -526,7 +540,8 @@ pub async fn set_role(
             .with_context(|| format!("no user has the e-mail address {user:?}"))?,
     };
     let registry = SchemaRegistry::builtin().context("the built-in schemas")?;
-    let aggregates = eventstore::AggregateStore::new(EventStore::new(pool), registry);
+    let store = crate::serve::published_by(Service::User, EventStore::new(pool));
+    let aggregates = eventstore::AggregateStore::new(store, registry);
     let command = match grant {
         true => UserCommand::GrantRole(role),
         false => UserCommand::RevokeRole(role),

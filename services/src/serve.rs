@@ -146,7 +146,7 @@ pub async fn start(
                 // reader held back by an open writer names it).
                 let options = options.application_name(&format!("orderflow {service}"));
                 let pool = prepare_database(&options, POOL_SIZE).await?;
-                let store = EventStore::new(pool.clone());
+                let store = published_by(service, EventStore::new(pool.clone()));
                 let aggregates = AggregateStore::new(store.clone(), registry.clone())
                     .with_state_cache(STATE_CACHE_STREAMS);
                 let mut plan = Plan {
@@ -291,6 +291,9 @@ impl Plan<'_> {
                 );
                 let deadlines = saga.clone().run_deadlines(self.shutdown.clone());
                 self.worker("saga deadlines".to_owned(), deadlines);
+                // The order's own events from the order store; the other services'
+                // answers from the broker.
+                self.subscription(FulfilmentRunner::subscription_config(), saga.clone());
                 self.consumer(FulfilmentRunner::config(&self.config.amqp_url), saga);
             }
             Service::Inventory => {
@@ -395,6 +398,40 @@ impl Plan<'_> {
     }
 }
 
+/// The events of `service` that another service consumes (by the routing keys every
+/// cross-service consumer binds), `None` when a consumer takes them all: only these
+/// go to the broker (DESIGN §3); the service's own subscriptions read the store.
+pub fn crossing_events(service: Service) -> Option<Vec<String>> {
+    let consumers = [
+        FulfilmentRunner::config(""),
+        crate::notifications::Planner::config(""),
+    ];
+    let mut types = Vec::new();
+    for (exchange, pattern) in consumers.iter().flat_map(|consumer| &consumer.bindings) {
+        if exchange != eventstore::amqp::EVENTS_EXCHANGE {
+            continue;
+        }
+        let Some((owner, event_type)) = pattern.split_once('.') else {
+            continue;
+        };
+        if owner == service.name() {
+            if event_type.contains(['*', '#']) {
+                return None;
+            }
+            types.push(event_type.to_owned());
+        }
+    }
+    Some(types)
+}
+
+/// `store`, publishing only what [`crossing_events`] says leaves `service`.
+pub fn published_by(service: Service, store: EventStore) -> EventStore {
+    match crossing_events(service) {
+        Some(types) => store.publishing(types),
+        None => store,
+    }
+}
+
 /// Keeps an instance registered in Redis until `shutdown`, connecting (and
 /// reconnecting) with backoff: a service runs without the registry, it is only not
 /// found through the gateway meanwhile.
@@ -471,4 +508,40 @@ pub async fn shutdown_signal(shutdown: CancellationToken) {
     }
     tracing::info!("shutting down");
     shutdown.cancel();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_what_another_service_consumes_crosses_the_broker() {
+        let crossing = |service| crossing_events(service).unwrap();
+        assert_eq!(
+            crossing(Service::Order),
+            ["OrderConfirmed", "OrderRejected", "OrderCancelled"]
+        );
+        assert_eq!(
+            crossing(Service::Inventory),
+            ["OrderStockReserved", "OrderStockUnavailable"]
+        );
+        assert_eq!(
+            crossing(Service::Payment),
+            [
+                "PaymentAuthorized",
+                "PaymentDeclined",
+                "PaymentCaptured",
+                "PaymentCaptureFailed"
+            ]
+        );
+        assert_eq!(
+            crossing(Service::User),
+            [
+                "UserRegistered",
+                "ProfileChanged",
+                "NotificationPreferencesChanged"
+            ]
+        );
+        assert!(crossing(Service::Notification).is_empty());
+    }
 }

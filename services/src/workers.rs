@@ -6,12 +6,17 @@
 use std::collections::{HashMap, HashSet};
 
 use domain::Aggregate;
-use domain::inventory::{StockCommand, StockError, StockItem, StockRequest, reserve_all};
+use domain::inventory::{
+    ReservationReply, StockCommand, StockError, StockItem, StockRequest, reserve_all,
+};
 use domain::payment::{
     CaptureAnswer, Payment, PaymentCommand, PaymentError, PaymentRequest, PaymentStatus,
     ProviderAnswer,
 };
-use eventstore::{AggregateStore, ExecuteError, Handler, HandlerError, Message, StoreTransaction};
+use eventstore::{
+    AggregateStore, ExecuteError, ExpectedVersion, Handler, HandlerError, Message, NewEvent,
+    StoreTransaction,
+};
 use uuid::Uuid;
 
 /// The inventory service's command handler.
@@ -32,11 +37,17 @@ fn stock_stream(sku: &str) -> String {
 impl Handler for InventoryCommands {
     fn streams_to_lock(&self, message: &Message) -> Vec<String> {
         match message.decode::<StockRequest>() {
-            Ok(request) => request
-                .lines_by_sku()
-                .iter()
-                .map(|line| stock_stream(&line.sku))
-                .collect(),
+            Ok(request) => {
+                let mut streams: Vec<String> = request
+                    .lines_by_sku()
+                    .iter()
+                    .map(|line| stock_stream(&line.sku))
+                    .collect();
+                if matches!(request, StockRequest::ReserveStock { .. }) {
+                    streams.push(ReservationReply::stream_id(request.order_id()));
+                }
+                streams
+            }
             Err(_) => Vec::new(),
         }
     }
@@ -53,7 +64,7 @@ impl Handler for InventoryCommands {
         match request {
             StockRequest::ReserveStock { .. } => {
                 let mut loaded = Vec::with_capacity(lines.len());
-                for line in lines {
+                for line in lines.iter().cloned() {
                     let stream_id = stock_stream(&line.sku);
                     // Locked by the consumer already (`streams_to_lock`). A cached
                     // state is trusted: appending on a stale one conflicts, and the
@@ -88,6 +99,9 @@ impl Handler for InventoryCommands {
                         break decided?;
                     }
                 };
+                // One answer for the whole request: the only part of it the order
+                // service hears (the per-SKU events are the inventory's own).
+                let reply = ReservationReply::answering(order_id, &lines, &decided);
                 let mut loaded: HashMap<String, _> = loaded
                     .into_iter()
                     .map(|(line, _, item)| (line.sku, item))
@@ -100,6 +114,17 @@ impl Handler for InventoryCommands {
                         .append_decided(transaction, &stock_stream(&sku), item, events, metadata)
                         .await?;
                 }
+                let mut answer =
+                    NewEvent::new(self.aggregates.registry().encode(&reply)?, metadata);
+                // Named after the command: an answer sent again is recognised.
+                answer.event_id = Uuid::new_v5(&message.envelope.message_id, b"reservation-reply");
+                transaction
+                    .append(
+                        &ReservationReply::stream_id(order_id),
+                        ExpectedVersion::Any,
+                        &[answer],
+                    )
+                    .await?;
             }
             StockRequest::ReleaseStock { .. } | StockRequest::CommitStock { .. } => {
                 let release = matches!(request, StockRequest::ReleaseStock { .. });

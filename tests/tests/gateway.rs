@@ -487,10 +487,10 @@ async fn three_order_instances_share_the_load_and_survive_losing_one() {
         (levels == (20 - sold, 0, sold)).then_some(())
     })
     .await;
-    // The saga's work was shared: the first instance and order-2 (alive to the end)
-    // both handled some of its messages.
+    // The saga's answers were shared: the first instance and order-2 (alive to the
+    // end) both handled some of them.
     let consumed = |metrics: String| -> u64 {
-        let series = "orderflow_consumer_consumed_total{consumer=\"order.fulfilment-saga\"} ";
+        let series = "orderflow_consumer_consumed_total{consumer=\"order.saga-replies\"} ";
         metrics
             .lines()
             .find_map(|line| line.strip_prefix(series))

@@ -4,7 +4,7 @@ use apache_avro::types::Value;
 use serde::{Deserialize, Serialize};
 
 use super::{WireError, WireEvent, from_avro, from_u64, parse_uuid, to_avro, to_u32, to_u64};
-use crate::inventory::StockEvent;
+use crate::inventory::{ReservationReply, StockEvent, StockLine};
 
 #[derive(Serialize, Deserialize)]
 struct StockItemCreated {
@@ -147,6 +147,95 @@ impl WireEvent for StockEvent {
                 Ok(StockEvent::StockReservationFailed {
                     sku: record.sku,
                     order_id: parse_uuid("order_id", &record.order_id)?,
+                    requested: to_u32("requested", record.requested)?,
+                    available: to_u64("available", record.available)?,
+                })
+            }
+            other => Err(WireError::UnknownType(other.to_owned())),
+        }
+    }
+}
+
+#[derive(Serialize, Deserialize)]
+struct ReservedLine {
+    sku: String,
+    quantity: i64,
+}
+
+#[derive(Serialize, Deserialize)]
+struct OrderStockReserved {
+    order_id: String,
+    lines: Vec<ReservedLine>,
+}
+
+#[derive(Serialize, Deserialize)]
+struct OrderStockUnavailable {
+    order_id: String,
+    sku: String,
+    requested: i64,
+    available: i64,
+}
+
+impl WireEvent for ReservationReply {
+    fn event_type(&self) -> &'static str {
+        match self {
+            ReservationReply::OrderStockReserved { .. } => "OrderStockReserved",
+            ReservationReply::OrderStockUnavailable { .. } => "OrderStockUnavailable",
+        }
+    }
+
+    fn to_avro(&self) -> Result<Value, WireError> {
+        match self {
+            ReservationReply::OrderStockReserved { order_id, lines } => {
+                to_avro(&OrderStockReserved {
+                    order_id: order_id.to_string(),
+                    lines: lines
+                        .iter()
+                        .map(|line| ReservedLine {
+                            sku: line.sku.clone(),
+                            quantity: i64::from(line.quantity),
+                        })
+                        .collect(),
+                })
+            }
+            ReservationReply::OrderStockUnavailable {
+                order_id,
+                sku,
+                requested,
+                available,
+            } => to_avro(&OrderStockUnavailable {
+                order_id: order_id.to_string(),
+                sku: sku.clone(),
+                requested: i64::from(*requested),
+                available: from_u64(*available),
+            }),
+        }
+    }
+
+    fn from_avro(event_type: &str, value: &Value) -> Result<Self, WireError> {
+        match event_type {
+            "OrderStockReserved" => {
+                let record: OrderStockReserved = from_avro(value)?;
+                let lines = record
+                    .lines
+                    .into_iter()
+                    .map(|line| {
+                        Ok(StockLine {
+                            sku: line.sku,
+                            quantity: to_u32("lines.quantity", line.quantity)?,
+                        })
+                    })
+                    .collect::<Result<_, WireError>>()?;
+                Ok(ReservationReply::OrderStockReserved {
+                    order_id: parse_uuid("order_id", &record.order_id)?,
+                    lines,
+                })
+            }
+            "OrderStockUnavailable" => {
+                let record: OrderStockUnavailable = from_avro(value)?;
+                Ok(ReservationReply::OrderStockUnavailable {
+                    order_id: parse_uuid("order_id", &record.order_id)?,
+                    sku: record.sku,
                     requested: to_u32("requested", record.requested)?,
                     available: to_u64("available", record.available)?,
                 })

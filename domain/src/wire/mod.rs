@@ -78,6 +78,8 @@ pub static SCHEMA_FILES: &[SchemaFile] = schema_files![
     "inventory" / "StockReservationFailed" v 1,
     "inventory" / "StockReleased" v 1,
     "inventory" / "StockCommitted" v 1,
+    "inventory" / "OrderStockReserved" v 1,
+    "inventory" / "OrderStockUnavailable" v 1,
     "payment" / "PaymentAuthorized" v 1,
     "payment" / "PaymentAuthorized" v 2,
     "payment" / "PaymentDeclined" v 1,
@@ -239,7 +241,7 @@ fn from_u64(value: u64) -> i64 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::inventory::{StockEvent, StockLine, StockRequest};
+    use crate::inventory::{ReservationReply, StockEvent, StockLine, StockRequest};
     use crate::order::{EndReason, OrderEvent, OrderLine};
     use crate::payment::{PaymentEvent, PaymentRequest};
     use crate::user::{NotificationPreferences, UserEvent};
@@ -386,6 +388,19 @@ mod tests {
             round_trip(UserEvent::RoleRevoked {
                 user_id: customer,
                 role: crate::user::Role::Operator,
+            }),
+            round_trip(ReservationReply::OrderStockReserved {
+                order_id: order,
+                lines: vec![StockLine {
+                    sku: sku(),
+                    quantity: 2,
+                }],
+            }),
+            round_trip(ReservationReply::OrderStockUnavailable {
+                order_id: order,
+                sku: sku(),
+                requested: 3,
+                available: 1,
             }),
             round_trip(StockRequest::ReserveStock {
                 order_id: order,
