@@ -377,11 +377,12 @@ const READ_BELOW: &str = select_events!(
     "WHERE global_position > $1 AND global_position < $3 ORDER BY global_position LIMIT $2"
 );
 
-/// The fence: the next transaction id as of this statement's snapshot, and the oldest
-/// transaction running in this database that holds an id (a 32-bit `backend_xid`
-/// widened to 64 bits against the next id, which it is at most 2^31 behind; prepared
-/// transactions of this database count too), with its process, and whether committed
-/// events wait beyond it.
+/// The fence: the next transaction id as of this statement's snapshot (its xmax, one
+/// past the last completed id), and the oldest transaction running in this database
+/// that holds an id (a 32-bit `backend_xid` widened to 64 bits by its signed distance
+/// from that xmax: a running id may lie on either side of it, never 2^31 away;
+/// prepared transactions of this database count too), with its process, and whether
+/// committed events wait beyond it.
 const FENCE: &str = "WITH horizon AS (
     SELECT pg_snapshot_xmax(pg_current_snapshot())::text::bigint AS next
 ), running AS (
@@ -394,8 +395,7 @@ const FENCE: &str = "WITH horizon AS (
     FROM pg_prepared_xacts p WHERE p.database = current_database()
 ), writer AS (
     SELECT r.pid, r.application_name, r.xact_start,
-           h.next - (((h.next & 4294967295) - r.xid32::text::bigint + 4294967296)
-                     % 4294967296) AS xid
+           orderflow_xid8(h.next, r.xid32) AS xid
     FROM horizon h, running r
     ORDER BY xid LIMIT 1
 )

@@ -151,6 +151,9 @@ enum Attempt {
 }
 
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
+/// How soon a leader held back by an open writer looks again, first and at most.
+const HELD_PAUSE_FIRST: Duration = Duration::from_millis(2);
+const HELD_PAUSE_LAST: Duration = Duration::from_millis(50);
 /// How long a checkpoint moved only over unwanted events may stay unwritten.
 const PERSIST_SKIPPED_AFTER: Duration = Duration::from_secs(1);
 
@@ -295,6 +298,10 @@ impl<S: Subscriber> Subscription<S> {
         let mut skipped_since: Option<Instant> = None;
         self.progress.advance(checkpoint);
         let mut held_back: Option<(i64, Instant)> = None;
+        // While committed events wait behind an open writer, look again soon: the
+        // writer may end without appending (a rollback, a read model's own commit),
+        // which wakes nobody.
+        let mut held_pause = HELD_PAUSE_FIRST;
         loop {
             if cancel.is_cancelled() {
                 self.persist(&mut writer, &mut stored, checkpoint).await?;
@@ -303,6 +310,7 @@ impl<S: Subscriber> Subscription<S> {
             commits.borrow_and_update();
             let fence = fence_on(&mut reader).await?;
             self.watch_held_back(&fence, checkpoint, &mut held_back);
+            let waiting_behind_writer = fence.blocker.as_ref().is_some_and(|b| b.events_waiting);
             loop {
                 let page =
                     read_below_on(&mut reader, checkpoint, &fence, self.config.batch_size).await?;
@@ -330,12 +338,18 @@ impl<S: Subscriber> Subscription<S> {
                     break;
                 }
             }
-            let persist_in = match skipped_since {
+            let mut persist_in = match skipped_since {
                 Some(since) if stored < checkpoint => {
                     PERSIST_SKIPPED_AFTER.saturating_sub(since.elapsed())
                 }
                 _ => self.config.poll_interval,
             };
+            if waiting_behind_writer {
+                persist_in = persist_in.min(held_pause);
+                held_pause = (held_pause * 2).min(HELD_PAUSE_LAST);
+            } else {
+                held_pause = HELD_PAUSE_FIRST;
+            }
             if persist_in.is_zero() {
                 self.persist(&mut writer, &mut stored, checkpoint).await?;
                 skipped_since = None;
@@ -344,7 +358,11 @@ impl<S: Subscriber> Subscription<S> {
             tokio::select! {
                 _ = cancel.cancelled() => {}
                 changed = commits.changed() => { let _ = changed; }
-                notification = listener.recv() => { notification?; }
+                notification = listener.recv() => {
+                    notification?;
+                    // One look serves every wake-up that came meanwhile.
+                    while listener.next_buffered().is_some() {}
+                }
                 _ = tokio::time::sleep(persist_in.min(self.config.poll_interval)) => {}
             }
         }
@@ -500,7 +518,13 @@ impl<S: Subscriber> Subscription<S> {
                 .await
                 .unwrap_or_else(|_| Err("the subscriber panicked".into()))
                 .map_err(|error| {
-                    Attempt::Failed(format!("event at {}: {error}", event.global_position))
+                    let text = format!("event at {}: {error}", event.global_position);
+                    if transient(error.as_ref()) {
+                        // A deadlock, a lock or pool timeout: not the event's fault.
+                        Attempt::Infrastructure(TermError::Database(sqlx::Error::Protocol(text)))
+                    } else {
+                        Attempt::Failed(text)
+                    }
                 })?;
             applied += 1;
         }
@@ -534,7 +558,7 @@ impl<S: Subscriber> Subscription<S> {
             "an event failed for good; its stream is parked"
         );
         let mut transaction = writer.begin().await?;
-        sqlx::query(
+        let parked = sqlx::query(
             "INSERT INTO parked_streams (consumer, stream_id, blocking_message_id, error) \
              VALUES ($1, $2, $3, $4) ON CONFLICT (consumer, stream_id) DO NOTHING",
         )
@@ -544,6 +568,18 @@ impl<S: Subscriber> Subscription<S> {
         .bind(error)
         .execute(&mut *transaction)
         .await?;
+        if parked.rows_affected() == 0 {
+            // Parked already (by an earlier process under this name): behind that.
+            sqlx::query(
+                "INSERT INTO parked_messages (consumer, stream_id, message_id) \
+                 VALUES ($1, $2, $3) ON CONFLICT DO NOTHING",
+            )
+            .bind(name)
+            .bind(&event.stream_id)
+            .bind(event.event_id)
+            .execute(&mut *transaction)
+            .await?;
+        }
         if !move_checkpoint(&mut transaction, name, *stored, event.global_position).await? {
             return Err(TermError::LostLead);
         }
@@ -614,6 +650,34 @@ async fn move_checkpoint(
     .execute(connection)
     .await?;
     Ok(moved.rows_affected() == 1)
+}
+
+/// Whether an error says the database could not do it now rather than that the event
+/// cannot be applied: a lost connection, a pool or lock timeout, a deadlock, a
+/// serialization failure, a server shutting down.
+fn transient(error: &(dyn std::error::Error + 'static)) -> bool {
+    let mut cause = Some(error);
+    while let Some(error) = cause {
+        let database = error.downcast_ref::<sqlx::Error>().or_else(|| {
+            match error.downcast_ref::<StoreError>() {
+                Some(StoreError::Database(database)) => Some(database),
+                _ => None,
+            }
+        });
+        if let Some(database) = database {
+            return match database {
+                sqlx::Error::Io(_) | sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed => true,
+                sqlx::Error::Database(database) => database.code().is_some_and(|code| {
+                    ["40001", "40P01", "55P03", "57014"].contains(&code.as_ref())
+                        || code.starts_with("08")
+                        || code.starts_with("57P0")
+                }),
+                _ => false,
+            };
+        }
+        cause = error.source();
+    }
+    false
 }
 
 /// Whether a connection still answers (after a failed transaction).
@@ -767,8 +831,8 @@ impl Progress {
         }
         self.recheck_while_awaited(pool);
         match tokio::time::timeout(timeout, woken).await {
-            Ok(_) => Ok(true),
-            Err(_) => {
+            Ok(Ok(())) => Ok(true),
+            _ => {
                 let stored = checkpoint(pool, &self.name).await?;
                 self.advance(stored);
                 Ok(stored >= position)

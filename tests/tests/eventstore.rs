@@ -1189,3 +1189,34 @@ async fn a_stream_written_through_the_cache_loads_the_same_from_the_database() {
     assert_eq!(cached.state, uncached.state);
     assert_eq!(last.map(|executed| executed.state), Some(uncached.state));
 }
+
+/// The read fence widens a running transaction's 32-bit id against the snapshot's
+/// xmax, and running ids lie on either side of it (xmax is one past the last
+/// *completed* id): each must come out as the 64-bit id it stands for, across an
+/// epoch boundary too. (Taken as if always below xmax, an id just above it came out
+/// 2^32 too low, and held every reader back.)
+#[tokio::test]
+async fn the_fence_widens_running_ids_on_either_side_of_the_horizon() {
+    let db = TestDb::new(1).await.unwrap();
+    let epoch = 1_i64 << 32;
+    for (next, xid32, full) in [
+        (1001, 1002, 1002),
+        (1001, 999, 999),
+        (1001, 1001, 1001),
+        (epoch + 5, (epoch - 6) % epoch, epoch - 6),
+        (epoch - 3, 2, epoch + 2),
+        (
+            3 * epoch + 100,
+            100 + (1 << 30),
+            3 * epoch + 100 + (1 << 30),
+        ),
+    ] {
+        let widened: i64 = sqlx::query_scalar("SELECT orderflow_xid8($1, $2::text::xid)")
+            .bind(next)
+            .bind(xid32.to_string())
+            .fetch_one(&db.pool)
+            .await
+            .unwrap();
+        assert_eq!(widened, full, "next {next}, xid {xid32}");
+    }
+}

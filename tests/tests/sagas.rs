@@ -868,3 +868,91 @@ fn message(
         redelivered: false,
     }
 }
+
+/// A connection of the test's own to a service's database, without orderflow's guard
+/// against idle transactions (as an operator's `psql` would be).
+async fn raw_connection(system: &System, service: Service) -> sqlx::PgConnection {
+    use sqlx::Connection;
+    let options = system.config.database(service).unwrap().unwrap();
+    sqlx::PgConnection::connect_with(&options).await.unwrap()
+}
+
+/// DESIGN §8.10: transactions that cannot write to the order store (one holding a
+/// transaction id in another database, a long read-only one in the order database)
+/// do not slow the order flow, whose read models and saga read the store behind the
+/// read fence. With the server-wide xmin as the fence, the order below would never
+/// have confirmed while they stayed open.
+#[tokio::test]
+async fn unrelated_open_transactions_hold_no_order_back() {
+    let system = System::start(&TRIO).await;
+    add_stock(&system, "U1", 3).await;
+    let mut elsewhere = raw_connection(&system, Payment).await;
+    sqlx::raw_sql(
+        "BEGIN; INSERT INTO snapshots (stream_id, stream_version, state_format, state) \
+         VALUES ('elsewhere', 1, 'x', '{}')",
+    )
+    .execute(&mut elsewhere)
+    .await
+    .unwrap();
+    let mut reading = raw_connection(&system, Order).await;
+    sqlx::raw_sql("BEGIN ISOLATION LEVEL REPEATABLE READ; SELECT count(*) FROM events")
+        .execute(&mut reading)
+        .await
+        .unwrap();
+    let started = std::time::Instant::now();
+    let order_id = place(&system, &[("U1", 1)], "tok_visa").await;
+    let order = ended(&system, &order_id).await;
+    let took = started.elapsed();
+    assert_eq!(order["status"], "confirmed");
+    assert!(took < Duration::from_secs(5), "confirmed after {took:?}");
+    drop((elsewhere, reading));
+    system.stop().await;
+}
+
+/// A writing transaction left open in a service's own database does hold its
+/// subscriptions back (it could still append), and readiness and metrics name it:
+/// its xid, pid and application_name, for `pg_stat_activity`. Once it ends, the
+/// subscription carries on.
+#[tokio::test]
+async fn a_writer_left_open_in_the_services_database_is_named_by_readiness() {
+    let system = System::start(&[Inventory]).await;
+    let mut forgotten = raw_connection(&system, Inventory).await;
+    sqlx::raw_sql(
+        "SET application_name = 'forgotten psql'; BEGIN; \
+         INSERT INTO inbox (consumer, message_id) VALUES ('operator', gen_random_uuid())",
+    )
+    .execute(&mut forgotten)
+    .await
+    .unwrap();
+    add_stock(&system, "H1", 2).await;
+    let check = wait_for(DEADLINE, "readiness to name the open writer", || async {
+        let (status, ready) = system.get(Inventory, "/health/ready").await;
+        let check = ready["checks"]["subscription inventory.read-models"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned();
+        (status == StatusCode::SERVICE_UNAVAILABLE && check.contains("forgotten psql"))
+            .then_some(check)
+    })
+    .await;
+    assert!(check.contains("held back at position"), "{check}");
+    let metrics = system.metrics(Inventory).await;
+    assert!(
+        metrics.contains("application_name=\"forgotten psql\""),
+        "{metrics}"
+    );
+    let (status, _) = system.get(Inventory, "/inventory/items/H1").await;
+    assert_eq!(status, StatusCode::NOT_FOUND, "not applied while held back");
+    sqlx::raw_sql("ROLLBACK")
+        .execute(&mut forgotten)
+        .await
+        .unwrap();
+    wait_for(DEADLINE, "the read model to carry on", || async {
+        let (status, ready) = system.get(Inventory, "/health/ready").await;
+        let (found, _) = system.get(Inventory, "/inventory/items/H1").await;
+        (status == StatusCode::OK && found == StatusCode::OK && ready["status"] == "ready")
+            .then_some(())
+    })
+    .await;
+    system.stop().await;
+}
