@@ -1199,15 +1199,12 @@ async fn claim_and_handle<H: Handler>(
         .iter()
         .flat_map(|message| shared.handler.streams_to_lock(message))
         .collect();
-    if !streams.is_empty() {
-        // Before the claim writes anything: the transaction id (which orders global
-        // positions) is then assigned after the streams' previous writer committed.
-        let streams: Vec<&str> = streams.iter().map(String::as_str).collect();
-        transaction
-            .lock_streams(&streams)
-            .await
-            .map_err(Failure::from_store)?;
-    }
+    // Before the claim writes anything: the transaction id (which orders global
+    // positions) is then assigned after the streams' previous writer committed.
+    transaction
+        .lock_streams(&streams)
+        .await
+        .map_err(Failure::from_store)?;
     let claim = match messages {
         [one] => {
             let envelope = &one.envelope;

@@ -40,6 +40,62 @@ pub fn guarded(options: PgConnectOptions) -> PgConnectOptions {
     options.options([("idle_in_transaction_session_timeout", timeout.as_str())])
 }
 
+/// `options` for a leader's own connection (the relay's, a subscription's): the server
+/// must notice quickly when a leader's host dies or is cut off, so that its session,
+/// and with it the advisory lock it leads by, ends within seconds, not hours.
+pub fn leader_options(options: PgConnectOptions) -> PgConnectOptions {
+    options.options([
+        ("tcp_keepalives_idle", "1"),
+        ("tcp_keepalives_interval", "1"),
+        ("tcp_keepalives_count", "2"),
+        ("tcp_user_timeout", "3000"),
+    ])
+}
+
+/// A session advisory lock that elects one leader per database.
+#[derive(Debug, Clone, Copy)]
+pub enum LeaderLock<'a> {
+    /// One 64-bit key (the relay's).
+    Key(i64),
+    /// A class and a name, hashed (a subscription's).
+    Named(i32, &'a str),
+}
+
+/// Connects with `options` and tries `lock` every `every` until it holds it (the
+/// connection is returned: closing it hands the lead on) or `cancel` fires (`None`).
+pub async fn wait_to_lead(
+    options: &PgConnectOptions,
+    lock: LeaderLock<'_>,
+    every: Duration,
+    cancel: &tokio_util::sync::CancellationToken,
+) -> Result<Option<PgConnection>, sqlx::Error> {
+    let mut connection = PgConnection::connect_with(options).await?;
+    loop {
+        let leading: bool = match lock {
+            LeaderLock::Key(key) => {
+                sqlx::query_scalar("SELECT pg_try_advisory_lock($1)")
+                    .bind(key)
+                    .fetch_one(&mut connection)
+                    .await?
+            }
+            LeaderLock::Named(class, name) => {
+                sqlx::query_scalar("SELECT pg_try_advisory_lock($1, hashtext($2))")
+                    .bind(class)
+                    .bind(name)
+                    .fetch_one(&mut connection)
+                    .await?
+            }
+        };
+        if leading {
+            return Ok(Some(connection));
+        }
+        tokio::select! {
+            _ = cancel.cancelled() => return Ok(None),
+            _ = tokio::time::sleep(every) => {}
+        }
+    }
+}
+
 /// The options for `database` on the server `server_url` points at.
 pub fn database_url(server_url: &str, database: &str) -> Result<PgConnectOptions, sqlx::Error> {
     Ok(server_url.parse::<PgConnectOptions>()?.database(database))

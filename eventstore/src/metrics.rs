@@ -330,14 +330,6 @@ impl Metrics {
         }
     }
 
-    /// Events a subscription applied so far.
-    pub fn subscription_applied_count(&self, subscription: &str) -> u64 {
-        count(
-            &self.inner.subscription_applied,
-            &subscription_labels(subscription),
-        )
-    }
-
     pub(crate) fn outbox(&self, service: &str, backlog: i64, oldest_age: Duration) {
         let labels = service_labels(service);
         self.inner

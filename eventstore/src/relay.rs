@@ -182,38 +182,13 @@ impl Relay {
         &self,
         cancel: &CancellationToken,
     ) -> Result<Option<PgConnection>, sqlx::Error> {
-        // The server must notice quickly when a leader's host dies or is cut off, so
-        // that its session, and with it the lock, ends within seconds, not hours.
-        let options = self
-            .store
-            .pool()
-            .connect_options()
-            .as_ref()
-            .clone()
-            .options([
-                ("tcp_keepalives_idle", "1"),
-                ("tcp_keepalives_interval", "1"),
-                ("tcp_keepalives_count", "2"),
-                ("tcp_user_timeout", "3000"),
-                // The outbox churns: a generic plan cached while it was empty (before
-                // autovacuum first analyses it) would scan every retained row on each
-                // fetch. Plans made for the actual cursor use the unpublished-rows index.
-                ("plan_cache_mode", "force_custom_plan"),
-            ]);
-        let mut connection = PgConnection::connect_with(&options).await?;
-        loop {
-            let leading: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock($1)")
-                .bind(RELAY_LOCK)
-                .fetch_one(&mut connection)
-                .await?;
-            if leading {
-                return Ok(Some(connection));
-            }
-            tokio::select! {
-                _ = cancel.cancelled() => return Ok(None),
-                _ = tokio::time::sleep(self.config.standby_interval) => {}
-            }
-        }
+        let options = crate::db::leader_options((*self.store.pool().connect_options()).clone())
+            // The outbox churns: a generic plan cached while it was empty (before
+            // autovacuum first analyses it) would scan every retained row on each
+            // fetch. Plans made for the actual cursor use the unpublished-rows index.
+            .options([("plan_cache_mode", "force_custom_plan")]);
+        let lock = crate::db::LeaderLock::Key(RELAY_LOCK);
+        crate::db::wait_to_lead(&options, lock, self.config.standby_interval, cancel).await
     }
 
     /// One leadership term: publish until cancelled or something breaks.

@@ -742,10 +742,10 @@ impl StoreTransaction<'_> {
     /// that locks a stream before loading it sees the state the previous one committed,
     /// so it cannot lose an optimistic-concurrency race. Locks are taken in one global
     /// order (by lock key), so writers locking several streams cannot deadlock.
-    pub async fn lock_streams(&mut self, stream_ids: &[&str]) -> Result<(), StoreError> {
+    pub async fn lock_streams(&mut self, stream_ids: &[impl AsRef<str>]) -> Result<(), StoreError> {
         let new: Vec<&str> = stream_ids
             .iter()
-            .copied()
+            .map(AsRef::as_ref)
             .filter(|id| !self.locked_streams.iter().any(|held| held == id))
             .collect();
         if new.is_empty() {

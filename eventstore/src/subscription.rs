@@ -234,32 +234,13 @@ impl<S: Subscriber> Subscription<S> {
         &self,
         cancel: &CancellationToken,
     ) -> Result<Option<PgConnection>, sqlx::Error> {
-        let mut connection = PgConnection::connect_with(&self.options()).await?;
-        loop {
-            let leading: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock($1, hashtext($2))")
-                .bind(LEADER_LOCK_CLASS)
-                .bind(&self.config.name)
-                .fetch_one(&mut connection)
-                .await?;
-            if leading {
-                return Ok(Some(connection));
-            }
-            tokio::select! {
-                _ = cancel.cancelled() => return Ok(None),
-                _ = tokio::time::sleep(self.config.standby_interval) => {}
-            }
-        }
+        let lock = crate::db::LeaderLock::Named(LEADER_LOCK_CLASS, &self.config.name);
+        crate::db::wait_to_lead(&self.options(), lock, self.config.standby_interval, cancel).await
     }
 
-    /// The store's connection options, with keepalives tight enough that the server
-    /// notices a dead leader (and frees its lock) within seconds.
+    /// The store's connection options, for a leader's connections.
     fn options(&self) -> sqlx::postgres::PgConnectOptions {
-        (*self.store.pool().connect_options()).clone().options([
-            ("tcp_keepalives_idle", "1"),
-            ("tcp_keepalives_interval", "1"),
-            ("tcp_keepalives_count", "2"),
-            ("tcp_user_timeout", "3000"),
-        ])
+        crate::db::leader_options((*self.store.pool().connect_options()).clone())
     }
 
     /// One leadership term: read, apply and wait, until cancelled or something breaks.
@@ -466,13 +447,10 @@ impl<S: Subscriber> Subscription<S> {
             .iter()
             .flat_map(|event| self.subscriber.streams_to_lock(event))
             .collect();
-        if !streams.is_empty() {
-            let streams: Vec<&str> = streams.iter().map(String::as_str).collect();
-            transaction
-                .lock_streams(&streams)
-                .await
-                .map_err(|e| failed(&e))?;
-        }
+        transaction
+            .lock_streams(&streams)
+            .await
+            .map_err(|e| failed(&e))?;
         // Streams parked here may have been let go by an operator since (or be being
         // replayed now: the share lock waits for that to finish).
         let mut parked_now = HashSet::new();
@@ -501,16 +479,9 @@ impl<S: Subscriber> Subscription<S> {
         let mut applied = 0;
         for &event in events {
             if parked_now.contains(&event.stream_id) {
-                sqlx::query(
-                    "INSERT INTO parked_messages (consumer, stream_id, message_id) \
-                     VALUES ($1, $2, $3) ON CONFLICT DO NOTHING",
-                )
-                .bind(name)
-                .bind(&event.stream_id)
-                .bind(event.event_id)
-                .execute(transaction.connection())
-                .await
-                .map_err(|e| failed(&e))?;
+                park_behind(transaction.connection(), name, event)
+                    .await
+                    .map_err(|e| failed(&e))?;
                 continue;
             }
             AssertUnwindSafe(self.subscriber.apply(event, &mut transaction))
@@ -570,15 +541,7 @@ impl<S: Subscriber> Subscription<S> {
         .await?;
         if parked.rows_affected() == 0 {
             // Parked already (by an earlier process under this name): behind that.
-            sqlx::query(
-                "INSERT INTO parked_messages (consumer, stream_id, message_id) \
-                 VALUES ($1, $2, $3) ON CONFLICT DO NOTHING",
-            )
-            .bind(name)
-            .bind(&event.stream_id)
-            .bind(event.event_id)
-            .execute(&mut *transaction)
-            .await?;
+            park_behind(&mut transaction, name, event).await?;
         }
         if !move_checkpoint(&mut transaction, name, *stored, event.global_position).await? {
             return Err(TermError::LostLead);
@@ -630,6 +593,24 @@ impl<S: Subscriber> Subscription<S> {
             self.progress.set_held_back(Some(held), &self.metrics);
         }
     }
+}
+
+/// Records `event` behind its stream's parked event, in order, unapplied.
+async fn park_behind(
+    connection: &mut PgConnection,
+    name: &str,
+    event: &RecordedEvent,
+) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "INSERT INTO parked_messages (consumer, stream_id, message_id) \
+         VALUES ($1, $2, $3) ON CONFLICT DO NOTHING",
+    )
+    .bind(name)
+    .bind(&event.stream_id)
+    .bind(event.event_id)
+    .execute(connection)
+    .await
+    .map(drop)
 }
 
 /// Moves a subscription's checkpoint from `from` to `to`; false when it was not at
@@ -701,8 +682,7 @@ impl std::fmt::Display for HeldBack {
         let blocker = &self.blocker;
         write!(
             f,
-            "held back at position {} for {:.0} s by transaction {} (pid {}, application_name {:?}); \
-             see pg_stat_activity",
+            "held back at position {} for {:.0} s by transaction {} (pid {}, application_name {:?}",
             self.position,
             self.for_seconds,
             blocker.xid,
@@ -710,7 +690,11 @@ impl std::fmt::Display for HeldBack {
                 .pid
                 .map_or_else(|| "none".to_owned(), |pid| pid.to_string()),
             blocker.application_name,
-        )
+        )?;
+        if let Some(started) = blocker.transaction_started {
+            write!(f, ", open since {}", started.format("%Y-%m-%dT%H:%M:%SZ"))?;
+        }
+        f.write_str("); see pg_stat_activity")
     }
 }
 
@@ -1036,10 +1020,7 @@ pub async fn replay_parked<S: Subscriber>(
 ) -> Result<usize, HandlerError> {
     let mut transaction = store.begin().await?;
     let locks = events_of_stream_locks(subscriber, store, name, stream_id).await?;
-    if !locks.is_empty() {
-        let locks: Vec<&str> = locks.iter().map(String::as_str).collect();
-        transaction.lock_streams(&locks).await?;
-    }
+    transaction.lock_streams(&locks).await?;
     let blocking: Option<Uuid> = sqlx::query_scalar(
         "SELECT blocking_message_id FROM parked_streams \
          WHERE consumer = $1 AND stream_id = $2 FOR UPDATE",

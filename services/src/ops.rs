@@ -293,7 +293,8 @@ pub async fn dead_letter(
     id: Uuid,
 ) -> anyhow::Result<Option<DeadLetterView>> {
     let letters = dead_letters(config, service).await?;
-    let parked = parked_events(config, service).await?;
+    let pool = connect(config, service).await?;
+    let parked = parked_in(&pool, service).await?;
     let (mut view, payload) = match letters.iter().find(|letter| letter.message_id == Some(id)) {
         Some(letter) => (DeadLetterView::from(letter), letter.payload.clone()),
         None => match parked.iter().find(|parked| parked.event.event_id == id) {
@@ -301,7 +302,6 @@ pub async fn dead_letter(
             None => return Ok(None),
         },
     };
-    let pool = connect(config, service).await?;
     let registry = SchemaRegistry::builtin().context("the built-in schemas")?;
     view.data = Some(match registry.decode_json(&pool, &payload).await {
         Ok((_, data)) => data,
@@ -350,10 +350,17 @@ pub async fn parked_events(
     config: &Config,
     service: Service,
 ) -> anyhow::Result<Vec<eventstore::subscription::ParkedEvent>> {
-    let pool = connect(config, service).await?;
+    parked_in(&connect(config, service).await?, service).await
+}
+
+/// [`parked_events`] on a pool the caller has.
+async fn parked_in(
+    pool: &PgPool,
+    service: Service,
+) -> anyhow::Result<Vec<eventstore::subscription::ParkedEvent>> {
     let names = subscriptions(service);
     let names: Vec<&str> = names.iter().map(String::as_str).collect();
-    Ok(eventstore::subscription::parked_events(&pool, &names).await?)
+    Ok(eventstore::subscription::parked_events(pool, &names).await?)
 }
 
 /// What `orderflow dlq replay|purge` did with a service's parked events.
@@ -378,7 +385,7 @@ pub async fn replay_parked(
     let store = EventStore::new(pool.clone());
     let registry = SchemaRegistry::builtin().context("the built-in schemas")?;
     let mut outcome = ParkedOutcome::default();
-    let parked = parked_events(config, service).await?;
+    let parked = parked_in(&pool, service).await?;
     let mut streams: Vec<(String, String)> = Vec::new();
     for event in &parked {
         if id.is_some_and(|id| id != event.event.event_id) {
@@ -427,7 +434,7 @@ pub async fn skip_parked(
 ) -> anyhow::Result<ParkedOutcome> {
     let pool = connect(config, service).await?;
     let mut outcome = ParkedOutcome::default();
-    for parked in parked_events(config, service).await? {
+    for parked in parked_in(&pool, service).await? {
         if id.is_some_and(|id| id != parked.event.event_id) {
             continue;
         }

@@ -407,57 +407,32 @@ async fn the_orderflow_binary_operates_a_running_system() {
         (order["status"] == "confirmed").then_some(())
     })
     .await;
-    let env = system.env();
-    let run = |arguments: Vec<String>| {
-        let env = env.clone();
-        async move {
-            let out = tokio::task::spawn_blocking(move || {
-                std::process::Command::new(tests::orderflow_binary())
-                    .args(&arguments)
-                    .envs(env)
-                    .env("RUST_LOG", "error")
-                    .output()
-                    .expect("orderflow runs")
-            })
-            .await
-            .unwrap();
-            let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
-            let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
-            assert!(out.status.success(), "{stdout}{stderr}");
-            stdout
-        }
-    };
-    let args = |line: &str| {
-        line.split_whitespace()
-            .map(str::to_owned)
-            .collect::<Vec<_>>()
-    };
     let stream = format!("order-{order_id}");
 
-    let read = run(args(&format!("events read {stream} --json"))).await;
+    let read = orderflow(&system, &format!("events read {stream} --json")).await;
     let first: serde_json::Value = serde_json::from_str(read.lines().next().unwrap()).unwrap();
     assert_eq!(
         (first["type"].as_str(), first["version"].as_i64()),
         (Some("OrderPlaced"), Some(1))
     );
-    let tail = run(args("events tail --service inventory")).await;
+    let tail = orderflow(&system, "events tail --service inventory").await;
     assert!(
         tail.contains("StockItemCreated") && tail.contains("stock-B1@1"),
         "{tail}"
     );
 
-    let shown = run(args(&format!("sagas show {order_id} --json"))).await;
+    let shown = orderflow(&system, &format!("sagas show {order_id} --json")).await;
     let saga: serde_json::Value = serde_json::from_str(&shown).unwrap();
     assert_eq!(saga["order_id"], json!(order_id));
-    let listed = run(args("sagas list --json")).await;
+    let listed = orderflow(&system, "sagas list --json").await;
     assert_eq!(listed.lines().count(), 1, "{listed}");
 
-    let names = run(args("replay --list")).await;
+    let names = orderflow(&system, "replay --list").await;
     assert!(
         names.lines().next().unwrap().starts_with("order-summary "),
         "{names}"
     );
-    let rebuilt = run(args("replay order-summary --json")).await;
+    let rebuilt = orderflow(&system, "replay order-summary --json").await;
     let rebuilt: serde_json::Value = serde_json::from_str(&rebuilt).unwrap();
     assert_eq!(rebuilt["projection"], "order-summary");
     let (status, order) = system.get(Order, &format!("/orders/{order_id}")).await;
@@ -466,13 +441,13 @@ async fn the_orderflow_binary_operates_a_running_system() {
         (StatusCode::OK, Some("confirmed"))
     );
 
-    let republished = run(args("replay --republish --service payment --json")).await;
+    let republished = orderflow(&system, "replay --republish --service payment --json").await;
     let republished: serde_json::Value = serde_json::from_str(&republished).unwrap();
     assert!(
         republished["republished"].as_u64().unwrap() >= 2,
         "{republished}"
     );
-    let letters = run(args("dlq list --service payment --json")).await;
+    let letters = orderflow(&system, "dlq list --service payment --json").await;
     assert_eq!(letters, "", "no dead letters");
     system.stop().await;
 }

@@ -816,7 +816,6 @@ async fn steps(db: &TestDb, order_id: Uuid) -> Vec<String> {
 async fn take_own(runner: &FulfilmentRunner, store: &EventStore, event: &RecordedEvent) {
     let mut transaction = store.begin().await.unwrap();
     let streams = Subscriber::streams_to_lock(runner, event);
-    let streams: Vec<&str> = streams.iter().map(String::as_str).collect();
     transaction.lock_streams(&streams).await.unwrap();
     Subscriber::apply(runner, event, &mut transaction)
         .await
@@ -833,7 +832,6 @@ async fn take<'a>(
 ) -> eventstore::StoreTransaction<'a> {
     let mut transaction = store.begin().await.unwrap();
     let streams = Handler::streams_to_lock(runner, message);
-    let streams: Vec<&str> = streams.iter().map(String::as_str).collect();
     transaction.lock_streams(&streams).await.unwrap();
     runner.handle(message, &mut transaction).await.unwrap();
     transaction

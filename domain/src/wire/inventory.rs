@@ -3,8 +3,9 @@
 use apache_avro::types::Value;
 use serde::{Deserialize, Serialize};
 
+use super::requests::{StockLineRecord, line_records, stock_lines};
 use super::{WireError, WireEvent, from_avro, from_u64, parse_uuid, to_avro, to_u32, to_u64};
-use crate::inventory::{ReservationReply, StockEvent, StockLine};
+use crate::inventory::{ReservationReply, StockEvent};
 
 #[derive(Serialize, Deserialize)]
 struct StockItemCreated {
@@ -157,15 +158,9 @@ impl WireEvent for StockEvent {
 }
 
 #[derive(Serialize, Deserialize)]
-struct ReservedLine {
-    sku: String,
-    quantity: i64,
-}
-
-#[derive(Serialize, Deserialize)]
 struct OrderStockReserved {
     order_id: String,
-    lines: Vec<ReservedLine>,
+    lines: Vec<StockLineRecord>,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -189,13 +184,7 @@ impl WireEvent for ReservationReply {
             ReservationReply::OrderStockReserved { order_id, lines } => {
                 to_avro(&OrderStockReserved {
                     order_id: order_id.to_string(),
-                    lines: lines
-                        .iter()
-                        .map(|line| ReservedLine {
-                            sku: line.sku.clone(),
-                            quantity: i64::from(line.quantity),
-                        })
-                        .collect(),
+                    lines: line_records(lines),
                 })
             }
             ReservationReply::OrderStockUnavailable {
@@ -216,19 +205,9 @@ impl WireEvent for ReservationReply {
         match event_type {
             "OrderStockReserved" => {
                 let record: OrderStockReserved = from_avro(value)?;
-                let lines = record
-                    .lines
-                    .into_iter()
-                    .map(|line| {
-                        Ok(StockLine {
-                            sku: line.sku,
-                            quantity: to_u32("lines.quantity", line.quantity)?,
-                        })
-                    })
-                    .collect::<Result<_, WireError>>()?;
                 Ok(ReservationReply::OrderStockReserved {
                     order_id: parse_uuid("order_id", &record.order_id)?,
-                    lines,
+                    lines: stock_lines(record.lines)?,
                 })
             }
             "OrderStockUnavailable" => {

@@ -9,10 +9,33 @@ use super::{WireError, WireEvent, from_avro, parse_uuid, to_avro, to_u32};
 use crate::inventory::{StockLine, StockRequest};
 use crate::payment::PaymentRequest;
 
+/// One SKU's line, as stock requests and the inventory's reservation answer carry it.
 #[derive(Serialize, Deserialize)]
-struct StockLineRecord {
+pub(super) struct StockLineRecord {
     sku: String,
     quantity: i64,
+}
+
+pub(super) fn line_records(lines: &[StockLine]) -> Vec<StockLineRecord> {
+    lines
+        .iter()
+        .map(|line| StockLineRecord {
+            sku: line.sku.clone(),
+            quantity: i64::from(line.quantity),
+        })
+        .collect()
+}
+
+pub(super) fn stock_lines(records: Vec<StockLineRecord>) -> Result<Vec<StockLine>, WireError> {
+    records
+        .into_iter()
+        .map(|line| {
+            Ok(StockLine {
+                sku: line.sku,
+                quantity: to_u32("lines.quantity", line.quantity)?,
+            })
+        })
+        .collect()
 }
 
 /// The shape shared by reserve, release and commit.
@@ -51,13 +74,7 @@ impl WireEvent for StockRequest {
         | StockRequest::CommitStock { order_id, lines }) = self;
         to_avro(&StockLines {
             order_id: order_id.to_string(),
-            lines: lines
-                .iter()
-                .map(|line| StockLineRecord {
-                    sku: line.sku.clone(),
-                    quantity: i64::from(line.quantity),
-                })
-                .collect(),
+            lines: line_records(lines),
         })
     }
 
@@ -69,16 +86,7 @@ impl WireEvent for StockRequest {
             other => return Err(WireError::UnknownType(other.to_owned())),
         };
         let record: StockLines = from_avro(value)?;
-        let lines = record
-            .lines
-            .into_iter()
-            .map(|line| {
-                Ok(StockLine {
-                    sku: line.sku,
-                    quantity: to_u32("lines.quantity", line.quantity)?,
-                })
-            })
-            .collect::<Result<_, WireError>>()?;
+        let lines = stock_lines(record.lines)?;
         Ok(build(parse_uuid("order_id", &record.order_id)?, lines))
     }
 }
