@@ -1127,7 +1127,8 @@ macro_rules! claim_statement {
     INSERT INTO consumer_streams (consumer, stream_id, last_version)
     SELECT $1, c.stream_id, c.version FROM checked c
     WHERE c.version IS NOT NULL AND c.message_id IN (SELECT message_id FROM claimed)
-    ON CONFLICT (consumer, stream_id) DO UPDATE SET last_version = excluded.last_version
+    ON CONFLICT (consumer, stream_id)
+        DO UPDATE SET last_version = excluded.last_version, applied_at = now()
         WHERE consumer_streams.last_version < excluded.last_version
     RETURNING stream_id
 )

@@ -20,6 +20,8 @@
 //!   letters) for what arrives from other services: their events and commands.
 //! - [`dlq`]: listing, replaying and purging a service's dead letters.
 //! - [`republish`]: sending recorded events to RabbitMQ again.
+//! - [`retention`]: pruning inbox rows, consumer progress and idempotency keys past
+//!   their retention.
 //! - [`metrics`]: Prometheus metrics of all of the above.
 //!
 //! Invariants: only this crate knows the SQL of the event, outbox and inbox tables and
@@ -35,6 +37,7 @@ pub mod dlq;
 pub mod metrics;
 pub mod relay;
 pub mod republish;
+pub mod retention;
 pub mod store;
 pub mod subscription;
 

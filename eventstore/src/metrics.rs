@@ -49,6 +49,8 @@ struct Inner {
     subscription_stalled: Family<Labels, Gauge>,
     subscription_held_back: Family<Labels, Gauge<f64, AtomicU64>>,
     subscription_blocker: Family<Labels, Gauge>,
+    commands_refused: Family<Labels, Counter>,
+    pruned_rows: Family<Labels, Counter>,
     /// The labels of each subscription's blocker series now, to remove it once gone.
     blockers: std::sync::Mutex<std::collections::HashMap<String, Labels>>,
 }
@@ -81,6 +83,8 @@ impl Metrics {
         let subscription_stalled = Family::<Labels, Gauge>::default();
         let subscription_held_back = Family::<Labels, Gauge<f64, AtomicU64>>::default();
         let subscription_blocker = Family::<Labels, Gauge>::default();
+        let commands_refused = Family::<Labels, Counter>::default();
+        let pruned_rows = Family::<Labels, Counter>::default();
         registry.register(
             "outbox_backlog",
             "Outbox rows not yet confirmed by the broker",
@@ -176,6 +180,16 @@ impl Metrics {
             "1 while this process's relay holds the service's relay lock, 0 on standby",
             relay_leading.clone(),
         );
+        registry.register(
+            "commands_refused",
+            "Commands answered 503 overloaded before anything was recorded, by the bound that was passed",
+            commands_refused.clone(),
+        );
+        registry.register(
+            "pruned_rows",
+            "Bookkeeping rows (inbox, idempotency keys, consumer progress) deleted after their retention",
+            pruned_rows.clone(),
+        );
         Metrics {
             inner: Arc::new(Inner {
                 registry,
@@ -198,6 +212,8 @@ impl Metrics {
                 subscription_stalled,
                 subscription_held_back,
                 subscription_blocker,
+                commands_refused,
+                pruned_rows,
                 blockers: Default::default(),
             }),
         }
@@ -251,6 +267,39 @@ impl Metrics {
         let _ = self.inner.subscription_lag.get_or_create(&labels);
         let _ = self.inner.subscription_stalled.get_or_create(&labels);
         let _ = self.inner.subscription_held_back.get_or_create(&labels);
+    }
+
+    /// A command `service` refused because `bound` was passed.
+    pub fn command_refused(&self, service: &str, bound: &str) {
+        self.inner
+            .commands_refused
+            .get_or_create(&vec![
+                ("service", service.to_owned()),
+                ("bound", bound.to_owned()),
+            ])
+            .inc();
+    }
+
+    /// How many commands `service` refused because `bound` was passed.
+    pub fn refused_count(&self, service: &str, bound: &str) -> u64 {
+        self.inner
+            .commands_refused
+            .get_or_create(&vec![
+                ("service", service.to_owned()),
+                ("bound", bound.to_owned()),
+            ])
+            .get()
+    }
+
+    /// Rows of `table` that `service`'s retention deleted.
+    pub fn pruned(&self, service: &str, table: &str, rows: u64) {
+        self.inner
+            .pruned_rows
+            .get_or_create(&vec![
+                ("service", service.to_owned()),
+                ("table", table.to_owned()),
+            ])
+            .inc_by(rows);
     }
 
     /// Records how far a subscription is behind its event store.

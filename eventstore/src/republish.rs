@@ -20,6 +20,10 @@ pub struct Selection {
     pub up_to: Option<i64>,
     /// Only this stream's events.
     pub stream: Option<String>,
+    /// Only events recorded at or after this: consumers recognise an event as a
+    /// duplicate only while its inbox row is kept ([`crate::retention`]), so the CLI
+    /// leaves out what is older than the retention unless told otherwise.
+    pub recorded_since: Option<chrono::DateTime<chrono::Utc>>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -117,5 +121,8 @@ impl Selection {
                 .stream
                 .as_deref()
                 .is_none_or(|stream| stream == event.stream_id)
+            && self
+                .recorded_since
+                .is_none_or(|since| event.recorded_at >= since)
     }
 }

@@ -141,6 +141,14 @@ pub struct Config {
     /// a service's commands) is split into (default 1), so several instances of a
     /// service share its work. Every process must use the same number.
     pub consumer_partitions: u16,
+    /// `ORDERFLOW_MAX_OUTBOX_BACKLOG`, `ORDERFLOW_MAX_SUBSCRIPTION_LAG`,
+    /// `ORDERFLOW_MAX_ORDERS_IN_FLIGHT`, `ORDERFLOW_MAX_COMMANDS_IN_FLIGHT`: past these,
+    /// commands answer 503 `overloaded` ([`crate::pressure`]).
+    pub pressure: crate::pressure::Bounds,
+    /// `ORDERFLOW_MESSAGE_RETENTION_HOURS` (inbox rows and consumer progress, default
+    /// 168) and `ORDERFLOW_IDEMPOTENCY_RETENTION_HOURS` (default 24): how long
+    /// bookkeeping is kept ([`eventstore::retention`]).
+    pub retention: eventstore::retention::Retention,
 }
 
 impl Config {
@@ -224,6 +232,42 @@ impl Config {
                     )
                 })?,
         };
+        let defaults = crate::pressure::Bounds::default();
+        let pressure = crate::pressure::Bounds {
+            outbox_backlog: positive(
+                &lookup,
+                "ORDERFLOW_MAX_OUTBOX_BACKLOG",
+                defaults.outbox_backlog,
+            )?,
+            subscription_lag: positive(
+                &lookup,
+                "ORDERFLOW_MAX_SUBSCRIPTION_LAG",
+                defaults.subscription_lag,
+            )?,
+            orders_in_flight: positive(
+                &lookup,
+                "ORDERFLOW_MAX_ORDERS_IN_FLIGHT",
+                defaults.orders_in_flight,
+            )?,
+            commands_in_flight: positive(
+                &lookup,
+                "ORDERFLOW_MAX_COMMANDS_IN_FLIGHT",
+                defaults.commands_in_flight,
+            )?,
+        };
+        let hours = |variable, default: std::time::Duration| -> anyhow::Result<_> {
+            let hours = positive(&lookup, variable, default.as_secs() / 3600)?;
+            Ok(std::time::Duration::from_secs(hours * 3600))
+        };
+        let kept = eventstore::retention::Retention::default();
+        let retention = eventstore::retention::Retention {
+            messages: hours("ORDERFLOW_MESSAGE_RETENTION_HOURS", kept.messages)?,
+            idempotency_keys: hours(
+                "ORDERFLOW_IDEMPOTENCY_RETENTION_HOURS",
+                kept.idempotency_keys,
+            )?,
+            ..kept
+        };
         let data_dir = lookup("ORDERFLOW_DATA_DIR")
             .filter(|dir| !dir.trim().is_empty())
             .map(PathBuf::from)
@@ -274,6 +318,8 @@ impl Config {
             gateway_timeout,
             instance_id: None,
             consumer_partitions,
+            pressure,
+            retention,
         })
     }
 
@@ -371,6 +417,25 @@ fn milliseconds(
     variable: &str,
 ) -> anyhow::Result<std::time::Duration> {
     milliseconds_or(lookup, variable, 30_000)
+}
+
+/// A positive number from `variable`, `default` when it is not set.
+fn positive<N>(
+    lookup: impl Fn(&str) -> Option<String>,
+    variable: &str,
+    default: N,
+) -> anyhow::Result<N>
+where
+    N: std::str::FromStr + Default + PartialOrd,
+{
+    let Some(text) = lookup(variable) else {
+        return Ok(default);
+    };
+    text.trim()
+        .parse()
+        .ok()
+        .filter(|n| *n > N::default())
+        .ok_or_else(|| anyhow::anyhow!("{variable}={text:?} is not a positive number"))
 }
 
 /// A positive number of milliseconds from `variable`, `default` when it is not set.

@@ -21,6 +21,8 @@
 //!   gracefully.
 //! - [`load`]: the load generator behind `orderflow load`.
 //! - [`ops`]: the operator's tools behind `orderflow events`, `dlq` and `sagas`.
+//! - [`pressure`]: back-pressure: commands refused with 503 `overloaded` while a
+//!   service's outbox, subscriptions or orders in flight are past their bounds.
 //! - [`workers`]: the inventory and payment services' command handlers and the
 //!   simulated payment provider.
 //!
@@ -34,6 +36,7 @@ pub mod http;
 pub mod load;
 pub mod notifications;
 pub mod ops;
+pub mod pressure;
 pub mod registry;
 pub mod secrets;
 pub mod serve;

@@ -92,6 +92,9 @@ pub struct Report {
     pub seconds: f64,
     pub commands_ok: usize,
     pub commands_failed: usize,
+    /// Commands the service refused with 503 `overloaded` (back-pressure): nothing of
+    /// them was recorded.
+    pub commands_refused: usize,
     /// Commands that succeeded, per second of the measured window.
     pub command_rate: f64,
     pub queries_ok: usize,
@@ -123,8 +126,12 @@ impl fmt::Display for Report {
         )?;
         writeln!(
             f,
-            "commands: {} ok, {} failed, {:.1}/s; {}",
-            self.commands_ok, self.commands_failed, self.command_rate, self.command
+            "commands: {} ok, {} failed, {} refused (overloaded), {:.1}/s accepted; {}",
+            self.commands_ok,
+            self.commands_failed,
+            self.commands_refused,
+            self.command_rate,
+            self.command
         )?;
         writeln!(
             f,
@@ -171,6 +178,7 @@ struct Samples {
     outcomes: std::collections::BTreeMap<String, usize>,
     query: Vec<f64>,
     commands_failed: usize,
+    commands_refused: usize,
     queries_failed: usize,
     read_model_behind: usize,
     failures: Vec<String>,
@@ -295,6 +303,7 @@ pub async fn run(config: LoadConfig, progress: impl Fn(String)) -> anyhow::Resul
         seconds,
         commands_ok: samples.command.len(),
         commands_failed: samples.commands_failed,
+        commands_refused: samples.commands_refused,
         command_rate: samples.command.len() as f64 / seconds,
         queries_ok: samples.query.len(),
         queries_failed: samples.queries_failed,
@@ -354,6 +363,12 @@ impl Run {
         let command_ms = Self::millis_since(due);
         let reply = match answer {
             Ok(response) if response.status().is_success() => response.json::<Value>().await,
+            Ok(response) if response.status() == StatusCode::SERVICE_UNAVAILABLE => {
+                if self.measured(due) {
+                    self.samples.lock().await.commands_refused += 1;
+                }
+                return;
+            }
             Ok(response) => {
                 let status = response.status();
                 let text = response.text().await.unwrap_or_default();

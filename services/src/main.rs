@@ -213,6 +213,10 @@ struct ReplayArgs {
     /// Only this stream's events (with --republish)
     #[arg(long, requires = "republish")]
     stream: Option<String>,
+    /// Send events older than the inbox retention too (with --republish); consumers
+    /// can no longer tell them from new ones, so only for consumers that never had them
+    #[arg(long, requires = "republish")]
+    past_retention: bool,
     /// Print JSON
     #[arg(long)]
     json: bool,
@@ -573,11 +577,22 @@ async fn replay(config: &Config, args: ReplayArgs) -> anyhow::Result<ExitCode> {
             .service
             .ok_or_else(|| anyhow::anyhow!("--republish needs --service"))?;
         let pool = ops::connect(config, service).await?;
+        let horizon = chrono::Utc::now()
+            - chrono::Duration::from_std(config.retention.messages)
+                .context("the message retention is too long")?;
         let selection = eventstore::republish::Selection {
             after: args.from,
             up_to: args.to,
             stream: args.stream,
+            recorded_since: (!args.past_retention).then_some(horizon),
         };
+        if !args.past_retention {
+            eprintln!(
+                "republish: events recorded before {} are past the inbox retention and left out \
+                 (--past-retention sends them too)",
+                horizon.format("%Y-%m-%d %H:%M UTC")
+            );
+        }
         let mut report = progress::Lines::new("republish");
         let sent = eventstore::republish::republish(
             &eventstore::EventStore::new(pool),

@@ -164,11 +164,14 @@ pub async fn start(
                 };
                 relays.push(plan.relay());
                 plan.service_workers(&aggregates);
+                plan.retention();
+                let pressure = plan.pressure();
                 health.amqp_url = Some(config.amqp_url.clone());
-                Some(Db { pool, aggregates })
+                Some((Db { pool, aggregates }, pressure))
             }
             None => None,
         };
+        let (db, pressure) = db.unzip();
         let state = AppState {
             service,
             db,
@@ -182,6 +185,7 @@ pub async fn start(
                 Service::Gateway => Some(Arc::new(Gateway::new(config, tokens.clone())?)),
                 _ => None,
             },
+            pressure,
         };
         listeners.push((instance, listener, app(state)));
     }
@@ -333,6 +337,44 @@ impl Plan<'_> {
             }
             Service::Gateway => {}
         }
+    }
+
+    /// The service's back-pressure and its sampler, over the subscriptions planned so
+    /// far (so call it after [`Plan::service_workers`]).
+    fn pressure(&mut self) -> Arc<crate::pressure::Pressure> {
+        let pressure = crate::pressure::Pressure::new(
+            self.service.name(),
+            self.config.pressure,
+            self.metrics.clone(),
+        );
+        let lags = self
+            .health
+            .subscriptions
+            .iter()
+            .map(|watch| watch.lag.clone())
+            .collect();
+        let sampler = pressure.clone().run(
+            self.store.pool().clone(),
+            lags,
+            self.service == Service::Order,
+            self.shutdown.clone(),
+        );
+        self.worker(format!("back-pressure {}", self.service), sampler);
+        pressure
+    }
+
+    /// Prunes the service's bookkeeping after its retention.
+    fn retention(&mut self) {
+        let pruner = eventstore::retention::Pruner::new(
+            self.store.pool().clone(),
+            self.service.name(),
+            self.config.retention,
+            self.metrics.clone(),
+        );
+        self.worker(
+            format!("retention {}", self.service),
+            pruner.run(self.shutdown.clone()),
+        );
     }
 
     /// The service's command consumer (the default few connections: PostgreSQL's

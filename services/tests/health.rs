@@ -48,6 +48,7 @@ async fn ready_follows_the_database() {
         access: Default::default(),
         providers: None,
         gateway: None,
+        pressure: None,
     };
 
     let (status, body) = get(state.clone(), "/health/live").await;
@@ -88,6 +89,7 @@ async fn metrics_are_served_in_prometheus_text() {
         access: Default::default(),
         providers: None,
         gateway: None,
+        pressure: None,
     };
     let response = app(state)
         .oneshot(Request::get("/metrics").body(Body::empty()).unwrap())

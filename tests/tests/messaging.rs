@@ -532,6 +532,7 @@ async fn the_dlq_tools_list_replay_in_order_and_purge() {
         after: 0,
         up_to: Some(v1[0].global_position),
         stream: Some("stock-dlq".to_owned()),
+        recorded_since: None,
     };
     eventstore::republish::republish(&world.store, url, SERVICE, &selection, |_, _| {})
         .await
@@ -1314,4 +1315,118 @@ async fn a_consumer_asked_to_stop_finishes_the_message_in_hand() {
     // By the time it returned, the message in hand was applied and acknowledged.
     assert_eq!(world.applied().await.len(), 1);
     assert_eq!(metrics.consumed_count(&config.queue()), 1);
+}
+
+/// DESIGN §8.8, bounded bookkeeping: inbox rows, consumer progress and idempotency
+/// keys past their retention are pruned (by one instance at a time, with a metric),
+/// and a message redelivered inside the retention is still recognised.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn bookkeeping_past_its_retention_is_pruned_and_a_recent_redelivery_is_still_a_duplicate() {
+    use eventstore::retention::{Pruned, Pruner, Retention};
+    let world = World::new().await;
+    let config = world.consumer_config();
+    world.declare(&config).await;
+    let old = "stock-retired".to_owned();
+    let recent = "stock-recent".to_owned();
+    append_round_robin(&world.store, &[old.clone(), recent.clone()], 3, 3).await;
+    let metrics = Metrics::new();
+    world.start_consumer(config.clone(), Recorder::never_failing(), &metrics);
+    world.start_relay(world.relay_config(), &metrics);
+    world.wait_applied(6, Duration::from_secs(30)).await;
+
+    // One stream's bookkeeping is eight days old, one idempotency key two days.
+    let backdate = |sql: &'static str| {
+        let pool = world.db.pool.clone();
+        let old = old.clone();
+        async move {
+            sqlx::query(sql).bind(old).execute(&pool).await.unwrap();
+        }
+    };
+    backdate(
+        "UPDATE inbox SET handled_at = now() - interval '8 days' WHERE message_id IN \
+         (SELECT event_id FROM events WHERE stream_id = $1)",
+    )
+    .await;
+    backdate(
+        "UPDATE consumer_streams SET applied_at = now() - interval '8 days' WHERE stream_id = $1",
+    )
+    .await;
+    for (key, age) in [("stale-key", "2 days"), ("fresh-key", "1 hour")] {
+        sqlx::query(
+            "INSERT INTO idempotency_keys (key, request, status, body, created_at) \
+             VALUES ($1, '\\x00', 202, '{}', now() - $2::interval)",
+        )
+        .bind(key)
+        .bind(age)
+        .execute(&world.db.pool)
+        .await
+        .unwrap();
+    }
+
+    let pruner = Pruner::new(
+        world.db.pool.clone(),
+        SERVICE,
+        Retention::default(),
+        metrics.clone(),
+    );
+    // While another instance prunes (it holds the lock), this one leaves it be.
+    let mut other = world.db.pool.begin().await.unwrap();
+    sqlx::query("SELECT pg_advisory_xact_lock(4, 0)")
+        .execute(&mut *other)
+        .await
+        .unwrap();
+    assert_eq!(pruner.prune_once().await.unwrap(), Pruned::default());
+    other.rollback().await.unwrap();
+
+    let pruned = pruner.prune_once().await.unwrap();
+    assert_eq!(
+        pruned,
+        Pruned {
+            inbox: 3,
+            consumer_streams: 1,
+            idempotency_keys: 1,
+        }
+    );
+    assert_eq!(
+        world.count("SELECT count(*) FROM inbox").await,
+        3,
+        "the recent stream's inbox rows stay"
+    );
+    let keys: Vec<String> = sqlx::query_scalar("SELECT key FROM idempotency_keys")
+        .fetch_all(&world.db.pool)
+        .await
+        .unwrap();
+    assert_eq!(keys, ["fresh-key"]);
+    let exposition = metrics.render();
+    assert!(
+        exposition.contains(r#"orderflow_pruned_rows_total{service="order",table="inbox"} 3"#),
+        "{exposition}"
+    );
+    assert_eq!(pruner.prune_once().await.unwrap(), Pruned::default());
+
+    // The recent stream's events come again: recognised, applied once.
+    let again = eventstore::republish::Selection {
+        stream: Some(recent),
+        ..Default::default()
+    };
+    let url = &world.vhost.url;
+    let sent = eventstore::republish::republish(&world.store, url, SERVICE, &again, |_, _| {})
+        .await
+        .unwrap();
+    assert_eq!(sent, 3);
+    wait_for(Duration::from_secs(30), "the duplicates", || async {
+        (metrics.duplicate_count(&config.queue()) == 3).then_some(())
+    })
+    .await;
+    assert_eq!(world.applied().await.len(), 6, "nothing applied twice");
+    // A republish leaves out what is older than the retention (here: everything).
+    let too_old = eventstore::republish::Selection {
+        stream: Some(old),
+        recorded_since: Some(chrono::Utc::now() + chrono::Duration::seconds(1)),
+        ..Default::default()
+    };
+    let sent = eventstore::republish::republish(&world.store, url, SERVICE, &too_old, |_, _| {})
+        .await
+        .unwrap();
+    assert_eq!(sent, 0);
 }

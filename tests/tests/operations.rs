@@ -266,6 +266,7 @@ async fn republishing_changes_no_read_model() {
         after: stream[1].global_position,
         up_to: None,
         stream: Some("stock-P3".to_owned()),
+        recorded_since: None,
     };
     let sent = eventstore::republish::republish(
         &store,

@@ -954,3 +954,151 @@ async fn a_writer_left_open_in_the_services_database_is_named_by_readiness() {
     .await;
     system.stop().await;
 }
+
+/// OrderPlaced events in the order store: what was recorded.
+async fn orders_recorded(system: &System) -> i64 {
+    let db = system.pool(Order).await;
+    let count = sqlx::query_scalar("SELECT count(*) FROM events WHERE event_type = 'OrderPlaced'")
+        .fetch_one(&db)
+        .await
+        .unwrap();
+    db.close().await;
+    count
+}
+
+/// Asserts a response is back-pressure: 503 `overloaded` with `Retry-After`.
+async fn assert_overloaded(response: reqwest::Response) {
+    let retry_after = response.headers().get("retry-after").cloned();
+    let (status, problem) = answer(response).await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{problem}");
+    assert_eq!(
+        problem["type"], "urn:orderflow:problem:overloaded",
+        "{problem}"
+    );
+    assert_eq!(
+        retry_after.as_ref().and_then(|v| v.to_str().ok()),
+        Some("1"),
+        "{problem}"
+    );
+}
+
+/// DESIGN §8.9: with more orders waiting for payment than its bound, the order service
+/// refuses commands (503 `overloaded`, `Retry-After`, through the gateway too) before it
+/// records anything, keeps answering queries, and takes orders again once they end.
+#[tokio::test]
+async fn an_order_service_past_its_bound_refuses_commands_and_records_nothing() {
+    use services::config::Service::{Gateway, User};
+    let system = System::start_with(
+        &[Gateway, Order, Inventory, Payment, User],
+        &[
+            ("ORDERFLOW_MAX_ORDERS_IN_FLIGHT", "1"),
+            ("ORDERFLOW_PAYMENT_DEADLINE_MS", "5000"),
+        ],
+    )
+    .await;
+    system.routable(&[Order, Inventory, Payment, User]).await;
+    let token = system.token_for("busy@example.com").await;
+    add_stock(&system, "A", 100).await;
+    // Two orders whose payment never answers: two in flight, one past the bound.
+    let waiting = [
+        place(&system, &[("A", 1)], "tok_timeout").await,
+        place(&system, &[("A", 1)], "tok_timeout").await,
+    ];
+    for order_id in &waiting {
+        saga_at(&system, order_id, "authorizing_payment").await;
+    }
+    let recorded = orders_recorded(&system).await;
+    // A body that would be refused as invalid (422) shows when the sampler caught up.
+    wait_for(DEADLINE, "the order service to refuse", || async {
+        let response = system.post(Order, "/orders", json!({})).await;
+        (response.status() == StatusCode::SERVICE_UNAVAILABLE).then_some(())
+    })
+    .await;
+    let order = json!({
+        "customer_id": Uuid::now_v7(),
+        "lines": [{ "sku": "A", "quantity": 1, "unit_price_cents": 1000 }],
+        "card_token": "tok_visa",
+    });
+    assert_overloaded(system.post(Order, "/orders", order.clone()).await).await;
+    let through_gateway = system
+        .http
+        .post(system.url(Gateway, "/orders"))
+        .bearer_auth(&token)
+        .json(&order)
+        .send()
+        .await
+        .unwrap();
+    assert_overloaded(through_gateway).await;
+    assert_eq!(orders_recorded(&system).await, recorded, "nothing recorded");
+    // Queries keep answering.
+    let (status, body) = system.get(Order, &format!("/orders/{}", waiting[0])).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let metrics = system.metrics(Order).await;
+    assert!(
+        metrics.contains(
+            r#"orderflow_commands_refused_total{service="order",bound="orders_in_flight"}"#
+        ),
+        "{metrics}"
+    );
+    // The payment deadline ends the waiting orders; then orders are taken again.
+    for order_id in &waiting {
+        assert_outcome(
+            &ended(&system, order_id).await,
+            "cancelled",
+            "payment_timeout",
+        );
+    }
+    let order_id = wait_for(DEADLINE, "an order to be taken again", || async {
+        let (status, reply) = answer(system.post(Order, "/orders", order.clone()).await).await;
+        (status == StatusCode::ACCEPTED).then(|| reply["order_id"].as_str().unwrap().to_owned())
+    })
+    .await;
+    assert_eq!(ended(&system, &order_id).await["status"], "confirmed");
+    system.stop().await;
+}
+
+/// DESIGN §8.9 under a burst far past the bounds: part is refused with 503 and
+/// `Retry-After` and leaves no trace; every accepted order confirms, and the stock
+/// adds up to exactly the accepted orders.
+#[tokio::test]
+async fn a_burst_past_capacity_is_refused_in_part_and_every_accepted_order_confirms() {
+    let system = System::start_with(
+        &TRIO,
+        &[
+            ("ORDERFLOW_MAX_ORDERS_IN_FLIGHT", "10"),
+            ("ORDERFLOW_MAX_COMMANDS_IN_FLIGHT", "4"),
+        ],
+    )
+    .await;
+    add_stock(&system, "BURST", 1_000).await;
+    let order = json!({
+        "customer_id": Uuid::now_v7(),
+        "lines": [{ "sku": "BURST", "quantity": 1, "unit_price_cents": 500 }],
+        "card_token": "tok_visa",
+    });
+    let burst = (0..200).map(|_| {
+        let (system, order) = (&system, order.clone());
+        async move {
+            let response = system.post(Order, "/orders", order).await;
+            if response.status() == StatusCode::SERVICE_UNAVAILABLE {
+                assert_overloaded(response).await;
+                return None;
+            }
+            let (status, reply) = answer(response).await;
+            assert_eq!(status, StatusCode::ACCEPTED, "{reply}");
+            Some(reply["order_id"].as_str().unwrap().to_owned())
+        }
+    });
+    let answers = futures_util::future::join_all(burst).await;
+    let accepted: Vec<String> = answers.into_iter().flatten().collect();
+    let refused = 200 - accepted.len();
+    assert!(refused > 0, "nothing was refused");
+    assert!(!accepted.is_empty(), "nothing was accepted");
+    assert_eq!(orders_recorded(&system).await, accepted.len() as i64);
+    for order_id in &accepted {
+        assert_eq!(ended(&system, order_id).await["status"], "confirmed");
+    }
+    let sold = accepted.len() as u64;
+    stock_is(&system, "BURST", (1_000 - sold, 0, sold)).await;
+    system.stop().await;
+}

@@ -79,6 +79,8 @@ pub struct AppState {
     pub providers: Option<Arc<crate::notifications::Providers>>,
     /// The gateway's routing, authentication and rate limiting.
     pub gateway: Option<Arc<crate::gateway::Gateway>>,
+    /// Refuses commands while the service is over capacity (`None`: never).
+    pub pressure: Option<Arc<crate::pressure::Pressure>>,
 }
 
 /// A service's database, as its handlers use it.
@@ -124,12 +126,19 @@ pub fn app(state: AppState) -> Router {
         Service::User => users::router(),
         Service::Notification => notifications::router(),
     };
-    Router::new()
+    let mut router = Router::new()
         .merge(resources)
         .merge(health::router())
         .route("/metrics", get(metrics))
         .route("/openapi.json", get(openapi::openapi_json))
-        .fallback(not_found)
+        .fallback(not_found);
+    if let Some(pressure) = state.pressure.clone() {
+        router = router.layer(axum::middleware::from_fn_with_state(
+            pressure,
+            crate::pressure::admit,
+        ));
+    }
+    router
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
         .layer(axum::middleware::from_fn(request_context))
         .with_state(state)
