@@ -86,7 +86,28 @@ pub async fn replay(
     select: impl Fn(&DeadLetter) -> bool,
     dry_run: bool,
 ) -> Result<Outcome, DlqError> {
-    act(amqp_url, service, select, dry_run, Action::Replay).await
+    act(amqp_url, service, select, dry_run, Action::Replay(None)).await
+}
+
+/// As [`replay`], but leaves in the queue (as skipped) every letter that first failed
+/// before `horizon`: a copy of it may have been applied another way (a redelivery, a
+/// republish) and that copy's inbox row pruned since ([`crate::retention`]), so the
+/// consumer could no longer recognise it.
+pub async fn replay_since(
+    amqp_url: &str,
+    service: &str,
+    select: impl Fn(&DeadLetter) -> bool,
+    dry_run: bool,
+    horizon: DateTime<Utc>,
+) -> Result<Outcome, DlqError> {
+    act(
+        amqp_url,
+        service,
+        select,
+        dry_run,
+        Action::Replay(Some(horizon)),
+    )
+    .await
 }
 
 /// Deletes the selected dead letters for good, and lets each one's stream move on in
@@ -103,7 +124,8 @@ pub async fn purge(
 }
 
 enum Action<'a> {
-    Replay,
+    /// Letters that first failed before the horizon, if one is given, stay.
+    Replay(Option<DateTime<Utc>>),
     /// With the service's database, where the consumer's parking records are.
     Purge(&'a PgPool),
 }
@@ -125,13 +147,22 @@ async fn act(
             continue;
         }
         match (&action, letter.queue.clone()) {
-            (Action::Replay, None) => {
+            (Action::Replay(_), None) => {
                 let why = "it names no consumer queue to go back to".to_owned();
                 outcome.skipped.push((letter, why));
                 continue;
             }
+            (Action::Replay(Some(horizon)), Some(_))
+                if letter.first_failed_at.is_some_and(|at| at < *horizon) =>
+            {
+                let why = "it failed before the message retention, so its consumer could no \
+                           longer tell a copy it applied meanwhile (--past-retention replays it)"
+                    .to_owned();
+                outcome.skipped.push((letter, why));
+                continue;
+            }
             _ if dry_run => {}
-            (Action::Replay, Some(queue)) => session.send_back(&letter, &queue).await?,
+            (Action::Replay(_), Some(queue)) => session.send_back(&letter, &queue).await?,
             (Action::Purge(pool), queue) => {
                 if let (Some(queue), Some(envelope)) = (queue, &letter.envelope) {
                     let (stream, id) = (&envelope.stream_id, envelope.message_id);

@@ -26,7 +26,9 @@ use crate::Metrics;
 /// streams; 3: subscription leaders).
 const PRUNE_LOCK_CLASS: i32 = 4;
 /// Rows deleted per transaction.
-const BATCH: i64 = 5_000;
+/// Rows deleted per transaction: each holds a transaction id, which holds the store's
+/// subscriptions back (their read fence) until it commits, so keep it short.
+const BATCH: i64 = 1_000;
 
 /// How long bookkeeping is kept.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -115,28 +117,37 @@ impl Pruner {
         let targets = [
             Target {
                 table: "inbox",
+                // The age test again outside: a row a claim touched meanwhile is
+                // rechecked on its new version and kept.
                 delete: "DELETE FROM inbox WHERE (consumer, message_id) IN \
                          (SELECT consumer, message_id FROM inbox \
-                          WHERE handled_at < now() - make_interval(secs => $1) LIMIT $2)",
+                          WHERE handled_at < now() - make_interval(secs => $1) LIMIT $2) \
+                         AND handled_at < now() - make_interval(secs => $1)",
                 keep: self.retention.messages,
             },
             Target {
                 table: "consumer_streams",
-                delete: "DELETE FROM consumer_streams WHERE (consumer, stream_id) IN \
+                // A parked stream keeps its applied version: the letter it waits for
+                // may be replayed however late, and must still be judged against it.
+                delete: "DELETE FROM consumer_streams c WHERE (consumer, stream_id) IN \
                          (SELECT consumer, stream_id FROM consumer_streams \
-                          WHERE applied_at < now() - make_interval(secs => $1) LIMIT $2)",
+                          WHERE applied_at < now() - make_interval(secs => $1) LIMIT $2) \
+                         AND applied_at < now() - make_interval(secs => $1) \
+                         AND NOT EXISTS (SELECT 1 FROM parked_streams p \
+                                         WHERE p.consumer = c.consumer AND p.stream_id = c.stream_id)",
                 keep: self.retention.messages,
             },
             Target {
                 table: "idempotency_keys",
                 delete: "DELETE FROM idempotency_keys WHERE key IN \
                          (SELECT key FROM idempotency_keys \
-                          WHERE created_at < now() - make_interval(secs => $1) LIMIT $2)",
+                          WHERE created_at < now() - make_interval(secs => $1) LIMIT $2) \
+                         AND created_at < now() - make_interval(secs => $1)",
                 keep: self.retention.idempotency_keys,
             },
         ];
         let mut counts = [0_u64; 3];
-        for (target, count) in targets.iter().zip(&mut counts) {
+        'targets: for (target, count) in targets.iter().zip(&mut counts) {
             loop {
                 let mut transaction = self.pool.begin().await?;
                 let ours: bool = sqlx::query_scalar("SELECT pg_try_advisory_xact_lock($1, 0)")
@@ -144,7 +155,7 @@ impl Pruner {
                     .fetch_one(&mut *transaction)
                     .await?;
                 if !ours {
-                    return Ok(Pruned::default());
+                    break 'targets;
                 }
                 let deleted = sqlx::query(target.delete)
                     .bind(target.keep.as_secs_f64())

@@ -364,8 +364,14 @@ impl Run {
         let reply = match answer {
             Ok(response) if response.status().is_success() => response.json::<Value>().await,
             Ok(response) if response.status() == StatusCode::SERVICE_UNAVAILABLE => {
-                if self.measured(due) {
-                    self.samples.lock().await.commands_refused += 1;
+                let text = response.text().await.unwrap_or_default();
+                if text.contains("urn:orderflow:problem:overloaded") {
+                    if self.measured(due) {
+                        self.samples.lock().await.commands_refused += 1;
+                    }
+                } else {
+                    self.failed_command(due, format!("POST {post}: 503 {text}"))
+                        .await;
                 }
                 return;
             }

@@ -265,6 +265,9 @@ struct DlqSelection {
     /// One JSON object per line
     #[arg(long)]
     json: bool,
+    /// Replay letters that failed before the message retention too (`dlq replay`)
+    #[arg(long)]
+    past_retention: bool,
 }
 
 #[derive(Subcommand)]
@@ -577,9 +580,7 @@ async fn replay(config: &Config, args: ReplayArgs) -> anyhow::Result<ExitCode> {
             .service
             .ok_or_else(|| anyhow::anyhow!("--republish needs --service"))?;
         let pool = ops::connect(config, service).await?;
-        let horizon = chrono::Utc::now()
-            - chrono::Duration::from_std(config.retention.messages)
-                .context("the message retention is too long")?;
+        let horizon = retention_horizon(config)?;
         let selection = eventstore::republish::Selection {
             after: args.from,
             up_to: args.to,
@@ -695,10 +696,15 @@ async fn dlq(config: &Config, command: DlqCommand) -> anyhow::Result<ExitCode> {
             let select =
                 |letter: &DeadLetter| chosen.id.is_none_or(|id| letter.message_id == Some(id));
             let service = chosen.service;
-            let outcome =
-                eventstore::dlq::replay(&config.amqp_url, service.name(), select, chosen.dry_run)
+            let url = &config.amqp_url;
+            let outcome = if chosen.past_retention {
+                eventstore::dlq::replay(url, service.name(), select, chosen.dry_run).await
+            } else {
+                let horizon = retention_horizon(config)?;
+                eventstore::dlq::replay_since(url, service.name(), select, chosen.dry_run, horizon)
                     .await
-                    .with_context(|| format!("cannot replay the {service} dead letters"))?;
+            }
+            .with_context(|| format!("cannot replay the {service} dead letters"))?;
             let parked = ops::replay_parked(config, service, chosen.id, chosen.dry_run)
                 .await
                 .with_context(|| format!("cannot replay the {service} parked events"))?;
@@ -1021,4 +1027,14 @@ fn schemas_check(files: &[domain::wire::SchemaFile], json: bool) -> ExitCode {
     } else {
         ExitCode::FAILURE
     }
+}
+
+/// What is older than this may have lost its inbox rows to retention, so consumers
+/// could not recognise it as a duplicate: the message retention, less an hour for
+/// clocks and for the pruner's schedule (half the retention when that is shorter).
+fn retention_horizon(config: &Config) -> anyhow::Result<chrono::DateTime<chrono::Utc>> {
+    let kept = chrono::Duration::from_std(config.retention.messages)
+        .context("the message retention is too long")?;
+    let margin = chrono::Duration::hours(1).min(kept / 2);
+    Ok(chrono::Utc::now() - kept + margin)
 }

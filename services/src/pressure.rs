@@ -11,7 +11,8 @@
 //!
 //! The first three are measured by one statement every [`SAMPLE_EVERY`] while
 //! commands arrive (an idle service asks nothing), the last is counted in-process.
-//! Queries and health checks are never refused.
+//! Queries, health checks, cancellations (they relieve the service) and log-ins (they
+//! record nothing) are never refused.
 
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock};
@@ -32,6 +33,9 @@ use crate::http::problem::ApiError;
 pub const SAMPLE_EVERY: Duration = Duration::from_millis(100);
 /// What a refused client is told to wait, in seconds.
 const RETRY_AFTER_SECONDS: u32 = 1;
+/// How long a sample may wait: a database whose pool is taken by the commands in hand
+/// cannot answer sooner, and that is itself over capacity.
+const SAMPLE_TIMEOUT: Duration = Duration::from_millis(500);
 
 /// The bounds past which a service refuses commands.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -41,10 +45,11 @@ pub struct Bounds {
     /// `ORDERFLOW_MAX_SUBSCRIPTION_LAG`: events a subscription is behind (default 2000).
     pub subscription_lag: i64,
     /// `ORDERFLOW_MAX_ORDERS_IN_FLIGHT`: orders waiting for stock or payment (default
-    /// 500: at the 50 orders/s this machine handles with ease, ten seconds of work,
+    /// 500: at the 100 orders/s this machine handles with ease, five seconds of work,
     /// well inside the 30 s payment deadline).
     pub orders_in_flight: i64,
-    /// `ORDERFLOW_MAX_COMMANDS_IN_FLIGHT`: commands being handled at once (default 256).
+    /// `ORDERFLOW_MAX_COMMANDS_IN_FLIGHT`: commands being handled at once (default 64:
+    /// a service has 10 database connections, so more would only wait for one).
     pub commands_in_flight: usize,
 }
 
@@ -54,7 +59,7 @@ impl Default for Bounds {
             outbox_backlog: 2_000,
             subscription_lag: 2_000,
             orders_in_flight: 500,
-            commands_in_flight: 256,
+            commands_in_flight: 64,
         }
     }
 }
@@ -163,7 +168,14 @@ impl Pressure {
     }
 
     fn judge(&self, sample: &Sample) {
-        let verdict = self.bounds.judge(sample);
+        self.set(self.bounds.judge(sample));
+    }
+
+    fn refuse(&self, refusal: Refusal) {
+        self.set(Some(refusal));
+    }
+
+    fn set(&self, verdict: Option<Refusal>) {
         if let Some(refusal) = &verdict {
             tracing::debug!(service = self.service, reason = %refusal.detail, "refusing commands");
         }
@@ -198,8 +210,18 @@ impl Pressure {
             if !self.demand.swap(false, Ordering::Relaxed) && !refusing {
                 continue;
             }
-            match measure(&pool, &self.bounds, counts_orders).await {
-                Ok((outbox_backlog, orders_in_flight)) => {
+            let measured =
+                tokio::time::timeout(SAMPLE_TIMEOUT, measure(&pool, &self.bounds, counts_orders))
+                    .await;
+            match measured {
+                Err(_) => self.refuse(Refusal {
+                    bound: "database",
+                    detail: format!(
+                        "the database did not count the backlog within {} ms",
+                        SAMPLE_TIMEOUT.as_millis()
+                    ),
+                }),
+                Ok(Ok((outbox_backlog, orders_in_flight))) => {
                     let subscription_lag = lags
                         .iter()
                         .map(|lag| lag.borrow().events)
@@ -212,7 +234,7 @@ impl Pressure {
                     });
                 }
                 // The last verdict stands; the database's trouble shows elsewhere.
-                Err(error) => {
+                Ok(Err(error)) => {
                     tracing::warn!(service = self.service, %error, "cannot measure the backlog");
                 }
             }
@@ -253,14 +275,22 @@ impl Drop for InFlight {
     }
 }
 
-/// Middleware: refuses a command (any method but GET, HEAD and OPTIONS) with 503
-/// `overloaded` while the service is over a bound.
+/// Whether a request is never refused: a query, a cancellation (it relieves the
+/// service: a cancelled order leaves the orders in flight) or a log-in (it records
+/// nothing).
+fn exempt(request: &Request) -> bool {
+    let path = request.uri().path();
+    request.method().is_safe() || path.ends_with("/cancel") || path.ends_with("/auth/token")
+}
+
+/// Middleware: refuses a command (any method but GET, HEAD and OPTIONS, except a
+/// cancellation or a log-in) with 503 `overloaded` while the service is over a bound.
 pub async fn admit(
     State(pressure): State<Arc<Pressure>>,
     request: Request,
     next: Next,
 ) -> Response {
-    if request.method().is_safe() {
+    if exempt(&request) {
         return next.run(request).await;
     }
     match pressure.admit() {
@@ -353,6 +383,23 @@ mod tests {
         let again = pressure.admit().expect("admitted once one finished");
         drop((second, again));
         assert_eq!(pressure.in_flight.load(Ordering::Acquire), 0);
+    }
+
+    #[test]
+    fn queries_cancellations_and_log_ins_are_never_refused() {
+        let request = |method: &str, path: &str| {
+            Request::builder()
+                .method(method)
+                .uri(path)
+                .body(axum::body::Body::empty())
+                .expect("a request")
+        };
+        assert!(exempt(&request("GET", "/orders/1")));
+        assert!(exempt(&request("POST", "/orders/1/cancel")));
+        assert!(exempt(&request("POST", "/auth/token")));
+        assert!(!exempt(&request("POST", "/orders")));
+        assert!(!exempt(&request("POST", "/inventory/items")));
+        assert!(!exempt(&request("PUT", "/users/1/profile")));
     }
 
     #[test]

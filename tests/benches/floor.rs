@@ -1,16 +1,22 @@
-//! The floor under issue 5's target: what the machine spends on the I/O one order
-//! must do under DESIGN §3–§6, done by plain sqlx and lapin with nothing of ours in
-//! between, at a steady rate of orders.
+//! The floor under issue 18's targets: what the machine spends on the I/O one order
+//! must do under DESIGN §3–§6 (own events from the own store, the broker only between
+//! services), done by plain sqlx and lapin with nothing of ours in between, at a steady
+//! rate of orders.
 //!
 //! One two-line order that confirms, through order, inventory and payment, is in the
-//! real system: 12 messages published with confirms (8 events, 4 commands: the saga
-//! sends one stock command per order, inventory answers with an event per SKU), 17
-//! deliveries (each event reaches its service's read models and, for the saga's
-//! inputs, the saga), 8 events appended, 12 outbox rows written and marked, 17 inbox
-//! rows. Here every one of them happens, on the event-store tables of a fresh database
-//! and quorum queues in a fresh virtual host, on a connection per consumer and one for
-//! the publisher, as the services have them, but cheaper than a real implementation
-//! does them: positions from a sequence (no gap-safe counter), no HTTP, no Avro, no
+//! real system: 8 messages published with confirms (4 commands: ReserveStock,
+//! AuthorizePayment, CommitStock, CapturePayment; 4 events: OrderStockReserved,
+//! PaymentAuthorized, PaymentCaptured and OrderConfirmed, which no service of the
+//! three consumes), 7 deliveries with an inbox row each, 9 events appended, 8 outbox
+//! rows written and marked, and 11 events read by the subscriptions on the three
+//! stores (the order's read models and the saga read OrderPlaced and OrderConfirmed,
+//! inventory's read models its 5 events, payment's its 2), each batch applied with its
+//! checkpoint in one transaction. Here every one of them happens, on the event-store
+//! tables of a fresh database and quorum queues in a fresh virtual host, on a
+//! connection per consumer and subscription and one for the publisher, as the services
+//! have them, but cheaper than a real implementation does them: one database for the
+//! three stores (a subscription skips the other stores' events), positions from the
+//! writing transaction's id with the plain snapshot-xmin fence, no HTTP, no Avro, no
 //! per-stream ordering check, no aggregate or saga decision, each consumer batching up
 //! to 64 ready deliveries into one transaction of at most six statements (BEGIN and
 //! COMMIT included), one consumer transaction at a time per queue, and every message
@@ -21,9 +27,9 @@
 //! `cargo bench -p tests --bench floor`. Settings: BENCH_RATES (orders/s, default
 //! `100,200,300`), BENCH_SECONDS (measured, default 10) after BENCH_WARMUP (default 2).
 //! Prints a markdown row per rate: orders handled per second in the measured window
-//! (every delivery of an order counts a seventeenth), how long the backlog took to
-//! drain after the load, CPU busy, the CPU of PostgreSQL, RabbitMQ and this process in cores, and
-//! the steal seen.
+//! (every delivery and every event a subscription reads counts its share of an
+//! order), how long the backlog took to drain after the load, CPU busy, the CPU of
+//! PostgreSQL, RabbitMQ and this process in cores, and the steal seen.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -43,94 +49,190 @@ use uuid::Uuid;
 
 const EXCHANGE: &str = "floor";
 const BATCH: usize = 64;
+/// Events a subscription reads per transaction.
+const PAGE: i64 = 500;
 /// Bytes in a message body and an event payload (the real Avro bodies are 60–300).
 const BODY: usize = 160;
+/// Ordinals of a transaction's outbox command rows start here (its events below it).
+const COMMAND_ORDINALS: i64 = 512;
 
-/// The consumers of one order's messages, each a queue.
+/// The consumers of the order's broker messages, each a queue.
 #[derive(Clone, Copy, Debug, PartialEq)]
 enum Queue {
-    OrderReadModels,
     Saga,
     InventoryCommands,
-    InventoryReadModels,
     PaymentCommands,
-    PaymentReadModels,
-}
-
-/// One message of an order: who receives it, and per receiver what its transaction
-/// writes besides the inbox row: (events appended, commands queued, state row upserted).
-struct Step {
-    receivers: &'static [(Queue, u8, u8, bool)],
 }
 
 use Queue::*;
 
-/// The order's 12 messages in the order the real flow sends them. The saga sends one
-/// stock command per order; inventory answers with an event per SKU stream.
-const STEPS: [Step; 12] = [
-    // OrderPlaced: the saga asks for the reservation of both lines.
+/// The three event stores (one `events` table here, told apart by `event_type`).
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Store {
+    Order,
+    Inventory,
+    Payment,
+}
+
+/// Kinds of event (kept in `schema_fingerprint`).
+const ORDER_PLACED: i64 = 1;
+const ORDER_CONFIRMED: i64 = 2;
+const STOCK_RESERVED: i64 = 3;
+const ORDER_STOCK_RESERVED: i64 = 4;
+const STOCK_COMMITTED: i64 = 5;
+const PAYMENT_AUTHORIZED: i64 = 6;
+const PAYMENT_CAPTURED: i64 = 7;
+
+/// An event a handler appends: its store, its kind, and whether it crosses the broker
+/// (an outbox row).
+type Appended = (Store, i64, bool);
+
+/// What a consumer's transaction writes for one delivery besides its inbox row.
+struct Receiver {
+    queue: Queue,
+    events: &'static [Appended],
+    commands: u8,
+    /// The saga's state row.
+    state: bool,
+}
+
+/// One broker message of an order and who receives it (nobody, for OrderConfirmed:
+/// only the notification service consumes it).
+struct Step {
+    receiver: Option<Receiver>,
+}
+
+/// The order's 8 broker messages in the order the real flow sends them.
+const STEPS: [Step; 8] = [
+    // ReserveStock: both lines' stock streams, and one answer for the order.
     Step {
-        receivers: &[(OrderReadModels, 0, 0, true), (Saga, 0, 1, true)],
+        receiver: Some(Receiver {
+            queue: InventoryCommands,
+            events: &[
+                (Store::Inventory, STOCK_RESERVED, false),
+                (Store::Inventory, STOCK_RESERVED, false),
+                (Store::Inventory, ORDER_STOCK_RESERVED, true),
+            ],
+            commands: 0,
+            state: false,
+        }),
     },
-    // ReserveStock: an event on each line's stock stream.
+    // OrderStockReserved: the saga asks for payment.
     Step {
-        receivers: &[(InventoryCommands, 2, 0, false)],
-    },
-    // StockReserved, one per line: the second one makes the saga ask for payment.
-    Step {
-        receivers: &[(InventoryReadModels, 0, 0, true), (Saga, 0, 0, true)],
-    },
-    Step {
-        receivers: &[(InventoryReadModels, 0, 0, true), (Saga, 0, 1, true)],
+        receiver: Some(Receiver {
+            queue: Saga,
+            events: &[],
+            commands: 1,
+            state: true,
+        }),
     },
     // AuthorizePayment.
     Step {
-        receivers: &[(PaymentCommands, 1, 0, false)],
+        receiver: Some(Receiver {
+            queue: PaymentCommands,
+            events: &[(Store::Payment, PAYMENT_AUTHORIZED, true)],
+            commands: 0,
+            state: false,
+        }),
     },
     // PaymentAuthorized: the saga confirms the order, commits the stock, captures.
     Step {
-        receivers: &[(PaymentReadModels, 0, 0, true), (Saga, 1, 2, true)],
+        receiver: Some(Receiver {
+            queue: Saga,
+            events: &[(Store::Order, ORDER_CONFIRMED, true)],
+            commands: 2,
+            state: true,
+        }),
     },
-    // OrderConfirmed.
+    // CommitStock.
     Step {
-        receivers: &[(OrderReadModels, 0, 0, true)],
-    },
-    // CommitStock: an event on each line's stock stream.
-    Step {
-        receivers: &[(InventoryCommands, 2, 0, false)],
+        receiver: Some(Receiver {
+            queue: InventoryCommands,
+            events: &[
+                (Store::Inventory, STOCK_COMMITTED, false),
+                (Store::Inventory, STOCK_COMMITTED, false),
+            ],
+            commands: 0,
+            state: false,
+        }),
     },
     // CapturePayment.
     Step {
-        receivers: &[(PaymentCommands, 1, 0, false)],
-    },
-    // StockCommitted, one per line.
-    Step {
-        receivers: &[(InventoryReadModels, 0, 0, true)],
-    },
-    Step {
-        receivers: &[(InventoryReadModels, 0, 0, true)],
+        receiver: Some(Receiver {
+            queue: PaymentCommands,
+            events: &[(Store::Payment, PAYMENT_CAPTURED, true)],
+            commands: 0,
+            state: false,
+        }),
     },
     // PaymentCaptured: the saga records the capture.
     Step {
-        receivers: &[(PaymentReadModels, 0, 0, true), (Saga, 0, 0, true)],
+        receiver: Some(Receiver {
+            queue: Saga,
+            events: &[],
+            commands: 0,
+            state: true,
+        }),
     },
+    // OrderConfirmed: for the notification service, which is not running.
+    Step { receiver: None },
 ];
 
-const QUEUES: [Queue; 6] = [
-    OrderReadModels,
-    Saga,
-    InventoryCommands,
-    InventoryReadModels,
-    PaymentCommands,
-    PaymentReadModels,
+const QUEUES: [Queue; 3] = [Saga, InventoryCommands, PaymentCommands];
+
+/// A subscription on one store: what it does with an event of each kind (a state
+/// row upserted, commands queued), `None` for a kind it skips.
+#[derive(Clone, Copy, Debug)]
+struct Subscription {
+    name: &'static str,
+    store: Store,
+    applies: fn(i64) -> Option<u8>,
+}
+
+const SUBSCRIPTIONS: [Subscription; 4] = [
+    Subscription {
+        name: "order-read-models",
+        store: Store::Order,
+        applies: |_| Some(0),
+    },
+    // The saga hears OrderPlaced from the store and asks for the stock.
+    Subscription {
+        name: "order-saga",
+        store: Store::Order,
+        applies: |kind| (kind == ORDER_PLACED).then_some(1),
+    },
+    Subscription {
+        name: "inventory-read-models",
+        store: Store::Inventory,
+        applies: |kind| (kind != ORDER_STOCK_RESERVED).then_some(0),
+    },
+    Subscription {
+        name: "payment-read-models",
+        store: Store::Payment,
+        applies: |_| Some(0),
+    },
 ];
 
 fn queue_name(queue: Queue) -> String {
     format!("floor.{queue:?}")
 }
 
-fn deliveries_per_order() -> u64 {
-    STEPS.iter().map(|step| step.receivers.len() as u64).sum()
+/// Every event of the order's stores: OrderPlaced and what the handlers append.
+fn events_of(store: Store) -> u64 {
+    let appended = STEPS
+        .iter()
+        .filter_map(|step| step.receiver.as_ref())
+        .flat_map(|receiver| receiver.events)
+        .filter(|(s, _, _)| *s == store)
+        .count() as u64;
+    appended + u64::from(store == Store::Order)
+}
+
+/// Deliveries, and events read by subscriptions: the units of work of one order.
+fn work_per_order() -> u64 {
+    let deliveries = STEPS.iter().filter(|s| s.receiver.is_some()).count() as u64;
+    let read: u64 = SUBSCRIPTIONS.iter().map(|s| events_of(s.store)).sum();
+    deliveries + read
 }
 
 #[tokio::main]
@@ -141,9 +243,9 @@ async fn main() -> anyhow::Result<()> {
 
     let db = TestDb::new(16).await?;
     sqlx::raw_sql(
-        "CREATE SEQUENCE floor_position; \
-         CREATE TABLE floor_state (consumer TEXT, id UUID, version BIGINT NOT NULL, \
-                                   PRIMARY KEY (consumer, id))",
+        "CREATE TABLE floor_state (consumer TEXT, id UUID, version BIGINT NOT NULL, \
+                                   PRIMARY KEY (consumer, id)); \
+         CREATE TABLE floor_checkpoints (name TEXT PRIMARY KEY, position BIGINT NOT NULL)",
     )
     .execute(&db.pool)
     .await?;
@@ -156,23 +258,32 @@ async fn main() -> anyhow::Result<()> {
         handled: AtomicU64::new(0),
         sent: AtomicU64::new(0),
         unpublished: Mutex::new(VecDeque::new()),
+        appended: tokio::sync::Notify::new(),
     });
     let cancel = CancellationToken::new();
-    let mut consumers = Vec::new();
+    let mut workers = Vec::new();
     for queue in QUEUES {
         let connection = amqp::connect(&vhost.url, &queue_name(queue)).await?;
-        consumers.push(tokio::spawn(consume(
+        workers.push(tokio::spawn(consume(
             connection,
             floor.clone(),
             queue,
             cancel.clone(),
         )));
     }
+    for subscription in SUBSCRIPTIONS {
+        workers.push(tokio::spawn(subscribe(
+            floor.clone(),
+            subscription,
+            cancel.clone(),
+        )));
+    }
 
     println!(
-        "{} messages published and {} delivered per order\n",
+        "{} messages published, {} delivered and {} events read by subscriptions per order\n",
         STEPS.len(),
-        deliveries_per_order()
+        STEPS.iter().filter(|s| s.receiver.is_some()).count(),
+        work_per_order() - STEPS.iter().filter(|s| s.receiver.is_some()).count() as u64
     );
     println!(
         "| orders/s | handled orders/s | backlog drained after the load | CPU busy | PostgreSQL | RabbitMQ | this process | steal |"
@@ -184,8 +295,8 @@ async fn main() -> anyhow::Result<()> {
         println!("{row}");
     }
     cancel.cancel();
-    for consumer in consumers {
-        consumer.await??;
+    for worker in workers {
+        worker.await??;
     }
     Ok(())
 }
@@ -204,7 +315,7 @@ async fn declare(connection: &Connection) -> anyhow::Result<()> {
         let keys: Vec<String> = STEPS
             .iter()
             .enumerate()
-            .filter(|(_, step)| step.receivers.iter().any(|r| r.0 == queue))
+            .filter(|(_, step)| step.receiver.as_ref().is_some_and(|r| r.queue == queue))
             .map(|(kind, _)| kind.to_string())
             .collect();
         let bindings: Vec<(&str, &str)> = keys.iter().map(|key| (EXCHANGE, key.as_str())).collect();
@@ -213,14 +324,18 @@ async fn declare(connection: &Connection) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// What the driver, the relay and the consumers share.
+/// What the driver, the relay, the consumers and the subscriptions share.
 struct Floor {
     pool: PgPool,
-    /// Deliveries handled, and deliveries the published messages will make.
+    /// Units of work done (deliveries handled, events read by subscriptions), and the
+    /// units the orders placed so far make.
     handled: AtomicU64,
     sent: AtomicU64,
     /// Outbox rows written and not yet marked, oldest first, as the relay sees them.
     unpublished: Mutex<VecDeque<i64>>,
+    /// Woken on every commit that appended events, as the store wakes its
+    /// subscriptions in process.
+    appended: tokio::sync::Notify,
 }
 
 impl Floor {
@@ -259,9 +374,7 @@ async fn run(
         let id = Uuid::now_v7();
         posts.spawn(place(floor.clone(), id));
         let confirms = publish(&channel, id).await?;
-        floor
-            .sent
-            .fetch_add(deliveries_per_order(), Ordering::Relaxed);
+        floor.sent.fetch_add(work_per_order(), Ordering::Relaxed);
         to_mark.send(confirms)?;
         while let Some(done) = posts.try_join_next() {
             done??;
@@ -269,11 +382,11 @@ async fn run(
     }
     let (sample, handled_before) =
         sample.unwrap_or_else(|| (Sample::take(), handled.load(Ordering::Relaxed)));
-    // Deliveries handled in the measured window, as whole orders per second.
+    // Work done in the measured window, as whole orders per second.
     let throughput = handled
         .load(Ordering::Relaxed)
         .saturating_sub(handled_before) as f64
-        / deliveries_per_order() as f64
+        / work_per_order() as f64
         / sample.at.elapsed().as_secs_f64();
     let measured = sample.since();
     let load_ended = Instant::now();
@@ -286,7 +399,7 @@ async fn run(
     let kept_up = if left == 0 {
         format!("{} ms", load_ended.elapsed().as_millis())
     } else {
-        format!("not in 60 s: {left} deliveries still queued")
+        format!("not in 60 s: {left} units of work still waiting")
     };
     while posts.join_next().await.transpose()?.transpose()?.is_some() {}
     drop(to_mark);
@@ -302,22 +415,24 @@ async fn run(
     ))
 }
 
-/// `POST /orders`'s write, as one autocommitted statement: the event and its outbox row.
+/// The position of a transaction's `ordinal`-th row, as the event store numbers it.
+const POSITION: &str = "(pg_current_xact_id()::text::bigint << 20) + ";
+
+/// `POST /orders`'s write, as one autocommitted statement: OrderPlaced, which does not
+/// cross the broker (the saga hears it from the store).
 async fn place(floor: Arc<Floor>, order: Uuid) -> anyhow::Result<()> {
-    let position: i64 = sqlx::query_scalar(
-        "WITH e AS (INSERT INTO events (global_position, stream_id, stream_version, event_id, \
-                    event_type, schema_fingerprint, payload, correlation_id, causation_id) \
-                    VALUES (nextval('floor_position'), $1, 1, $2, 'OrderPlaced', 1, $3, $2, $2) \
-                    RETURNING global_position) \
-         INSERT INTO outbox (global_position) SELECT global_position FROM e \
-         RETURNING global_position",
-    )
+    sqlx::query(sqlx::AssertSqlSafe(format!(
+        "INSERT INTO events (global_position, stream_id, stream_version, event_id, \
+         event_type, schema_fingerprint, payload, correlation_id, causation_id) \
+         VALUES ({POSITION}1, $1, 1, $2, 'Order', $3, $4, $2, $2)"
+    )))
     .bind(format!("order-{order}"))
     .bind(order)
+    .bind(ORDER_PLACED)
     .bind(vec![7u8; BODY])
-    .fetch_one(&floor.pool)
+    .execute(&floor.pool)
     .await?;
-    floor.written(vec![position]);
+    floor.appended.notify_waiters();
     Ok(())
 }
 
@@ -353,7 +468,7 @@ async fn relay_marks(
     mut marking: tokio::sync::mpsc::UnboundedReceiver<Vec<lapin::PublisherConfirm>>,
 ) -> anyhow::Result<()> {
     // Messages confirmed whose outbox rows were not written yet (the floor publishes an
-    // order's messages before its consumers write them).
+    // order's messages before its handlers write them).
     let mut owed = 0;
     while let Some(first) = marking.recv().await {
         let mut batches = vec![first];
@@ -370,13 +485,73 @@ async fn relay_marks(
             unpublished.drain(..take).collect()
         };
         owed -= positions.len();
-        if !positions.is_empty() {
-            sqlx::query("UPDATE outbox SET published_at = now() WHERE global_position = ANY($1)")
-                .bind(&positions)
-                .execute(&floor.pool)
-                .await?;
-        }
+        mark(&floor.pool, &positions).await?;
     }
+    // The run has drained: every row is written, so what was confirmed is marked.
+    let positions: Vec<i64> = {
+        let mut unpublished = floor.unpublished.lock().expect("not poisoned");
+        let take = owed.min(unpublished.len());
+        unpublished.drain(..take).collect()
+    };
+    mark(&floor.pool, &positions).await
+}
+
+async fn mark(pool: &PgPool, positions: &[i64]) -> anyhow::Result<()> {
+    if !positions.is_empty() {
+        sqlx::query("UPDATE outbox SET published_at = now() WHERE global_position = ANY($1)")
+            .bind(positions)
+            .execute(pool)
+            .await?;
+    }
+    Ok(())
+}
+
+/// Queues `keys.len()` commands in the outbox within `transaction`.
+async fn queue_commands(
+    transaction: &mut sqlx::PgConnection,
+    keys: &[String],
+) -> anyhow::Result<Vec<i64>> {
+    if keys.is_empty() {
+        return Ok(Vec::new());
+    }
+    let positions = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
+        "INSERT INTO outbox (global_position, message_id, message_type, target_service, \
+                             ordering_key, schema_fingerprint, payload, correlation_id, \
+                             causation_id) \
+         SELECT {POSITION}{COMMAND_ORDINALS} + n, gen_random_uuid(), 'Command', 'floor', k, 1, \
+                $2, gen_random_uuid(), gen_random_uuid() \
+         FROM unnest($1::text[]) WITH ORDINALITY AS c (k, n) RETURNING global_position"
+    )))
+    .bind(keys)
+    .bind(vec![7u8; BODY])
+    .fetch_all(&mut *transaction)
+    .await?;
+    Ok(positions)
+}
+
+/// Upserts a state row per id (its version moved by the count) within `transaction`.
+async fn upsert_states(
+    transaction: &mut sqlx::PgConnection,
+    consumer: &str,
+    states: HashMap<Uuid, i64>,
+) -> anyhow::Result<()> {
+    if states.is_empty() {
+        return Ok(());
+    }
+    let mut states: Vec<(Uuid, i64)> = states.into_iter().collect();
+    states.sort();
+    let (ids, counts): (Vec<Uuid>, Vec<i64>) = states.into_iter().unzip();
+    sqlx::query(
+        "INSERT INTO floor_state (consumer, id, version) \
+         SELECT $1, * FROM unnest($2::uuid[], $3::bigint[]) \
+         ON CONFLICT (consumer, id) DO UPDATE \
+         SET version = floor_state.version + excluded.version",
+    )
+    .bind(consumer)
+    .bind(&ids)
+    .bind(&counts)
+    .execute(&mut *transaction)
+    .await?;
     Ok(())
 }
 
@@ -413,7 +588,8 @@ async fn consume(
             }
         }
         let mut message_ids = Vec::new();
-        let mut event_streams = Vec::new();
+        let (mut streams, mut stores, mut kinds, mut crossing) =
+            (Vec::new(), Vec::new(), Vec::new(), Vec::new());
         let mut command_keys = Vec::new();
         let mut states: HashMap<Uuid, i64> = HashMap::new();
         for delivery in &batch {
@@ -427,83 +603,153 @@ async fn consume(
                 .transpose()?
                 .unwrap_or_else(Uuid::now_v7);
             message_ids.push(message_id);
-            let &(_, events, commands, state) = STEPS[kind]
-                .receivers
-                .iter()
-                .find(|r| r.0 == queue)
+            let receiver = STEPS[kind]
+                .receiver
+                .as_ref()
+                .filter(|r| r.queue == queue)
                 .ok_or_else(|| anyhow::anyhow!("{consumer} got kind {kind}"))?;
-            for event in 0..events {
-                event_streams.push(format!("{consumer}-{order}-{kind}-{event}"));
+            for (event, (store, event_kind, crosses)) in receiver.events.iter().enumerate() {
+                streams.push(format!("{store:?}-{order}-{kind}-{event}"));
+                stores.push(format!("{store:?}"));
+                kinds.push(*event_kind);
+                crossing.push(*crosses);
             }
-            for command in 0..commands {
+            for command in 0..receiver.commands {
                 command_keys.push(format!("{order}-{kind}-{command}"));
             }
-            if state {
+            if receiver.state {
                 *states.entry(order).or_default() += 1;
             }
         }
         let mut transaction = floor.pool.begin().await?;
-        let mut positions = Vec::new();
         sqlx::query("INSERT INTO inbox (consumer, message_id) SELECT $1, unnest($2::uuid[])")
             .bind(&consumer)
             .bind(&message_ids)
             .execute(&mut *transaction)
             .await?;
-        if !states.is_empty() {
-            let mut states: Vec<(Uuid, i64)> = states.into_iter().collect();
-            states.sort();
-            let (ids, counts): (Vec<Uuid>, Vec<i64>) = states.into_iter().unzip();
-            sqlx::query(
-                "INSERT INTO floor_state (consumer, id, version) \
-                 SELECT $1, * FROM unnest($2::uuid[], $3::bigint[]) \
-                 ON CONFLICT (consumer, id) DO UPDATE \
-                 SET version = floor_state.version + excluded.version",
-            )
-            .bind(&consumer)
-            .bind(&ids)
-            .bind(&counts)
-            .execute(&mut *transaction)
-            .await?;
-        }
-        if !event_streams.is_empty() {
-            let written: Vec<i64> = sqlx::query_scalar(
+        upsert_states(&mut transaction, &consumer, states).await?;
+        let mut positions = Vec::new();
+        if !streams.is_empty() {
+            // The events, and an outbox row for each that crosses the broker.
+            let written: Vec<i64> = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
                 "WITH e AS (INSERT INTO events (global_position, stream_id, stream_version, \
                             event_id, event_type, schema_fingerprint, payload, correlation_id, \
                             causation_id) \
-                            SELECT nextval('floor_position'), s, 1, gen_random_uuid(), 'Event', 1, \
-                                   $2, gen_random_uuid(), gen_random_uuid() \
-                            FROM unnest($1::text[]) s RETURNING global_position) \
-                 INSERT INTO outbox (global_position) SELECT global_position FROM e \
-                 RETURNING global_position",
-            )
-            .bind(&event_streams)
+                            SELECT {POSITION}n, s, 1, gen_random_uuid(), t, k, \
+                                   $4, gen_random_uuid(), gen_random_uuid() \
+                            FROM unnest($1::text[], $2::text[], $3::bigint[]) \
+                                 WITH ORDINALITY AS e (s, t, k, n) \
+                            RETURNING global_position, stream_id) \
+                 INSERT INTO outbox (global_position) \
+                 SELECT e.global_position FROM e \
+                 JOIN unnest($1::text[], $5::bool[]) AS c (s, crosses) ON c.s = e.stream_id \
+                 WHERE c.crosses RETURNING global_position"
+            )))
+            .bind(&streams)
+            .bind(&stores)
+            .bind(&kinds)
             .bind(vec![7u8; BODY])
+            .bind(&crossing)
             .fetch_all(&mut *transaction)
             .await?;
             positions.extend(written);
         }
-        if !command_keys.is_empty() {
-            let written: Vec<i64> = sqlx::query_scalar(
-                "INSERT INTO outbox (global_position, message_id, message_type, target_service, \
-                                     ordering_key, schema_fingerprint, payload, correlation_id, \
-                                     causation_id) \
-                 SELECT nextval('floor_position'), gen_random_uuid(), 'Command', 'floor', k, 1, \
-                        $2, gen_random_uuid(), gen_random_uuid() \
-                 FROM unnest($1::text[]) k RETURNING global_position",
-            )
-            .bind(&command_keys)
-            .bind(vec![7u8; BODY])
-            .fetch_all(&mut *transaction)
-            .await?;
-            positions.extend(written);
-        }
+        positions.extend(queue_commands(&mut transaction, &command_keys).await?);
         transaction.commit().await?;
+        if !streams.is_empty() {
+            floor.appended.notify_waiters();
+        }
         floor.written(positions);
         let last = batch.last().expect("a batch holds at least one delivery");
         last.acker.ack(BasicAckOptions { multiple: true }).await?;
         floor
             .handled
             .fetch_add(batch.len() as u64, Ordering::Relaxed);
+    }
+}
+
+/// One subscription: reads its store's committed events after its checkpoint (below
+/// the oldest running writer), and applies a page with the checkpoint in one
+/// transaction, on a connection of its own.
+async fn subscribe(
+    floor: Arc<Floor>,
+    subscription: Subscription,
+    cancel: CancellationToken,
+) -> anyhow::Result<()> {
+    let mut connection = floor.pool.acquire().await?;
+    let store = format!("{:?}", subscription.store);
+    let mut checkpoint = 0_i64;
+    loop {
+        // Registered before the read, so a commit during it is not missed.
+        let woken = floor.appended.notified();
+        tokio::pin!(woken);
+        woken.as_mut().enable();
+        // The fence: below the oldest writer running in this database (not the whole
+        // server), taken in a statement of its own so the read that follows sees
+        // every transaction that ended before it.
+        let fence: i64 = sqlx::query_scalar(
+            "WITH h AS (SELECT pg_snapshot_xmax(pg_current_snapshot())::text::bigint AS next) \
+             SELECT coalesce((SELECT min(orderflow_xid8(h.next, a.backend_xid)) \
+                              FROM pg_stat_activity a \
+                              WHERE a.backend_xid IS NOT NULL \
+                                AND a.datname = current_database()), h.next) << 20 \
+             FROM h",
+        )
+        .fetch_one(&mut *connection)
+        .await?;
+        let page: Vec<(i64, String, i64)> = sqlx::query_as(
+            "SELECT global_position, stream_id, schema_fingerprint FROM events \
+             WHERE global_position > $1 AND global_position < $2 AND event_type = $3 \
+             ORDER BY global_position LIMIT $4",
+        )
+        .bind(checkpoint)
+        .bind(fence)
+        .bind(&store)
+        .bind(PAGE)
+        .fetch_all(&mut *connection)
+        .await?;
+        let Some(&(last, _, _)) = page.last() else {
+            tokio::select! {
+                _ = cancel.cancelled() => return Ok(()),
+                () = &mut woken => {}
+                () = tokio::time::sleep(Duration::from_millis(50)) => {}
+            }
+            continue;
+        };
+        let mut states: HashMap<Uuid, i64> = HashMap::new();
+        let mut command_keys = Vec::new();
+        for (position, stream, kind) in &page {
+            let Some(commands) = (subscription.applies)(*kind) else {
+                continue;
+            };
+            // The order's row (every stream here is `<prefix>-<order id>…`).
+            let id = stream
+                .split_once('-')
+                .and_then(|(_, rest)| rest.get(..36))
+                .and_then(|id| id.parse().ok())
+                .unwrap_or_else(|| Uuid::from_u64_pair(0, *position as u64));
+            *states.entry(id).or_default() += 1;
+            for command in 0..commands {
+                command_keys.push(format!("{stream}-{command}"));
+            }
+        }
+        let mut transaction = sqlx::Connection::begin(&mut *connection).await?;
+        upsert_states(&mut transaction, subscription.name, states).await?;
+        let positions = queue_commands(&mut transaction, &command_keys).await?;
+        sqlx::query(
+            "INSERT INTO floor_checkpoints (name, position) VALUES ($1, $2) \
+             ON CONFLICT (name) DO UPDATE SET position = excluded.position",
+        )
+        .bind(subscription.name)
+        .bind(last)
+        .execute(&mut *transaction)
+        .await?;
+        transaction.commit().await?;
+        checkpoint = last;
+        floor.written(positions);
+        floor
+            .handled
+            .fetch_add(page.len() as u64, Ordering::Relaxed);
     }
 }
 

@@ -318,7 +318,15 @@ async fn the_load_generator_follows_orders_to_their_outcome() {
 /// DESIGN §8 invariants 1–4 under contention: 200 orders for 50 units, mixed cards.
 #[tokio::test]
 async fn concurrent_orders_for_scarce_stock_all_end_and_the_books_balance() {
-    let system = System::start_with(&TRIO, &[("ORDERFLOW_PAYMENT_DEADLINE_MS", "1000")]).await;
+    // All 200 at once, each taken (the default would refuse those past 64 in hand).
+    let system = System::start_with(
+        &TRIO,
+        &[
+            ("ORDERFLOW_PAYMENT_DEADLINE_MS", "1000"),
+            ("ORDERFLOW_MAX_COMMANDS_IN_FLIGHT", "256"),
+        ],
+    )
+    .await;
     add_stock(&system, "SCARCE", 50).await;
     let tokens = ["tok_visa", "tok_visa", "tok_decline", "tok_timeout"];
     let placing = (0..200).map(|i| {
@@ -984,7 +992,8 @@ async fn assert_overloaded(response: reqwest::Response) {
 
 /// DESIGN §8.9: with more orders waiting for payment than its bound, the order service
 /// refuses commands (503 `overloaded`, `Retry-After`, through the gateway too) before it
-/// records anything, keeps answering queries, and takes orders again once they end.
+/// records anything, keeps answering queries and cancellations, and takes orders again
+/// once they end.
 #[tokio::test]
 async fn an_order_service_past_its_bound_refuses_commands_and_records_nothing() {
     use services::config::Service::{Gateway, User};
@@ -992,7 +1001,8 @@ async fn an_order_service_past_its_bound_refuses_commands_and_records_nothing() 
         &[Gateway, Order, Inventory, Payment, User],
         &[
             ("ORDERFLOW_MAX_ORDERS_IN_FLIGHT", "1"),
-            ("ORDERFLOW_PAYMENT_DEADLINE_MS", "5000"),
+            // Long enough that the orders stay in flight however slow the machine.
+            ("ORDERFLOW_PAYMENT_DEADLINE_MS", "120000"),
         ],
     )
     .await;
@@ -1040,12 +1050,15 @@ async fn an_order_service_past_its_bound_refuses_commands_and_records_nothing() 
         ),
         "{metrics}"
     );
-    // The payment deadline ends the waiting orders; then orders are taken again.
+    // A cancellation relieves the service, so it is taken; then orders are again.
     for order_id in &waiting {
+        let cancel = format!("/orders/{order_id}/cancel");
+        let (status, reply) = answer(system.post(Order, &cancel, json!({})).await).await;
+        assert_eq!(status, StatusCode::ACCEPTED, "{reply}");
         assert_outcome(
             &ended(&system, order_id).await,
             "cancelled",
-            "payment_timeout",
+            "customer_request",
         );
     }
     let order_id = wait_for(DEADLINE, "an order to be taken again", || async {
