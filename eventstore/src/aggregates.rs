@@ -197,11 +197,20 @@ impl AggregateStore {
             .acquire()
             .await
             .map_err(StoreError::from)?;
-        self.load_on(&mut connection, stream_id).await
+        let mut loaded = self.load_on(&mut connection, stream_id).await?;
+        // The connection goes back first: a load that waited for a second one while
+        // holding its first could, ten at once, hold the whole pool waiting for itself.
+        drop(connection);
+        self.snapshot_if_due(stream_id, &mut loaded).await;
+        Ok(loaded)
     }
 
     /// [`load`](Self::load) through a connection the caller holds, such as a
-    /// transaction's (so the load sees that transaction's view).
+    /// transaction's (so the load sees that transaction's view). It saves no snapshot:
+    /// that would need a second connection while the caller holds the first, perhaps
+    /// with stream locks, and a transaction's view may hold its own uncommitted
+    /// events; writers in a transaction save theirs after the commit
+    /// ([`snapshot_after_commit`](Self::snapshot_after_commit)).
     pub async fn load_on<A>(
         &self,
         connection: &mut PgConnection,
@@ -230,7 +239,6 @@ impl AggregateStore {
             }
         };
         self.read_after(connection, stream_id, &mut loaded).await?;
-        self.snapshot_if_due(stream_id, &mut loaded).await;
         Ok(loaded)
     }
 
@@ -351,15 +359,16 @@ impl AggregateStore {
         A::Event: WireEvent,
     {
         transaction.lock_streams(&[stream_id]).await?;
-        match self.cached::<A>(stream_id) {
+        let mut loaded = match self.cached::<A>(stream_id) {
             Some((mut loaded, None)) => {
                 loaded.unverified = true;
-                self.snapshot_if_due(stream_id, &mut loaded).await;
-                Ok(loaded)
+                loaded
             }
             // Pending (or nothing): confirmed by reading.
-            _ => self.load_on(transaction.connection(), stream_id).await,
-        }
+            _ => self.load_on(transaction.connection(), stream_id).await?,
+        };
+        self.snapshot_after_commit(transaction, stream_id, &mut loaded);
+        Ok(loaded)
     }
 
     /// The cached state of `stream_id` (of type `A`), and whether it is committed
@@ -397,9 +406,44 @@ impl AggregateStore {
         }
     }
 
+    fn snapshot_due<A: Snapshot>(&self, loaded: &Loaded<A>) -> bool {
+        A::FORMAT.is_some() && loaded.version - loaded.snapshot_at >= self.snapshot_after as i64
+    }
+
+    /// Saves a snapshot of a state loaded in `transaction` once it commits, in the
+    /// background (best effort, as [`snapshot_if_due`](Self::snapshot_if_due)): the
+    /// transaction waits for no second connection, and a rolled-back view is never
+    /// saved.
+    pub fn snapshot_after_commit<A: Snapshot>(
+        &self,
+        transaction: &mut StoreTransaction<'_>,
+        stream_id: &str,
+        loaded: &mut Loaded<A>,
+    ) {
+        if !self.snapshot_due(loaded) {
+            return;
+        }
+        let (Some(format), Some(json)) = (A::FORMAT, loaded.state.to_snapshot()) else {
+            return;
+        };
+        let (pool, stream_id, version) = (
+            self.store.pool().clone(),
+            stream_id.to_owned(),
+            loaded.version,
+        );
+        transaction.after_commit(move || {
+            tokio::spawn(async move {
+                if let Err(error) = write_snapshot(&pool, &stream_id, version, format, json).await {
+                    tracing::warn!(%error, stream_id, "could not save snapshot");
+                }
+            });
+        });
+        loaded.snapshot_at = loaded.version;
+    }
+
     /// Saves a snapshot when the stream moved `snapshot_after` events past its last.
     async fn snapshot_if_due<A: Snapshot>(&self, stream_id: &str, loaded: &mut Loaded<A>) {
-        if A::FORMAT.is_none() || loaded.version - loaded.snapshot_at < self.snapshot_after as i64 {
+        if !self.snapshot_due(loaded) {
             return;
         }
         // Best effort: a failed snapshot write costs only a longer next load.
@@ -556,8 +600,11 @@ impl AggregateStore {
             self.load_to_write::<A>(transaction, stream_id).await?
         } else {
             transaction.lock_streams(&[stream_id]).await?;
-            self.load_on::<A>(transaction.connection(), stream_id)
-                .await?
+            let mut loaded = self
+                .load_on::<A>(transaction.connection(), stream_id)
+                .await?;
+            self.snapshot_after_commit(transaction, stream_id, &mut loaded);
+            loaded
         };
         pinned_version_holds(stream_id, expected_version, loaded.version)?;
         let mut decided = loaded.state.decide(command);
@@ -663,22 +710,7 @@ impl AggregateStore {
         let (Some(format), Some(json)) = (A::FORMAT, state.to_snapshot()) else {
             return Ok(());
         };
-        // Never replace a newer snapshot with an older one (two loads racing).
-        sqlx::query(
-            "INSERT INTO snapshots (stream_id, stream_version, state_format, state) \
-             VALUES ($1, $2, $3, $4) \
-             ON CONFLICT (stream_id) DO UPDATE SET stream_version = EXCLUDED.stream_version, \
-               state_format = EXCLUDED.state_format, state = EXCLUDED.state, taken_at = now() \
-             WHERE snapshots.stream_version < EXCLUDED.stream_version \
-                OR snapshots.state_format <> EXCLUDED.state_format",
-        )
-        .bind(stream_id)
-        .bind(version)
-        .bind(format)
-        .bind(json)
-        .execute(self.store.pool())
-        .await?;
-        Ok(())
+        write_snapshot(self.store.pool(), stream_id, version, format, json).await
     }
 
     /// Deletes the snapshot of one stream, or of every stream when `stream_id` is None.
@@ -732,4 +764,30 @@ fn pinned_version_holds(
         }),
         _ => Ok(()),
     }
+}
+
+/// Writes a snapshot, never replacing a newer one with an older one (two loads
+/// racing).
+async fn write_snapshot(
+    pool: &sqlx::PgPool,
+    stream_id: &str,
+    version: i64,
+    format: &str,
+    json: serde_json::Value,
+) -> Result<(), StoreError> {
+    sqlx::query(
+        "INSERT INTO snapshots (stream_id, stream_version, state_format, state) \
+         VALUES ($1, $2, $3, $4) \
+         ON CONFLICT (stream_id) DO UPDATE SET stream_version = EXCLUDED.stream_version, \
+           state_format = EXCLUDED.state_format, state = EXCLUDED.state, taken_at = now() \
+         WHERE snapshots.stream_version < EXCLUDED.stream_version \
+            OR snapshots.state_format <> EXCLUDED.state_format",
+    )
+    .bind(stream_id)
+    .bind(version)
+    .bind(format)
+    .bind(json)
+    .execute(pool)
+    .await?;
+    Ok(())
 }

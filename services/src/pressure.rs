@@ -45,11 +45,12 @@ pub struct Bounds {
     /// `ORDERFLOW_MAX_SUBSCRIPTION_LAG`: events a subscription is behind (default 2000).
     pub subscription_lag: i64,
     /// `ORDERFLOW_MAX_ORDERS_IN_FLIGHT`: orders waiting for stock or payment (default
-    /// 500: at the 100 orders/s this machine handles with ease, five seconds of work,
+    /// 100: at the 100 orders/s this machine handles with ease, a second of work,
     /// well inside the 30 s payment deadline).
     pub orders_in_flight: i64,
-    /// `ORDERFLOW_MAX_COMMANDS_IN_FLIGHT`: commands being handled at once (default 64:
-    /// a service has 10 database connections, so more would only wait for one).
+    /// `ORDERFLOW_MAX_COMMANDS_IN_FLIGHT`: commands being handled at once (default 16:
+    /// a service has 10 database connections, so more would only wait for one, and at
+    /// twice capacity 64 let waiting commands hold the pool for seconds, BENCHMARKS.md).
     pub commands_in_flight: usize,
 }
 
@@ -58,8 +59,8 @@ impl Default for Bounds {
         Bounds {
             outbox_backlog: 2_000,
             subscription_lag: 2_000,
-            orders_in_flight: 500,
-            commands_in_flight: 64,
+            orders_in_flight: 100,
+            commands_in_flight: 16,
         }
     }
 }

@@ -745,6 +745,55 @@ async fn deleting_snapshots_changes_no_loaded_state() {
     assert_eq!(reloaded.state, item);
 }
 
+/// Writers whose transactions hold every connection of the pool, each loading a
+/// stream whose snapshot is due, do not wait for another connection to save it (ten
+/// HTTP commands waiting so on a pool of ten held it until the acquire timeout, with
+/// their stream locks, at twice capacity); the snapshots are saved once they commit.
+#[tokio::test]
+async fn writers_holding_every_connection_never_wait_for_one_to_save_a_snapshot() {
+    let db = TestDb::new(2).await.unwrap();
+    let aggregates = AggregateStore::new(db.store(), TestDb::registry()).with_snapshot_after(1);
+    let streams = ["SKU-P1", "SKU-P2"].map(AggregateStore::stream_id::<StockItem>);
+    for (stream, sku) in streams.iter().zip(["SKU-P1", "SKU-P2"]) {
+        let add = StockCommand::AddStock {
+            sku: sku.into(),
+            name: sku.into(),
+            quantity: 10,
+        };
+        aggregates
+            .execute::<StockItem>(stream, None, &add, metadata())
+            .await
+            .unwrap();
+    }
+    let reserve = StockCommand::ReserveStock {
+        order_id: Uuid::now_v7(),
+        quantity: 1,
+    };
+    let mut first = aggregates.event_store().begin().await.unwrap();
+    let mut second = aggregates.event_store().begin().await.unwrap();
+    let both = async {
+        for (transaction, stream) in [(&mut first, &streams[0]), (&mut second, &streams[1])] {
+            aggregates
+                .execute_in::<StockItem>(transaction, stream, None, &reserve, metadata())
+                .await
+                .unwrap();
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(5), both)
+        .await
+        .expect("a load waited for a connection nobody could give back");
+    first.commit().await.unwrap();
+    second.commit().await.unwrap();
+    tests::wait_for(Duration::from_secs(10), "both snapshots", || async {
+        let saved: i64 = sqlx::query_scalar("SELECT count(*) FROM snapshots")
+            .fetch_one(&db.pool)
+            .await
+            .unwrap();
+        (saved == 2).then_some(())
+    })
+    .await;
+}
+
 /// An OrderPlaced stored by the v1 code (no currency) is loaded by today's code.
 #[tokio::test]
 async fn a_stored_v1_event_is_read_by_v2_code() {

@@ -318,7 +318,7 @@ async fn the_load_generator_follows_orders_to_their_outcome() {
 /// DESIGN §8 invariants 1–4 under contention: 200 orders for 50 units, mixed cards.
 #[tokio::test]
 async fn concurrent_orders_for_scarce_stock_all_end_and_the_books_balance() {
-    // All 200 at once, each taken (the default would refuse those past 64 in hand).
+    // All 200 at once, each taken (the default would refuse those past 16 in hand).
     let system = System::start_with(
         &TRIO,
         &[
