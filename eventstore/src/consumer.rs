@@ -1102,10 +1102,17 @@ fn original_routing(delivery: &Delivery, header: &str) -> Option<String> {
 /// can still commit. The message a parked stream waits for (a dead letter being
 /// replayed) is the one message it lets through; when that succeeds, the stream moves
 /// on to its next parked message in the same transaction.
+///
+/// First it takes the locks of the streams the handlers will append to (`$5`), before
+/// it writes anything: `checked` cannot yield a row before `locked` has taken them all,
+/// and nothing is written before `checked` yields, so the transaction id (which orders
+/// global positions) is assigned after the streams' previous writers committed.
 macro_rules! claim_statement {
     ($batch:literal) => {
         concat!(
-            "WITH checked AS (
+            "WITH locked AS (SELECT ",
+            crate::store::stream_locks!("$5"),
+            "), checked AS (
     SELECT b.message_id, b.stream_id, b.version,
            (SELECT blocking_message_id FROM parked_streams p
             WHERE p.consumer = $1 AND p.stream_id = b.stream_id) AS parked_behind,
@@ -1116,7 +1123,7 @@ macro_rules! claim_statement {
                AS in_order
     FROM ",
             $batch,
-            " AS b (message_id, stream_id, version)
+            " AS b (message_id, stream_id, version), locked WHERE locked.locks >= 0
 ), claimed AS (
     INSERT INTO inbox (consumer, message_id)
     SELECT $1, message_id FROM checked
@@ -1196,16 +1203,12 @@ async fn claim_and_handle<H: Handler>(
         .begin_on(connection)
         .await
         .map_err(Failure::from_store)?;
-    let streams: Vec<String> = messages
-        .iter()
-        .flat_map(|message| shared.handler.streams_to_lock(message))
-        .collect();
-    // Before the claim writes anything: the transaction id (which orders global
-    // positions) is then assigned after the streams' previous writer committed.
-    transaction
-        .lock_streams(&streams)
-        .await
-        .map_err(Failure::from_store)?;
+    // Taken by the claim before it writes anything (see `claim_statement!`).
+    let streams = transaction.streams_to_lock_in_next_statement(
+        messages
+            .iter()
+            .flat_map(|message| shared.handler.streams_to_lock(message)),
+    );
     let claim = match messages {
         [one] => {
             let envelope = &one.envelope;
@@ -1228,7 +1231,8 @@ async fn claim_and_handle<H: Handler>(
                 )
                 .bind(envelopes.map(|e| e.stream_version).collect::<Vec<_>>())
         }
-    };
+    }
+    .bind(&streams);
     let rows = claim
         .fetch_all(transaction.connection())
         .await

@@ -229,10 +229,13 @@ impl Relay {
         // The confirmer marks on a connection of its own: through the pool, every mark
         // would also pay the pool's ping on release. Custom plans, as on the lock
         // connection: a generic plan for `= ANY($1)` cached while the outbox was empty
-        // scans the whole table.
-        let marks_options = (*self.store.pool().connect_options())
-            .clone()
-            .options([("plan_cache_mode", "force_custom_plan")]);
+        // scans the whole table. Marks do not wait for the disk: a mark lost in a
+        // server crash only republishes rows the consumers' inboxes already hold
+        // (ARCHITECTURE.md, "Relay").
+        let marks_options = (*self.store.pool().connect_options()).clone().options([
+            ("plan_cache_mode", "force_custom_plan"),
+            ("synchronous_commit", "off"),
+        ]);
         let marks = PgConnection::connect_with(&marks_options).await?;
         let (to_confirmer, batches) = tokio::sync::mpsc::channel(BATCHES_IN_FLIGHT);
         let in_flight: Arc<Mutex<HashSet<i64>>> = Arc::default();

@@ -260,6 +260,23 @@ struct AppendSql {
 /// [`StoreTransaction`]), $10 the event types that leave the service through the
 /// outbox (NULL: every one; see [`EventStore::publishing`]). Each statement returns
 /// one row per stored event.
+/// An expression that takes the stream locks of [`StoreTransaction::lock_streams`] for
+/// the `text[]` parameter `$param`, in one global order (by lock key), and counts them.
+/// The two-key advisory-lock space (class 1: streams) is separate from the one-key
+/// space the relay's leadership lock lives in. OFFSET 0 keeps the sort below the lock
+/// calls.
+macro_rules! stream_locks {
+    ($param:literal) => {
+        concat!(
+            "count(pg_advisory_xact_lock(1, key)) AS locks FROM \
+             (SELECT DISTINCT hashtext(s) AS key FROM unnest(",
+            $param,
+            "::text[]) s ORDER BY key OFFSET 0) k"
+        )
+    };
+}
+pub(crate) use stream_locks;
+
 macro_rules! append_sql {
     (first_version: $first_version:literal, guard: $guard:literal, result: $result:literal) => {
         AppendSql {
@@ -751,19 +768,31 @@ impl StoreTransaction<'_> {
         if new.is_empty() {
             return Ok(());
         }
-        // The two-key advisory-lock space (class 1: streams) is separate from the
-        // one-key space the relay's leadership lock lives in. OFFSET 0 keeps the sort
-        // below the lock calls.
-        sqlx::query(
-            "SELECT pg_advisory_xact_lock(1, key) FROM \
-             (SELECT DISTINCT hashtext(s) AS key FROM unnest($1::text[]) s ORDER BY key OFFSET 0) k",
-        )
-        .bind(&new)
-        .execute(&mut *self.transaction)
-        .await?;
+        sqlx::query(concat!("SELECT ", stream_locks!("$1")))
+            .bind(&new)
+            .execute(&mut *self.transaction)
+            .await?;
         self.locked_streams
             .extend(new.into_iter().map(str::to_owned));
         Ok(())
+    }
+
+    /// The streams of `stream_ids` this transaction does not hold yet, recorded as held:
+    /// the caller's next statement must take them with [`stream_locks!`] before it
+    /// writes anything (or fail, which aborts the transaction). Saves
+    /// [`Self::lock_streams`]'s round trip.
+    pub(crate) fn streams_to_lock_in_next_statement(
+        &mut self,
+        stream_ids: impl IntoIterator<Item = String>,
+    ) -> Vec<String> {
+        let mut new: Vec<String> = Vec::new();
+        for id in stream_ids {
+            if !self.locked_streams.contains(&id) && !new.contains(&id) {
+                new.push(id);
+            }
+        }
+        self.locked_streams.extend(new.iter().cloned());
+        new
     }
 
     /// The transaction's connection, for the caller's other writes.

@@ -95,7 +95,8 @@ pub struct SubscriptionConfig {
     /// name it.
     pub held_back_after: Duration,
     /// Fault injection for tests: once set, the leader stops (as if its process died)
-    /// after applying its next batch's effects and before writing the checkpoint.
+    /// after applying its next batch's effects and before committing them with the
+    /// checkpoint (which that transaction moves first).
     pub stop_before_checkpoint: Arc<AtomicBool>,
 }
 
@@ -443,14 +444,22 @@ impl<S: Subscriber> Subscription<S> {
         let name = self.config.name.as_str();
         let failed = |error: &dyn std::fmt::Display| Attempt::Failed(error.to_string());
         let mut transaction = self.store.begin_on(writer).await.map_err(|e| failed(&e))?;
-        let streams: Vec<String> = events
-            .iter()
-            .flat_map(|event| self.subscriber.streams_to_lock(event))
-            .collect();
-        transaction
-            .lock_streams(&streams)
+        // The checkpoint moves first, in one statement with the locks of the streams
+        // the subscriber appends to: the locks are taken before anything is written
+        // (so the transaction id, which orders global positions, comes after those
+        // streams' previous writers committed), and a leader that lost its lead learns
+        // it before applying anything. The effects commit with it or not at all.
+        let streams = transaction.streams_to_lock_in_next_statement(
+            events
+                .iter()
+                .flat_map(|event| self.subscriber.streams_to_lock(event)),
+        );
+        if !move_checkpoint(transaction.connection(), name, from, to, &streams)
             .await
-            .map_err(|e| failed(&e))?;
+            .map_err(|e| failed(&e))?
+        {
+            return Err(Attempt::LostLead);
+        }
         // Streams parked here may have been let go by an operator since (or be being
         // replayed now: the share lock waits for that to finish).
         let mut parked_now = HashSet::new();
@@ -502,12 +511,6 @@ impl<S: Subscriber> Subscription<S> {
         if self.config.stop_before_checkpoint.load(Ordering::Acquire) {
             return Err(Attempt::FaultInjected);
         }
-        if !move_checkpoint(transaction.connection(), name, from, to)
-            .await
-            .map_err(|e| failed(&e))?
-        {
-            return Err(Attempt::LostLead);
-        }
         transaction.commit().await.map_err(|e| failed(&e))?;
         self.metrics.subscription_applied(name, applied);
         Ok(())
@@ -543,7 +546,7 @@ impl<S: Subscriber> Subscription<S> {
             // Parked already (by an earlier process under this name): behind that.
             park_behind(&mut transaction, name, event).await?;
         }
-        if !move_checkpoint(&mut transaction, name, *stored, event.global_position).await? {
+        if !move_checkpoint(&mut transaction, name, *stored, event.global_position, &[]).await? {
             return Err(TermError::LostLead);
         }
         transaction.commit().await?;
@@ -562,7 +565,7 @@ impl<S: Subscriber> Subscription<S> {
         if *stored >= checkpoint {
             return Ok(());
         }
-        if !move_checkpoint(writer, &self.config.name, *stored, checkpoint).await? {
+        if !move_checkpoint(writer, &self.config.name, *stored, checkpoint, &[]).await? {
             return Err(TermError::LostLead);
         }
         *stored = checkpoint;
@@ -613,21 +616,26 @@ async fn park_behind(
     .map(drop)
 }
 
-/// Moves a subscription's checkpoint from `from` to `to`; false when it was not at
-/// `from` (another leader moved it).
+/// Moves a subscription's checkpoint from `from` to `to`, first taking the locks of
+/// `streams` (none: an empty slice); false when it was not at `from` (another leader
+/// moved it).
 async fn move_checkpoint(
     connection: &mut PgConnection,
     name: &str,
     from: i64,
     to: i64,
+    streams: &[String],
 ) -> Result<bool, sqlx::Error> {
-    let moved = sqlx::query(
-        "UPDATE subscription_checkpoints SET position = $3, updated_at = now() \
-         WHERE subscription = $1 AND position = $2",
-    )
+    let moved = sqlx::query(concat!(
+        "WITH locked AS (SELECT ",
+        crate::store::stream_locks!("$4"),
+        ") UPDATE subscription_checkpoints SET position = $3, updated_at = now() \
+         FROM locked WHERE subscription = $1 AND position = $2 AND locked.locks >= 0",
+    ))
     .bind(name)
     .bind(from)
     .bind(to)
+    .bind(streams)
     .execute(connection)
     .await?;
     Ok(moved.rows_affected() == 1)
