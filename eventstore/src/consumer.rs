@@ -85,8 +85,8 @@ pub trait Handler: Send + Sync + 'static {
         transaction: &mut StoreTransaction<'_>,
     ) -> impl Future<Output = Result<(), HandlerError>> + Send;
 
-    /// The event streams `handle` will append to, which the runtime locks (see
-    /// [`StoreTransaction::lock_streams`]) before it claims the message. A handler that
+    /// The event streams `handle` will append to, which the claim statement locks (as
+    /// [`StoreTransaction::lock_streams`] does) before it writes anything. A handler that
     /// appends should name them: a stream locked only after the claim can have been
     /// written by a transaction that started later, and the append is then refused as
     /// [`Reordered`](crate::StoreError::Reordered) and retried.
