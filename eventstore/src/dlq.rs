@@ -166,7 +166,7 @@ async fn act(
             (Action::Purge(pool), queue) => {
                 if let (Some(queue), Some(envelope)) = (queue, &letter.envelope) {
                     let (stream, id) = (&envelope.stream_id, envelope.message_id);
-                    crate::consumer::forget(pool, &queue, stream, id).await?;
+                    crate::parking::forget(pool, &queue, stream, id).await?;
                 }
                 session
                     .channel

@@ -35,6 +35,7 @@ pub mod consumer;
 pub mod db;
 pub mod dlq;
 pub mod metrics;
+pub mod parking;
 pub mod relay;
 pub mod republish;
 pub mod retention;

@@ -1062,7 +1062,7 @@ pub async fn replay_parked<S: Subscriber>(
             .map_err(|error| format!("event at {} failed again: {error}", event.global_position))?;
         applied += 1;
     }
-    crate::consumer::unpark_in(transaction.connection(), name, stream_id).await?;
+    crate::parking::unpark_in(transaction.connection(), name, stream_id).await?;
     transaction.commit().await?;
     Ok(applied)
 }

@@ -439,7 +439,7 @@ pub async fn skip_parked(
             continue;
         }
         if !dry_run {
-            eventstore::consumer::forget(
+            eventstore::parking::forget(
                 &pool,
                 &parked.subscription,
                 &parked.event.stream_id,

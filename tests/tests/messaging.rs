@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use domain::inventory::StockEvent;
 use domain::order::{OrderEvent, OrderLine};
 use eventstore::amqp::{self, Envelope, dead_letter_headers};
-use eventstore::consumer::{skip, unpark};
+use eventstore::parking::{skip, unpark};
 use eventstore::{
     Consumer, ConsumerConfig, EventStore, ExpectedVersion, Handler, HandlerError, Message,
     Metadata, Metrics, NewEvent, OutgoingCommand, Relay, RelayConfig, StoreTransaction,

@@ -399,7 +399,7 @@ async fn a_poison_event_parks_only_its_stream_until_it_is_replayed_or_skipped() 
         (parked.len() == 2).then_some(())
     })
     .await;
-    eventstore::consumer::forget(&db.pool, "test.poison", "poison-2", skipped[0].event_id)
+    eventstore::parking::forget(&db.pool, "test.poison", "poison-2", skipped[0].event_id)
         .await
         .unwrap();
     let parked = subscription::parked_events(&db.pool, &["test.poison"])

@@ -1,0 +1,97 @@
+//! What a consumer hands its handler: the [`Message`], the [`Handler`] trait, and how
+//! far a consumer has applied a stream (for read-your-writes).
+
+use std::future::Future;
+
+use sqlx::PgPool;
+
+use crate::amqp::Envelope;
+use crate::store::StoreTransaction;
+
+/// What a handler can fail with; any error counts as a failed attempt.
+pub type HandlerError = Box<dyn std::error::Error + Send + Sync>;
+
+/// A message as a handler sees it: decoded into the current reader schema, with the
+/// envelope (ids, stream, position) and where it was routed.
+#[derive(Debug, Clone)]
+pub struct Message {
+    pub envelope: Envelope,
+    /// The payload resolved into the current schema of its type.
+    pub value: apache_avro::types::Value,
+    /// The payload as received (Avro single-object encoding).
+    pub payload: Vec<u8>,
+    pub exchange: String,
+    pub routing_key: String,
+    pub redelivered: bool,
+}
+
+impl Message {
+    /// The message as its wire record.
+    pub fn decode<E: domain::wire::WireEvent>(&self) -> Result<E, domain::wire::WireError> {
+        E::from_avro(&self.envelope.message_type, &self.value)
+    }
+
+    /// Metadata for what handling this message records or sends: the conversation
+    /// carries on, and this message is the cause.
+    pub fn caused_metadata(&self) -> crate::Metadata {
+        crate::Metadata::new(self.envelope.correlation_id, self.envelope.message_id)
+    }
+}
+
+/// Applies messages. `handle` runs inside the transaction that claimed the message's
+/// inbox row; whatever it writes through `transaction` (read models, events, commands
+/// for other services) commits with that claim or not at all.
+pub trait Handler: Send + Sync + 'static {
+    fn handle(
+        &self,
+        message: &Message,
+        transaction: &mut StoreTransaction<'_>,
+    ) -> impl Future<Output = Result<(), HandlerError>> + Send;
+
+    /// The event streams `handle` will append to, which the claim statement locks (as
+    /// [`StoreTransaction::lock_streams`] does) before it writes anything. A handler that
+    /// appends should name them: a stream locked only after the claim can have been
+    /// written by a transaction that started later, and the append is then refused as
+    /// [`Reordered`](crate::StoreError::Reordered) and retried.
+    fn streams_to_lock(&self, _message: &Message) -> Vec<String> {
+        Vec::new()
+    }
+
+    /// Called once `message`'s effect has committed: a hook to wake whoever waits on
+    /// it (read-your-writes queries) without polling.
+    fn committed(&self, _message: &Message) {}
+}
+
+/// The version of `stream_id` that the consumer `queue` has applied, 0 if none: what a
+/// read-your-writes query waits on.
+pub async fn applied_version(
+    pool: &PgPool,
+    queue: &str,
+    stream_id: &str,
+) -> Result<i64, sqlx::Error> {
+    let version: Option<i64> = sqlx::query_scalar(
+        "SELECT last_version FROM consumer_streams WHERE consumer = $1 AND stream_id = $2",
+    )
+    .bind(queue)
+    .bind(stream_id)
+    .fetch_optional(pool)
+    .await?;
+    Ok(version.unwrap_or(0))
+}
+
+/// [`applied_version`] of each of `stream_ids` that the consumer `queue` has applied
+/// anything of, in one statement.
+pub async fn applied_versions(
+    pool: &PgPool,
+    queue: &str,
+    stream_ids: &[String],
+) -> Result<Vec<(String, i64)>, sqlx::Error> {
+    sqlx::query_as(
+        "SELECT stream_id, last_version FROM consumer_streams \
+         WHERE consumer = $1 AND stream_id = ANY($2)",
+    )
+    .bind(queue)
+    .bind(stream_ids)
+    .fetch_all(pool)
+    .await
+}
