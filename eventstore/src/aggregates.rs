@@ -411,7 +411,7 @@ impl AggregateStore {
     }
 
     /// Saves a snapshot of a state loaded in `transaction` once it commits, in the
-    /// background (best effort, as [`snapshot_if_due`](Self::snapshot_if_due)): the
+    /// background (best effort, as `snapshot_if_due`): the
     /// transaction waits for no second connection, and a rolled-back view is never
     /// saved.
     pub fn snapshot_after_commit<A: Snapshot>(

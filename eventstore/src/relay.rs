@@ -12,7 +12,7 @@
 //! ordering guard sees to that even inside longer transactions), and a version is only
 //! appended once its predecessor committed, so of one stream's rows, a lower version is
 //! always visible no later than a higher one. The relay never reads past a row that
-//! could still commit (see [`Relay::lead`]'s cursor), so it publishes each stream in
+//! could still commit (see `Relay::lead`'s cursor), so it publishes each stream in
 //! version order. Rows of different streams may commit out of position order; that
 //! only reorders unrelated streams.
 
