@@ -95,6 +95,117 @@ impl Planner {
     }
 }
 
+/// What the planner does for one event it consumed.
+#[derive(Debug, Clone, PartialEq)]
+enum Step {
+    /// Keep the user's channels, and the address and name when given (`contact`).
+    Remember {
+        user_id: Uuid,
+        contact: Option<(String, String)>,
+        preferences: NotificationPreferences,
+    },
+    /// Keep the user's new name.
+    Rename { user_id: Uuid, name: String },
+    /// Tell the user something, on every channel they want.
+    Notify {
+        user_id: Uuid,
+        order_id: Option<Uuid>,
+        kind: &'static str,
+        text: String,
+    },
+}
+
+/// An event the planner consumes.
+#[derive(Debug, Clone)]
+enum Consumed {
+    User(UserEvent),
+    Order(OrderEvent),
+}
+
+/// Which notifications an event causes, and what it teaches about its user: a pure
+/// choice, in the order the steps must be taken (a new user is remembered before being
+/// welcomed, so the welcome goes to the channels just recorded).
+fn steps(event: Consumed) -> Vec<Step> {
+    let order_ended = |order_id: Uuid, customer_id: Uuid, kind, text| {
+        vec![Step::Notify {
+            user_id: customer_id,
+            order_id: Some(order_id),
+            kind,
+            text,
+        }]
+    };
+    match event {
+        Consumed::User(UserEvent::UserRegistered {
+            user_id,
+            email,
+            name,
+            ..
+        }) => {
+            let text = format!("Welcome to orderflow, {name}!");
+            vec![
+                Step::Remember {
+                    user_id,
+                    contact: Some((email, name)),
+                    preferences: NotificationPreferences::default(),
+                },
+                Step::Notify {
+                    user_id,
+                    order_id: None,
+                    kind: "welcome",
+                    text,
+                },
+            ]
+        }
+        Consumed::User(UserEvent::ProfileChanged { user_id, name }) => {
+            vec![Step::Rename { user_id, name }]
+        }
+        Consumed::User(UserEvent::NotificationPreferencesChanged {
+            user_id,
+            preferences,
+        }) => vec![Step::Remember {
+            user_id,
+            contact: None,
+            preferences,
+        }],
+        // Roles concern access, not what a user is told.
+        Consumed::User(UserEvent::RoleGranted { .. } | UserEvent::RoleRevoked { .. }) => vec![],
+        Consumed::Order(OrderEvent::OrderConfirmed {
+            order_id,
+            customer_id,
+            total_cents,
+        }) => order_ended(
+            order_id,
+            customer_id,
+            "order_confirmed",
+            format!("Your order {order_id} is confirmed ({total_cents} cents)."),
+        ),
+        Consumed::Order(OrderEvent::OrderRejected {
+            order_id,
+            customer_id,
+            reason,
+            ..
+        }) => order_ended(
+            order_id,
+            customer_id,
+            "order_rejected",
+            format!("Your order {order_id} was rejected: {}.", reason.as_str()),
+        ),
+        Consumed::Order(OrderEvent::OrderCancelled {
+            order_id,
+            customer_id,
+            reason,
+            ..
+        }) => order_ended(
+            order_id,
+            customer_id,
+            "order_cancelled",
+            format!("Your order {order_id} was cancelled: {}.", reason.as_str()),
+        ),
+        // An order still under way tells nobody anything.
+        Consumed::Order(_) => vec![],
+    }
+}
+
 impl Handler for Planner {
     async fn handle(
         &self,
@@ -104,27 +215,22 @@ impl Handler for Planner {
         let trigger = message.envelope.message_id;
         let version = message.envelope.stream_version.unwrap_or(0);
         let connection = transaction.connection();
-        match message.routing_key.split('.').next().unwrap_or_default() {
-            "user" => match message.decode::<UserEvent>()? {
-                UserEvent::UserRegistered {
+        let event = match message.routing_key.split('.').next().unwrap_or_default() {
+            "user" => Consumed::User(message.decode()?),
+            "order" => Consumed::Order(message.decode()?),
+            _ => return Ok(()),
+        };
+        for step in steps(event) {
+            match step {
+                Step::Remember {
                     user_id,
-                    email,
-                    name,
-                    ..
+                    contact,
+                    preferences,
                 } => {
-                    let preferences = NotificationPreferences::default();
-                    remember(
-                        connection,
-                        user_id,
-                        Some((&email, &name)),
-                        preferences,
-                        version,
-                    )
-                    .await?;
-                    let text = format!("Welcome to orderflow, {name}!");
-                    plan(connection, trigger, user_id, None, "welcome", &text).await?;
+                    let contact = contact.as_ref().map(|(e, n)| (e.as_str(), n.as_str()));
+                    remember(connection, user_id, contact, preferences, version).await?;
                 }
-                UserEvent::ProfileChanged { user_id, name } => {
+                Step::Rename { user_id, name } => {
                     sqlx::query(
                         "UPDATE notification_recipients SET name = $2, version = $3 \
                          WHERE user_id = $1 AND version < $3",
@@ -132,63 +238,16 @@ impl Handler for Planner {
                     .bind(user_id)
                     .bind(name)
                     .bind(version)
-                    .execute(connection)
+                    .execute(&mut *connection)
                     .await?;
                 }
-                UserEvent::NotificationPreferencesChanged {
+                Step::Notify {
                     user_id,
-                    preferences,
-                } => remember(connection, user_id, None, preferences, version).await?,
-                // Roles concern access, not what a user is told.
-                UserEvent::RoleGranted { .. } | UserEvent::RoleRevoked { .. } => {}
-            },
-            "order" => {
-                let (order_id, customer_id, kind, text) = match message.decode::<OrderEvent>()? {
-                    OrderEvent::OrderConfirmed {
-                        order_id,
-                        customer_id,
-                        total_cents,
-                    } => (
-                        order_id,
-                        customer_id,
-                        "order_confirmed",
-                        format!("Your order {order_id} is confirmed ({total_cents} cents)."),
-                    ),
-                    OrderEvent::OrderRejected {
-                        order_id,
-                        customer_id,
-                        reason,
-                        ..
-                    } => (
-                        order_id,
-                        customer_id,
-                        "order_rejected",
-                        format!("Your order {order_id} was rejected: {}.", reason.as_str()),
-                    ),
-                    OrderEvent::OrderCancelled {
-                        order_id,
-                        customer_id,
-                        reason,
-                        ..
-                    } => (
-                        order_id,
-                        customer_id,
-                        "order_cancelled",
-                        format!("Your order {order_id} was cancelled: {}.", reason.as_str()),
-                    ),
-                    _ => return Ok(()),
-                };
-                plan(
-                    connection,
-                    trigger,
-                    customer_id,
-                    Some(order_id),
+                    order_id,
                     kind,
-                    &text,
-                )
-                .await?;
+                    text,
+                } => plan(connection, trigger, user_id, order_id, kind, &text).await?,
             }
-            _ => {}
         }
         Ok(())
     }
@@ -562,4 +621,159 @@ pub async fn sent_to(
     .bind(limit)
     .fetch_all(pool)
     .await
+}
+
+#[cfg(test)]
+mod tests {
+    use domain::order::{EndReason, OrderEvent};
+    use domain::user::{NotificationPreferences, Role, UserEvent};
+    use uuid::Uuid;
+
+    use super::{Consumed, Step, steps};
+
+    fn notified(steps: &[Step]) -> Vec<(Uuid, Option<Uuid>, &'static str, &str)> {
+        steps
+            .iter()
+            .filter_map(|step| match step {
+                Step::Notify {
+                    user_id,
+                    order_id,
+                    kind,
+                    text,
+                } => Some((*user_id, *order_id, *kind, text.as_str())),
+                _ => None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_new_user_is_remembered_with_email_only_and_then_welcomed() {
+        let user_id = Uuid::now_v7();
+        let done = steps(Consumed::User(UserEvent::UserRegistered {
+            user_id,
+            email: "ada@example.com".into(),
+            name: "Ada".into(),
+            password_hash: "x".into(),
+        }));
+        assert_eq!(
+            done,
+            vec![
+                Step::Remember {
+                    user_id,
+                    contact: Some(("ada@example.com".into(), "Ada".into())),
+                    preferences: NotificationPreferences {
+                        email: true,
+                        sms: false,
+                        push: false,
+                    },
+                },
+                Step::Notify {
+                    user_id,
+                    order_id: None,
+                    kind: "welcome",
+                    text: "Welcome to orderflow, Ada!".into(),
+                },
+            ]
+        );
+    }
+
+    #[test]
+    fn profile_and_preference_changes_are_kept_and_tell_nobody() {
+        let user_id = Uuid::now_v7();
+        let preferences = NotificationPreferences {
+            email: false,
+            sms: true,
+            push: true,
+        };
+        let changed = steps(Consumed::User(UserEvent::NotificationPreferencesChanged {
+            user_id,
+            preferences,
+        }));
+        assert_eq!(
+            changed,
+            vec![Step::Remember {
+                user_id,
+                contact: None,
+                preferences
+            }]
+        );
+        let renamed = steps(Consumed::User(UserEvent::ProfileChanged {
+            user_id,
+            name: "Ada L.".into(),
+        }));
+        assert_eq!(
+            renamed,
+            vec![Step::Rename {
+                user_id,
+                name: "Ada L.".into()
+            }]
+        );
+        let role = Role::Operator;
+        assert!(steps(Consumed::User(UserEvent::RoleGranted { user_id, role })).is_empty());
+        assert!(steps(Consumed::User(UserEvent::RoleRevoked { user_id, role })).is_empty());
+    }
+
+    #[test]
+    fn each_way_an_order_ends_tells_its_customer_and_names_the_order() {
+        let (order_id, customer_id) = (Uuid::now_v7(), Uuid::now_v7());
+        let confirmed = steps(Consumed::Order(OrderEvent::OrderConfirmed {
+            order_id,
+            customer_id,
+            total_cents: 2500,
+        }));
+        let text = format!("Your order {order_id} is confirmed (2500 cents).");
+        assert_eq!(
+            notified(&confirmed),
+            vec![(
+                customer_id,
+                Some(order_id),
+                "order_confirmed",
+                text.as_str()
+            )]
+        );
+        let rejected = steps(Consumed::Order(OrderEvent::OrderRejected {
+            order_id,
+            customer_id,
+            total_cents: 2500,
+            reason: EndReason::OutOfStock,
+        }));
+        let text = format!("Your order {order_id} was rejected: out_of_stock.");
+        assert_eq!(
+            notified(&rejected),
+            vec![(customer_id, Some(order_id), "order_rejected", text.as_str())]
+        );
+        let cancelled = steps(Consumed::Order(OrderEvent::OrderCancelled {
+            order_id,
+            customer_id,
+            total_cents: 2500,
+            reason: EndReason::PaymentTimeout,
+        }));
+        let text = format!("Your order {order_id} was cancelled: payment_timeout.");
+        assert_eq!(
+            notified(&cancelled),
+            vec![(
+                customer_id,
+                Some(order_id),
+                "order_cancelled",
+                text.as_str()
+            )]
+        );
+        assert_eq!(confirmed.len() + rejected.len() + cancelled.len(), 3);
+    }
+
+    #[test]
+    fn an_order_under_way_tells_nobody() {
+        let order_id = Uuid::now_v7();
+        let placed = OrderEvent::OrderPlaced {
+            order_id,
+            customer_id: Uuid::now_v7(),
+            lines: vec![],
+            total_cents: 0,
+            currency: "EUR".into(),
+            card_token: "tok_visa".into(),
+        };
+        assert!(steps(Consumed::Order(placed)).is_empty());
+        let asked = OrderEvent::OrderCancellationRequested { order_id };
+        assert!(steps(Consumed::Order(asked)).is_empty());
+    }
 }
