@@ -8,10 +8,17 @@ use std::collections::{HashMap, VecDeque};
 pub(super) struct Done {
     /// Streams free for their next message.
     pub(super) keys: Vec<String>,
-    /// A batch's slot is free (false: a retry task ended).
-    pub(super) slot: bool,
-    /// Retry tasks the batch started, which keep their streams busy.
-    pub(super) handed_off: usize,
+    pub(super) task: Task,
+}
+
+/// The kind of task that ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Task {
+    /// A batch, whose slot is free now; `handed_off` of its messages went on to retry
+    /// tasks of their own, which keep their streams busy.
+    Batch { handed_off: usize },
+    /// A retry task: one message tried again outside any batch.
+    Retry,
 }
 
 /// Tells the dispatcher a task ended, even if it panicked.
@@ -23,14 +30,10 @@ pub(super) struct DoneGuard {
 impl DoneGuard {
     pub(super) fn new(
         keys: Vec<String>,
-        slot: bool,
+        task: Task,
         sender: tokio::sync::mpsc::UnboundedSender<Done>,
     ) -> Self {
-        let done = Done {
-            keys,
-            slot,
-            handed_off: 0,
-        };
+        let done = Done { keys, task };
         DoneGuard {
             done: Some(done),
             sender,
@@ -43,7 +46,9 @@ impl DoneGuard {
             && let Some(index) = done.keys.iter().position(|held| held == key)
         {
             done.keys.swap_remove(index);
-            done.handed_off += 1;
+            if let Task::Batch { handed_off } = &mut done.task {
+                *handed_off += 1;
+            }
         }
     }
 }
@@ -104,11 +109,12 @@ impl<T> Dispatcher<T> {
     /// A task ended: its keys' next deliveries become ready, and a batch frees its
     /// slot.
     pub(super) fn finished(&mut self, done: Done) {
-        if done.slot {
-            self.running -= 1;
-            self.retrying += done.handed_off;
-        } else {
-            self.retrying -= 1;
+        match done.task {
+            Task::Batch { handed_off } => {
+                self.running -= 1;
+                self.retrying += handed_off;
+            }
+            Task::Retry => self.retrying -= 1,
         }
         for key in done.keys {
             match self.busy.get_mut(&key).and_then(VecDeque::pop_front) {
@@ -134,7 +140,7 @@ impl<T> Dispatcher<T> {
 
 #[cfg(test)]
 mod tests {
-    use super::{Dispatcher, Done};
+    use super::{Dispatcher, Done, Task};
 
     fn items(batches: Vec<Vec<(String, u32)>>) -> Vec<Vec<u32>> {
         batches
@@ -147,16 +153,14 @@ mod tests {
     fn batch(names: &[&str], handed_off: usize) -> Done {
         Done {
             keys: names.iter().map(|name| (*name).to_owned()).collect(),
-            slot: true,
-            handed_off,
+            task: Task::Batch { handed_off },
         }
     }
 
     fn retry(name: &str) -> Done {
         Done {
             keys: vec![name.to_owned()],
-            slot: false,
-            handed_off: 0,
+            task: Task::Retry,
         }
     }
 

@@ -16,7 +16,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use super::attempt::{process, process_batch};
-use super::dispatch::{Dispatcher, Done, DoneGuard};
+use super::dispatch::{Dispatcher, Done, DoneGuard, Task};
 use super::{Consumer, ConsumerError, Handler};
 use crate::amqp;
 
@@ -107,7 +107,7 @@ impl<H: Handler> Consumer<H> {
         let mut dispatcher = Dispatcher::new(config.concurrency, config.batch_size);
         let start = |batch: Vec<(String, Delivery)>| {
             let keys = batch.iter().map(|(key, _)| key.clone()).collect();
-            let mut done = DoneGuard::new(keys, true, done_sender.clone());
+            let mut done = DoneGuard::new(keys, Task::Batch { handed_off: 0 }, done_sender.clone());
             let (shared, channels) = (self.shared.clone(), channels.clone());
             let sender = done_sender.clone();
             tokio::spawn(
@@ -119,7 +119,7 @@ impl<H: Handler> Consumer<H> {
                         .iter()
                         .map(|retry| {
                             done.hand_off(&retry.key);
-                            DoneGuard::new(vec![retry.key.clone()], false, sender.clone())
+                            DoneGuard::new(vec![retry.key.clone()], Task::Retry, sender.clone())
                         })
                         .collect();
                     drop(done);
