@@ -23,12 +23,14 @@
 //! - [`retention`]: pruning inbox rows, consumer progress and idempotency keys past
 //!   their retention.
 //! - [`metrics`]: Prometheus metrics of all of the above.
+//! - [`backoff`]: the one pause policy of every reconnect loop.
 //!
 //! Invariants: only this crate knows the SQL of the event, outbox and inbox tables and
 //! talks to RabbitMQ; nothing here knows HTTP.
 
 pub mod aggregates;
 pub mod amqp;
+pub mod backoff;
 pub mod cache;
 pub mod codec;
 pub mod consumer;

@@ -30,6 +30,7 @@ use tracing::Instrument;
 use uuid::Uuid;
 
 use crate::amqp::{self, COMMANDS_EXCHANGE, EVENTS_EXCHANGE, Envelope};
+use crate::backoff::Backoff;
 use crate::metrics::Metrics;
 use crate::store::{EventStore, OUTBOX_CHANNEL};
 
@@ -114,7 +115,6 @@ enum TermEnd {
 
 /// A broker that has not confirmed a batch in this long is treated as gone.
 const CONFIRM_TIMEOUT: Duration = Duration::from_secs(30);
-const MAX_BACKOFF: Duration = Duration::from_secs(5);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
 impl Relay {
@@ -136,7 +136,7 @@ impl Relay {
 
     async fn run_terms(self, cancel: CancellationToken) {
         let signal = self.store.relay_signal();
-        let mut backoff = Duration::from_millis(100);
+        let mut backoff = Backoff::new();
         while !cancel.is_cancelled() {
             let outcome = match self.acquire(&cancel).await {
                 Ok(Some(mut lock)) => {
@@ -151,7 +151,7 @@ impl Relay {
                     // Closing the connection releases the lock for a standby.
                     drop(lock);
                     if started.elapsed() > Duration::from_secs(10) {
-                        backoff = Duration::from_millis(100);
+                        backoff.reset();
                     }
                     outcome
                 }
@@ -165,12 +165,12 @@ impl Relay {
                     return;
                 }
                 Err(error) => {
-                    tracing::warn!(%error, ?backoff, "relay interrupted; retrying");
+                    let delay = backoff.next_delay();
+                    tracing::warn!(%error, ?delay, "relay interrupted; retrying");
                     tokio::select! {
                         _ = cancel.cancelled() => return,
-                        _ = tokio::time::sleep(backoff) => {}
+                        _ = tokio::time::sleep(delay) => {}
                     }
-                    backoff = (backoff * 2).min(MAX_BACKOFF);
                 }
             }
         }

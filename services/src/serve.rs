@@ -8,6 +8,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use anyhow::Context;
+use eventstore::backoff::Backoff;
 use eventstore::{
     AggregateStore, Consumer, ConsumerConfig, EventStore, Handler, Metrics, Relay, RelayConfig,
     SchemaRegistry, Subscriber, Subscription, SubscriptionConfig,
@@ -478,7 +479,7 @@ pub fn published_by(service: Service, store: EventStore) -> EventStore {
 /// reconnecting) with backoff: a service runs without the registry, it is only not
 /// found through the gateway meanwhile.
 async fn register(config: Config, instance: Instance, shutdown: CancellationToken) {
-    let mut delay = Duration::from_millis(200);
+    let mut backoff = Backoff::new();
     loop {
         let connect = Registry::connect(
             &config.redis_url,
@@ -490,11 +491,9 @@ async fn register(config: Config, instance: Instance, shutdown: CancellationToke
             Ok(Err(error)) => tracing::warn!(%error, "cannot reach Redis to register; retrying"),
             Err(_) => tracing::warn!("Redis did not answer; retrying"),
         }
-        tokio::select! {
-            () = shutdown.cancelled() => return,
-            () = tokio::time::sleep(delay) => {}
+        if !backoff.pause(&shutdown).await {
+            return;
         }
-        delay = (delay * 2).min(Duration::from_secs(5));
     }
 }
 

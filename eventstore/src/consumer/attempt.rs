@@ -9,9 +9,10 @@ use uuid::Uuid;
 
 use super::dead_letter::{DeadLetter, dead_letter};
 use super::inbox::{Failed, try_once};
-use super::session::{SessionChannels, reconnect_backoff};
+use super::session::SessionChannels;
 use super::{Handler, Message, Shared};
 use crate::amqp::{self, Envelope, dead_letter_headers};
+use crate::backoff::Backoff;
 use crate::codec::CodecError;
 
 /// What claiming a message found.
@@ -199,7 +200,7 @@ pub(super) async fn process<H: Handler>(
             return dead_letter(shared, channels, letter).await;
         }
     };
-    let mut infrastructure_delays = reconnect_backoff();
+    let mut infrastructure_delays = Backoff::new();
     let mut delay = None;
     loop {
         if attempts > 0 && delay.is_none() {
@@ -233,9 +234,7 @@ pub(super) async fn process<H: Handler>(
                 if !channels.alive() {
                     return; // redelivered on the next session
                 }
-                let wait = infrastructure_delays
-                    .next()
-                    .unwrap_or(Duration::from_secs(5));
+                let wait = infrastructure_delays.next_delay();
                 tracing::warn!(%error, delay = ?wait, message_id = %envelope.message_id, "cannot reach the database; retrying");
                 delay = Some(wait);
             }

@@ -9,8 +9,9 @@ use lapin::{BasicProperties, Confirmation};
 
 use super::Shared;
 use super::attempt::{Park, acknowledge, original_routing, pause};
-use super::session::{SessionChannels, reconnect_backoff};
+use super::session::SessionChannels;
 use crate::amqp::{self, Envelope, dead_letter_headers};
+use crate::backoff::Backoff;
 
 /// A delivery on its way to the dead-letter queue, with why.
 pub(super) struct DeadLetter<'a> {
@@ -51,7 +52,7 @@ pub(super) async fn dead_letter<H>(
     channels: &SessionChannels,
     letter: DeadLetter<'_>,
 ) {
-    let mut delays = reconnect_backoff();
+    let mut backoff = Backoff::new();
     loop {
         match try_dead_letter(shared, channels, &letter).await {
             Ok(()) => {
@@ -68,7 +69,7 @@ pub(super) async fn dead_letter<H>(
                 if !channels.alive() {
                     return;
                 }
-                let delay = delays.next().unwrap_or(Duration::from_secs(5));
+                let delay = backoff.next_delay();
                 tracing::warn!(error = %failure, ?delay, "could not dead-letter; retrying");
                 if !pause(shared, delay).await {
                     return;

@@ -47,11 +47,11 @@ use tracing::Instrument;
 pub use config::ConsumerConfig;
 pub use handler::{Handler, HandlerError, Message, applied_version, applied_versions};
 
+use crate::backoff::Backoff;
 use crate::codec::SchemaRegistry;
 use crate::metrics::Metrics;
 use crate::store::EventStore;
 use connections::Connections;
-use session::reconnect_backoff;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConsumerError {
@@ -124,16 +124,16 @@ impl<H: Handler> Consumer<H> {
         async move {
             // Tasks watch the consumer's own token, so it can be cancelled from here.
             let _stop_tasks = self.shared.cancel.clone().drop_guard();
-            let mut delays = reconnect_backoff();
+            let mut backoff = Backoff::new();
             while !cancel.is_cancelled() {
                 let started = Instant::now();
                 match self.session(&cancel).await {
                     Ok(()) => return,
                     Err(error) => {
                         if started.elapsed() > Duration::from_secs(10) {
-                            delays = reconnect_backoff();
+                            backoff.reset();
                         }
-                        let delay = delays.next().unwrap_or(Duration::from_secs(5));
+                        let delay = backoff.next_delay();
                         tracing::warn!(%error, ?delay, "consumer lost its broker session; reconnecting");
                         tokio::select! {
                             _ = cancel.cancelled() => return,

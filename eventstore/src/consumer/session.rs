@@ -4,9 +4,7 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::Duration;
 
-use backon::BackoffBuilder;
 use futures_util::{FutureExt, StreamExt};
 use lapin::Channel;
 use lapin::message::Delivery;
@@ -243,13 +241,4 @@ pub(super) fn ordering_key(delivery: &Delivery) -> String {
         .as_ref()
         .and_then(|headers| amqp::header_string(headers, amqp::header::STREAM_ID))
         .unwrap_or_else(|| format!("\u{0}delivery-{}", delivery.delivery_tag))
-}
-
-pub(super) fn reconnect_backoff() -> impl Iterator<Item = Duration> {
-    backon::ExponentialBuilder::new()
-        .with_min_delay(Duration::from_millis(100))
-        .with_max_delay(Duration::from_secs(5))
-        .with_jitter()
-        .without_max_times()
-        .build()
 }

@@ -9,6 +9,7 @@ use sqlx::postgres::PgConnectOptions;
 use sqlx::{Connection, PgConnection};
 
 use super::OUTBOX_CHANNEL;
+use crate::backoff::Backoff;
 
 /// Wakes the outbox relay after appends commit, with a `NOTIFY` on its own connection.
 ///
@@ -151,7 +152,7 @@ pub(super) async fn send_wakes(
     options: PgConnectOptions,
 ) {
     let mut connection: Option<PgConnection> = None;
-    let mut backoff = Duration::from_millis(100);
+    let mut backoff = Backoff::new();
     while wakes.recv().await.is_some() {
         if connection.is_none() {
             connection = connect_for_wakes(&options).await;
@@ -167,11 +168,10 @@ pub(super) async fn send_wakes(
         }
         // Healthy: merge the wakes of the next interval. Failing: back off, doubling.
         let pause = if connection.is_some() {
-            backoff = Duration::from_millis(100);
+            backoff.reset();
             WAKE_INTERVAL
         } else {
-            backoff = (backoff * 2).min(Duration::from_secs(5));
-            backoff
+            backoff.next_delay()
         };
         tokio::time::sleep(pause).await;
     }

@@ -54,6 +54,7 @@ use tracing::Instrument;
 pub use parked::{ParkedEvent, is_parked, parked_events, replay_parked};
 pub use progress::{HeldBack, LAG_COUNT_LIMIT, Lag, Progress, STALL_AFTER, checkpoint, monitor};
 
+use crate::backoff::Backoff;
 use crate::consumer::HandlerError;
 use crate::metrics::Metrics;
 use crate::store::{
@@ -158,7 +159,6 @@ enum Attempt {
     Failed(String),
 }
 
-const MAX_BACKOFF: Duration = Duration::from_secs(5);
 /// How soon a leader held back by an open writer looks again, first and at most.
 const HELD_PAUSE_FIRST: Duration = Duration::from_millis(2);
 const HELD_PAUSE_LAST: Duration = Duration::from_millis(50);
@@ -196,7 +196,7 @@ impl<S: Subscriber> Subscription<S> {
 
     async fn run_terms(self, cancel: CancellationToken) {
         let mut standby = self.store.waker().standby();
-        let mut backoff = Duration::from_millis(100);
+        let mut backoff = Backoff::new();
         while !cancel.is_cancelled() {
             let outcome = match self.acquire(&cancel).await {
                 Ok(None) => return,
@@ -212,7 +212,7 @@ impl<S: Subscriber> Subscription<S> {
                     self.metrics.subscription_leading(&self.config.name, false);
                     self.progress.set_held_back(None, &self.metrics);
                     if started.elapsed() > Duration::from_secs(10) {
-                        backoff = Duration::from_millis(100);
+                        backoff.reset();
                     }
                     outcome
                 }
@@ -225,12 +225,12 @@ impl<S: Subscriber> Subscription<S> {
                     return;
                 }
                 Err(error) => {
-                    tracing::warn!(%error, ?backoff, "subscription interrupted; starting again");
+                    let delay = backoff.next_delay();
+                    tracing::warn!(%error, ?delay, "subscription interrupted; starting again");
                     tokio::select! {
                         _ = cancel.cancelled() => return,
-                        _ = tokio::time::sleep(backoff) => {}
+                        _ = tokio::time::sleep(delay) => {}
                     }
-                    backoff = (backoff * 2).min(MAX_BACKOFF);
                 }
             }
         }
