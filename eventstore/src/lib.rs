@@ -46,7 +46,7 @@ pub mod subscription;
 
 pub use aggregates::{AggregateStore, ExecuteError, Executed, Loaded, Snapshot};
 pub use codec::{CodecError, Encoded, SchemaRegistry};
-pub use consumer::{Consumer, ConsumerConfig, Handler, HandlerError, Message};
+pub use consumer::{Consumer, ConsumerConfig, Handler, HandlerError, Message, Permanent};
 pub use metrics::Metrics;
 pub use relay::{Relay, RelayConfig};
 pub use store::{

@@ -14,7 +14,7 @@ use eventstore::amqp::{self, Envelope, dead_letter_headers};
 use eventstore::parking::{skip, unpark};
 use eventstore::{
     Consumer, ConsumerConfig, EventStore, ExpectedVersion, Handler, HandlerError, Message,
-    Metadata, Metrics, NewEvent, OutgoingCommand, Relay, RelayConfig, StoreTransaction,
+    Metadata, Metrics, NewEvent, OutgoingCommand, Permanent, Relay, RelayConfig, StoreTransaction,
 };
 use lapin::options::{BasicGetOptions, BasicPublishOptions};
 use tests::{TestDb, Vhost, wait_for};
@@ -191,6 +191,8 @@ struct Recorder {
     fails: Arc<FailurePolicy>,
     /// How long each attempt takes before it writes its effect.
     work: Duration,
+    /// Its failures say no attempt can succeed ([`Permanent`]).
+    permanent: bool,
 }
 
 impl Recorder {
@@ -199,7 +201,14 @@ impl Recorder {
             attempts: Arc::default(),
             fails: Arc::new(fails),
             work: Duration::ZERO,
+            permanent: false,
         }
+    }
+
+    /// Fails with [`Permanent`] errors.
+    fn permanently(mut self) -> Self {
+        self.permanent = true;
+        self
     }
 
     fn never_failing() -> Self {
@@ -229,7 +238,12 @@ impl Handler for Recorder {
             times.len()
         };
         if (self.fails)(message, attempt) {
-            return Err(format!("scripted failure on attempt {attempt}").into());
+            let error = format!("scripted failure on attempt {attempt}");
+            return Err(if self.permanent {
+                Permanent::error(error)
+            } else {
+                error.into()
+            });
         }
         tokio::time::sleep(self.work).await;
         sqlx::query(
@@ -442,6 +456,47 @@ async fn a_backlog_is_applied_in_batches_and_a_failing_message_leaves_its_batch(
         transactions * 2 <= 401,
         "{transactions} transactions applied 401 messages: the backlog went in batches"
     );
+}
+
+/// A handler that says a message can never be applied sends it to the dead letters
+/// after that one attempt, not three, and its stream waits behind it as for any other
+/// dead letter; other streams flow on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_permanent_failure_is_dead_lettered_after_one_attempt() {
+    let world = World::new().await;
+    let config = world.consumer_config();
+    world.declare(&config).await;
+    let recorder = Recorder::new(|message, _| {
+        message.envelope.stream_id == "stock-doomed" && message.envelope.stream_version == Some(1)
+    })
+    .permanently();
+    let metrics = Metrics::new();
+    world.start_consumer(config.clone(), recorder.clone(), &metrics);
+    world.start_relay(world.relay_config(), &metrics);
+    let both = ["stock-doomed".to_owned(), "stock-fine".to_owned()];
+    append_round_robin(&world.store, &both, 2, 1).await;
+    let dead = read_dead_letters(&world, 2).await;
+    let applied = world.wait_applied(2, Duration::from_secs(30)).await;
+    assert!(applied.iter().all(|row| row.stream_id == "stock-fine"));
+    let failed = dead
+        .iter()
+        .find(|letter| letter.parked_behind.is_none())
+        .expect("the failing message is dead-lettered");
+    assert_eq!(failed.envelope.stream_version, Some(1));
+    assert_eq!(failed.attempts, Some(1));
+    assert!(
+        failed.error.contains("scripted failure"),
+        "{}",
+        failed.error
+    );
+    assert_eq!(recorder.attempts_of(failed.envelope.message_id).len(), 1);
+    let behind = dead
+        .iter()
+        .find(|letter| letter.parked_behind.is_some())
+        .expect("v2 is parked behind it");
+    assert_eq!(behind.envelope.stream_version, Some(2));
+    assert_eq!(behind.parked_behind, Some(failed.envelope.message_id));
+    assert_eq!(metrics.dead_lettered_count(&config.queue()), 2);
 }
 
 /// What `orderflow dlq` does: list dead letters (leaving the queue as it was) with

@@ -33,6 +33,9 @@ pub(super) enum Failure {
     Infrastructure(String),
     /// The handler (or decoding for it) failed: counts as an attempt.
     Handler(String),
+    /// The handler said no attempt can succeed ([`Permanent`](super::Permanent)):
+    /// dead-lettered after this one.
+    Permanent(String),
 }
 
 impl Failure {
@@ -113,7 +116,7 @@ pub(super) async fn process_batch<H: Handler>(
         };
         match decode(shared, &delivery, &envelope).await {
             Ok(message) => decoded.push((key, delivery, message)),
-            Err(Failure::Handler(error)) => {
+            Err(Failure::Handler(error) | Failure::Permanent(error)) => {
                 let error = format!("undecodable payload: {error}");
                 let letter = DeadLetter::new(&delivery, Some(&envelope), Park::Stream, error, 0);
                 dead_letter(shared, channels, letter).await;
@@ -150,12 +153,15 @@ pub(super) async fn process_batch<H: Handler>(
         Err(Failed { failure, culprit }) => {
             // The message whose handler failed has used an attempt; the others of its
             // batch were only rolled back with it and try again at once.
-            if let (Some(index), Failure::Handler(error)) = (culprit, &failure) {
+            if let (Some(index), Failure::Handler(error) | Failure::Permanent(error)) =
+                (culprit, &failure)
+            {
                 let (key, delivery, message) = decoded.swap_remove(index);
                 shared.metrics.failed(&shared.queue);
                 let message_id = message.envelope.message_id;
                 tracing::warn!(%error, attempt = 1, %message_id, "handler failed");
-                if shared.config.max_attempts <= 1 {
+                let permanent = matches!(failure, Failure::Permanent(_));
+                if permanent || shared.config.max_attempts <= 1 {
                     let envelope = Some(&message.envelope);
                     let letter =
                         DeadLetter::new(&delivery, envelope, Park::Stream, error.clone(), 1);
@@ -168,7 +174,9 @@ pub(super) async fn process_batch<H: Handler>(
                     });
                 }
             } else {
-                let (Failure::Handler(error) | Failure::Infrastructure(error)) = &failure;
+                let (Failure::Handler(error)
+                | Failure::Infrastructure(error)
+                | Failure::Permanent(error)) = &failure;
                 tracing::debug!(%error, size = decoded.len(), "batch failed; trying its messages one by one");
             }
             retries.extend(decoded.into_iter().map(|(key, delivery, _)| Retry {
@@ -238,11 +246,15 @@ pub(super) async fn process<H: Handler>(
                 tracing::warn!(%error, delay = ?wait, message_id = %envelope.message_id, "cannot reach the database; retrying");
                 delay = Some(wait);
             }
-            Err(Failure::Handler(error)) => {
+            Err(failure @ (Failure::Handler(_) | Failure::Permanent(_))) => {
+                let permanent = matches!(failure, Failure::Permanent(_));
+                let (Failure::Handler(error) | Failure::Permanent(error)) = failure else {
+                    unreachable!("matched above")
+                };
                 attempts += 1;
                 shared.metrics.failed(&shared.queue);
-                tracing::warn!(%error, attempt = attempts, message_id = %envelope.message_id, "handler failed");
-                if attempts >= shared.config.max_attempts {
+                tracing::warn!(%error, attempt = attempts, permanent, message_id = %envelope.message_id, "handler failed");
+                if permanent || attempts >= shared.config.max_attempts {
                     let letter =
                         DeadLetter::new(&delivery, Some(&envelope), Park::Stream, error, attempts);
                     return dead_letter(shared, channels, letter).await;

@@ -11,6 +11,33 @@ use crate::store::StoreTransaction;
 /// What a handler can fail with; any error counts as a failed attempt.
 pub type HandlerError = Box<dyn std::error::Error + Send + Sync>;
 
+/// A failure no further attempt can mend, such as a message that names something
+/// that cannot exist. Returned by a handler (or a subscriber), it sends the message to
+/// the dead letters (or parks its event) after this attempt, with its stream parked,
+/// instead of after every attempt has been spent. Any other error is tried again.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct Permanent(pub String);
+
+impl Permanent {
+    /// The error a handler returns.
+    pub fn error(reason: impl Into<String>) -> HandlerError {
+        Box::new(Permanent(reason.into()))
+    }
+}
+
+/// Whether `error` or one of its causes is [`Permanent`].
+pub fn is_permanent(error: &(dyn std::error::Error + 'static)) -> bool {
+    let mut cause = Some(error);
+    while let Some(error) = cause {
+        if error.is::<Permanent>() {
+            return true;
+        }
+        cause = error.source();
+    }
+    false
+}
+
 /// A message as a handler sees it: decoded into the current reader schema, with the
 /// envelope (ids, stream, position) and where it was routed.
 #[derive(Debug, Clone)]

@@ -224,7 +224,11 @@ async fn claim_and_handle<H: Handler>(
             // Dropping the transaction rolls back the claims with the handlers' writes.
             drop(transaction);
             return Err(Failed {
-                failure: Failure::Handler(error.to_string()),
+                failure: if super::is_permanent(error.as_ref()) {
+                    Failure::Permanent(error.to_string())
+                } else {
+                    Failure::Handler(error.to_string())
+                },
                 culprit: Some(index),
             });
         }

@@ -45,7 +45,9 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 pub use config::ConsumerConfig;
-pub use handler::{Handler, HandlerError, Message, applied_version, applied_versions};
+pub use handler::{
+    Handler, HandlerError, Message, Permanent, applied_version, applied_versions, is_permanent,
+};
 
 use crate::backoff::Backoff;
 use crate::codec::SchemaRegistry;

@@ -25,16 +25,26 @@ impl<S: Subscriber> Subscription<S> {
         parked: &mut HashSet<String>,
     ) -> Result<Option<TermEnd>, TermError> {
         let whole = self.attempt(writer, wanted, *stored, last, parked).await;
-        let failure = match whole {
+        let (failure, doomed) = match whole {
             Ok(()) => {
                 *stored = last;
                 return Ok(None);
             }
-            Err(Attempt::Failed(error)) => error,
+            Err(Attempt::Failed(error)) => (error, None),
+            Err(Attempt::Permanent(error, position)) => (error.clone(), Some((position, error))),
             Err(other) => return self.end_term(other),
         };
         tracing::debug!(%failure, events = wanted.len(), "a batch failed; applying its events one by one");
         for &event in wanted {
+            if let Some((position, error)) = &doomed
+                && *position == event.global_position
+            {
+                // It said so in the batch already: no further attempt.
+                self.metrics.subscription_failed(&self.config.name);
+                self.park(writer, event, error, stored).await?;
+                parked.insert(event.stream_id.clone());
+                continue;
+            }
             let mut tries = 0;
             loop {
                 match self
@@ -43,6 +53,12 @@ impl<S: Subscriber> Subscription<S> {
                 {
                     Ok(()) => {
                         *stored = event.global_position;
+                        break;
+                    }
+                    Err(Attempt::Permanent(error, _)) => {
+                        self.metrics.subscription_failed(&self.config.name);
+                        self.park(writer, event, &error, stored).await?;
+                        parked.insert(event.stream_id.clone());
                         break;
                     }
                     Err(Attempt::Failed(error)) => {
@@ -71,7 +87,9 @@ impl<S: Subscriber> Subscription<S> {
             Attempt::Infrastructure(error) => Err(error),
             Attempt::LostLead => Err(TermError::LostLead),
             Attempt::FaultInjected => Ok(Some(TermEnd::FaultInjected)),
-            Attempt::Failed(error) => Err(TermError::Database(sqlx::Error::Protocol(error))),
+            Attempt::Failed(error) | Attempt::Permanent(error, _) => {
+                Err(TermError::Database(sqlx::Error::Protocol(error)))
+            }
         }
     }
 
@@ -165,6 +183,8 @@ impl<S: Subscriber> Subscription<S> {
                     if transient(error.as_ref()) {
                         // A deadlock, a lock or pool timeout: not the event's fault.
                         Attempt::Infrastructure(TermError::Database(sqlx::Error::Protocol(text)))
+                    } else if crate::consumer::is_permanent(error.as_ref()) {
+                        Attempt::Permanent(text, event.global_position)
                     } else {
                         Attempt::Failed(text)
                     }

@@ -157,6 +157,9 @@ enum Attempt {
     FaultInjected,
     /// The subscriber (or the transaction's commit) failed: counts as an attempt.
     Failed(String),
+    /// The subscriber said no attempt can succeed ([`crate::Permanent`]) for the event
+    /// at this position: it is parked without another attempt.
+    Permanent(String, i64),
 }
 
 /// How soon a leader held back by an open writer looks again, first and at most.
