@@ -33,6 +33,7 @@ use crate::breaker::Breaker;
 use crate::config::{Config, Service};
 use crate::http::caller::{Identity, VIA_GATEWAY_HEADER, identify, token_needed};
 use crate::http::problem::ApiError;
+use crate::http::problem::ProblemKind;
 use crate::http::{AppState, CORRELATION_HEADER, CorrelationId, MAX_BODY_BYTES};
 use crate::registry::{Admission, Instance, Registry};
 
@@ -259,7 +260,7 @@ pub async fn proxy(State(state): State<AppState>, request: Request) -> Result<Re
         Ok(Admission::Limited { retry_after }) => {
             return Err(ApiError::new(
                 StatusCode::TOO_MANY_REQUESTS,
-                "rate-limited",
+                ProblemKind::RateLimited,
                 format!("more than {} requests per second", gateway.rate_limit),
             )
             .with_retry_after(retry_after));
@@ -281,7 +282,7 @@ pub async fn proxy(State(state): State<AppState>, request: Request) -> Result<Re
         .map_err(|_| {
             ApiError::new(
                 StatusCode::PAYLOAD_TOO_LARGE,
-                "body-too-large",
+                ProblemKind::BodyTooLarge,
                 "the request body is too large",
             )
         })?;
@@ -340,9 +341,9 @@ pub async fn proxy(State(state): State<AppState>, request: Request) -> Result<Re
             Err(error) => {
                 breaker.failure();
                 let (status, kind) = if error.is_timeout() {
-                    (StatusCode::GATEWAY_TIMEOUT, "upstream-timeout")
+                    (StatusCode::GATEWAY_TIMEOUT, ProblemKind::UpstreamTimeout)
                 } else {
-                    (StatusCode::BAD_GATEWAY, "upstream-failed")
+                    (StatusCode::BAD_GATEWAY, ProblemKind::UpstreamFailed)
                 };
                 return Err(ApiError::new(
                     status,
@@ -358,7 +359,7 @@ pub async fn proxy(State(state): State<AppState>, request: Request) -> Result<Re
 }
 
 fn unavailable(detail: String) -> ApiError {
-    ApiError::unavailable("upstream-unavailable", detail, 1)
+    ApiError::unavailable(ProblemKind::UpstreamUnavailable, detail, 1)
 }
 
 /// Headers that belong to one connection, not to the request or response.
@@ -407,7 +408,7 @@ async fn answer(response: reqwest::Response) -> Response {
         }
         Err(error) => ApiError::new(
             StatusCode::BAD_GATEWAY,
-            "upstream-failed",
+            ProblemKind::UpstreamFailed,
             format!("the answer broke off: {error}"),
         )
         .into_response(),

@@ -28,6 +28,7 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use crate::http::problem::ApiError;
+use crate::http::problem::ProblemKind;
 
 /// How often the backlogs are measured while commands arrive.
 pub const SAMPLE_EVERY: Duration = Duration::from_millis(100);
@@ -301,7 +302,7 @@ pub async fn admit(
                 .metrics
                 .command_refused(pressure.service, refusal.bound);
             ApiError::unavailable(
-                "overloaded",
+                ProblemKind::Overloaded,
                 format!(
                     "the {} service is over capacity: {}; nothing was recorded, try again later",
                     pressure.service, refusal.detail

@@ -29,6 +29,7 @@ use uuid::Uuid;
 use super::AppState;
 use super::problem::ApiError;
 use crate::auth::{Claims, TokenError, Tokens};
+use crate::http::problem::ProblemKind;
 
 /// Set by the gateway on every request it forwards: a request with it never counts as
 /// a local caller's, token or not.
@@ -109,7 +110,7 @@ impl Caller {
         match self.identity {
             Identity::User(user) if user != owner => Err(ApiError::new(
                 StatusCode::FORBIDDEN,
-                "forbidden",
+                ProblemKind::Forbidden,
                 "the access token belongs to another user",
             )),
             _ => Ok(()),
@@ -162,8 +163,8 @@ pub fn identify(headers: &HeaderMap, tokens: &Tokens) -> Result<Option<Identity>
 /// 401 for a token that does not verify.
 pub fn unauthorized(error: TokenError) -> ApiError {
     let kind = match error {
-        TokenError::Expired => "token-expired",
-        TokenError::Invalid(_) => "unauthorized",
+        TokenError::Expired => ProblemKind::TokenExpired,
+        TokenError::Invalid(_) => ProblemKind::Unauthorized,
     };
     ApiError::new(StatusCode::UNAUTHORIZED, kind, error.to_string())
         .with_header(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"))
@@ -173,7 +174,7 @@ pub fn unauthorized(error: TokenError) -> ApiError {
 pub fn token_needed() -> ApiError {
     ApiError::new(
         StatusCode::UNAUTHORIZED,
-        "unauthorized",
+        ProblemKind::Unauthorized,
         "this needs an access token: Authorization: Bearer <token> (POST /auth/token)",
     )
     .with_header(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"))

@@ -16,6 +16,7 @@ use uuid::Uuid;
 
 use super::problem::ApiError;
 use super::{AppState, CorrelationId, openapi};
+use crate::http::problem::ProblemKind;
 
 /// Longest accepted `Idempotency-Key`.
 const MAX_KEY_LENGTH: usize = 255;
@@ -101,15 +102,19 @@ where
             .map_err(|rejection| {
                 let status = rejection.status();
                 if status == StatusCode::PAYLOAD_TOO_LARGE {
-                    ApiError::new(status, "body-too-large", "the request body is too large")
+                    ApiError::new(
+                        status,
+                        ProblemKind::BodyTooLarge,
+                        "the request body is too large",
+                    )
                 } else {
-                    ApiError::new(status, "unreadable-body", rejection.body_text())
+                    ApiError::new(status, ProblemKind::UnreadableBody, rejection.body_text())
                 }
             })?;
         if !bytes.is_empty() && !has_json_type {
             return Err(ApiError::new(
                 StatusCode::UNSUPPORTED_MEDIA_TYPE,
-                "unsupported-media-type",
+                ProblemKind::UnsupportedMediaType,
                 "send the body as Content-Type: application/json",
             )
             .with_field("content-type"));
@@ -155,7 +160,7 @@ pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
     let malformed = |message: String| {
         ApiError::new(
             StatusCode::BAD_REQUEST,
-            "invalid-json",
+            ProblemKind::InvalidJson,
             format!("malformed JSON: {message}"),
         )
         .with_field("body")
@@ -381,7 +386,7 @@ impl StoredReply {
                 "idempotency-key",
                 "this Idempotency-Key was already used for a different request",
             )
-            .with_kind("idempotency-key-reused"));
+            .with_kind(ProblemKind::IdempotencyKeyReused));
         }
         let status = StatusCode::from_u16(self.status as u16).unwrap_or(StatusCode::OK);
         let mut response = (status, axum::Json(self.body)).into_response();

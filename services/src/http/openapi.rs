@@ -19,7 +19,7 @@ use crate::config::Service;
 #[derive(OpenApi)]
 #[openapi(
     paths(health::live, health::ready, super::metrics, openapi_json),
-    components(schemas(super::problem::Problem)),
+    components(schemas(super::problem::Problem, super::problem::ProblemKind)),
     info(
         description = "An event-sourced order platform. Errors are application/problem+json \
                        (RFC 9457) with a stable `type`; commands accept `Idempotency-Key`; \

@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use super::problem::ApiError;
 use super::{AppState, openapi};
+use crate::http::problem::ProblemKind;
 use axum::extract::{FromRequestParts, Query};
 use axum::http::request::Parts;
 use axum::response::{IntoResponse, Json, Response};
@@ -167,7 +168,7 @@ impl Freshness {
         };
         let behind = || {
             ApiError::unavailable(
-                "read-model-behind",
+                ProblemKind::ReadModelBehind,
                 format!("the read model has not caught up with position {position} yet"),
                 1,
             )
@@ -184,7 +185,7 @@ impl Freshness {
         for (stream_id, _) in &targets {
             if eventstore::subscription::is_parked(store.pool(), &name, stream_id).await? {
                 return Err(ApiError::unavailable(
-                    "read-model-behind",
+                    ProblemKind::ReadModelBehind,
                     format!(
                         "{stream_id} is parked behind an event its read model could not apply (orderflow dlq list)"
                     ),

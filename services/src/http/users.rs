@@ -20,6 +20,7 @@ use super::problem::{ApiError, PROBLEM, Problem};
 use super::read::{Freshness, found};
 use super::{AppState, Caller};
 use crate::auth;
+use crate::http::problem::ProblemKind;
 
 /// Accepted password lengths, in characters.
 const PASSWORD_LENGTH: std::ops::RangeInclusive<usize> = 8..=256;
@@ -154,7 +155,7 @@ async fn register(
             if claimed.rows_affected() == 0 {
                 return Err(ApiError::new(
                     StatusCode::CONFLICT,
-                    "email-taken",
+                    ProblemKind::EmailTaken,
                     "a user with this e-mail address is already registered",
                 )
                 .with_field("email"));
@@ -214,7 +215,7 @@ async fn token(
     let (Some(user), true) = (user, verified) else {
         return Err(ApiError::new(
             StatusCode::UNAUTHORIZED,
-            "invalid-credentials",
+            ProblemKind::InvalidCredentials,
             "the e-mail address or the password is wrong",
         ));
     };
