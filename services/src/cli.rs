@@ -2,7 +2,7 @@
 
 use clap::builder::PossibleValuesParser;
 use clap::{ArgGroup, Args, Parser, Subcommand};
-use services::config::{Service, parse_services};
+use services::config::{Service, Settings, parse_services};
 use uuid::Uuid;
 
 #[derive(Parser)]
@@ -24,7 +24,7 @@ pub(crate) enum Command {
         after_help = "Examples:\n  orderflow serve\n  orderflow serve --services order,inventory,payment\n  \
 orderflow serve --services order --port 9081 --instance-id order-2"
     )]
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Create each service's database if missing and run its migrations
     #[command(
         after_help = "Example:\n  ORDERFLOW_PG_URL=postgres://postgres@db:5432 orderflow migrate"
@@ -88,6 +88,8 @@ pub(crate) struct ServeArgs {
     /// This instance's id in the registry (default: a new one each start)
     #[arg(long)]
     pub(crate) instance_id: Option<String>,
+    #[command(flatten)]
+    pub(crate) settings: Settings,
 }
 
 #[derive(Args)]

@@ -151,6 +151,301 @@ pub struct Config {
     pub retention: eventstore::retention::Retention,
 }
 
+/// Every `ORDERFLOW_*` variable, declared once: its type, its default and what it
+/// does. Each is also a flag of `orderflow serve` (its `--help` lists them all), and a
+/// bad value is refused at start-up in one line naming the variable.
+#[derive(Debug, Clone, clap::Args)]
+#[command(next_help_heading = "Configuration (each flag is also read from the variable named)")]
+pub struct Settings {
+    /// The PostgreSQL server every service database lives on
+    #[arg(
+        long,
+        env = "ORDERFLOW_PG_URL",
+        value_name = "URL",
+        default_value = "postgres://postgres@127.0.0.1:5432"
+    )]
+    pub pg_url: String,
+    /// Where the services listen
+    #[arg(
+        long,
+        env = "ORDERFLOW_BIND_ADDRESS",
+        value_name = "IP",
+        default_value = "127.0.0.1"
+    )]
+    pub bind_address: IpAddr,
+    /// The RabbitMQ broker (and virtual host) of every service
+    #[arg(
+        long,
+        env = "ORDERFLOW_AMQP_URL",
+        value_name = "URL",
+        default_value = "amqp://guest:guest@127.0.0.1:5672/%2f"
+    )]
+    pub amqp_url: String,
+    /// The Redis server of the registry and the gateway's rate limits
+    #[arg(
+        long,
+        env = "ORDERFLOW_REDIS_URL",
+        value_name = "URL",
+        default_value = "redis://127.0.0.1:6379"
+    )]
+    pub redis_url: String,
+    /// The prefix of every Redis key: systems sharing a Redis server keep apart by it
+    #[arg(long, env = "ORDERFLOW_REGISTRY_NAMESPACE", value_name = "PREFIX",
+          default_value = "orderflow", value_parser = non_empty)]
+    pub registry_namespace: String,
+    /// How long a registration lasts without a heartbeat (instances beat every third)
+    #[arg(long, env = "ORDERFLOW_REGISTRY_TTL_MS", value_name = "MS", default_value = "5000",
+          value_parser = positive_u64)]
+    pub registry_ttl_ms: u64,
+    /// The order service's database [default: orderflow_order on the PostgreSQL server]
+    #[arg(long, env = "ORDERFLOW_ORDER_DATABASE_URL", value_name = "URL")]
+    pub order_database_url: Option<String>,
+    /// The inventory service's database [default: orderflow_inventory]
+    #[arg(long, env = "ORDERFLOW_INVENTORY_DATABASE_URL", value_name = "URL")]
+    pub inventory_database_url: Option<String>,
+    /// The payment service's database [default: orderflow_payment]
+    #[arg(long, env = "ORDERFLOW_PAYMENT_DATABASE_URL", value_name = "URL")]
+    pub payment_database_url: Option<String>,
+    /// The user service's database [default: orderflow_user]
+    #[arg(long, env = "ORDERFLOW_USER_DATABASE_URL", value_name = "URL")]
+    pub user_database_url: Option<String>,
+    /// The notification service's database [default: orderflow_notification]
+    #[arg(long, env = "ORDERFLOW_NOTIFICATION_DATABASE_URL", value_name = "URL")]
+    pub notification_database_url: Option<String>,
+    /// The gateway's port (0: any free one) [default: 8080]
+    #[arg(long, env = "ORDERFLOW_GATEWAY_PORT", value_name = "PORT")]
+    pub gateway_port: Option<u16>,
+    /// The order service's port [default: 8081]
+    #[arg(long, env = "ORDERFLOW_ORDER_PORT", value_name = "PORT")]
+    pub order_port: Option<u16>,
+    /// The inventory service's port [default: 8082]
+    #[arg(long, env = "ORDERFLOW_INVENTORY_PORT", value_name = "PORT")]
+    pub inventory_port: Option<u16>,
+    /// The payment service's port [default: 8083]
+    #[arg(long, env = "ORDERFLOW_PAYMENT_PORT", value_name = "PORT")]
+    pub payment_port: Option<u16>,
+    /// The user service's port [default: 8084]
+    #[arg(long, env = "ORDERFLOW_USER_PORT", value_name = "PORT")]
+    pub user_port: Option<u16>,
+    /// The notification service's port [default: 8085]
+    #[arg(long, env = "ORDERFLOW_NOTIFICATION_PORT", value_name = "PORT")]
+    pub notification_port: Option<u16>,
+    /// How long the order-fulfilment saga waits for a payment answer before it
+    /// compensates
+    #[arg(long, env = "ORDERFLOW_PAYMENT_DEADLINE_MS", value_name = "MS", default_value = "30000",
+          value_parser = positive_u64)]
+    pub payment_deadline_ms: u64,
+    /// How long the saga waits for a confirmed order's capture before it asks again
+    #[arg(long, env = "ORDERFLOW_CAPTURE_RETRY_MS", value_name = "MS", default_value = "30000",
+          value_parser = positive_u64)]
+    pub capture_retry_ms: u64,
+    /// Where generated secrets are kept [default: $XDG_DATA_HOME/orderflow or
+    /// ~/.local/share/orderflow]
+    #[arg(long, env = "ORDERFLOW_DATA_DIR", value_name = "DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// Signs and checks access tokens, at least 32 bytes [default: generated into the
+    /// data folder]
+    #[arg(
+        long,
+        env = "ORDERFLOW_JWT_SECRET",
+        value_name = "SECRET",
+        hide_env_values = true
+    )]
+    pub jwt_secret: Option<String>,
+    /// A file holding the token secret, instead of the variable
+    #[arg(long, env = "ORDERFLOW_JWT_SECRET_FILE", value_name = "PATH")]
+    pub jwt_secret_file: Option<PathBuf>,
+    /// Keys the request digests of idempotency records, at least 32 bytes [default:
+    /// generated into the data folder]
+    #[arg(
+        long,
+        env = "ORDERFLOW_DIGEST_SECRET",
+        value_name = "SECRET",
+        hide_env_values = true
+    )]
+    pub digest_secret: Option<String>,
+    /// A file holding the digest secret, instead of the variable
+    #[arg(long, env = "ORDERFLOW_DIGEST_SECRET_FILE", value_name = "PATH")]
+    pub digest_secret_file: Option<PathBuf>,
+    /// How long an access token is valid
+    #[arg(long, env = "ORDERFLOW_JWT_TTL_SECONDS", value_name = "SECONDS",
+          default_value = "3600", value_parser = positive_u64)]
+    pub jwt_ttl_seconds: u64,
+    /// Requests per second per client at the gateway
+    #[arg(long, env = "ORDERFLOW_GATEWAY_RATE_LIMIT", value_name = "N", default_value = "100",
+          value_parser = positive_u64)]
+    pub gateway_rate_limit: u64,
+    /// How long the gateway waits for a service
+    #[arg(long, env = "ORDERFLOW_GATEWAY_TIMEOUT_MS", value_name = "MS", default_value = "10000",
+          value_parser = positive_u64)]
+    pub gateway_timeout_ms: u64,
+    /// Whether personal data (profiles, orders, payments, sagas, notifications) may be
+    /// read without a token (a warning at start-up when true)
+    #[arg(long, env = "ORDERFLOW_ANONYMOUS_READS", value_name = "BOOL", default_value = "false",
+          action = clap::ArgAction::Set, value_parser = clap::builder::BoolishValueParser::new())]
+    pub anonymous_reads: bool,
+    /// Whether a request reaching a service directly, without a token, acts as an
+    /// operator; only on a loopback address [default: true on loopback, else false]
+    #[arg(long, env = "ORDERFLOW_TRUST_LOCAL_CALLERS", value_name = "BOOL",
+          action = clap::ArgAction::Set, value_parser = clap::builder::BoolishValueParser::new())]
+    pub trust_local_callers: Option<bool>,
+    /// How many queues each consumer is split into, so instances of a service share
+    /// its work (1 to 64; every process must use the same number)
+    #[arg(long, env = "ORDERFLOW_CONSUMER_PARTITIONS", value_name = "N", default_value = "1",
+          value_parser = clap::value_parser!(u16).range(1..=64))]
+    pub consumer_partitions: u16,
+    /// Unpublished outbox rows past which commands answer 503 overloaded
+    #[arg(long, env = "ORDERFLOW_MAX_OUTBOX_BACKLOG", value_name = "N", default_value = "2000",
+          value_parser = clap::value_parser!(i64).range(1..))]
+    pub max_outbox_backlog: i64,
+    /// Events a subscription may be behind before commands answer 503 overloaded
+    #[arg(long, env = "ORDERFLOW_MAX_SUBSCRIPTION_LAG", value_name = "N",
+          default_value = "2000", value_parser = clap::value_parser!(i64).range(1..))]
+    pub max_subscription_lag: i64,
+    /// Orders waiting for stock or payment before new ones answer 503 overloaded
+    #[arg(long, env = "ORDERFLOW_MAX_ORDERS_IN_FLIGHT", value_name = "N",
+          default_value = "100", value_parser = clap::value_parser!(i64).range(1..))]
+    pub max_orders_in_flight: i64,
+    /// Commands handled at once per service before more answer 503 overloaded
+    #[arg(long, env = "ORDERFLOW_MAX_COMMANDS_IN_FLIGHT", value_name = "N",
+          default_value = "16", value_parser = positive_usize)]
+    pub max_commands_in_flight: usize,
+    /// How long inbox rows and consumer progress are kept, outliving any redelivery
+    #[arg(long, env = "ORDERFLOW_MESSAGE_RETENTION_HOURS", value_name = "HOURS",
+          default_value = "168", value_parser = positive_u64)]
+    pub message_retention_hours: u64,
+    /// How long idempotency keys are kept
+    #[arg(long, env = "ORDERFLOW_IDEMPOTENCY_RETENTION_HOURS", value_name = "HOURS",
+          default_value = "24", value_parser = positive_u64)]
+    pub idempotency_retention_hours: u64,
+}
+
+fn positive_u64(text: &str) -> Result<u64, String> {
+    text.trim()
+        .parse()
+        .ok()
+        .filter(|n| *n > 0)
+        .ok_or_else(|| "not a positive whole number".to_owned())
+}
+
+fn positive_usize(text: &str) -> Result<usize, String> {
+    positive_u64(text).and_then(|n| usize::try_from(n).map_err(|error| error.to_string()))
+}
+
+fn non_empty(text: &str) -> Result<String, String> {
+    let text = text.trim();
+    if text.is_empty() {
+        Err("empty".to_owned())
+    } else {
+        Ok(text.to_owned())
+    }
+}
+
+/// Variables that are gone, and what replaced them: refused with that advice.
+const RETIRED: [(&str, &str); 1] = [(
+    "ORDERFLOW_GATEWAY_AUTH_READS",
+    "ORDERFLOW_GATEWAY_AUTH_READS is gone: reads of personal data need a token by \
+     default; ORDERFLOW_ANONYMOUS_READS=true opens them to anyone",
+)];
+
+impl Settings {
+    /// The settings `lookup` gives (every variable unset in it takes its default; the
+    /// process environment is not read).
+    pub fn from_lookup(lookup: impl Fn(&str) -> Option<String>) -> anyhow::Result<Settings> {
+        use clap::{Args, FromArgMatches};
+        let command = Settings::augment_args(clap::Command::new("orderflow"));
+        let mut arguments = vec!["orderflow".to_owned()];
+        for argument in command.get_arguments() {
+            let (Some(variable), Some(long)) = (argument.get_env(), argument.get_long()) else {
+                continue;
+            };
+            if let Some(value) = variable.to_str().and_then(&lookup) {
+                arguments.push(format!("--{long}={value}"));
+            }
+        }
+        // Values only from `lookup`: the environment clap read when the command was
+        // built is set aside.
+        let matches = command
+            .clone()
+            .mut_args(|argument| argument.env(None::<&str>))
+            .try_get_matches_from(&arguments)
+            .map_err(|error| anyhow::anyhow!(Self::error_line(&error, &command)))?;
+        Ok(Settings::from_arg_matches(&matches)?)
+    }
+
+    /// A refused value as one line naming its variable
+    /// (`ORDERFLOW_GATEWAY_RATE_LIMIT="0": not a positive whole number`), or `None` for
+    /// an error that is not about a setting's value.
+    pub fn value_error(error: &clap::Error, command: &clap::Command) -> Option<String> {
+        use clap::error::{ContextKind, ContextValue, ErrorKind};
+        if !matches!(
+            error.kind(),
+            ErrorKind::ValueValidation | ErrorKind::InvalidValue
+        ) {
+            return None;
+        }
+        let Some(ContextValue::String(flag)) = error.get(ContextKind::InvalidArg) else {
+            return None;
+        };
+        let long = flag.trim_start_matches("--").split([' ', '=']).next()?;
+        let argument = std::iter::once(command)
+            .chain(command.get_subcommands())
+            .flat_map(|command| command.get_arguments())
+            .find(|argument| argument.get_long() == Some(long))?;
+        let variable = argument.get_env()?.to_str()?;
+        let value = match error.get(ContextKind::InvalidValue) {
+            Some(ContextValue::String(value)) => value.clone(),
+            _ => String::new(),
+        };
+        let why = match std::error::Error::source(error) {
+            Some(cause) => cause.to_string(),
+            None => match error.get(ContextKind::ValidValue) {
+                Some(ContextValue::Strings(valid)) => format!("not one of {}", valid.join(", ")),
+                _ => "not a valid value".to_owned(),
+            },
+        };
+        Some(format!("{variable}={value:?}: {why}"))
+    }
+
+    fn error_line(error: &clap::Error, command: &clap::Command) -> String {
+        Self::value_error(error, command).unwrap_or_else(|| {
+            let text = error.to_string();
+            text.lines()
+                .next()
+                .unwrap_or_default()
+                .trim_start_matches("error: ")
+                .to_owned()
+        })
+    }
+
+    fn database_urls(&self) -> Vec<(Service, String)> {
+        [
+            (Service::Order, &self.order_database_url),
+            (Service::Inventory, &self.inventory_database_url),
+            (Service::Payment, &self.payment_database_url),
+            (Service::User, &self.user_database_url),
+            (Service::Notification, &self.notification_database_url),
+        ]
+        .into_iter()
+        .filter_map(|(service, url)| url.clone().map(|url| (service, url)))
+        .collect()
+    }
+
+    fn ports(&self) -> Vec<(Service, u16)> {
+        [
+            (Service::Gateway, self.gateway_port),
+            (Service::Order, self.order_port),
+            (Service::Inventory, self.inventory_port),
+            (Service::Payment, self.payment_port),
+            (Service::User, self.user_port),
+            (Service::Notification, self.notification_port),
+        ]
+        .into_iter()
+        .filter_map(|(service, port)| port.map(|port| (service, port)))
+        .collect()
+    }
+}
+
 impl Config {
     pub fn from_env() -> anyhow::Result<Config> {
         Self::from_lookup(|name| std::env::var(name).ok())
@@ -158,60 +453,23 @@ impl Config {
 
     /// Builds a configuration from any variable lookup (tests pass a map).
     pub fn from_lookup(lookup: impl Fn(&str) -> Option<String>) -> anyhow::Result<Config> {
-        let pg_url = lookup("ORDERFLOW_PG_URL")
-            .unwrap_or_else(|| "postgres://postgres@127.0.0.1:5432".to_owned());
-        let bind_address = match lookup("ORDERFLOW_BIND_ADDRESS") {
-            Some(text) => text.parse().map_err(|_| {
-                anyhow::anyhow!("ORDERFLOW_BIND_ADDRESS={text:?} is not an IP address")
-            })?,
-            None => IpAddr::from([127, 0, 0, 1]),
-        };
-        let amqp_url = lookup("ORDERFLOW_AMQP_URL")
-            .unwrap_or_else(|| "amqp://guest:guest@127.0.0.1:5672/%2f".to_owned());
-        let database_urls = Service::ALL
-            .into_iter()
-            .filter_map(|service| {
-                let variable = format!(
-                    "ORDERFLOW_{}_DATABASE_URL",
-                    service.name().to_ascii_uppercase()
-                );
-                lookup(&variable).map(|url| (service, url))
-            })
-            .collect();
-        let mut ports = Vec::new();
-        for service in Service::ALL {
-            let variable = format!("ORDERFLOW_{}_PORT", service.name().to_ascii_uppercase());
-            if let Some(text) = lookup(&variable) {
-                let port = text
-                    .trim()
-                    .parse()
-                    .map_err(|_| anyhow::anyhow!("{variable}={text:?} is not a port number"))?;
-                ports.push((service, port));
+        let settings = Settings::from_lookup(&lookup)?;
+        Self::from_settings(settings, lookup)
+    }
+
+    /// The configuration `settings` make, with what lies outside them from `lookup`:
+    /// retired variables (refused), and `XDG_DATA_HOME` and `HOME` for the data folder.
+    pub fn from_settings(
+        settings: Settings,
+        lookup: impl Fn(&str) -> Option<String>,
+    ) -> anyhow::Result<Config> {
+        for (variable, advice) in RETIRED {
+            if lookup(variable).is_some() {
+                anyhow::bail!("{advice}");
             }
         }
-        let payment_deadline = milliseconds(&lookup, "ORDERFLOW_PAYMENT_DEADLINE_MS")?;
-        let capture_retry = milliseconds(&lookup, "ORDERFLOW_CAPTURE_RETRY_MS")?;
-        let redis_url =
-            lookup("ORDERFLOW_REDIS_URL").unwrap_or_else(|| "redis://127.0.0.1:6379".to_owned());
-        let registry_namespace = lookup("ORDERFLOW_REGISTRY_NAMESPACE")
-            .filter(|namespace| !namespace.trim().is_empty())
-            .unwrap_or_else(|| "orderflow".to_owned());
-        let registry_ttl = milliseconds_or(&lookup, "ORDERFLOW_REGISTRY_TTL_MS", 5_000)?;
-        let gateway_timeout = milliseconds_or(&lookup, "ORDERFLOW_GATEWAY_TIMEOUT_MS", 10_000)?;
-        let gateway_rate_limit = match lookup("ORDERFLOW_GATEWAY_RATE_LIMIT") {
-            None => 100,
-            Some(text) => text.trim().parse().ok().filter(|n| *n > 0).ok_or_else(|| {
-                anyhow::anyhow!("ORDERFLOW_GATEWAY_RATE_LIMIT={text:?} is not a positive number")
-            })?,
-        };
-        if lookup("ORDERFLOW_GATEWAY_AUTH_READS").is_some() {
-            anyhow::bail!(
-                "ORDERFLOW_GATEWAY_AUTH_READS is gone: reads of personal data need a token by \
-                 default; ORDERFLOW_ANONYMOUS_READS=true opens them to anyone"
-            );
-        }
-        let anonymous_reads = flag(&lookup, "ORDERFLOW_ANONYMOUS_READS")?.unwrap_or(false);
-        let trust_local_callers = match flag(&lookup, "ORDERFLOW_TRUST_LOCAL_CALLERS")? {
+        let bind_address = settings.bind_address;
+        let trust_local_callers = match settings.trust_local_callers {
             None => bind_address.is_loopback(),
             Some(true) if !bind_address.is_loopback() => anyhow::bail!(
                 "ORDERFLOW_TRUST_LOCAL_CALLERS=true needs ORDERFLOW_BIND_ADDRESS on loopback \
@@ -219,58 +477,16 @@ impl Config {
             ),
             Some(trust) => trust,
         };
-        let consumer_partitions = match lookup("ORDERFLOW_CONSUMER_PARTITIONS") {
-            None => 1,
-            Some(text) => text
-                .trim()
-                .parse()
-                .ok()
-                .filter(|n| (1..=64).contains(n))
-                .ok_or_else(|| {
-                    anyhow::anyhow!(
-                        "ORDERFLOW_CONSUMER_PARTITIONS={text:?} is not a number from 1 to 64"
-                    )
-                })?,
-        };
-        let defaults = crate::pressure::Bounds::default();
-        let pressure = crate::pressure::Bounds {
-            outbox_backlog: positive(
-                &lookup,
-                "ORDERFLOW_MAX_OUTBOX_BACKLOG",
-                defaults.outbox_backlog,
-            )?,
-            subscription_lag: positive(
-                &lookup,
-                "ORDERFLOW_MAX_SUBSCRIPTION_LAG",
-                defaults.subscription_lag,
-            )?,
-            orders_in_flight: positive(
-                &lookup,
-                "ORDERFLOW_MAX_ORDERS_IN_FLIGHT",
-                defaults.orders_in_flight,
-            )?,
-            commands_in_flight: positive(
-                &lookup,
-                "ORDERFLOW_MAX_COMMANDS_IN_FLIGHT",
-                defaults.commands_in_flight,
-            )?,
-        };
-        let hours = |variable, default: std::time::Duration| -> anyhow::Result<_> {
-            let hours = positive(&lookup, variable, default.as_secs() / 3600)?;
-            Ok(std::time::Duration::from_secs(hours * 3600))
-        };
         let kept = eventstore::retention::Retention::default();
         let retention = eventstore::retention::Retention {
-            messages: hours("ORDERFLOW_MESSAGE_RETENTION_HOURS", kept.messages)?,
-            idempotency_keys: hours(
-                "ORDERFLOW_IDEMPOTENCY_RETENTION_HOURS",
-                kept.idempotency_keys,
-            )?,
+            messages: hours(settings.message_retention_hours),
+            idempotency_keys: hours(settings.idempotency_retention_hours),
             ..kept
         };
-        let data_dir = lookup("ORDERFLOW_DATA_DIR")
-            .filter(|dir| !dir.trim().is_empty())
-            .map(PathBuf::from)
+        let data_dir = settings
+            .data_dir
+            .clone()
+            .filter(|dir| !dir.as_os_str().is_empty())
             .or_else(|| {
                 lookup("XDG_DATA_HOME")
                     .filter(|dir| !dir.is_empty())
@@ -281,45 +497,47 @@ impl Config {
                     .filter(|dir| !dir.is_empty())
                     .map(|home| PathBuf::from(home).join(".local/share/orderflow"))
             });
-        let jwt_secret = SecretSource::from_lookup(TOKEN_SECRET, &lookup, data_dir.as_deref())?;
-        let digest_secret = SecretSource::from_lookup(DIGEST_SECRET, &lookup, data_dir.as_deref())?;
-        let jwt_lifetime = match lookup("ORDERFLOW_JWT_TTL_SECONDS") {
-            None => std::time::Duration::from_secs(3600),
-            Some(text) => text
-                .trim()
-                .parse()
-                .ok()
-                .filter(|seconds| *seconds > 0)
-                .map(std::time::Duration::from_secs)
-                .ok_or_else(|| {
-                    anyhow::anyhow!(
-                        "ORDERFLOW_JWT_TTL_SECONDS={text:?} is not a positive number of seconds"
-                    )
-                })?,
+        let secret = |name: &str| -> Option<String> {
+            let path = |file: &Option<PathBuf>| file.as_ref().map(|p| p.display().to_string());
+            match name {
+                "ORDERFLOW_JWT_SECRET" => settings.jwt_secret.clone(),
+                "ORDERFLOW_JWT_SECRET_FILE" => path(&settings.jwt_secret_file),
+                "ORDERFLOW_DIGEST_SECRET" => settings.digest_secret.clone(),
+                "ORDERFLOW_DIGEST_SECRET_FILE" => path(&settings.digest_secret_file),
+                _ => None,
+            }
         };
+        let jwt_secret = SecretSource::from_lookup(TOKEN_SECRET, &secret, data_dir.as_deref())?;
+        let digest_secret = SecretSource::from_lookup(DIGEST_SECRET, &secret, data_dir.as_deref())?;
+        let milliseconds = std::time::Duration::from_millis;
         Ok(Config {
-            pg_url,
-            bind_address,
-            amqp_url,
-            database_urls,
-            ports,
-            payment_deadline,
-            capture_retry,
+            database_urls: settings.database_urls(),
+            ports: settings.ports(),
+            payment_deadline: milliseconds(settings.payment_deadline_ms),
+            capture_retry: milliseconds(settings.capture_retry_ms),
             data_dir,
             jwt_secret,
             digest_secret,
-            jwt_lifetime,
-            redis_url,
-            registry_namespace,
-            registry_ttl,
-            gateway_rate_limit,
-            anonymous_reads,
+            jwt_lifetime: std::time::Duration::from_secs(settings.jwt_ttl_seconds),
+            registry_ttl: milliseconds(settings.registry_ttl_ms),
+            gateway_rate_limit: settings.gateway_rate_limit,
+            anonymous_reads: settings.anonymous_reads,
             trust_local_callers,
-            gateway_timeout,
+            gateway_timeout: milliseconds(settings.gateway_timeout_ms),
             instance_id: None,
-            consumer_partitions,
-            pressure,
+            consumer_partitions: settings.consumer_partitions,
+            pressure: crate::pressure::Bounds {
+                outbox_backlog: settings.max_outbox_backlog,
+                subscription_lag: settings.max_subscription_lag,
+                orders_in_flight: settings.max_orders_in_flight,
+                commands_in_flight: settings.max_commands_in_flight,
+            },
             retention,
+            pg_url: settings.pg_url,
+            bind_address,
+            amqp_url: settings.amqp_url,
+            redis_url: settings.redis_url,
+            registry_namespace: settings.registry_namespace,
         })
     }
 
@@ -386,16 +604,6 @@ pub struct Secrets {
     pub digests: Secret,
 }
 
-/// A true/false variable, `None` when unset.
-fn flag(lookup: impl Fn(&str) -> Option<String>, variable: &str) -> anyhow::Result<Option<bool>> {
-    match lookup(variable).as_deref().map(str::trim) {
-        None | Some("") => Ok(None),
-        Some("true" | "1" | "yes") => Ok(Some(true)),
-        Some("false" | "0" | "no") => Ok(Some(false)),
-        Some(other) => anyhow::bail!("{variable}={other:?} is not true or false"),
-    }
-}
-
 /// Parses `--services a,b,c`; empty means every service this build can run.
 pub fn parse_services(list: Option<&str>) -> Result<Vec<Service>, String> {
     let Some(list) = list.filter(|l| !l.trim().is_empty()) else {
@@ -411,50 +619,8 @@ pub fn parse_services(list: Option<&str>) -> Result<Vec<Service>, String> {
     Ok(services)
 }
 
-/// A positive number of milliseconds from `variable`, 30 s when it is not set.
-fn milliseconds(
-    lookup: impl Fn(&str) -> Option<String>,
-    variable: &str,
-) -> anyhow::Result<std::time::Duration> {
-    milliseconds_or(lookup, variable, 30_000)
-}
-
-/// A positive number from `variable`, `default` when it is not set.
-fn positive<N>(
-    lookup: impl Fn(&str) -> Option<String>,
-    variable: &str,
-    default: N,
-) -> anyhow::Result<N>
-where
-    N: std::str::FromStr + Default + PartialOrd,
-{
-    let Some(text) = lookup(variable) else {
-        return Ok(default);
-    };
-    text.trim()
-        .parse()
-        .ok()
-        .filter(|n| *n > N::default())
-        .ok_or_else(|| anyhow::anyhow!("{variable}={text:?} is not a positive number"))
-}
-
-/// A positive number of milliseconds from `variable`, `default` when it is not set.
-fn milliseconds_or(
-    lookup: impl Fn(&str) -> Option<String>,
-    variable: &str,
-    default: u64,
-) -> anyhow::Result<std::time::Duration> {
-    let Some(text) = lookup(variable) else {
-        return Ok(std::time::Duration::from_millis(default));
-    };
-    text.trim()
-        .parse()
-        .ok()
-        .filter(|ms| *ms > 0)
-        .map(std::time::Duration::from_millis)
-        .ok_or_else(|| {
-            anyhow::anyhow!("{variable}={text:?} is not a positive number of milliseconds")
-        })
+fn hours(hours: u64) -> std::time::Duration {
+    std::time::Duration::from_secs(hours.saturating_mul(3600))
 }
 
 #[cfg(test)]
@@ -521,6 +687,49 @@ mod tests {
             home.data_dir.as_deref(),
             Some(std::path::Path::new("/home/ada/.local/share/orderflow"))
         );
+    }
+
+    #[test]
+    fn the_declared_defaults_are_the_runtime_defaults() {
+        let config = Config::from_lookup(|_| None).unwrap();
+        let bounds = crate::pressure::Bounds::default();
+        assert_eq!(config.pressure.outbox_backlog, bounds.outbox_backlog);
+        assert_eq!(config.pressure.subscription_lag, bounds.subscription_lag);
+        assert_eq!(config.pressure.orders_in_flight, bounds.orders_in_flight);
+        assert_eq!(
+            config.pressure.commands_in_flight,
+            bounds.commands_in_flight
+        );
+        let kept = eventstore::retention::Retention::default();
+        assert_eq!(config.retention.messages, kept.messages);
+        assert_eq!(config.retention.idempotency_keys, kept.idempotency_keys);
+        assert_eq!(config.consumer_partitions, 1);
+        assert_eq!(config.port(Service::Gateway), Service::Gateway.port());
+    }
+
+    #[test]
+    fn a_bad_value_is_one_line_naming_its_variable() {
+        for (variable, value, says) in [
+            (
+                "ORDERFLOW_GATEWAY_RATE_LIMIT",
+                "0",
+                "not a positive whole number",
+            ),
+            ("ORDERFLOW_CONSUMER_PARTITIONS", "65", "1..=64"),
+            ("ORDERFLOW_ANONYMOUS_READS", "maybe", ""),
+            ("ORDERFLOW_ORDER_PORT", "80000", ""),
+            ("ORDERFLOW_REGISTRY_NAMESPACE", " ", "empty"),
+        ] {
+            let error = Config::from_lookup(|name| (name == variable).then(|| value.to_owned()))
+                .unwrap_err()
+                .to_string();
+            assert!(
+                error.starts_with(&format!("{variable}={value:?}: ")),
+                "{error}"
+            );
+            assert!(error.contains(says), "{error}");
+            assert_eq!(error.lines().count(), 1, "{error}");
+        }
     }
 
     #[test]

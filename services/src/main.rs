@@ -8,12 +8,27 @@ mod commands;
 use std::process::ExitCode;
 
 use clap::Parser;
-use services::config::Config;
+use services::config::{Config, Settings};
 
 use cli::{Cli, Command};
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(error) => {
+            // A setting's bad value (from its variable or flag) is a configuration
+            // error: one line naming it, like every other.
+            let command = <Cli as clap::CommandFactory>::command();
+            let serve = command.find_subcommand("serve").unwrap_or(&command);
+            match Settings::value_error(&error, serve) {
+                Some(line) => {
+                    eprintln!("orderflow: {line}");
+                    return ExitCode::FAILURE;
+                }
+                None => error.exit(),
+            }
+        }
+    };
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
@@ -58,7 +73,7 @@ fn one_line(error: &anyhow::Error) -> String {
 
 async fn run(command: Command) -> anyhow::Result<ExitCode> {
     match command {
-        Command::Serve(args) => commands::serve::serve(args).await,
+        Command::Serve(args) => commands::serve::serve(*args).await,
         Command::Migrate => commands::serve::migrate().await,
         Command::Load(args) => commands::load::load(args).await,
         Command::Schemas { command } => commands::schemas::schemas(command),

@@ -11,8 +11,9 @@ pub(crate) async fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
         services,
         port,
         instance_id,
+        settings,
     } = args;
-    let mut config = Config::from_env()?;
+    let mut config = Config::from_settings(settings, |name| std::env::var(name).ok())?;
     let services = match services {
         Some(ServiceList(services)) => services,
         None => parse_services(None).map_err(anyhow::Error::msg)?,
