@@ -14,6 +14,10 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
+/// The media type of [`Metrics::render`]'s output: what the encoder writes is
+/// OpenMetrics text (it ends in `# EOF`), which Prometheus negotiates for.
+pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+
 type Labels = Vec<(&'static str, String)>;
 type HistogramFamily = Family<Labels, Histogram, fn() -> Histogram>;
 
@@ -219,7 +223,8 @@ impl Metrics {
         }
     }
 
-    /// The Prometheus text exposition of everything recorded so far.
+    /// The exposition of everything recorded so far, in the OpenMetrics text format
+    /// (serve it as [`CONTENT_TYPE`]).
     pub fn render(&self) -> String {
         let mut text = String::new();
         // Writing into a String cannot fail.

@@ -253,12 +253,20 @@ impl System {
 
     /// A service's `/metrics` exposition (one for every service of its process).
     pub async fn metrics(&self, service: services::config::Service) -> String {
-        let response = self.http.get(self.url(service, "/metrics")).send().await;
-        response
-            .expect("metrics")
-            .text()
+        let response = self
+            .http
+            .get(self.url(service, "/metrics"))
+            .send()
             .await
-            .expect("metrics text")
+            .expect("metrics");
+        // The type of what the encoder writes: OpenMetrics text, ending in `# EOF`.
+        assert_eq!(
+            response.headers()[reqwest::header::CONTENT_TYPE],
+            eventstore::metrics::CONTENT_TYPE
+        );
+        let text = response.text().await.expect("metrics text");
+        assert!(text.ends_with("# EOF\n"), "{text}");
+        text
     }
 
     /// POSTs `body` as JSON to `path` on a service.

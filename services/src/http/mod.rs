@@ -146,13 +146,13 @@ pub fn app(state: AppState) -> Router {
 
 /// Prometheus text exposition of the process's metrics.
 #[utoipa::path(get, path = "/metrics", tag = "service",
-    responses((status = 200, description = "Prometheus text format", body = String,
-        content_type = "text/plain; version=0.0.4")))]
+    responses((status = 200, description = "OpenMetrics text format", body = String,
+        content_type = "application/openmetrics-text; version=1.0.0")))]
 async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
     (
         [(
             axum::http::header::CONTENT_TYPE,
-            "text/plain; version=0.0.4; charset=utf-8",
+            eventstore::metrics::CONTENT_TYPE,
         )],
         state.metrics.render(),
     )
