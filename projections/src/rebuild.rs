@@ -193,13 +193,7 @@ impl Run<'_> {
         progress: &mut impl FnMut(Progress),
     ) -> Result<(u64, u64), RebuildError> {
         let store = EventStore::new(self.pool.clone());
-        let total: i64 = sqlx::query_scalar(
-            "SELECT count(*) FROM events WHERE global_position > $1 AND stream_id LIKE $2 || '%'",
-        )
-        .bind(self.from)
-        .bind(P::STREAM_PREFIX)
-        .fetch_one(&mut *work)
-        .await?;
+        let total = eventstore::store::count_after_on(work, self.from, P::STREAM_PREFIX).await?;
         let mut status = Progress {
             applied: 0,
             total: total.max(0) as u64,
@@ -316,13 +310,9 @@ async fn swap<P: Projection>(
         format!("LOCK TABLE {live} IN ACCESS EXCLUSIVE MODE"),
     )
     .await?;
-    let applied_live: i64 = sqlx::query_scalar(
-        "SELECT coalesce((SELECT position FROM subscription_checkpoints \
-         WHERE subscription = $1), 0)",
-    )
-    .bind(crate::queue(P::SERVICE))
-    .fetch_one(&mut *transaction)
-    .await?;
+    let applied_live =
+        eventstore::subscription::checkpoint_on(&mut transaction, &crate::queue(P::SERVICE))
+            .await?;
     let mut caught_up = 0;
     let mut after = read_up_to;
     while after < applied_live {

@@ -38,7 +38,8 @@ use read::recorded;
 use sql::READ_COMMITTED;
 
 pub use read::{
-    Blocker, Fence, events_by_id, fence_on, read_below_on, read_between_on, read_stream_on,
+    Blocker, Fence, count_after_on, events_by_id, fence_on, read_below_on, read_between_on,
+    read_stream_on,
 };
 pub(crate) use sql::stream_locks;
 pub use transaction::StoreTransaction;

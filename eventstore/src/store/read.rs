@@ -148,3 +148,19 @@ pub(super) fn recorded(row: &PgRow) -> Result<RecordedEvent, StoreError> {
         recorded_at: row.try_get("recorded_at")?,
     })
 }
+
+/// How many events after `after` are in streams whose id starts with `stream_prefix`
+/// (as committed now): the size of a rebuild, for its progress.
+pub async fn count_after_on(
+    connection: &mut PgConnection,
+    after: i64,
+    stream_prefix: &str,
+) -> Result<i64, StoreError> {
+    Ok(sqlx::query_scalar(
+        "SELECT count(*) FROM events WHERE global_position > $1 AND stream_id LIKE $2 || '%'",
+    )
+    .bind(after)
+    .bind(stream_prefix)
+    .fetch_one(connection)
+    .await?)
+}

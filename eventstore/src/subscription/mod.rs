@@ -52,7 +52,9 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 pub use parked::{ParkedEvent, is_parked, parked_events, replay_parked};
-pub use progress::{HeldBack, LAG_COUNT_LIMIT, Lag, Progress, STALL_AFTER, checkpoint, monitor};
+pub use progress::{
+    HeldBack, LAG_COUNT_LIMIT, Lag, Progress, STALL_AFTER, checkpoint, checkpoint_on, monitor,
+};
 
 use crate::backoff::Backoff;
 use crate::consumer::HandlerError;

@@ -245,10 +245,19 @@ impl Progress {
 
 /// A subscription's stored checkpoint (0 before it ever ran).
 pub async fn checkpoint(pool: &PgPool, name: &str) -> Result<i64, sqlx::Error> {
+    let mut connection = pool.acquire().await?;
+    checkpoint_on(&mut connection, name).await
+}
+
+/// [`checkpoint`] on the caller's connection (or inside its transaction).
+pub async fn checkpoint_on(
+    connection: &mut sqlx::PgConnection,
+    name: &str,
+) -> Result<i64, sqlx::Error> {
     let position: Option<i64> =
         sqlx::query_scalar("SELECT position FROM subscription_checkpoints WHERE subscription = $1")
             .bind(name)
-            .fetch_optional(pool)
+            .fetch_optional(connection)
             .await?;
     Ok(position.unwrap_or(0))
 }
