@@ -3,14 +3,14 @@
 use domain::inventory::StockEvent;
 use serde::Serialize;
 use sqlx::{FromRow, PgConnection, PgPool};
-use utoipa::ToSchema;
 
 use crate::{EventContext, Projection};
 
 /// `GET /inventory/items/{sku}`.
 pub struct StockLevels;
 
-#[derive(Debug, Clone, Serialize, PartialEq, Eq, ToSchema, FromRow)]
+#[derive(Debug, Clone, Serialize, PartialEq, Eq, FromRow)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct StockView {
     pub sku: String,
     pub name: String,

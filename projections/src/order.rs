@@ -5,7 +5,6 @@ use chrono::{DateTime, Utc};
 use domain::order::{OrderEvent, OrderStatus};
 use serde::{Deserialize, Serialize};
 use sqlx::{FromRow, PgConnection, PgPool};
-use utoipa::ToSchema;
 use uuid::Uuid;
 
 use crate::{EventContext, Projection};
@@ -16,20 +15,25 @@ pub struct OrderSummaries;
 /// `GET /customers/{id}/orders`.
 pub struct CustomerOrders;
 
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, ToSchema)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct OrderLineView {
     pub sku: String,
     pub quantity: u32,
     pub unit_price_cents: i64,
 }
 
-#[derive(Debug, Clone, Serialize, PartialEq, Eq, ToSchema, FromRow)]
+#[derive(Debug, Clone, Serialize, PartialEq, Eq, FromRow)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct OrderView {
     pub order_id: Uuid,
     pub customer_id: Uuid,
-    #[schema(
-        example = "confirmed",
-        pattern = "^(pending|confirmed|rejected|cancelled)$"
+    #[cfg_attr(
+        feature = "openapi",
+        schema(
+            example = "confirmed",
+            pattern = "^(pending|confirmed|rejected|cancelled)$"
+        )
     )]
     pub status: String,
     /// Stored as JSON in the summary row.
@@ -44,7 +48,8 @@ pub struct OrderView {
     pub version: i64,
 }
 
-#[derive(Debug, Clone, Serialize, PartialEq, Eq, ToSchema, FromRow)]
+#[derive(Debug, Clone, Serialize, PartialEq, Eq, FromRow)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct CustomerOrderView {
     pub order_id: Uuid,
     pub customer_id: Uuid,

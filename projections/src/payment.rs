@@ -3,7 +3,6 @@
 use domain::payment::PaymentEvent;
 use serde::Serialize;
 use sqlx::{FromRow, PgConnection, PgPool};
-use utoipa::ToSchema;
 use uuid::Uuid;
 
 use crate::{EventContext, Projection};
@@ -11,14 +10,18 @@ use crate::{EventContext, Projection};
 /// `GET /payments/{order_id}`.
 pub struct PaymentStatuses;
 
-#[derive(Debug, Clone, Serialize, PartialEq, Eq, ToSchema, FromRow)]
+#[derive(Debug, Clone, Serialize, PartialEq, Eq, FromRow)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct PaymentView {
     pub order_id: Uuid,
     /// Who pays; absent for payments recorded before payments named their customer.
     pub customer_id: Option<Uuid>,
-    #[schema(
-        example = "captured",
-        pattern = "^(authorized|declined|captured|voided|refunded)$"
+    #[cfg_attr(
+        feature = "openapi",
+        schema(
+            example = "captured",
+            pattern = "^(authorized|declined|captured|voided|refunded)$"
+        )
     )]
     pub status: String,
     pub amount_cents: i64,

@@ -5,7 +5,6 @@ use chrono::{DateTime, Utc};
 use domain::user::UserEvent;
 use serde::Serialize;
 use sqlx::{FromRow, PgConnection, PgPool};
-use utoipa::ToSchema;
 use uuid::Uuid;
 
 use crate::{EventContext, Projection};
@@ -14,14 +13,16 @@ use crate::{EventContext, Projection};
 pub struct UserProfiles;
 
 /// Which channels a user is notified on.
-#[derive(Debug, Clone, Copy, Serialize, PartialEq, Eq, ToSchema)]
+#[derive(Debug, Clone, Copy, Serialize, PartialEq, Eq)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct PreferencesView {
     pub email: bool,
     pub sms: bool,
     pub push: bool,
 }
 
-#[derive(Debug, Clone, Serialize, PartialEq, Eq, ToSchema)]
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct UserView {
     pub user_id: Uuid,
     pub email: String,

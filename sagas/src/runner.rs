@@ -26,7 +26,6 @@ use eventstore::{
 use serde::Serialize;
 use sqlx::{PgPool, Row};
 use tokio_util::sync::CancellationToken;
-use utoipa::ToSchema;
 use uuid::Uuid;
 
 use crate::fulfilment::{Command, Fulfilment, Input, Settings};
@@ -502,18 +501,19 @@ fn order_stream(order_id: Uuid) -> String {
 }
 
 /// A saga as `GET /sagas/{order_id}` shows it.
-#[derive(Debug, Clone, Serialize, ToSchema)]
+#[derive(Debug, Clone, Serialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct SagaView {
     pub order_id: Uuid,
-    #[schema(example = "order-fulfilment")]
+    #[cfg_attr(feature = "openapi", schema(example = "order-fulfilment"))]
     pub saga_type: String,
     /// `reserving_stock`, `authorizing_payment`, `capturing`, `completed`, `rejected`
     /// or `cancelled`.
-    #[schema(example = "completed")]
+    #[cfg_attr(feature = "openapi", schema(example = "completed"))]
     pub step: String,
     pub version: i64,
     /// Everything the saga keeps: lines, totals, what is reserved, the end reason.
-    #[schema(value_type = Object)]
+    #[cfg_attr(feature = "openapi", schema(value_type = Object))]
     pub state: serde_json::Value,
     /// When the pending deadline falls due, if one is pending.
     pub deadline_at: Option<DateTime<Utc>>,
@@ -533,7 +533,8 @@ impl SagaView {
 }
 
 /// One input that changed the saga.
-#[derive(Debug, Clone, Serialize, ToSchema, sqlx::FromRow)]
+#[derive(Debug, Clone, Serialize, sqlx::FromRow)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct StepView {
     pub version: i64,
     pub at: DateTime<Utc>,
