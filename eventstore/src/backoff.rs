@@ -1,7 +1,7 @@
 //! The pause between attempts at something that failed for a reason outside the
 //! program (a broker, a database or Redis away): one policy for every reconnect loop.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use backon::BackoffBuilder;
 use tokio_util::sync::CancellationToken;
@@ -10,6 +10,9 @@ use tokio_util::sync::CancellationToken;
 pub const FIRST: Duration = Duration::from_millis(100);
 /// The longest pause: an outage is noticed within this once it ends.
 pub const LAST: Duration = Duration::from_secs(5);
+/// A session (a leadership term, a broker connection) that lasted this long before it
+/// failed counts as a success: the next pause is the first again.
+pub const HEALTHY_RUN: Duration = Duration::from_secs(10);
 
 /// Pauses that double from [`FIRST`] up to [`LAST`], with jitter (so instances that
 /// lost one server together do not come back in step), for ever. [`reset`](Self::reset)
@@ -46,19 +49,34 @@ impl Backoff {
         *self = Self::new();
     }
 
+    /// The pause after a session that started at `started` failed: the first one
+    /// again if the session ran for [`HEALTHY_RUN`], else the next.
+    pub fn after_run(&mut self, started: Instant) -> Duration {
+        if started.elapsed() >= HEALTHY_RUN {
+            self.reset();
+        }
+        self.next_delay()
+    }
+
     /// Sleeps the next pause; false (at once) when `cancel` fires first.
     pub async fn pause(&mut self, cancel: &CancellationToken) -> bool {
-        let delay = self.next_delay();
-        tokio::select! {
-            () = cancel.cancelled() => false,
-            () = tokio::time::sleep(delay) => true,
-        }
+        sleep(self.next_delay(), cancel).await
+    }
+}
+
+/// Sleeps `delay`; false (at once) when `cancel` fires first.
+pub async fn sleep(delay: Duration, cancel: &CancellationToken) -> bool {
+    tokio::select! {
+        () = cancel.cancelled() => false,
+        () = tokio::time::sleep(delay) => true,
     }
 }
 
 #[cfg(test)]
 mod tests {
-    use super::{Backoff, FIRST, LAST};
+    use std::time::Instant;
+
+    use super::{Backoff, FIRST, HEALTHY_RUN, LAST};
 
     #[test]
     fn pauses_grow_to_the_ceiling_and_start_again_after_a_reset() {
@@ -74,5 +92,20 @@ mod tests {
         assert_eq!(pauses[11], LAST, "reaches the ceiling: {pauses:?}");
         backoff.reset();
         assert!(backoff.next_delay() <= FIRST * 2);
+    }
+
+    #[test]
+    fn a_session_that_ran_long_enough_starts_the_pauses_again() {
+        let mut backoff = Backoff::new();
+        for _ in 0..10 {
+            backoff.next_delay();
+        }
+        let brief = backoff.after_run(Instant::now());
+        assert_eq!(
+            brief, LAST,
+            "a session that failed at once keeps backing off"
+        );
+        let long_ago = Instant::now() - HEALTHY_RUN;
+        assert!(backoff.after_run(long_ago) <= FIRST * 2);
     }
 }

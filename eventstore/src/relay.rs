@@ -138,21 +138,20 @@ impl Relay {
         let signal = self.store.relay_signal();
         let mut backoff = Backoff::new();
         while !cancel.is_cancelled() {
+            let mut started = Instant::now();
             let outcome = match self.acquire(&cancel).await {
                 Ok(Some(mut lock)) => {
                     tracing::info!("leading");
+                    // The term, not the wait for it, is what must have lasted.
+                    started = Instant::now();
                     // Cleared however the term ends (an aborted task included), or this
                     // process's appends would stop notifying a leader elsewhere.
                     let leading =
                         LeadingFlag::raise(&signal.leading, &self.metrics, &self.config.service);
-                    let started = Instant::now();
                     let outcome = self.lead(&mut lock, &signal.wakes, &cancel).await;
                     drop(leading);
                     // Closing the connection releases the lock for a standby.
                     drop(lock);
-                    if started.elapsed() > Duration::from_secs(10) {
-                        backoff.reset();
-                    }
                     outcome
                 }
                 Ok(None) => return,
@@ -165,11 +164,10 @@ impl Relay {
                     return;
                 }
                 Err(error) => {
-                    let delay = backoff.next_delay();
+                    let delay = backoff.after_run(started);
                     tracing::warn!(%error, ?delay, "relay interrupted; retrying");
-                    tokio::select! {
-                        _ = cancel.cancelled() => return,
-                        _ = tokio::time::sleep(delay) => {}
+                    if !crate::backoff::sleep(delay, &cancel).await {
+                        return;
                     }
                 }
             }

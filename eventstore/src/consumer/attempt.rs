@@ -1,7 +1,7 @@
 //! Attempts: a batch tried once in one transaction, a message retried on its own with
 //! backoff, and the verdict settled (acknowledged, or dead-lettered).
 
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use lapin::message::Delivery;
 use lapin::options::BasicAckOptions;
@@ -215,7 +215,7 @@ pub(super) async fn process<H: Handler>(
             delay = Some(shared.config.first_retry_delay * 2u32.saturating_pow(attempts - 1));
         }
         if let Some(delay) = delay.take()
-            && !pause(shared, delay).await
+            && !crate::backoff::sleep(delay, &shared.cancel).await
         {
             return;
         }
@@ -301,14 +301,6 @@ async fn settle<H>(
             );
             dead_letter(shared, channels, letter(Park::Stream, error, attempts)).await;
         }
-    }
-}
-
-/// Sleeps, unless the consumer stops first (then false).
-pub(super) async fn pause<H>(shared: &Shared<H>, delay: Duration) -> bool {
-    tokio::select! {
-        _ = shared.cancel.cancelled() => false,
-        _ = tokio::time::sleep(delay) => true,
     }
 }
 

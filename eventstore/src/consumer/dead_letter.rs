@@ -8,7 +8,7 @@ use lapin::types::AMQPValue;
 use lapin::{BasicProperties, Confirmation};
 
 use super::Shared;
-use super::attempt::{Park, acknowledge, original_routing, pause};
+use super::attempt::{Park, acknowledge, original_routing};
 use super::session::SessionChannels;
 use crate::amqp::{self, Envelope, dead_letter_headers};
 use crate::backoff::Backoff;
@@ -71,7 +71,7 @@ pub(super) async fn dead_letter<H>(
                 }
                 let delay = backoff.next_delay();
                 tracing::warn!(error = %failure, ?delay, "could not dead-letter; retrying");
-                if !pause(shared, delay).await {
+                if !crate::backoff::sleep(delay, &shared.cancel).await {
                     return;
                 }
             }

@@ -39,7 +39,7 @@ mod inbox;
 mod session;
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
@@ -132,14 +132,10 @@ impl<H: Handler> Consumer<H> {
                 match self.session(&cancel).await {
                     Ok(()) => return,
                     Err(error) => {
-                        if started.elapsed() > Duration::from_secs(10) {
-                            backoff.reset();
-                        }
-                        let delay = backoff.next_delay();
+                        let delay = backoff.after_run(started);
                         tracing::warn!(%error, ?delay, "consumer lost its broker session; reconnecting");
-                        tokio::select! {
-                            _ = cancel.cancelled() => return,
-                            _ = tokio::time::sleep(delay) => {}
+                        if !crate::backoff::sleep(delay, &cancel).await {
+                            return;
                         }
                     }
                 }

@@ -203,22 +203,21 @@ impl<S: Subscriber> Subscription<S> {
         let mut standby = self.store.waker().standby();
         let mut backoff = Backoff::new();
         while !cancel.is_cancelled() {
+            let mut started = Instant::now();
             let outcome = match self.acquire(&cancel).await {
                 Ok(None) => return,
                 Ok(Some(reader)) => {
                     tracing::info!("leading");
+                    // The term, not the wait for it, is what must have lasted.
+                    started = Instant::now();
                     standby.leading(true);
                     self.progress.set_leading(true);
                     self.metrics.subscription_leading(&self.config.name, true);
-                    let started = Instant::now();
                     let outcome = self.lead(reader, &cancel).await;
                     standby.leading(false);
                     self.progress.set_leading(false);
                     self.metrics.subscription_leading(&self.config.name, false);
                     self.progress.set_held_back(None, &self.metrics);
-                    if started.elapsed() > Duration::from_secs(10) {
-                        backoff.reset();
-                    }
                     outcome
                 }
                 Err(error) => Err(TermError::Database(error)),
@@ -230,11 +229,10 @@ impl<S: Subscriber> Subscription<S> {
                     return;
                 }
                 Err(error) => {
-                    let delay = backoff.next_delay();
+                    let delay = backoff.after_run(started);
                     tracing::warn!(%error, ?delay, "subscription interrupted; starting again");
-                    tokio::select! {
-                        _ = cancel.cancelled() => return,
-                        _ = tokio::time::sleep(delay) => {}
+                    if !crate::backoff::sleep(delay, &cancel).await {
+                        return;
                     }
                 }
             }
