@@ -376,6 +376,8 @@ impl Settings {
     /// A refused value as one line naming its variable
     /// (`ORDERFLOW_GATEWAY_RATE_LIMIT="0": not a positive whole number`), or `None` for
     /// an error that is not about a setting's value.
+    /// `command` is the one whose arguments the settings are (`serve`, or the settings'
+    /// own).
     pub fn value_error(error: &clap::Error, command: &clap::Command) -> Option<String> {
         use clap::error::{ContextKind, ContextValue, ErrorKind};
         if !matches!(
@@ -388,9 +390,8 @@ impl Settings {
             return None;
         };
         let long = flag.trim_start_matches("--").split([' ', '=']).next()?;
-        let argument = std::iter::once(command)
-            .chain(command.get_subcommands())
-            .flat_map(|command| command.get_arguments())
+        let argument = command
+            .get_arguments()
             .find(|argument| argument.get_long() == Some(long))?;
         let variable = argument.get_env()?.to_str()?;
         let value = match error.get(ContextKind::InvalidValue) {

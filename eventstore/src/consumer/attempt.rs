@@ -31,14 +31,27 @@ pub(super) enum Failure {
     /// The database or the network failed under us (connection lost, say): retried
     /// without counting an attempt, since the handler never ran to a verdict.
     Infrastructure(String),
-    /// The handler (or decoding for it) failed: counts as an attempt.
-    Handler(String),
-    /// The handler said no attempt can succeed ([`Permanent`](super::Permanent)):
-    /// dead-lettered after this one.
-    Permanent(String),
+    /// The handler (or decoding for it) failed: counts as an attempt. `permanent`: it
+    /// said no attempt can succeed ([`Permanent`](super::Permanent)), so this one is
+    /// the last.
+    Handler { error: String, permanent: bool },
 }
 
 impl Failure {
+    /// A failure of the handler that a later attempt may mend.
+    pub(super) fn handler(error: impl Into<String>) -> Failure {
+        Failure::Handler {
+            error: error.into(),
+            permanent: false,
+        }
+    }
+
+    fn text(&self) -> &str {
+        match self {
+            Failure::Infrastructure(error) | Failure::Handler { error, .. } => error,
+        }
+    }
+
     /// Sorts a database error: lost connections are infrastructure, anything else
     /// (a constraint, a serialization failure at commit) is the attempt's failure.
     pub(super) fn from_database(error: &sqlx::Error) -> Failure {
@@ -58,14 +71,14 @@ impl Failure {
         if transient {
             Failure::Infrastructure(error.to_string())
         } else {
-            Failure::Handler(error.to_string())
+            Failure::handler(error.to_string())
         }
     }
 
     pub(super) fn from_store(error: crate::StoreError) -> Failure {
         match &error {
             crate::StoreError::Database(database) => Failure::from_database(database),
-            _ => Failure::Handler(error.to_string()),
+            _ => Failure::handler(error.to_string()),
         }
     }
 }
@@ -116,7 +129,7 @@ pub(super) async fn process_batch<H: Handler>(
         };
         match decode(shared, &delivery, &envelope).await {
             Ok(message) => decoded.push((key, delivery, message)),
-            Err(Failure::Handler(error) | Failure::Permanent(error)) => {
+            Err(Failure::Handler { error, .. }) => {
                 let error = format!("undecodable payload: {error}");
                 let letter = DeadLetter::new(&delivery, Some(&envelope), Park::Stream, error, 0);
                 dead_letter(shared, channels, letter).await;
@@ -153,15 +166,12 @@ pub(super) async fn process_batch<H: Handler>(
         Err(Failed { failure, culprit }) => {
             // The message whose handler failed has used an attempt; the others of its
             // batch were only rolled back with it and try again at once.
-            if let (Some(index), Failure::Handler(error) | Failure::Permanent(error)) =
-                (culprit, &failure)
-            {
+            if let (Some(index), Failure::Handler { error, permanent }) = (culprit, &failure) {
                 let (key, delivery, message) = decoded.swap_remove(index);
                 shared.metrics.failed(&shared.queue);
                 let message_id = message.envelope.message_id;
                 tracing::warn!(%error, attempt = 1, %message_id, "handler failed");
-                let permanent = matches!(failure, Failure::Permanent(_));
-                if permanent || shared.config.max_attempts <= 1 {
+                if *permanent || shared.config.max_attempts <= 1 {
                     let envelope = Some(&message.envelope);
                     let letter =
                         DeadLetter::new(&delivery, envelope, Park::Stream, error.clone(), 1);
@@ -174,9 +184,7 @@ pub(super) async fn process_batch<H: Handler>(
                     });
                 }
             } else {
-                let (Failure::Handler(error)
-                | Failure::Infrastructure(error)
-                | Failure::Permanent(error)) = &failure;
+                let error = failure.text();
                 tracing::debug!(%error, size = decoded.len(), "batch failed; trying its messages one by one");
             }
             retries.extend(decoded.into_iter().map(|(key, delivery, _)| Retry {
@@ -224,7 +232,7 @@ pub(super) async fn process<H: Handler>(
                 .await
                 .map(|mut claims| claims.pop().unwrap_or(Claim::Duplicate))
                 .map_err(|failed| failed.failure),
-            Err(Failure::Handler(error)) => {
+            Err(Failure::Handler { error, .. }) => {
                 let error = format!("undecodable payload: {error}");
                 let letter = DeadLetter::new(&delivery, Some(&envelope), Park::Stream, error, 0);
                 return dead_letter(shared, channels, letter).await;
@@ -246,11 +254,7 @@ pub(super) async fn process<H: Handler>(
                 tracing::warn!(%error, delay = ?wait, message_id = %envelope.message_id, "cannot reach the database; retrying");
                 delay = Some(wait);
             }
-            Err(failure @ (Failure::Handler(_) | Failure::Permanent(_))) => {
-                let permanent = matches!(failure, Failure::Permanent(_));
-                let (Failure::Handler(error) | Failure::Permanent(error)) = failure else {
-                    unreachable!("matched above")
-                };
+            Err(Failure::Handler { error, permanent }) => {
                 attempts += 1;
                 shared.metrics.failed(&shared.queue);
                 tracing::warn!(%error, attempt = attempts, permanent, message_id = %envelope.message_id, "handler failed");
@@ -337,7 +341,7 @@ async fn decode<H>(
         }
         other => other,
     };
-    let (_, value) = decoded.map_err(|error| Failure::Handler(error.to_string()))?;
+    let (_, value) = decoded.map_err(|error| Failure::handler(error.to_string()))?;
     Ok(Message {
         envelope: envelope.clone(),
         value,

@@ -167,7 +167,7 @@ async fn claim_and_handle<H: Handler>(
         let id = message.envelope.message_id;
         let Some(row) = rows_by_id.get(&id) else {
             let error = format!("the claim returned no row for {id}");
-            return Err(Failure::Handler(error).into());
+            return Err(Failure::handler(error).into());
         };
         let claimed: bool = row.try_get("claimed").map_err(database)?;
         let parked_behind: Option<Uuid> = row.try_get("parked_behind").map_err(database)?;
@@ -189,7 +189,7 @@ async fn claim_and_handle<H: Handler>(
             // and the message is tried alone.
             _ if claimed && messages.len() > 1 => {
                 return Err(Failed {
-                    failure: Failure::Handler(format!("{id} lost its stream's order")),
+                    failure: Failure::handler(format!("{id} lost its stream's order")),
                     culprit: Some(index),
                 });
             }
@@ -224,10 +224,9 @@ async fn claim_and_handle<H: Handler>(
             // Dropping the transaction rolls back the claims with the handlers' writes.
             drop(transaction);
             return Err(Failed {
-                failure: if super::is_permanent(error.as_ref()) {
-                    Failure::Permanent(error.to_string())
-                } else {
-                    Failure::Handler(error.to_string())
+                failure: Failure::Handler {
+                    error: error.to_string(),
+                    permanent: super::is_permanent(error.as_ref()),
                 },
                 culprit: Some(index),
             });

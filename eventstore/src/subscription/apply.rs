@@ -25,28 +25,22 @@ impl<S: Subscriber> Subscription<S> {
         parked: &mut HashSet<String>,
     ) -> Result<Option<TermEnd>, TermError> {
         let whole = self.attempt(writer, wanted, *stored, last, parked).await;
-        let (failure, doomed) = match whole {
+        let (failure, doomed_at) = match whole {
             Ok(()) => {
                 *stored = last;
                 return Ok(None);
             }
             Err(Attempt::Failed(error)) => (error, None),
-            Err(Attempt::Permanent(error, position)) => (error.clone(), Some((position, error))),
+            Err(Attempt::Permanent(error, position)) => (error, Some(position)),
             Err(other) => return self.end_term(other),
         };
         tracing::debug!(%failure, events = wanted.len(), "a batch failed; applying its events one by one");
         for &event in wanted {
-            if let Some((position, error)) = &doomed
-                && *position == event.global_position
-            {
-                // It said so in the batch already: no further attempt.
-                self.metrics.subscription_failed(&self.config.name);
-                self.park(writer, event, error, stored).await?;
-                parked.insert(event.stream_id.clone());
-                continue;
-            }
+            // Why the event is parked, once it is: an event that said in the batch it
+            // can never apply gets no further attempt.
+            let mut verdict = (doomed_at == Some(event.global_position)).then(|| failure.clone());
             let mut tries = 0;
-            loop {
+            while verdict.is_none() {
                 match self
                     .attempt(writer, &[event], *stored, event.global_position, parked)
                     .await
@@ -55,25 +49,23 @@ impl<S: Subscriber> Subscription<S> {
                         *stored = event.global_position;
                         break;
                     }
-                    Err(Attempt::Permanent(error, _)) => {
-                        self.metrics.subscription_failed(&self.config.name);
-                        self.park(writer, event, &error, stored).await?;
-                        parked.insert(event.stream_id.clone());
-                        break;
-                    }
-                    Err(Attempt::Failed(error)) => {
-                        self.metrics.subscription_failed(&self.config.name);
-                        let Some(pause) = self.config.retry_delays.get(tries) else {
-                            self.park(writer, event, &error, stored).await?;
-                            parked.insert(event.stream_id.clone());
-                            break;
-                        };
-                        tracing::debug!(%error, position = event.global_position, "applying failed; trying again");
-                        tries += 1;
-                        tokio::time::sleep(*pause).await;
-                    }
+                    Err(Attempt::Permanent(error, _)) => verdict = Some(error),
+                    Err(Attempt::Failed(error)) => match self.config.retry_delays.get(tries) {
+                        Some(pause) => {
+                            self.metrics.subscription_failed(&self.config.name);
+                            tracing::debug!(%error, position = event.global_position, "applying failed; trying again");
+                            tries += 1;
+                            tokio::time::sleep(*pause).await;
+                        }
+                        None => verdict = Some(error),
+                    },
                     Err(other) => return self.end_term(other),
                 }
+            }
+            if let Some(error) = verdict {
+                self.metrics.subscription_failed(&self.config.name);
+                self.park(writer, event, &error, stored).await?;
+                parked.insert(event.stream_id.clone());
             }
         }
         // The rest of the page was not wanted: the checkpoint moves past it.
