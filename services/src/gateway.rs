@@ -32,9 +32,9 @@ use crate::auth::Tokens;
 use crate::breaker::Breaker;
 use crate::config::{Config, Service};
 use crate::http::caller::{Identity, VIA_GATEWAY_HEADER, identify, token_needed};
+use crate::http::context::{Base, CORRELATION_HEADER, CorrelationId, MAX_BODY_BYTES};
 use crate::http::problem::ApiError;
 use crate::http::problem::ProblemKind;
-use crate::http::{AppState, CORRELATION_HEADER, CorrelationId, MAX_BODY_BYTES};
 use crate::registry::{Admission, Instance, Registry};
 
 /// Consecutive failures that open an upstream instance's breaker, and for how long.
@@ -170,11 +170,7 @@ pub struct UpstreamView {
         (status = 503, description = "The registry is unreachable", body = crate::http::problem::Problem,
             content_type = crate::http::problem::PROBLEM),
     ))]
-pub async fn upstreams(State(state): State<AppState>) -> Result<Response, ApiError> {
-    let gateway = state
-        .gateway
-        .as_deref()
-        .ok_or_else(|| ApiError::internal("not a gateway"))?;
+async fn upstreams(State(gateway): State<Arc<Gateway>>) -> Result<Response, ApiError> {
     let registry = gateway.registry().await?;
     let mut views = Vec::new();
     for service in Service::ALL.into_iter().filter(|s| *s != Service::Gateway) {
@@ -192,6 +188,22 @@ pub async fn upstreams(State(state): State<AppState>) -> Result<Response, ApiErr
         }
     }
     Ok(axum::Json(views).into_response())
+}
+
+/// The gateway's server: its own endpoints, every service's behind it, and what every
+/// server serves. Its `/openapi.json` documents every service's endpoints under one
+/// origin.
+pub fn app(base: Base, gateway: Arc<Gateway>) -> axum::Router {
+    let mut document = <Api as utoipa::OpenApi>::openapi();
+    for service in Service::ALL {
+        document.merge(crate::http::resources_api(service));
+    }
+    let document = crate::http::openapi::document(base.service, document);
+    let routes = axum::Router::new()
+        .route("/gateway/upstreams", axum::routing::get(upstreams))
+        .fallback(proxy)
+        .with_state(gateway);
+    crate::http::serve(routes, base, document)
 }
 
 /// The gateway's own endpoints, for `/openapi.json`.
@@ -225,11 +237,10 @@ fn needs_token(method: &Method, path: &str, anonymous_reads: bool) -> bool {
 }
 
 /// Forwards a request to the service that owns it (see the module documentation).
-pub async fn proxy(State(state): State<AppState>, request: Request) -> Result<Response, ApiError> {
-    let gateway = state
-        .gateway
-        .as_deref()
-        .ok_or_else(|| ApiError::internal("not a gateway"))?;
+async fn proxy(
+    State(gateway): State<Arc<Gateway>>,
+    request: Request,
+) -> Result<Response, ApiError> {
     let path = request.uri().path().to_owned();
     let service = owner(&path).ok_or_else(|| {
         ApiError::not_found(format!("no such resource: {} {path}", request.method()))

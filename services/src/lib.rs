@@ -5,8 +5,8 @@
 //! - [`secrets`]: the token and digest secrets: given, from a file, or generated
 //!   into the data folder.
 //! - [`breaker`]: a circuit breaker.
-//! - [`gateway`]: the single entry point: authentication, rate limits, routing to
-//!   healthy instances.
+//! - [`gateway`]: the single entry point, a router of its own: authentication, rate
+//!   limits, routing to healthy instances.
 //! - [`registry`]: the registry of running instances and the rate-limit counters, in
 //!   Redis.
 //! - [`notifications`]: the notification service's planner, sender and simulated
@@ -14,8 +14,9 @@
 //! - [`config`]: the services, their ports and databases, and the environment
 //!   variables that configure them (every one with a working local default).
 //! - [`setup`]: creating each service's database and migrating it.
-//! - [`http`]: one router per concern, merged per service; `app(state)` builds a
-//!   service's router so tests can call it without a socket.
+//! - [`http`]: one router per concern, merged per service with its OpenAPI document;
+//!   `http::order(state)` and the like build a service's router, on state typed for
+//!   services, so tests can call it without a socket.
 //! - [`serve`]: starts the chosen services (HTTP server, outbox relay, projections,
 //!   command consumers) and runs them until Ctrl-C or SIGTERM, then shuts them down
 //!   gracefully.

@@ -26,7 +26,7 @@ use uuid::Uuid;
 
 use crate::config::{Config, Service};
 use crate::gateway::Gateway;
-use crate::http::{Access, AppState, Db, Health, SubscriptionWatch, app};
+use crate::http::{self, Access, Base, Db, Health, ServiceState, SubscriptionWatch};
 use crate::registry::{Instance, Registry};
 use crate::setup::prepare_database;
 use crate::workers::{InventoryCommands, PaymentCommands, SimulatedProvider};
@@ -141,52 +141,67 @@ pub async fn start(
             )
         });
         let mut health = Health::default();
-        let db = match config.database(service)? {
-            Some(options) => {
-                // Named, so an operator finds its sessions in pg_stat_activity (a
-                // reader held back by an open writer names it).
-                let options = options.application_name(&format!("orderflow {service}"));
-                let pool = prepare_database(&options, POOL_SIZE).await?;
-                let store = published_by(service, EventStore::new(pool.clone()));
-                let aggregates = AggregateStore::new(store.clone(), registry.clone())
-                    .with_state_cache(STATE_CACHE_STREAMS);
-                let mut plan = Plan {
+        let app: Box<dyn FnOnce(ServiceState) -> axum::Router> = match service {
+            Service::Gateway => {
+                // No database, no workers of its own.
+                let base = Base {
                     service,
-                    config,
-                    store: &store,
-                    registry: &registry,
-                    metrics: &metrics,
-                    shutdown: &shutdown,
-                    health: &mut health,
-                    workers: &mut workers,
-                    consumer_configs: &mut consumer_configs,
-                    providers: &providers,
-                    assignment: assignment.as_ref(),
+                    metrics: metrics.clone(),
+                    health: Arc::new(health),
                 };
-                relays.push(plan.relay());
-                plan.service_workers(&aggregates);
-                plan.retention();
-                let pressure = plan.pressure();
-                health.amqp_url = Some(config.amqp_url.clone());
-                Some((Db { pool, aggregates }, pressure))
+                let gateway = Arc::new(Gateway::new(config, tokens.clone())?);
+                listeners.push((instance, listener, crate::gateway::app(base, gateway)));
+                continue;
             }
-            None => None,
+            Service::Order => Box::new(http::order),
+            Service::Inventory => Box::new(http::inventory),
+            Service::Payment => Box::new(http::payment),
+            Service::User => Box::new(http::user),
+            Service::Notification => {
+                let providers = providers.clone();
+                Box::new(move |state| http::notification(state, providers))
+            }
         };
-        let (db, pressure) = db.unzip();
-        let state = AppState {
+        let options = config
+            .database(service)?
+            .with_context(|| format!("the {service} service has no database"))?;
+        // Named, so an operator finds its sessions in pg_stat_activity (a reader held
+        // back by an open writer names it).
+        let options = options.application_name(&format!("orderflow {service}"));
+        let pool = prepare_database(&options, POOL_SIZE).await?;
+        let store = published_by(service, EventStore::new(pool.clone()));
+        let aggregates = AggregateStore::new(store.clone(), registry.clone())
+            .with_state_cache(STATE_CACHE_STREAMS);
+        let mut plan = Plan {
             service,
-            db,
-            metrics: metrics.clone(),
-            health: Arc::new(health),
+            config,
+            store: &store,
+            registry: &registry,
+            metrics: &metrics,
+            shutdown: &shutdown,
+            health: &mut health,
+            workers: &mut workers,
+            consumer_configs: &mut consumer_configs,
+            providers: &providers,
+            assignment: assignment.as_ref(),
+        };
+        relays.push(plan.relay());
+        plan.service_workers(&aggregates);
+        plan.retention();
+        let pressure = plan.pressure();
+        health.amqp_url = Some(config.amqp_url.clone());
+        health.database = Some(pool.clone());
+        let state = ServiceState {
+            base: Base {
+                service,
+                metrics: metrics.clone(),
+                health: Arc::new(health),
+            },
+            db: Db { pool, aggregates },
             tokens: tokens.clone(),
             digest_key: digest_key.clone(),
             access,
-            providers: (service == Service::Notification).then(|| providers.clone()),
-            gateway: match service {
-                Service::Gateway => Some(Arc::new(Gateway::new(config, tokens.clone())?)),
-                _ => None,
-            },
-            pressure,
+            pressure: Some(pressure),
         };
         listeners.push((instance, listener, app(state)));
     }

@@ -4,8 +4,9 @@ use axum::body::{Body, to_bytes};
 use axum::http::{Request, StatusCode};
 use services::auth::Tokens;
 use services::config::Service;
-use services::http::{AppState, Db, app};
+use services::http::{Base, Db, Health, ServiceState};
 use services::secrets::Secret;
+use std::sync::Arc;
 use std::time::Duration;
 use tower::ServiceExt;
 
@@ -13,8 +14,8 @@ const SECRET: &str = "a secret of the health tests, 32 bytes or more";
 
 mod common;
 
-async fn get(state: AppState, path: &str) -> (StatusCode, serde_json::Value) {
-    let response = app(state)
+async fn get(state: ServiceState, path: &str) -> (StatusCode, serde_json::Value) {
+    let response = services::http::inventory(state)
         .oneshot(Request::get(path).body(Body::empty()).unwrap())
         .await
         .unwrap();
@@ -35,19 +36,22 @@ async fn ready_follows_the_database() {
         .unwrap();
     let store = eventstore::EventStore::new(pool.clone());
     let registry = eventstore::SchemaRegistry::builtin().unwrap();
-    let state = AppState {
-        service: Service::Inventory,
-        db: Some(Db {
+    let state = ServiceState {
+        base: Base {
+            service: Service::Inventory,
+            metrics: eventstore::Metrics::new(),
+            health: Arc::new(Health {
+                database: Some(pool.clone()),
+                ..Health::default()
+            }),
+        },
+        db: Db {
             pool: pool.clone(),
             aggregates: eventstore::AggregateStore::new(store, registry),
-        }),
-        metrics: eventstore::Metrics::new(),
-        health: Default::default(),
-        tokens: std::sync::Arc::new(Tokens::new(SECRET.as_bytes(), Duration::from_secs(60))),
-        digest_key: std::sync::Arc::new(Secret::new(SECRET, "a test secret").unwrap()),
+        },
+        tokens: Arc::new(Tokens::new(SECRET.as_bytes(), Duration::from_secs(60))),
+        digest_key: Arc::new(Secret::new(SECRET, "a test secret").unwrap()),
         access: Default::default(),
-        providers: None,
-        gateway: None,
         pressure: None,
     };
 
@@ -79,19 +83,7 @@ async fn metrics_are_served_in_prometheus_text() {
     let metrics = eventstore::Metrics::new();
     metrics.track_service("order");
     metrics.track_consumer("order.summary");
-    let state = AppState {
-        service: Service::Gateway,
-        db: None,
-        metrics,
-        health: Default::default(),
-        tokens: std::sync::Arc::new(Tokens::new(SECRET.as_bytes(), Duration::from_secs(60))),
-        digest_key: std::sync::Arc::new(Secret::new(SECRET, "a test secret").unwrap()),
-        access: Default::default(),
-        providers: None,
-        gateway: None,
-        pressure: None,
-    };
-    let response = app(state)
+    let response = gateway(metrics)
         .oneshot(Request::get("/metrics").body(Body::empty()).unwrap())
         .await
         .unwrap();
@@ -111,4 +103,55 @@ async fn metrics_are_served_in_prometheus_text() {
     ] {
         assert!(text.contains(family), "{family} missing from\n{text}");
     }
+}
+
+/// The gateway's router, with the default configuration (Redis is reached only when a
+/// request is proxied).
+fn gateway(metrics: eventstore::Metrics) -> axum::Router {
+    let base = Base {
+        service: Service::Gateway,
+        metrics,
+        health: Default::default(),
+    };
+    let config = services::config::Config::from_lookup(|_| None).unwrap();
+    let tokens = Arc::new(Tokens::new(SECRET.as_bytes(), Duration::from_secs(60)));
+    let gateway = Arc::new(services::gateway::Gateway::new(&config, tokens).unwrap());
+    services::gateway::app(base, gateway)
+}
+
+#[tokio::test]
+async fn the_gateway_documents_every_service_under_one_origin() {
+    let response = gateway(eventstore::Metrics::new())
+        .oneshot(Request::get("/openapi.json").body(Body::empty()).unwrap())
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    let body = to_bytes(response.into_body(), 1 << 20).await.unwrap();
+    let document: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(document["info"]["title"], "orderflow gateway service");
+    let paths = document["paths"].as_object().unwrap();
+    // The gateway's own, what every server serves, and one of each service's.
+    for path in [
+        "/gateway/upstreams",
+        "/health/ready",
+        "/openapi.json",
+        "/orders/{order_id}",
+        "/sagas/{order_id}",
+        "/inventory/items/{sku}",
+        "/payments/{order_id}",
+        "/users/{user_id}/profile",
+        "/notifications",
+    ] {
+        assert!(
+            paths.contains_key(path),
+            "{path} missing from the gateway's document"
+        );
+    }
+    let tags: Vec<&str> = document["tags"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|tag| tag["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(tags.first(), Some(&"gateway"), "{tags:?}");
 }

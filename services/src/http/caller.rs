@@ -26,7 +26,7 @@ use axum::http::request::Parts;
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use uuid::Uuid;
 
-use super::AppState;
+use super::context::ServiceState;
 use super::problem::ApiError;
 use crate::auth::{Claims, TokenError, Tokens};
 use crate::http::problem::ProblemKind;
@@ -58,15 +58,6 @@ impl Identity {
             Identity::User(claims.sub)
         }
     }
-}
-
-/// How a service treats callers without a token.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct Access {
-    /// Serve a direct request without a token as an operator's.
-    pub trust_local_callers: bool,
-    /// Let anyone read personal data.
-    pub anonymous_reads: bool,
 }
 
 /// The caller of the request in hand, with the service's rule for anonymous reads.
@@ -118,10 +109,10 @@ impl Caller {
     }
 }
 
-impl FromRequestParts<AppState> for Caller {
+impl FromRequestParts<ServiceState> for Caller {
     type Rejection = ApiError;
 
-    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
+    async fn from_request_parts(parts: &mut Parts, state: &ServiceState) -> Result<Self, ApiError> {
         let identity = identify(&parts.headers, &state.tokens)?.unwrap_or_else(|| {
             let via_gateway = parts.headers.contains_key(VIA_GATEWAY_HEADER);
             if state.access.trust_local_callers && !via_gateway {

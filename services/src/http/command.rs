@@ -14,8 +14,9 @@ use utoipa::IntoParams;
 use utoipa::openapi::path::{Parameter, ParameterIn};
 use uuid::Uuid;
 
+use super::context::{CorrelationId, ServiceState};
+use super::openapi;
 use super::problem::ApiError;
-use super::{AppState, CorrelationId, openapi};
 use crate::http::problem::ProblemKind;
 
 /// Longest accepted `Idempotency-Key`.
@@ -73,13 +74,13 @@ pub struct IdempotencyKey {
     pub request: Vec<u8>,
 }
 
-impl<T> FromRequest<AppState> for Command<T>
+impl<T> FromRequest<ServiceState> for Command<T>
 where
     T: DeserializeOwned,
 {
     type Rejection = ApiError;
 
-    async fn from_request(request: Request, state: &AppState) -> Result<Self, ApiError> {
+    async fn from_request(request: Request, state: &ServiceState) -> Result<Self, ApiError> {
         let correlation_id = request
             .extensions()
             .get::<CorrelationId>()

@@ -1,7 +1,7 @@
-//! `/health/live` and `/health/ready`.
+//! What probes and operators ask every server: `/health/live`, `/health/ready` and
+//! `/metrics`.
 
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use axum::Router;
@@ -9,56 +9,25 @@ use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Json};
 use axum::routing::get;
-use eventstore::subscription::{Lag, Progress};
 use serde_json::{Value, json};
 
-use super::AppState;
+use super::context::{Base, SubscriptionWatch};
 
 /// How long a readiness check waits for each dependency.
 const CHECK_TIMEOUT: Duration = Duration::from_secs(2);
 
-/// What a service's readiness depends on besides its database.
-#[derive(Debug, Default)]
-pub struct Health {
-    /// The broker the service's relay and consumers use (`None`: no broker).
-    pub amqp_url: Option<String>,
-    /// Background workers (relay, consumers) and whether each is still running.
-    pub workers: Vec<(String, Arc<AtomicBool>)>,
-    /// The subscriptions on the service's own store (projections, the saga's own
-    /// events) this process runs or stands by for.
-    pub subscriptions: Vec<SubscriptionWatch>,
-}
-
-/// A subscription of this process, as queries and readiness see it.
-#[derive(Debug)]
-pub struct SubscriptionWatch {
-    /// Its lag, as its monitor last measured it.
-    pub lag: tokio::sync::watch::Receiver<Lag>,
-    /// Its progress: read-your-writes queries wake on its commits.
-    pub progress: Arc<Progress>,
-}
-
-impl Health {
-    /// The progress of the subscription called `name`, if this process runs it.
-    pub fn progress(&self, name: &str) -> Option<&Arc<Progress>> {
-        self.subscriptions
-            .iter()
-            .find(|watch| watch.progress.name() == name)
-            .map(|watch| &watch.progress)
-    }
-}
-
-pub fn router() -> Router<AppState> {
+pub fn router() -> Router<Base> {
     Router::new()
         .route("/health/live", get(live))
         .route("/health/ready", get(ready))
+        .route("/metrics", get(metrics))
 }
 
 /// The process answers: nothing else is checked.
 #[utoipa::path(get, path = "/health/live", tag = "service",
     responses((status = 200, description = "`{status: \"live\", service}`",
         content_type = "application/json")))]
-pub(super) async fn live(State(state): State<AppState>) -> Json<Value> {
+pub(super) async fn live(State(state): State<Base>) -> Json<Value> {
     Json(json!({ "status": "live", "service": state.service.name() }))
 }
 
@@ -69,7 +38,7 @@ pub(super) async fn live(State(state): State<AppState>) -> Json<Value> {
         check is `ok`; `subscriptions` gives each one's lag, position and leader", content_type = "application/json"),
     (status = 503, description = "`status: \"not_ready\"`; each failed check says why",
         content_type = "application/json")))]
-pub(super) async fn ready(State(state): State<AppState>) -> impl IntoResponse {
+pub(super) async fn ready(State(state): State<Base>) -> impl IntoResponse {
     let mut ready = true;
     let mut checks = serde_json::Map::new();
     let mut check = |name: &str, outcome: Result<(), String>| {
@@ -77,8 +46,8 @@ pub(super) async fn ready(State(state): State<AppState>) -> impl IntoResponse {
         let text = outcome.map_or_else(|error| format!("error: {error}"), |()| "ok".to_owned());
         checks.insert(name.to_owned(), json!(text));
     };
-    if let Some(db) = &state.db {
-        let query = sqlx::query("SELECT 1").execute(&db.pool);
+    if let Some(pool) = &state.health.database {
+        let query = sqlx::query("SELECT 1").execute(pool);
         check(
             "database",
             within(query)
@@ -145,4 +114,18 @@ async fn within<T>(future: impl std::future::Future<Output = T>) -> Result<T, St
     tokio::time::timeout(CHECK_TIMEOUT, future)
         .await
         .map_err(|_| format!("no answer within {} s", CHECK_TIMEOUT.as_secs()))
+}
+
+/// The process's metrics, in the OpenMetrics text format.
+#[utoipa::path(get, path = "/metrics", tag = "service",
+    responses((status = 200, description = "OpenMetrics text format", body = String,
+        content_type = "application/openmetrics-text; version=1.0.0")))]
+pub(super) async fn metrics(State(state): State<Base>) -> impl IntoResponse {
+    (
+        [(
+            axum::http::header::CONTENT_TYPE,
+            eventstore::metrics::CONTENT_TYPE,
+        )],
+        state.metrics.render(),
+    )
 }

@@ -12,13 +12,13 @@ use serde::{Deserialize, Serialize};
 use serde_json::json;
 use utoipa::{OpenApi, ToSchema};
 
-use super::AppState;
 use super::command::{self, Command, CommandContext, Reply};
+use super::context::ServiceState;
 use super::openapi::{CommandProblems, QueryProblems};
 use super::problem::{ApiError, PROBLEM, Problem};
 use super::read::{Freshness, found};
 
-pub fn router() -> Router<AppState> {
+pub fn router() -> Router<ServiceState> {
     Router::new()
         .route("/inventory/items", post(add_stock))
         .route("/inventory/items/{sku}", get(get_item))
@@ -66,10 +66,10 @@ struct StockChanged {
         CommandProblems,
     ))]
 async fn add_stock(
-    State(state): State<AppState>,
+    State(state): State<ServiceState>,
     request: Command<AddStock>,
 ) -> Result<Response, ApiError> {
-    let db = state.db()?;
+    let db = &state.db;
     let body = request.body;
     domain::inventory::validate_sku(&body.sku)?;
     let stream_id = AggregateStore::stream_id::<StockItem>(&body.sku);
@@ -118,11 +118,11 @@ async fn add_stock(
         QueryProblems,
     ))]
 async fn get_item(
-    State(state): State<AppState>,
+    State(state): State<ServiceState>,
     Path(sku): Path<String>,
     freshness: Freshness,
 ) -> Result<Response, ApiError> {
-    let db = state.db()?;
+    let db = &state.db;
     let stream_id = AggregateStore::stream_id::<StockItem>(&sku);
     freshness
         .wait::<StockLevels>(&state, Some(&stream_id))

@@ -1,13 +1,19 @@
-//! HTTP: one router per resource, merged per service in [`app`].
+//! HTTP: one router per resource, merged per service here, each service's OpenAPI
+//! document assembled next to its router.
 //!
 //! Every request gets a tracing span and an `x-correlation-id` (the client's, or a new
 //! one), which is returned and recorded in the metadata of every event the request
-//! causes. Errors are `application/problem+json` ([`problem`]); commands share
-//! [`command`] (JSON body, `If-Match`, `Idempotency-Key`), queries [`read`]
-//! (read-your-writes).
+//! causes ([`context`]). Errors are `application/problem+json` ([`problem`]);
+//! commands share [`command`] (JSON body, `If-Match`, `Idempotency-Key`), queries
+//! [`read`] (read-your-writes). The gateway's router is its own
+//! ([`crate::gateway::app`]); it shares [`serve`] with the services.
+//!
+//! Imports run one way: resource modules → `command`, `read`, `caller`, `openapi` →
+//! `context` → `problem`; only this file names the resource modules.
 
 pub mod caller;
 pub mod command;
+pub mod context;
 mod health;
 mod inventory;
 mod notifications;
@@ -20,26 +26,16 @@ mod sagas;
 mod users;
 
 use std::sync::Arc;
-use std::time::Instant;
 
 use axum::Router;
-use axum::extract::{DefaultBodyLimit, Request, State};
-use axum::http::HeaderValue;
-use axum::middleware::Next;
-use axum::response::{IntoResponse, Response};
-use axum::routing::get;
-use eventstore::{AggregateStore, Metrics};
-use sqlx::PgPool;
-use tracing::Instrument;
-use uuid::Uuid;
+use axum::extract::{DefaultBodyLimit, Request};
+use utoipa::OpenApi;
 
 use crate::config::Service;
-pub use caller::{Access, Caller, Identity};
-pub use health::{Health, SubscriptionWatch};
-use problem::{ApiError, InternalCause};
-
-/// Largest request body accepted; larger ones get a 413.
-pub const MAX_BODY_BYTES: usize = 64 * 1024;
+use crate::notifications::Providers;
+pub use caller::{Caller, Identity};
+pub use context::{Access, Base, Db, Health, ServiceState, SubscriptionWatch};
+use problem::ApiError;
 
 /// Parses `bytes` as the body of every command the services take, as their
 /// extractors do, and says which parsed: for the JSON fuzz target (`fuzz/`), which
@@ -57,105 +53,73 @@ pub fn parse_every_command_body(bytes: &[u8]) -> [bool; 7] {
         parse_json::<crate::notifications::Mode>(bytes).is_ok(),
     ]
 }
-pub const CORRELATION_HEADER: &str = "x-correlation-id";
 
-/// What every handler of one service can reach.
-#[derive(Clone, Debug)]
-pub struct AppState {
-    pub service: Service,
-    /// The service's own database; `None` for the gateway.
-    pub db: Option<Db>,
-    /// Shared by every service of the process; each series names its service.
-    pub metrics: Metrics,
-    /// What `/health/ready` checks beyond the database.
-    pub health: Arc<Health>,
-    /// Issues access tokens (user service) and checks them (every service).
-    pub tokens: Arc<crate::auth::Tokens>,
-    /// Keys the request digests of idempotency records.
-    pub digest_key: Arc<crate::secrets::Secret>,
-    /// How callers without a token are treated.
-    pub access: Access,
-    /// The notification service's simulated providers.
-    pub providers: Option<Arc<crate::notifications::Providers>>,
-    /// The gateway's routing, authentication and rate limiting.
-    pub gateway: Option<Arc<crate::gateway::Gateway>>,
-    /// Refuses commands while the service is over capacity (`None`: never).
-    pub pressure: Option<Arc<crate::pressure::Pressure>>,
+/// The order service: orders, a customer's orders, and the order sagas.
+pub fn order(state: ServiceState) -> Router {
+    service(state, orders::router().merge(sagas::router()))
 }
 
-/// A service's database, as its handlers use it.
-#[derive(Clone, Debug)]
-pub struct Db {
-    pub pool: PgPool,
-    pub aggregates: AggregateStore,
+/// The inventory service: stock items.
+pub fn inventory(state: ServiceState) -> Router {
+    service(state, inventory::router())
 }
 
-impl AppState {
-    /// The database, for handlers of services that have one.
-    pub fn db(&self) -> Result<&Db, ApiError> {
-        self.db.as_ref().ok_or_else(|| {
-            ApiError::internal(format!("the {} service has no database", self.service))
-        })
-    }
+/// The payment service: payments.
+pub fn payment(state: ServiceState) -> Router {
+    service(state, payments::router())
 }
 
-/// The correlation id of the request in hand (in the request's extensions).
-#[derive(Debug, Clone, Copy)]
-pub struct CorrelationId {
-    pub uuid: Uuid,
+/// The user service: users, their profiles and preferences, and access tokens.
+pub fn user(state: ServiceState) -> Router {
+    service(state, users::router())
 }
 
-/// A service's whole HTTP surface. Tests call this without binding a socket.
-pub fn app(state: AppState) -> Router {
-    let resources = match state.service {
-        Service::Gateway => {
-            // Everything that is not the gateway's own goes to the services.
-            return Router::new()
-                .merge(health::router())
-                .route("/metrics", get(metrics))
-                .route("/openapi.json", get(openapi::openapi_json))
-                .route("/gateway/upstreams", get(crate::gateway::upstreams))
-                .fallback(crate::gateway::proxy)
-                .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
-                .layer(axum::middleware::from_fn(request_context))
-                .with_state(state);
-        }
-        Service::Order => orders::router().merge(sagas::router()),
-        Service::Inventory => inventory::router(),
-        Service::Payment => payments::router(),
-        Service::User => users::router(),
-        Service::Notification => notifications::router(),
+/// The notification service: what was sent to a user, and its providers.
+pub fn notification(state: ServiceState, providers: Arc<Providers>) -> Router {
+    service(state, notifications::router(providers))
+}
+
+/// The OpenAPI paths of a service's own resources; the gateway's document merges
+/// them all.
+pub fn resources_api(service: Service) -> utoipa::openapi::OpenApi {
+    let parts = match service {
+        Service::Order => vec![orders::Api::openapi(), sagas::Api::openapi()],
+        Service::Inventory => vec![inventory::Api::openapi()],
+        Service::Payment => vec![payments::Api::openapi()],
+        Service::User => vec![users::Api::openapi()],
+        Service::Notification => vec![notifications::Api::openapi()],
+        Service::Gateway => vec![],
     };
-    let mut router = Router::new()
-        .merge(resources)
-        .merge(health::router())
-        .route("/metrics", get(metrics))
-        .route("/openapi.json", get(openapi::openapi_json))
-        .fallback(not_found);
+    let mut document = utoipa::openapi::OpenApiBuilder::new().build();
+    for part in parts {
+        document.merge(part);
+    }
+    document
+}
+
+/// A service's resources, behind its back-pressure, with what every server serves.
+fn service(state: ServiceState, resources: Router<ServiceState>) -> Router {
+    let mut router = resources.fallback(not_found);
     if let Some(pressure) = state.pressure.clone() {
         router = router.layer(axum::middleware::from_fn_with_state(
             pressure,
             crate::pressure::admit,
         ));
     }
-    router
-        .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
-        .layer(axum::middleware::from_fn(request_context))
-        .with_state(state)
+    let base = state.base.clone();
+    let document = openapi::document(base.service, resources_api(base.service));
+    serve(router.with_state(state), base, document)
 }
 
-/// Prometheus text exposition of the process's metrics.
-#[utoipa::path(get, path = "/metrics", tag = "service",
-    responses((status = 200, description = "OpenMetrics text format", body = String,
-        content_type = "application/openmetrics-text; version=1.0.0")))]
-async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
-    (
-        [(
-            axum::http::header::CONTENT_TYPE,
-            eventstore::metrics::CONTENT_TYPE,
-        )],
-        state.metrics.render(),
-    )
+/// What every server serves besides its resources (`/health/*`, `/metrics`,
+/// `/openapi.json` with `document`), and the layers every request passes: the body
+/// limit and the request's context.
+pub fn serve(resources: Router, base: Base, document: utoipa::openapi::OpenApi) -> Router {
+    resources
+        .merge(health::router().with_state(base))
+        .merge(openapi::router(document))
+        .layer(DefaultBodyLimit::max(context::MAX_BODY_BYTES))
+        .layer(axum::middleware::from_fn(context::request_context))
 }
 
 async fn not_found(request: Request) -> ApiError {
@@ -164,55 +128,4 @@ async fn not_found(request: Request) -> ApiError {
         request.method(),
         request.uri().path()
     ))
-}
-
-/// The correlation id, the request's span, and its one log line.
-async fn request_context(mut request: Request, next: Next) -> Response {
-    let (correlation_id, header) = correlation_of(&request);
-    request.extensions_mut().insert(CorrelationId {
-        uuid: correlation_id,
-    });
-    let span = tracing::info_span!(
-        "request",
-        method = %request.method(),
-        path = %request.uri().path(),
-        correlation_id = %correlation_id,
-    );
-    let started = Instant::now();
-    let mut response = next.run(request).instrument(span.clone()).await;
-    let took_ms = started.elapsed().as_secs_f64() * 1000.0;
-    let status = response.status().as_u16();
-    let _entered = span.enter();
-    match response.extensions_mut().remove::<InternalCause>() {
-        Some(InternalCause(cause)) => tracing::error!(status, took_ms, %cause, "request failed"),
-        None if status >= 500 => tracing::error!(status, took_ms, "request failed"),
-        None => tracing::debug!(status, took_ms, "request"),
-    }
-    response.headers_mut().insert(CORRELATION_HEADER, header);
-    response
-}
-
-/// The client's `x-correlation-id`, or a new one. Ids that are not UUIDs are mapped to
-/// one (UUIDv5 of the text), since event metadata carries UUIDs; the client gets its
-/// own text back.
-fn correlation_of(request: &Request) -> (Uuid, HeaderValue) {
-    let given = request
-        .headers()
-        .get(CORRELATION_HEADER)
-        .filter(|value| !value.is_empty() && value.len() <= 200)
-        .and_then(|value| value.to_str().ok().map(|text| (text.trim(), value.clone())));
-    match given {
-        Some((text, value)) => {
-            let uuid = Uuid::parse_str(text)
-                .unwrap_or_else(|_| Uuid::new_v5(&Uuid::NAMESPACE_OID, text.as_bytes()));
-            (uuid, value)
-        }
-        None => {
-            let uuid = Uuid::now_v7();
-            // A UUID's text is always a valid header value.
-            let value = HeaderValue::from_str(&uuid.to_string())
-                .unwrap_or_else(|_| HeaderValue::from_static("invalid"));
-            (uuid, value)
-        }
-    }
 }

@@ -1,6 +1,8 @@
 //! The notification service's endpoints: the notifications sent to a user, and the
 //! controls of its simulated providers.
 
+use std::sync::Arc;
+
 use axum::Router;
 use axum::extract::{Path, Query, State};
 use axum::response::{IntoResponse, Json, Response};
@@ -9,22 +11,27 @@ use serde::Deserialize;
 use utoipa::{IntoParams, OpenApi};
 use uuid::Uuid;
 
+use super::caller::Caller;
 use super::command::parse_json;
+use super::context::ServiceState;
 use super::problem::{ApiError, PROBLEM, Problem};
-use super::{AppState, Caller};
 use crate::notifications::{Channel, Mode, NotificationView, ProviderView, Providers};
 
-pub fn router() -> Router<AppState> {
+/// The notification service's routes; the providers' controls reach `providers`.
+pub fn router(providers: Arc<Providers>) -> Router<ServiceState> {
+    let controls = Router::new()
+        .route("/providers", get(provider_views))
+        .route("/providers/{channel}", put(set_provider))
+        .with_state(providers);
     Router::new()
         .route("/notifications", get(list))
-        .route("/providers", get(providers))
-        .route("/providers/{channel}", put(set_provider))
+        .merge(controls)
 }
 
 /// The notification service's endpoints, for `/openapi.json`.
 #[derive(OpenApi)]
 #[openapi(
-    paths(list, providers, set_provider),
+    paths(list, provider_views, set_provider),
     tags((name = "notifications", description = "Notifications sent, and the simulated providers"))
 )]
 pub struct Api;
@@ -49,7 +56,7 @@ struct ListQuery {
         (status = 422, description = "Missing or bad user_id", body = Problem, content_type = PROBLEM),
     ))]
 async fn list(
-    State(state): State<AppState>,
+    State(state): State<ServiceState>,
     caller: Caller,
     query: Result<Query<ListQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Response, ApiError> {
@@ -62,20 +69,19 @@ async fn list(
         return Err(ApiError::not_found(format!("no user {user_id}")));
     }
     let limit = query.limit.unwrap_or(100).clamp(1, 1000);
-    let sent = crate::notifications::sent_to(&state.db()?.pool, user_id, limit).await?;
+    let sent = crate::notifications::sent_to(&state.db.pool, user_id, limit).await?;
     Ok(Json(sent).into_response())
 }
 
 /// The simulated providers: mode, breaker state and what each delivered.
 #[utoipa::path(get, path = "/providers", tag = "notifications",
     responses((status = 200, description = "One entry per channel", body = [ProviderView])))]
-async fn providers(State(state): State<AppState>) -> Result<Response, ApiError> {
-    let providers = simulated(&state)?;
+async fn provider_views(State(providers): State<Arc<Providers>>) -> Json<Vec<ProviderView>> {
     let views: Vec<ProviderView> = Channel::ALL
         .into_iter()
         .map(|channel| providers.view(channel))
         .collect();
-    Ok(Json(views).into_response())
+    Json(views)
 }
 
 /// Makes a simulated provider work, fail or answer slowly: `{"mode":"ok"}`,
@@ -90,21 +96,13 @@ async fn providers(State(state): State<AppState>) -> Result<Response, ApiError> 
         (status = 422, description = "Unknown mode", body = Problem, content_type = PROBLEM),
     ))]
 async fn set_provider(
-    State(state): State<AppState>,
+    State(providers): State<Arc<Providers>>,
     Path(channel): Path<String>,
     body: axum::body::Bytes,
 ) -> Result<Response, ApiError> {
-    let providers = simulated(&state)?;
     let channel = Channel::parse(&channel)
         .ok_or_else(|| ApiError::not_found(format!("no channel {channel:?}")))?;
     let mode: Mode = parse_json(&body)?;
     providers.set_mode(channel, mode);
     Ok(Json(providers.view(channel)).into_response())
-}
-
-fn simulated(state: &AppState) -> Result<&Providers, ApiError> {
-    state
-        .providers
-        .as_deref()
-        .ok_or_else(|| ApiError::internal("this service has no notification providers"))
 }

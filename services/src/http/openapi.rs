@@ -2,9 +2,12 @@
 //! `#[utoipa::path]` annotations next to the handlers, so it cannot drift from them
 //! unnoticed (a test requests every path the document names).
 
-use axum::Json;
-use axum::extract::State;
 use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use axum::extract::State;
+use axum::routing::get;
+use axum::{Json, Router};
 
 use utoipa::openapi::header::Header;
 use utoipa::openapi::path::{Parameter, ParameterBuilder, ParameterIn};
@@ -12,13 +15,14 @@ use utoipa::openapi::response::{Response, ResponseBuilder};
 use utoipa::openapi::{ContentBuilder, ObjectBuilder, Ref, RefOr, Required, Type};
 use utoipa::{IntoResponses, OpenApi};
 
-use super::{AppState, health, inventory, notifications, orders, payments, sagas, users};
+use super::context::CORRELATION_HEADER;
+use super::health;
 use crate::config::Service;
 
 /// What every service serves, whatever else it does.
 #[derive(OpenApi)]
 #[openapi(
-    paths(health::live, health::ready, super::metrics, openapi_json),
+    paths(health::live, health::ready, health::metrics, openapi_json),
     components(schemas(super::problem::Problem, super::problem::ProblemKind)),
     info(
         description = "An event-sourced order platform. Errors are application/problem+json \
@@ -28,35 +32,17 @@ use crate::config::Service;
 )]
 struct Common;
 
-/// The service's OpenAPI document.
-pub fn document(service: Service) -> utoipa::openapi::OpenApi {
+/// The OpenAPI document of `service`'s server: what every server serves, and
+/// `resources`.
+pub fn document(service: Service, resources: utoipa::openapi::OpenApi) -> utoipa::openapi::OpenApi {
     let mut document = Common::openapi();
-    match service {
-        Service::Order => {
-            document.merge(orders::Api::openapi());
-            document.merge(sagas::Api::openapi());
-        }
-        Service::Inventory => document.merge(inventory::Api::openapi()),
-        Service::Payment => document.merge(payments::Api::openapi()),
-        Service::User => document.merge(users::Api::openapi()),
-        Service::Notification => document.merge(notifications::Api::openapi()),
-        // One origin for every service's endpoints.
-        Service::Gateway => {
-            document.merge(crate::gateway::Api::openapi());
-            document.merge(orders::Api::openapi());
-            document.merge(sagas::Api::openapi());
-            document.merge(inventory::Api::openapi());
-            document.merge(payments::Api::openapi());
-            document.merge(users::Api::openapi());
-            document.merge(notifications::Api::openapi());
-        }
-    }
+    document.merge(resources);
     document.info.title = format!("orderflow {service} service");
     document.info.version = env!("CARGO_PKG_VERSION").to_owned();
     // Every request accepts a correlation id, and every response returns it.
     for item in document.paths.paths.values_mut() {
         item.parameters.get_or_insert_with(Vec::new).push(header(
-            super::CORRELATION_HEADER,
+            CORRELATION_HEADER,
             "Ties this request to the events, messages and log lines it causes; \
              generated when absent, always returned.",
         ));
@@ -67,8 +53,17 @@ pub fn document(service: Service) -> utoipa::openapi::OpenApi {
 /// This document.
 #[utoipa::path(get, path = "/openapi.json", tag = "service",
     responses((status = 200, description = "OpenAPI 3.1 document", content_type = "application/json")))]
-pub async fn openapi_json(State(state): State<AppState>) -> Json<utoipa::openapi::OpenApi> {
-    Json(document(state.service))
+async fn openapi_json(
+    State(document): State<Arc<utoipa::openapi::OpenApi>>,
+) -> Json<utoipa::openapi::OpenApi> {
+    Json(utoipa::openapi::OpenApi::clone(&document))
+}
+
+/// Serves `document` at `/openapi.json`.
+pub fn router(document: utoipa::openapi::OpenApi) -> Router {
+    Router::new()
+        .route("/openapi.json", get(openapi_json))
+        .with_state(Arc::new(document))
 }
 
 /// The problems every command endpoint may answer, beyond its own.

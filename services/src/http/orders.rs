@@ -15,13 +15,14 @@ use serde_json::json;
 use utoipa::{IntoParams, OpenApi, ToSchema};
 use uuid::Uuid;
 
+use super::caller::Caller;
 use super::command::{self, Command, CommandContext, Reply};
+use super::context::ServiceState;
 use super::openapi::{CommandProblems, QueryProblems};
 use super::problem::{ApiError, PROBLEM, Problem};
-use super::read::{Freshness, found};
-use super::{AppState, Caller};
+use super::read::{Freshness, found, parse_id};
 
-pub fn router() -> Router<AppState> {
+pub fn router() -> Router<ServiceState> {
     Router::new()
         .route("/orders", post(place_order))
         .route("/orders/{order_id}", get(get_order))
@@ -95,11 +96,11 @@ struct CancellationAccepted {
         CommandProblems,
     ))]
 async fn place_order(
-    State(state): State<AppState>,
+    State(state): State<ServiceState>,
     caller: Caller,
     request: Command<PlaceOrder>,
 ) -> Result<Response, ApiError> {
-    let db = state.db()?;
+    let db = &state.db;
     let body = request.body;
     caller.may_act_for(body.customer_id)?;
     if body.lines.len() > MAX_LINES {
@@ -160,13 +161,13 @@ async fn place_order(
         CommandProblems,
     ))]
 async fn cancel_order(
-    State(state): State<AppState>,
+    State(state): State<ServiceState>,
     caller: Caller,
     Path(order_id): Path<String>,
     request: Command<serde_json::Value>,
 ) -> Result<Response, ApiError> {
     caller.actor()?;
-    let db = state.db()?;
+    let db = &state.db;
     let order_id = parse_id("order_id", &order_id)?;
     let stream_id = AggregateStore::stream_id::<Order>(order_id);
     if !caller.sees(None) {
@@ -206,13 +207,13 @@ async fn cancel_order(
         QueryProblems,
     ))]
 async fn get_order(
-    State(state): State<AppState>,
+    State(state): State<ServiceState>,
     caller: Caller,
     Path(order_id): Path<String>,
     freshness: Freshness,
 ) -> Result<Response, ApiError> {
     caller.reader()?;
-    let db = state.db()?;
+    let db = &state.db;
     let order_id = parse_id("order_id", &order_id)?;
     let stream_id = AggregateStore::stream_id::<Order>(order_id);
     freshness
@@ -245,7 +246,7 @@ struct Page {
             body = Problem, content_type = PROBLEM),
     ))]
 async fn customer_orders(
-    State(state): State<AppState>,
+    State(state): State<ServiceState>,
     caller: Caller,
     Path(customer_id): Path<String>,
     page: Result<Query<Page>, QueryRejection>,
@@ -254,7 +255,7 @@ async fn customer_orders(
     caller.reader()?;
     let Query(page) =
         page.map_err(|rejection| ApiError::invalid("limit", rejection.body_text()))?;
-    let db = state.db()?;
+    let db = &state.db;
     let customer_id = parse_id("customer_id", &customer_id)?;
     if !caller.sees(Some(customer_id)) {
         return Err(ApiError::not_found(format!("no customer {customer_id}")));
@@ -267,11 +268,4 @@ async fn customer_orders(
     freshness.wait::<CustomerOrders>(&state, None).await?;
     let orders = projections::order::customer_orders(&db.pool, customer_id, limit).await?;
     Ok(Json(orders).into_response())
-}
-
-/// A path segment that must be a UUID; anything else cannot name a resource.
-pub fn parse_id(field: &str, text: &str) -> Result<Uuid, ApiError> {
-    Uuid::parse_str(text).map_err(|_| {
-        ApiError::not_found(format!("{field} {text:?} is not a UUID")).with_field(field)
-    })
 }

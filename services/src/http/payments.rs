@@ -11,10 +11,11 @@ use projections::payment::{PaymentStatuses, PaymentView};
 use utoipa::OpenApi;
 
 use super::openapi::QueryProblems;
-use super::orders::parse_id;
+
+use super::caller::Caller;
+use super::context::ServiceState;
 use super::problem::{ApiError, PROBLEM, Problem};
-use super::read::{Freshness, found};
-use super::{AppState, Caller};
+use super::read::{Freshness, found, parse_id};
 
 /// The payment service's endpoints, for `/openapi.json`.
 #[derive(OpenApi)]
@@ -24,7 +25,7 @@ use super::{AppState, Caller};
 )]
 pub struct Api;
 
-pub fn router() -> Router<AppState> {
+pub fn router() -> Router<ServiceState> {
     Router::new().route("/payments/{order_id}", get(get_payment))
 }
 
@@ -38,13 +39,13 @@ pub fn router() -> Router<AppState> {
         QueryProblems,
     ))]
 async fn get_payment(
-    State(state): State<AppState>,
+    State(state): State<ServiceState>,
     caller: Caller,
     Path(order_id): Path<String>,
     freshness: Freshness,
 ) -> Result<Response, ApiError> {
     caller.reader()?;
-    let db = state.db()?;
+    let db = &state.db;
     let order_id = parse_id("order_id", &order_id)?;
     let stream_id = AggregateStore::stream_id::<Payment>(order_id);
     freshness

@@ -4,8 +4,9 @@
 
 use std::time::Duration;
 
+use super::context::ServiceState;
+use super::openapi;
 use super::problem::ApiError;
-use super::{AppState, openapi};
 use crate::http::problem::ProblemKind;
 use axum::extract::{FromRequestParts, Query};
 use axum::http::request::Parts;
@@ -14,6 +15,7 @@ use projections::Projection;
 use utoipa::IntoParams;
 use utoipa::openapi::Type;
 use utoipa::openapi::path::{Parameter, ParameterIn};
+use uuid::Uuid;
 
 /// How long a query waits for its read model.
 pub const WAIT: Duration = Duration::from_secs(2);
@@ -102,12 +104,12 @@ impl Freshness {
     /// position).
     pub async fn wait<P: Projection>(
         &self,
-        state: &AppState,
+        state: &ServiceState,
         stream_id: Option<&str>,
     ) -> Result<(), ApiError> {
-        let store = state.db()?.aggregates.event_store();
+        let store = state.db.aggregates.event_store();
         let name = projections::queue(P::SERVICE);
-        let progress = state.health.progress(&name);
+        let progress = state.base.health.progress(&name);
         let deadline = tokio::time::Instant::now() + WAIT;
         let mut targets = Vec::new();
         match (self.min_version, stream_id) {
@@ -206,4 +208,11 @@ pub fn found<T: serde::Serialize>(
         Some(view) => Ok(Json(view).into_response()),
         None => Err(ApiError::not_found(missing())),
     }
+}
+
+/// The id in a path; one that is not a UUID names nothing (404).
+pub fn parse_id(field: &str, text: &str) -> Result<Uuid, ApiError> {
+    Uuid::parse_str(text).map_err(|_| {
+        ApiError::not_found(format!("{field} {text:?} is not a UUID")).with_field(field)
+    })
 }

@@ -7,10 +7,10 @@ use axum::routing::get;
 use sagas::runner::SagaView;
 use utoipa::OpenApi;
 
-use super::orders::parse_id;
+use super::caller::Caller;
+use super::context::ServiceState;
 use super::problem::{ApiError, PROBLEM, Problem};
-use super::read::found;
-use super::{AppState, Caller};
+use super::read::{found, parse_id};
 
 /// The saga endpoints, for `/openapi.json`.
 #[derive(OpenApi)]
@@ -20,7 +20,7 @@ use super::{AppState, Caller};
 )]
 pub struct Api;
 
-pub fn router() -> Router<AppState> {
+pub fn router() -> Router<ServiceState> {
     Router::new().route("/sagas/{order_id}", get(get_saga))
 }
 
@@ -36,12 +36,12 @@ pub fn router() -> Router<AppState> {
             body = Problem, content_type = PROBLEM),
     ))]
 async fn get_saga(
-    State(state): State<AppState>,
+    State(state): State<ServiceState>,
     caller: Caller,
     Path(order_id): Path<String>,
 ) -> Result<Response, ApiError> {
     caller.reader()?;
-    let db = state.db()?;
+    let db = &state.db;
     let order_id = parse_id("order_id", &order_id)?;
     let saga = sagas::runner::find(&db.pool, order_id)
         .await?

@@ -14,18 +14,19 @@ use serde_json::json;
 use utoipa::{OpenApi, ToSchema};
 use uuid::Uuid;
 
+use super::caller::Caller;
 use super::command::{self, Command, CommandContext, Reply};
+use super::context::ServiceState;
 use super::openapi::{CommandProblems, QueryProblems};
 use super::problem::{ApiError, PROBLEM, Problem};
-use super::read::{Freshness, found};
-use super::{AppState, Caller};
+use super::read::{Freshness, found, parse_id};
 use crate::auth;
 use crate::http::problem::ProblemKind;
 
 /// Accepted password lengths, in characters.
 const PASSWORD_LENGTH: std::ops::RangeInclusive<usize> = 8..=256;
 
-pub fn router() -> Router<AppState> {
+pub fn router() -> Router<ServiceState> {
     Router::new()
         .route("/users", post(register))
         .route("/auth/token", post(token))
@@ -115,10 +116,10 @@ struct UserChanged {
         CommandProblems,
     ))]
 async fn register(
-    State(state): State<AppState>,
+    State(state): State<ServiceState>,
     request: Command<Register>,
 ) -> Result<Response, ApiError> {
-    let db = state.db()?;
+    let db = &state.db;
     let body = request.body;
     if !PASSWORD_LENGTH.contains(&body.password.chars().count()) {
         return Err(ApiError::invalid(
@@ -190,10 +191,10 @@ async fn register(
         CommandProblems,
     ))]
 async fn token(
-    State(state): State<AppState>,
+    State(state): State<ServiceState>,
     request: Command<Credentials>,
 ) -> Result<Response, ApiError> {
-    let db = state.db()?;
+    let db = &state.db;
     let credentials = request.body;
     let email = credentials.email.trim().to_ascii_lowercase();
     // From the index the registration wrote, then the aggregate: both current the
@@ -245,7 +246,7 @@ async fn token(
         QueryProblems,
     ))]
 async fn get_user(
-    State(state): State<AppState>,
+    State(state): State<ServiceState>,
     caller: Caller,
     Path(user_id): Path<String>,
     freshness: Freshness,
@@ -259,7 +260,7 @@ async fn get_user(
     freshness
         .wait::<UserProfiles>(&state, Some(&stream_id))
         .await?;
-    let view = projections::user::find_user(&state.db()?.pool, user_id).await?;
+    let view = projections::user::find_user(&state.db.pool, user_id).await?;
     found(view, || no_user(user_id).detail)
 }
 
@@ -273,7 +274,7 @@ async fn get_user(
         CommandProblems,
     ))]
 async fn change_profile(
-    State(state): State<AppState>,
+    State(state): State<ServiceState>,
     caller: Caller,
     Path(user_id): Path<String>,
     request: Command<ChangeProfile>,
@@ -295,7 +296,7 @@ async fn change_profile(
         CommandProblems,
     ))]
 async fn change_preferences(
-    State(state): State<AppState>,
+    State(state): State<ServiceState>,
     caller: Caller,
     Path(user_id): Path<String>,
     request: Command<ChangePreferences>,
@@ -311,7 +312,7 @@ async fn change_preferences(
 
 /// Runs a change on an existing user (the caller's own, through the gateway).
 async fn change(
-    state: &AppState,
+    state: &ServiceState,
     caller: Caller,
     user_id: &str,
     context: &CommandContext,
@@ -324,7 +325,7 @@ async fn change(
     }
     let stream_id = AggregateStore::stream_id::<User>(user_id);
     command::run::<User>(
-        &state.db()?.aggregates,
+        &state.db.aggregates,
         context,
         &stream_id,
         command,
@@ -346,5 +347,5 @@ fn no_user(user_id: Uuid) -> ApiError {
 }
 
 fn parse_user_id(text: &str) -> Result<Uuid, ApiError> {
-    super::orders::parse_id("user_id", text)
+    parse_id("user_id", text)
 }

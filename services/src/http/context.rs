@@ -1,0 +1,164 @@
+//! What a handler works with: the state its server holds, and the request's
+//! correlation id. The leaf of `http`: it imports no other module of it but
+//! [`problem`](super::problem), so every router can use it and none is needed to
+//! understand it.
+
+use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
+use std::time::Instant;
+
+use axum::extract::Request;
+use axum::http::HeaderValue;
+use axum::middleware::Next;
+use axum::response::Response;
+use eventstore::subscription::{Lag, Progress};
+use eventstore::{AggregateStore, Metrics};
+use sqlx::PgPool;
+use tracing::Instrument;
+use uuid::Uuid;
+
+use super::problem::InternalCause;
+use crate::auth::Tokens;
+use crate::config::Service;
+use crate::pressure::Pressure;
+use crate::secrets::Secret;
+
+/// Largest request body accepted; larger ones get a 413.
+pub const MAX_BODY_BYTES: usize = 64 * 1024;
+
+/// Carries a request's correlation id in, and back out on the response.
+pub const CORRELATION_HEADER: &str = "x-correlation-id";
+
+/// What every server of the process, the gateway's or a service's, reports about
+/// itself: `/health/*`, `/metrics` and `/openapi.json` need nothing else.
+#[derive(Clone, Debug)]
+pub struct Base {
+    pub service: Service,
+    /// Shared by every server of the process; each series names its service.
+    pub metrics: Metrics,
+    /// What `/health/ready` checks.
+    pub health: Arc<Health>,
+}
+
+/// What the handlers of one service (order, inventory, payment, user, notification)
+/// reach. The gateway has its own ([`crate::gateway::Gateway`]).
+#[derive(Clone, Debug)]
+pub struct ServiceState {
+    pub base: Base,
+    /// The service's own database.
+    pub db: Db,
+    /// Checks access tokens (every service) and issues them (the user service).
+    pub tokens: Arc<Tokens>,
+    /// Keys the request digests of idempotency records.
+    pub digest_key: Arc<Secret>,
+    /// How callers without a token are treated.
+    pub access: Access,
+    /// Refuses commands while the service is over capacity (`None`: never).
+    pub pressure: Option<Arc<Pressure>>,
+}
+
+/// A service's database, as its handlers use it.
+#[derive(Clone, Debug)]
+pub struct Db {
+    pub pool: PgPool,
+    pub aggregates: AggregateStore,
+}
+
+/// How a service treats callers without a token.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Access {
+    /// Serve a direct request without a token as an operator's.
+    pub trust_local_callers: bool,
+    /// Let anyone read personal data.
+    pub anonymous_reads: bool,
+}
+
+/// What a server's readiness depends on.
+#[derive(Debug, Default)]
+pub struct Health {
+    /// The service's database (`None`: the gateway, which has none).
+    pub database: Option<PgPool>,
+    /// The broker the service's relay and consumers use (`None`: no broker).
+    pub amqp_url: Option<String>,
+    /// Background workers (relay, consumers) and whether each is still running.
+    pub workers: Vec<(String, Arc<AtomicBool>)>,
+    /// The subscriptions on the service's own store (projections, the saga's own
+    /// events) this process runs or stands by for.
+    pub subscriptions: Vec<SubscriptionWatch>,
+}
+
+/// A subscription of this process, as queries and readiness see it.
+#[derive(Debug)]
+pub struct SubscriptionWatch {
+    /// Its lag, as its monitor last measured it.
+    pub lag: tokio::sync::watch::Receiver<Lag>,
+    /// Its progress: read-your-writes queries wake on its commits.
+    pub progress: Arc<Progress>,
+}
+
+impl Health {
+    /// The progress of the subscription called `name`, if this process runs it.
+    pub fn progress(&self, name: &str) -> Option<&Arc<Progress>> {
+        self.subscriptions
+            .iter()
+            .find(|watch| watch.progress.name() == name)
+            .map(|watch| &watch.progress)
+    }
+}
+
+/// The correlation id of the request in hand (in the request's extensions).
+#[derive(Debug, Clone, Copy)]
+pub struct CorrelationId {
+    pub uuid: Uuid,
+}
+
+/// Middleware: the correlation id, the request's span, and its one log line.
+pub async fn request_context(mut request: Request, next: Next) -> Response {
+    let (correlation_id, header) = correlation_of(&request);
+    request.extensions_mut().insert(CorrelationId {
+        uuid: correlation_id,
+    });
+    let span = tracing::info_span!(
+        "request",
+        method = %request.method(),
+        path = %request.uri().path(),
+        correlation_id = %correlation_id,
+    );
+    let started = Instant::now();
+    let mut response = next.run(request).instrument(span.clone()).await;
+    let took_ms = started.elapsed().as_secs_f64() * 1000.0;
+    let status = response.status().as_u16();
+    let _entered = span.enter();
+    match response.extensions_mut().remove::<InternalCause>() {
+        Some(InternalCause(cause)) => tracing::error!(status, took_ms, %cause, "request failed"),
+        None if status >= 500 => tracing::error!(status, took_ms, "request failed"),
+        None => tracing::debug!(status, took_ms, "request"),
+    }
+    response.headers_mut().insert(CORRELATION_HEADER, header);
+    response
+}
+
+/// The client's `x-correlation-id`, or a new one. Ids that are not UUIDs are mapped to
+/// one (UUIDv5 of the text), since event metadata carries UUIDs; the client gets its
+/// own text back.
+fn correlation_of(request: &Request) -> (Uuid, HeaderValue) {
+    let given = request
+        .headers()
+        .get(CORRELATION_HEADER)
+        .filter(|value| !value.is_empty() && value.len() <= 200)
+        .and_then(|value| value.to_str().ok().map(|text| (text.trim(), value.clone())));
+    match given {
+        Some((text, value)) => {
+            let uuid = Uuid::parse_str(text)
+                .unwrap_or_else(|_| Uuid::new_v5(&Uuid::NAMESPACE_OID, text.as_bytes()));
+            (uuid, value)
+        }
+        None => {
+            let uuid = Uuid::now_v7();
+            // A UUID's text is always a valid header value.
+            let value = HeaderValue::from_str(&uuid.to_string())
+                .unwrap_or_else(|_| HeaderValue::from_static("invalid"));
+            (uuid, value)
+        }
+    }
+}
