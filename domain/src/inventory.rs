@@ -6,6 +6,8 @@ use std::collections::BTreeMap;
 
 use uuid::Uuid;
 
+use crate::ids::OrderId;
+
 use crate::Aggregate;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -104,11 +106,11 @@ pub enum StockRequest {
 }
 
 impl StockRequest {
-    pub fn order_id(&self) -> Uuid {
+    pub fn order_id(&self) -> OrderId {
         match self {
             StockRequest::ReserveStock { order_id, .. }
             | StockRequest::ReleaseStock { order_id, .. }
-            | StockRequest::CommitStock { order_id, .. } => *order_id,
+            | StockRequest::CommitStock { order_id, .. } => OrderId::new(*order_id),
         }
     }
 
@@ -157,14 +159,14 @@ pub enum ReservationReply {
 
 impl ReservationReply {
     /// The stream a reservation's answer is recorded on.
-    pub fn stream_id(order_id: Uuid) -> String {
+    pub fn stream_id(order_id: OrderId) -> String {
         format!("reservation-{order_id}")
     }
 
-    pub fn order_id(&self) -> Uuid {
+    pub fn order_id(&self) -> OrderId {
         match self {
             ReservationReply::OrderStockReserved { order_id, .. }
-            | ReservationReply::OrderStockUnavailable { order_id, .. } => *order_id,
+            | ReservationReply::OrderStockUnavailable { order_id, .. } => OrderId::new(*order_id),
         }
     }
 
@@ -172,7 +174,7 @@ impl ReservationReply {
     /// decided for them (a line already held for the order decides nothing, and
     /// counts as held).
     pub fn answering(
-        order_id: Uuid,
+        order_id: OrderId,
         lines: &[StockLine],
         decided: &[(String, Vec<StockEvent>)],
     ) -> ReservationReply {
@@ -188,6 +190,7 @@ impl ReservationReply {
                 } => Some((sku.clone(), *requested, *available)),
                 _ => None,
             });
+        let order_id = order_id.uuid();
         match short {
             Some((sku, requested, available)) => ReservationReply::OrderStockUnavailable {
                 order_id,
@@ -208,9 +211,10 @@ impl ReservationReply {
 /// available, or no such item), only the failures are recorded, on the short items'
 /// streams, and nothing is reserved. Lines already held for the order decide nothing.
 pub fn reserve_all(
-    order_id: Uuid,
+    order_id: OrderId,
     items: &[(StockLine, StockItem)],
 ) -> Result<Vec<(String, Vec<StockEvent>)>, StockError> {
+    let order_id = order_id.uuid();
     let mut reserved = Vec::new();
     let mut failed = Vec::new();
     for (line, item) in items {
@@ -446,10 +450,10 @@ mod reply_tests {
             (lines[0].clone(), item("A", 5)),
             (lines[1].clone(), item("B", 1)),
         ];
-        let decided = reserve_all(order_id, &enough).unwrap();
+        let decided = reserve_all(OrderId::new(order_id), &enough).unwrap();
         assert_eq!(decided.len(), 2, "one stream per SKU");
         assert_eq!(
-            ReservationReply::answering(order_id, &lines, &decided),
+            ReservationReply::answering(OrderId::new(order_id), &lines, &decided),
             ReservationReply::OrderStockReserved {
                 order_id,
                 lines: lines.to_vec(),
@@ -459,9 +463,9 @@ mod reply_tests {
             (lines[0].clone(), item("A", 5)),
             (lines[1].clone(), item("B", 0)),
         ];
-        let decided = reserve_all(order_id, &short).unwrap();
+        let decided = reserve_all(OrderId::new(order_id), &short).unwrap();
         assert_eq!(
-            ReservationReply::answering(order_id, &lines, &decided),
+            ReservationReply::answering(OrderId::new(order_id), &lines, &decided),
             ReservationReply::OrderStockUnavailable {
                 order_id,
                 sku: "B".into(),
@@ -470,7 +474,7 @@ mod reply_tests {
             }
         );
         assert_eq!(
-            ReservationReply::stream_id(order_id),
+            ReservationReply::stream_id(OrderId::new(order_id)),
             format!("reservation-{order_id}")
         );
     }
@@ -533,7 +537,7 @@ mod tests {
     #[test]
     fn a_whole_order_is_reserved_when_every_line_fits() {
         let items = [(line("A", 2), item("A", 5)), (line("B", 5), item("B", 5))];
-        let decided = reserve_all(order(1), &items).unwrap();
+        let decided = reserve_all(OrderId::new(order(1)), &items).unwrap();
         let skus: Vec<&str> = decided.iter().map(|(sku, _)| sku.as_str()).collect();
         assert_eq!(skus, ["A", "B"]);
         assert!(
@@ -546,7 +550,7 @@ mod tests {
     #[test]
     fn one_short_line_reserves_nothing_and_records_only_the_shortage() {
         let items = [(line("A", 2), item("A", 5)), (line("B", 6), item("B", 5))];
-        let decided = reserve_all(order(1), &items).unwrap();
+        let decided = reserve_all(OrderId::new(order(1)), &items).unwrap();
         assert_eq!(
             decided,
             vec![(
@@ -567,7 +571,7 @@ mod tests {
             (line("A", 1), item("A", 5)),
             (line("NOPE", 1), StockItem::default()),
         ];
-        let decided = reserve_all(order(1), &items).unwrap();
+        let decided = reserve_all(OrderId::new(order(1)), &items).unwrap();
         assert_eq!(decided.len(), 1);
         assert!(matches!(
             &decided[0].1[..],
@@ -578,7 +582,7 @@ mod tests {
     #[test]
     fn a_repeated_reservation_decides_nothing() {
         let held = given::<StockItem>(&ten_with_four_held_for_order_7());
-        let decided = reserve_all(order(7), &[(line("SKU-1", 4), held)]).unwrap();
+        let decided = reserve_all(OrderId::new(order(7)), &[(line("SKU-1", 4), held)]).unwrap();
         assert!(decided.is_empty());
     }
 

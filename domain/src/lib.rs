@@ -12,6 +12,7 @@
 //! Invariant: nothing here is async or touches a database, a broker or a clock;
 //! `domain` builds and tests in seconds.
 
+pub mod ids;
 pub mod inventory;
 pub mod order;
 pub mod payment;

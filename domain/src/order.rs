@@ -3,6 +3,8 @@
 
 use uuid::Uuid;
 
+use crate::ids::OrderId;
+
 use crate::Aggregate;
 
 /// Upper bound on lines per order; bigger bodies are refused rather than stored.
@@ -129,13 +131,13 @@ pub enum OrderEvent {
 }
 
 impl OrderEvent {
-    pub fn order_id(&self) -> Uuid {
+    pub fn order_id(&self) -> OrderId {
         match self {
             OrderEvent::OrderPlaced { order_id, .. }
             | OrderEvent::OrderConfirmed { order_id, .. }
             | OrderEvent::OrderRejected { order_id, .. }
             | OrderEvent::OrderCancellationRequested { order_id }
-            | OrderEvent::OrderCancelled { order_id, .. } => *order_id,
+            | OrderEvent::OrderCancelled { order_id, .. } => OrderId::new(*order_id),
         }
     }
 }

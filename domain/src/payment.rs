@@ -6,6 +6,8 @@
 
 use uuid::Uuid;
 
+use crate::ids::{CustomerId, OrderId};
+
 use crate::Aggregate;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -122,12 +124,12 @@ pub enum PaymentRequest {
 }
 
 impl PaymentRequest {
-    pub fn order_id(&self) -> Uuid {
+    pub fn order_id(&self) -> OrderId {
         match self {
             PaymentRequest::AuthorizePayment { order_id, .. }
             | PaymentRequest::CapturePayment { order_id }
             | PaymentRequest::VoidPayment { order_id }
-            | PaymentRequest::RefundPayment { order_id } => *order_id,
+            | PaymentRequest::RefundPayment { order_id } => OrderId::new(*order_id),
         }
     }
 }
@@ -271,7 +273,7 @@ impl Aggregate for Payment {
         self.amount_cents = amount_cents;
         self.status = Some(status);
         if let Some(customer_id) = event.customer_id() {
-            self.customer_id = Some(customer_id);
+            self.customer_id = Some(customer_id.uuid());
         }
         match event {
             PaymentEvent::PaymentAuthorized {
@@ -286,10 +288,10 @@ impl Aggregate for Payment {
 
 impl PaymentEvent {
     /// Who pays, on the events that open a payment (when the request named them).
-    pub fn customer_id(&self) -> Option<Uuid> {
+    pub fn customer_id(&self) -> Option<CustomerId> {
         match self {
             PaymentEvent::PaymentAuthorized { customer_id, .. }
-            | PaymentEvent::PaymentDeclined { customer_id, .. } => *customer_id,
+            | PaymentEvent::PaymentDeclined { customer_id, .. } => customer_id.map(CustomerId::new),
             _ => None,
         }
     }

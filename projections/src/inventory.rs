@@ -1,5 +1,6 @@
 //! The inventory service's read model: stock levels per SKU.
 
+use domain::ids::Sku;
 use domain::inventory::StockEvent;
 use serde::Serialize;
 use sqlx::{FromRow, PgConnection, PgPool};
@@ -82,11 +83,11 @@ impl Projection for StockLevels {
     }
 }
 
-pub async fn find_item(pool: &PgPool, sku: &str) -> Result<Option<StockView>, sqlx::Error> {
+pub async fn find_item(pool: &PgPool, sku: &Sku) -> Result<Option<StockView>, sqlx::Error> {
     sqlx::query_as(
         "SELECT sku, name, available, reserved, sold, version FROM stock_levels WHERE sku = $1",
     )
-    .bind(sku)
+    .bind(sku.as_str())
     .fetch_optional(pool)
     .await
 }

@@ -2,6 +2,7 @@
 //! history.
 
 use chrono::{DateTime, Utc};
+use domain::ids::{CustomerId, OrderId};
 use domain::order::{OrderEvent, OrderStatus};
 use serde::{Deserialize, Serialize};
 use sqlx::{FromRow, PgConnection, PgPool};
@@ -138,7 +139,7 @@ impl Projection for OrderSummaries {
              version = $6, position = $7, updated_at = $8 \
              WHERE order_id = $1 AND version < $6",
         )
-        .bind(event.order_id())
+        .bind(event.order_id().uuid())
         .bind(status)
         .bind(reason)
         .bind(requested)
@@ -194,7 +195,7 @@ impl Projection for CustomerOrders {
             "UPDATE customer_orders SET status = coalesce($2, status), reason = coalesce($3, reason), \
              version = $4, position = $5 WHERE order_id = $1 AND version < $4",
         )
-        .bind(event.order_id())
+        .bind(event.order_id().uuid())
         .bind(status)
         .bind(reason)
         .bind(context.stream_version)
@@ -206,12 +207,15 @@ impl Projection for CustomerOrders {
 }
 
 /// One order's summary, if the projection has it.
-pub async fn find_order(pool: &PgPool, order_id: Uuid) -> Result<Option<OrderView>, sqlx::Error> {
+pub async fn find_order(
+    pool: &PgPool,
+    order_id: OrderId,
+) -> Result<Option<OrderView>, sqlx::Error> {
     sqlx::query_as(
         "SELECT order_id, customer_id, status, lines, total_cents, currency, reason, \
          cancellation_requested, placed_at, version FROM order_summaries WHERE order_id = $1",
     )
-    .bind(order_id)
+    .bind(order_id.uuid())
     .fetch_optional(pool)
     .await
 }
@@ -219,14 +223,14 @@ pub async fn find_order(pool: &PgPool, order_id: Uuid) -> Result<Option<OrderVie
 /// A customer's orders, newest first, at most `limit` of them.
 pub async fn customer_orders(
     pool: &PgPool,
-    customer_id: Uuid,
+    customer_id: CustomerId,
     limit: i64,
 ) -> Result<Vec<CustomerOrderView>, sqlx::Error> {
     sqlx::query_as(
         "SELECT order_id, customer_id, status, total_cents, currency, reason, placed_at, version \
          FROM customer_orders WHERE customer_id = $1 ORDER BY placed_at DESC, order_id DESC LIMIT $2",
     )
-    .bind(customer_id)
+    .bind(customer_id.uuid())
     .bind(limit)
     .fetch_all(pool)
     .await

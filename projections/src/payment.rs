@@ -1,5 +1,6 @@
 //! The payment service's read model: each order's payment status.
 
+use domain::ids::{CustomerId, OrderId};
 use domain::payment::PaymentEvent;
 use serde::Serialize;
 use sqlx::{FromRow, PgConnection, PgPool};
@@ -58,7 +59,7 @@ impl Projection for PaymentStatuses {
         .bind(context.stream_version)
         .bind(context.global_position)
         .bind(context.recorded_at)
-        .bind(event.customer_id())
+        .bind(event.customer_id().map(CustomerId::uuid))
         .execute(connection)
         .await?;
         Ok(())
@@ -67,13 +68,13 @@ impl Projection for PaymentStatuses {
 
 pub async fn find_payment(
     pool: &PgPool,
-    order_id: Uuid,
+    order_id: OrderId,
 ) -> Result<Option<PaymentView>, sqlx::Error> {
     sqlx::query_as(
         "SELECT order_id, customer_id, status, amount_cents, version FROM payment_statuses \
          WHERE order_id = $1",
     )
-    .bind(order_id)
+    .bind(order_id.uuid())
     .fetch_optional(pool)
     .await
 }

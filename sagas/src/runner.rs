@@ -15,6 +15,7 @@
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
+use domain::ids::{CustomerId, OrderId};
 use domain::inventory::ReservationReply;
 use domain::order::{Order, OrderEvent};
 use domain::payment::PaymentEvent;
@@ -524,11 +525,12 @@ pub struct SagaView {
 
 impl SagaView {
     /// The customer whose order the saga fulfils, as its state records it.
-    pub fn customer_id(&self) -> Option<Uuid> {
+    pub fn customer_id(&self) -> Option<CustomerId> {
         self.state
             .get("customer_id")
             .and_then(|id| id.as_str())
             .and_then(|id| Uuid::parse_str(id).ok())
+            .map(CustomerId::new)
     }
 }
 
@@ -546,12 +548,12 @@ pub struct StepView {
 }
 
 /// The saga of `order_id` with its history, oldest step first.
-pub async fn find(pool: &PgPool, order_id: Uuid) -> Result<Option<SagaView>, sqlx::Error> {
+pub async fn find(pool: &PgPool, order_id: OrderId) -> Result<Option<SagaView>, sqlx::Error> {
     let Some(row) = sqlx::query(
         "SELECT saga_type, version, state, deadline_at, started_at, updated_at \
          FROM sagas WHERE saga_id = $1",
     )
-    .bind(order_id)
+    .bind(order_id.uuid())
     .fetch_optional(pool)
     .await?
     else {
@@ -561,12 +563,12 @@ pub async fn find(pool: &PgPool, order_id: Uuid) -> Result<Option<SagaView>, sql
         "SELECT version, at, input, step, commands FROM saga_steps \
          WHERE saga_id = $1 ORDER BY version",
     )
-    .bind(order_id)
+    .bind(order_id.uuid())
     .fetch_all(pool)
     .await?;
     let state: serde_json::Value = row.try_get("state")?;
     Ok(Some(SagaView {
-        order_id,
+        order_id: order_id.uuid(),
         saga_type: row.try_get("saga_type")?,
         step: state["step"].as_str().unwrap_or_default().to_owned(),
         version: row.try_get("version")?,

@@ -287,7 +287,7 @@ pub(crate) enum SagasCommand {
     /// One saga: its state, pending deadline and every step with its time
     #[command(after_help = "Example:\n  orderflow sagas show 0192f0c4-9b6e-7a41-9d6f-3c2a1b4e5d60")]
     Show {
-        order_id: Uuid,
+        order_id: domain::ids::OrderId,
         #[arg(long)]
         json: bool,
     },

@@ -130,9 +130,13 @@ impl Handler for InventoryCommands {
                 let release = matches!(request, StockRequest::ReleaseStock { .. });
                 for line in lines {
                     let command = if release {
-                        StockCommand::ReleaseStock { order_id }
+                        StockCommand::ReleaseStock {
+                            order_id: order_id.uuid(),
+                        }
                     } else {
-                        StockCommand::CommitStock { order_id }
+                        StockCommand::CommitStock {
+                            order_id: order_id.uuid(),
+                        }
                     };
                     let stream_id = stock_stream(&line.sku);
                     let outcome = self
@@ -172,7 +176,7 @@ impl Handler for PaymentCommands {
     ) -> Result<(), HandlerError> {
         let request: PaymentRequest = message.decode()?;
         let order_id = request.order_id();
-        let stream_id = AggregateStore::stream_id::<Payment>(order_id);
+        let stream_id = AggregateStore::stream_id::<Payment>(order_id.uuid());
         let command = match request {
             PaymentRequest::AuthorizePayment {
                 customer_id,
@@ -181,7 +185,7 @@ impl Handler for PaymentCommands {
                 ..
             } => match self.provider.authorize(&card_token) {
                 Some(answer) => PaymentCommand::AuthorizePayment {
-                    order_id,
+                    order_id: order_id.uuid(),
                     customer_id,
                     amount_cents,
                     answer,

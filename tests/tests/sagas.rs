@@ -775,7 +775,7 @@ impl TwoSkuOrder {
                 })
                 .to_vec(),
         };
-        let stream = ReservationReply::stream_id(self.order_id);
+        let stream = ReservationReply::stream_id(domain::ids::OrderId::new(self.order_id));
         message(&self.registry, "inventory", &stream, &reply)
     }
 

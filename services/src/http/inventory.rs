@@ -5,6 +5,7 @@ use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::response::Response;
 use axum::routing::{get, post};
+use domain::ids::Sku;
 use domain::inventory::{StockCommand, StockEvent, StockItem};
 use eventstore::AggregateStore;
 use projections::inventory::{StockLevels, StockView};
@@ -119,7 +120,7 @@ async fn add_stock(
     ))]
 async fn get_item(
     State(state): State<ServiceState>,
-    Path(sku): Path<String>,
+    Path(sku): Path<Sku>,
     freshness: Freshness,
 ) -> Result<Response, ApiError> {
     let db = &state.db;
@@ -128,5 +129,5 @@ async fn get_item(
         .wait::<StockLevels>(&state, Some(&stream_id))
         .await?;
     let item = projections::inventory::find_item(&db.pool, &sku).await?;
-    found(item, || format!("stock item {sku:?} not found"))
+    found(item, || format!("stock item {:?} not found", sku.as_str()))
 }

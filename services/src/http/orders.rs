@@ -7,6 +7,7 @@ use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Json, Response};
 use axum::routing::{get, post};
+use domain::ids::{CustomerId, OrderId};
 use domain::order::{MAX_LINES, Order, OrderCommand, OrderLine};
 use eventstore::AggregateStore;
 use projections::order::{CustomerOrderView, CustomerOrders, OrderSummaries, OrderView};
@@ -219,7 +220,7 @@ async fn get_order(
     freshness
         .wait::<OrderSummaries>(&state, Some(&stream_id))
         .await?;
-    let order = projections::order::find_order(&db.pool, order_id)
+    let order = projections::order::find_order(&db.pool, OrderId::new(order_id))
         .await?
         .filter(|order| caller.sees(Some(order.customer_id)));
     found(order, || format!("order {order_id} not found"))
@@ -266,6 +267,7 @@ async fn customer_orders(
         Some(_) => return Err(ApiError::invalid("limit", "limit must be 1 to 1000")),
     };
     freshness.wait::<CustomerOrders>(&state, None).await?;
-    let orders = projections::order::customer_orders(&db.pool, customer_id, limit).await?;
+    let orders =
+        projections::order::customer_orders(&db.pool, CustomerId::new(customer_id), limit).await?;
     Ok(Json(orders).into_response())
 }

@@ -5,6 +5,7 @@ use axum::Router;
 use axum::extract::{Path, State};
 use axum::response::Response;
 use axum::routing::get;
+use domain::ids::OrderId;
 use domain::payment::Payment;
 use eventstore::AggregateStore;
 use projections::payment::{PaymentStatuses, PaymentView};
@@ -51,7 +52,7 @@ async fn get_payment(
     freshness
         .wait::<PaymentStatuses>(&state, Some(&stream_id))
         .await?;
-    let payment = projections::payment::find_payment(&db.pool, order_id)
+    let payment = projections::payment::find_payment(&db.pool, OrderId::new(order_id))
         .await?
         .filter(|payment| caller.sees(payment.customer_id));
     found(payment, || format!("no payment for order {order_id}"))

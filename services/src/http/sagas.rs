@@ -4,6 +4,7 @@ use axum::Router;
 use axum::extract::{Path, State};
 use axum::response::Response;
 use axum::routing::get;
+use domain::ids::{CustomerId, OrderId};
 use sagas::runner::SagaView;
 use utoipa::OpenApi;
 
@@ -43,8 +44,8 @@ async fn get_saga(
     caller.reader()?;
     let db = &state.db;
     let order_id = parse_id("order_id", &order_id)?;
-    let saga = sagas::runner::find(&db.pool, order_id)
+    let saga = sagas::runner::find(&db.pool, OrderId::new(order_id))
         .await?
-        .filter(|saga| caller.sees(saga.customer_id()));
+        .filter(|saga| caller.sees(saga.customer_id().map(CustomerId::uuid)));
     found(saga, || format!("no saga for order {order_id}"))
 }
