@@ -594,6 +594,20 @@ pub struct SagaSummary {
     pub updated_at: DateTime<Utc>,
 }
 
+/// The orders waiting for stock or payment (their saga has not confirmed, rejected or
+/// cancelled them yet), counted no further than `limit` (through the partial index
+/// `sagas_open`, which holds only those sagas).
+pub async fn orders_in_flight(pool: &PgPool, limit: i64) -> Result<i64, sqlx::Error> {
+    sqlx::query_scalar(
+        "SELECT count(*) FROM (SELECT 1 FROM sagas \
+         WHERE state->>'step' IN ('not_started', 'reserving_stock', 'authorizing_payment') \
+         LIMIT $1) AS open",
+    )
+    .bind(limit)
+    .fetch_one(pool)
+    .await
+}
+
 /// The sagas at `step` (any step when `None`), most recently changed first, at most
 /// `limit` of them.
 pub async fn list(

@@ -9,8 +9,10 @@
 //!   which is where a slow inventory or payment service shows up;
 //! - more than `commands_in_flight` of its commands are being handled at once.
 //!
-//! The first three are measured by one statement every [`SAMPLE_EVERY`] while
-//! commands arrive (an idle service asks nothing), the last is counted in-process.
+//! The outbox backlog and the orders in flight are counted every [`SAMPLE_EVERY`] while
+//! commands arrive (an idle service asks nothing), by the crates that own their tables
+//! ([`eventstore::relay::backlog_up_to`], [`sagas::runner::orders_in_flight`]); the lag
+//! comes from the subscriptions' monitors, and commands are counted in-process.
 //! Queries, health checks, cancellations (they relieve the service) and log-ins (they
 //! record nothing) are never refused.
 
@@ -245,24 +247,20 @@ impl Pressure {
 }
 
 /// The outbox backlog and the orders in flight, each counted no further than one past
-/// its bound (through the partial indexes `outbox_unpublished` and `sagas_open`).
+/// its bound.
 async fn measure(
     pool: &PgPool,
     bounds: &Bounds,
     counts_orders: bool,
 ) -> Result<(i64, i64), sqlx::Error> {
-    sqlx::query_as(
-        "SELECT (SELECT count(*) FROM (SELECT 1 FROM outbox WHERE published_at IS NULL \
-                 LIMIT $1) AS unpublished), \
-                CASE WHEN $3 THEN (SELECT count(*) FROM (SELECT 1 FROM sagas \
-                 WHERE state->>'step' IN ('not_started', 'reserving_stock', 'authorizing_payment') \
-                 LIMIT $2) AS open) ELSE 0 END",
-    )
-    .bind(bounds.outbox_backlog.saturating_add(1))
-    .bind(bounds.orders_in_flight.saturating_add(1))
-    .bind(counts_orders)
-    .fetch_one(pool)
-    .await
+    let backlog =
+        eventstore::relay::backlog_up_to(pool, bounds.outbox_backlog.saturating_add(1)).await?;
+    let in_flight = if counts_orders {
+        sagas::runner::orders_in_flight(pool, bounds.orders_in_flight.saturating_add(1)).await?
+    } else {
+        0
+    };
+    Ok((backlog, in_flight))
 }
 
 /// A command being handled; counted until dropped.
