@@ -119,6 +119,18 @@ pub struct Executed<A: Aggregate> {
     pub append: Option<AppendResult>,
 }
 
+impl<A: Aggregate> Executed<A> {
+    /// A command that decided no events: the state as loaded.
+    fn nothing(loaded: Loaded<A>) -> Self {
+        Executed {
+            events: Vec::new(),
+            state: loaded.state,
+            version: loaded.version,
+            append: None,
+        }
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum ExecuteError<E: std::error::Error + 'static> {
     #[error(transparent)]
@@ -478,12 +490,7 @@ impl AggregateStore {
             pinned_version_holds(stream_id, expected_version, loaded.version)?;
             let events = loaded.state.decide(command).map_err(ExecuteError::Domain)?;
             if events.is_empty() {
-                return Ok(Executed {
-                    events,
-                    state: loaded.state,
-                    version: loaded.version,
-                    append: None,
-                });
+                return Ok(Executed::nothing(loaded));
             }
             let new_events = self.encode_all(&events, metadata)?;
             // The version came from the store's own read, so it is known to exist.
@@ -635,12 +642,7 @@ impl AggregateStore {
         A::Event: WireEvent,
     {
         if events.is_empty() {
-            return Ok(Executed {
-                events,
-                state: loaded.state,
-                version: loaded.version,
-                append: None,
-            });
+            return Ok(Executed::nothing(loaded));
         }
         let new_events = self.encode_all(&events, metadata)?;
         let expected = ExpectedVersion::Stored(StoredVersion::new(loaded.version));

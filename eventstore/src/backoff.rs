@@ -64,6 +64,40 @@ impl Backoff {
     }
 }
 
+/// How a leadership term (the relay's, a subscription's) ended, when not by an error.
+#[derive(Debug)]
+pub(crate) enum TermEnd {
+    /// Shut down.
+    Cancelled,
+    /// Stopped by a test's fault hook.
+    FaultInjected,
+}
+
+/// Whether the loop around a term (begun at `started`) starts another after
+/// `outcome`: not after a cancel or the fault hook (the log names the point the hook
+/// stopped at); after the next pause when the term failed, unless a cancel cuts the
+/// pause short.
+pub(crate) async fn another_term(
+    outcome: Result<TermEnd, impl std::fmt::Display>,
+    backoff: &mut Backoff,
+    started: Instant,
+    cancel: &CancellationToken,
+    stopped_at: &str,
+) -> bool {
+    match outcome {
+        Ok(TermEnd::Cancelled) => false,
+        Ok(TermEnd::FaultInjected) => {
+            tracing::warn!("stopping {stopped_at}, as the fault hook asked");
+            false
+        }
+        Err(error) => {
+            let delay = backoff.after_run(started);
+            tracing::warn!(%error, ?delay, "interrupted; starting again");
+            sleep(delay, cancel).await
+        }
+    }
+}
+
 /// Sleeps `delay`; false (at once) when `cancel` fires first.
 pub async fn sleep(delay: Duration, cancel: &CancellationToken) -> bool {
     tokio::select! {

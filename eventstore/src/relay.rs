@@ -30,7 +30,7 @@ use tracing::Instrument;
 use uuid::Uuid;
 
 use crate::amqp::{self, COMMANDS_EXCHANGE, EVENTS_EXCHANGE, Envelope};
-use crate::backoff::Backoff;
+use crate::backoff::{Backoff, TermEnd, another_term};
 use crate::metrics::Metrics;
 use crate::store::{EventStore, OUTBOX_CHANNEL};
 
@@ -107,12 +107,6 @@ pub struct Relay {
     metrics: Metrics,
 }
 
-/// Why a leadership term ended without an error.
-enum TermEnd {
-    Cancelled,
-    FaultInjected,
-}
-
 /// A broker that has not confirmed a batch in this long is treated as gone.
 const CONFIRM_TIMEOUT: Duration = Duration::from_secs(30);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -157,19 +151,8 @@ impl Relay {
                 Ok(None) => return,
                 Err(error) => Err(RelayError::Database(error)),
             };
-            match outcome {
-                Ok(TermEnd::Cancelled) => return,
-                Ok(TermEnd::FaultInjected) => {
-                    tracing::warn!("stopping before marking, as the fault hook asked");
-                    return;
-                }
-                Err(error) => {
-                    let delay = backoff.after_run(started);
-                    tracing::warn!(%error, ?delay, "relay interrupted; retrying");
-                    if !crate::backoff::sleep(delay, &cancel).await {
-                        return;
-                    }
-                }
+            if !another_term(outcome, &mut backoff, started, &cancel, "before marking").await {
+                return;
             }
         }
     }

@@ -36,17 +36,18 @@ pub(crate) use stream_locks;
 /// number of positions this transaction already used (earlier appends in a
 /// [`StoreTransaction`]), $10 the event types that leave the service through the
 /// outbox (NULL: every one; see [`EventStore::publishing`]). Each statement returns
-/// one row per stored event.
+/// one row per stored event, with the first version stored as `reported_first`
+/// computes it.
 macro_rules! append_sql {
-    (first_version: $first_version:literal, guard: $guard:literal, result: $result:literal) => {
+    (first_version: $first_version:literal, guard: $guard:literal, reported_first: $reported:literal) => {
         AppendSql {
-            one: append_sql!(@statement $first_version, $guard, $result,
+            one: append_sql!(@statement $first_version, $guard, $reported,
                 "(VALUES ($3::uuid, $4::text, $5::bigint, $6::bytea, $7::uuid, $8::uuid, 1::bigint))"),
-            many: append_sql!(@statement $first_version, $guard, $result,
+            many: append_sql!(@statement $first_version, $guard, $reported,
                 "unnest($3::uuid[], $4::text[], $5::bigint[], $6::bytea[], $7::uuid[], $8::uuid[]) WITH ORDINALITY"),
         }
     };
-    (@statement $first_version:literal, $guard:literal, $result:literal, $rows:literal) => {
+    (@statement $first_version:literal, $guard:literal, $reported:literal, $rows:literal) => {
         concat!(
             "WITH inserted AS (
     INSERT INTO events (global_position, stream_id, stream_version, event_id, event_type,
@@ -62,9 +63,11 @@ macro_rules! append_sql {
             $guard,
             "
     RETURNING global_position, stream_version, event_type
-)
-",
-            $result
+), queued AS (INSERT INTO outbox (global_position) SELECT global_position FROM inserted
+    WHERE $10::text[] IS NULL OR event_type = ANY($10::text[]))
+SELECT global_position, ",
+            $reported,
+            " AS first_version FROM inserted"
         )
     };
 }
@@ -74,27 +77,21 @@ macro_rules! append_sql {
 pub(super) const APPEND_AT: AppendSql = append_sql!(
     first_version: "$2::bigint",
     guard: "$2 >= 0",
-    result: ", queued AS (INSERT INTO outbox (global_position) SELECT global_position FROM inserted
-    WHERE $10::text[] IS NULL OR event_type = ANY($10::text[]))
-SELECT global_position, $2::bigint + 1 AS first_version FROM inserted"
+    reported_first: "$2::bigint + 1"
 );
 
 /// Like [`APPEND_AT`] for a version the caller only claims: it must exist.
 pub(super) const APPEND_AT_EXISTING: AppendSql = append_sql!(
     first_version: "$2::bigint",
     guard: "EXISTS (SELECT 1 FROM events WHERE stream_id = $1 AND stream_version = $2)",
-    result: ", queued AS (INSERT INTO outbox (global_position) SELECT global_position FROM inserted
-    WHERE $10::text[] IS NULL OR event_type = ANY($10::text[]))
-SELECT global_position, $2::bigint + 1 AS first_version FROM inserted"
+    reported_first: "$2::bigint + 1"
 );
 
 /// Any version: continue after the stream's head ($2 is unused and always -1).
 pub(super) const APPEND_ANY: AppendSql = append_sql!(
     first_version: "(SELECT coalesce(max(stream_version), 0) FROM events WHERE stream_id = $1)",
     guard: "$2 = -1",
-    result: ", queued AS (INSERT INTO outbox (global_position) SELECT global_position FROM inserted
-    WHERE $10::text[] IS NULL OR event_type = ANY($10::text[]))
-SELECT global_position, min(stream_version) OVER () AS first_version FROM inserted"
+    reported_first: "min(stream_version) OVER ()"
 );
 
 /// [`APPEND_AT`] inside a [`StoreTransaction`], guarded: the stream's head must come
@@ -108,9 +105,7 @@ pub(super) const APPEND_AT_IN_TX: AppendSql = append_sql!(
     first_version: "$2::bigint",
     guard: "$2 >= 0 AND coalesce((SELECT global_position >> 20 FROM events \
      WHERE stream_id = $1 AND stream_version = $2), 0) <= pg_current_xact_id()::text::bigint",
-    result: ", queued AS (INSERT INTO outbox (global_position) SELECT global_position FROM inserted
-    WHERE $10::text[] IS NULL OR event_type = ANY($10::text[]))
-SELECT global_position, $2::bigint + 1 AS first_version FROM inserted"
+    reported_first: "$2::bigint + 1"
 );
 
 /// [`APPEND_AT_EXISTING`] inside a caller's transaction.
@@ -118,9 +113,7 @@ pub(super) const APPEND_AT_EXISTING_IN_TX: AppendSql = append_sql!(
     first_version: "$2::bigint",
     guard: "EXISTS (SELECT 1 FROM events WHERE stream_id = $1 AND stream_version = $2 \
      AND global_position >> 20 <= pg_current_xact_id()::text::bigint)",
-    result: ", queued AS (INSERT INTO outbox (global_position) SELECT global_position FROM inserted
-    WHERE $10::text[] IS NULL OR event_type = ANY($10::text[]))
-SELECT global_position, $2::bigint + 1 AS first_version FROM inserted"
+    reported_first: "$2::bigint + 1"
 );
 
 /// [`APPEND_ANY`] inside a caller's transaction.
@@ -128,9 +121,7 @@ pub(super) const APPEND_ANY_IN_TX: AppendSql = append_sql!(
     first_version: "(SELECT coalesce(max(stream_version), 0) FROM events WHERE stream_id = $1)",
     guard: "$2 = -1 AND coalesce((SELECT global_position >> 20 FROM events \
      WHERE stream_id = $1 ORDER BY stream_version DESC LIMIT 1), 0) <= pg_current_xact_id()::text::bigint",
-    result: ", queued AS (INSERT INTO outbox (global_position) SELECT global_position FROM inserted
-    WHERE $10::text[] IS NULL OR event_type = ANY($10::text[]))
-SELECT global_position, min(stream_version) OVER () AS first_version FROM inserted"
+    reported_first: "min(stream_version) OVER ()"
 );
 
 macro_rules! select_events {

@@ -9,7 +9,8 @@ use std::time::Duration;
 use futures_util::FutureExt;
 use sqlx::{Connection, PgConnection};
 
-use super::{Attempt, Subscriber, Subscription, TermEnd, TermError};
+use super::{Attempt, Subscriber, Subscription, TermError};
+use crate::backoff::TermEnd;
 use crate::store::{RecordedEvent, StoreError};
 
 impl<S: Subscriber> Subscription<S> {

@@ -56,7 +56,7 @@ pub use progress::{
     HeldBack, LAG_COUNT_LIMIT, Lag, Progress, STALL_AFTER, checkpoint, checkpoint_on, monitor,
 };
 
-use crate::backoff::Backoff;
+use crate::backoff::{Backoff, TermEnd, another_term};
 use crate::consumer::HandlerError;
 use crate::metrics::Metrics;
 use crate::store::{
@@ -131,12 +131,6 @@ pub struct Subscription<S> {
     subscriber: Arc<S>,
     metrics: Metrics,
     progress: Arc<Progress>,
-}
-
-/// Why a leadership term ended without an error.
-enum TermEnd {
-    Cancelled,
-    FaultInjected,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -222,19 +216,16 @@ impl<S: Subscriber> Subscription<S> {
                 }
                 Err(error) => Err(TermError::Database(error)),
             };
-            match outcome {
-                Ok(TermEnd::Cancelled) => return,
-                Ok(TermEnd::FaultInjected) => {
-                    tracing::warn!("stopping before the checkpoint, as the fault hook asked");
-                    return;
-                }
-                Err(error) => {
-                    let delay = backoff.after_run(started);
-                    tracing::warn!(%error, ?delay, "subscription interrupted; starting again");
-                    if !crate::backoff::sleep(delay, &cancel).await {
-                        return;
-                    }
-                }
+            if !another_term(
+                outcome,
+                &mut backoff,
+                started,
+                &cancel,
+                "before the checkpoint",
+            )
+            .await
+            {
+                return;
             }
         }
     }
