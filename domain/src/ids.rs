@@ -30,18 +30,6 @@ macro_rules! uuid_id {
             }
         }
 
-        impl From<Uuid> for $name {
-            fn from(uuid: Uuid) -> Self {
-                Self(uuid)
-            }
-        }
-
-        impl From<$name> for Uuid {
-            fn from(id: $name) -> Uuid {
-                id.0
-            }
-        }
-
         impl std::fmt::Display for $name {
             fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
                 self.0.fmt(f)
@@ -106,7 +94,7 @@ mod tests {
         );
         assert_eq!(order.to_string(), uuid.to_string());
         let back: CustomerId = serde_json::from_value(serde_json::json!(uuid)).unwrap();
-        assert_eq!(Uuid::from(back), uuid);
+        assert_eq!(back.uuid(), uuid);
         assert_eq!(uuid.to_string().parse::<OrderId>().unwrap(), order);
         assert!("not-a-uuid".parse::<CustomerId>().is_err());
         let sku = Sku::new("SKU-1");

@@ -615,11 +615,14 @@ async fn unpublished(
 /// The events and commands recorded but not yet published, counted no further than
 /// `limit` (through the partial index `outbox_unpublished`): what back-pressure asks
 /// every 100 ms while commands arrive, so it stops early.
-pub async fn backlog_up_to(pool: &sqlx::PgPool, limit: i64) -> Result<i64, sqlx::Error> {
+pub async fn backlog_up_to(
+    executor: impl sqlx::PgExecutor<'_>,
+    limit: i64,
+) -> Result<i64, sqlx::Error> {
     sqlx::query_scalar(
         "SELECT count(*) FROM (SELECT 1 FROM outbox WHERE published_at IS NULL LIMIT $1) AS unpublished",
     )
     .bind(limit)
-    .fetch_one(pool)
+    .fetch_one(executor)
     .await
 }

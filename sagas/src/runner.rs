@@ -597,14 +597,17 @@ pub struct SagaSummary {
 /// The orders waiting for stock or payment (their saga has not confirmed, rejected or
 /// cancelled them yet), counted no further than `limit` (through the partial index
 /// `sagas_open`, which holds only those sagas).
-pub async fn orders_in_flight(pool: &PgPool, limit: i64) -> Result<i64, sqlx::Error> {
+pub async fn orders_in_flight(
+    executor: impl sqlx::PgExecutor<'_>,
+    limit: i64,
+) -> Result<i64, sqlx::Error> {
     sqlx::query_scalar(
         "SELECT count(*) FROM (SELECT 1 FROM sagas \
          WHERE state->>'step' IN ('not_started', 'reserving_stock', 'authorizing_payment') \
          LIMIT $1) AS open",
     )
     .bind(limit)
-    .fetch_one(pool)
+    .fetch_one(executor)
     .await
 }
 
