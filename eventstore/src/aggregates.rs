@@ -488,7 +488,7 @@ impl AggregateStore {
         loop {
             let loaded = self.load::<A>(stream_id).await?;
             pinned_version_holds(stream_id, expected_version, loaded.version)?;
-            let events = loaded.state.decide(command).map_err(ExecuteError::Domain)?;
+            let events = decide(&loaded.state, command).map_err(ExecuteError::Domain)?;
             if events.is_empty() {
                 return Ok(Executed::nothing(loaded));
             }
@@ -614,12 +614,12 @@ impl AggregateStore {
             loaded
         };
         pinned_version_holds(stream_id, expected_version, loaded.version)?;
-        let mut decided = loaded.state.decide(command);
+        let mut decided = decide(&loaded.state, command);
         // A decision to write nothing is not checked by an append: check the state.
         if !matches!(&decided, Ok(events) if !events.is_empty())
             && self.refresh(transaction, stream_id, &mut loaded).await?
         {
-            decided = loaded.state.decide(command);
+            decided = decide(&loaded.state, command);
         }
         let events = decided.map_err(ExecuteError::Domain)?;
         self.append_decided(transaction, stream_id, loaded, events, metadata)
@@ -792,4 +792,9 @@ async fn write_snapshot(
     .execute(pool)
     .await?;
     Ok(())
+}
+/// The aggregate's decision, in a span of its own: a trace shows it beside the append.
+fn decide<A: Aggregate>(state: &A, command: &A::Command) -> Result<Vec<A::Event>, A::Error> {
+    let span = tracing::info_span!("decide", otel.kind = "internal", aggregate = A::KIND);
+    span.in_scope(|| state.decide(command))
 }

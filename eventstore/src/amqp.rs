@@ -16,6 +16,8 @@ use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, ExchangeKind};
 use uuid::Uuid;
 
+use crate::trace::{TRACEPARENT, TraceParent};
+
 pub const EVENTS_EXCHANGE: &str = "orderflow.events";
 pub const COMMANDS_EXCHANGE: &str = "orderflow.commands";
 
@@ -259,6 +261,8 @@ pub struct Envelope {
     pub schema_fingerprint: i64,
     /// Milliseconds since the Unix epoch when it was recorded.
     pub timestamp_ms: u64,
+    /// The span that sent it (the relay's publish), W3C `traceparent` header.
+    pub trace: Option<TraceParent>,
 }
 
 impl From<&crate::RecordedEvent> for Envelope {
@@ -273,6 +277,7 @@ impl From<&crate::RecordedEvent> for Envelope {
             global_position: event.global_position,
             schema_fingerprint: event.schema_fingerprint,
             timestamp_ms: u64::try_from(event.recorded_at.timestamp_millis()).unwrap_or(0),
+            trace: event.traceparent,
         }
     }
 }
@@ -312,6 +317,9 @@ impl Envelope {
             header::SCHEMA_FINGERPRINT.into(),
             AMQPValue::LongLongInt(self.schema_fingerprint),
         );
+        if let Some(trace) = self.trace {
+            headers.insert(TRACEPARENT.into(), long_string(trace.to_string()));
+        }
         BasicProperties::default()
             .with_message_id(short_string(&self.message_id.to_string()))
             .with_type(short_string(&self.message_type))
@@ -352,6 +360,8 @@ impl Envelope {
             schema_fingerprint: header_integer(headers, header::SCHEMA_FINGERPRINT)
                 .ok_or("missing schema_fingerprint header")?,
             timestamp_ms: properties.timestamp().unwrap_or(0),
+            // A malformed trace context is dropped, as W3C asks, not refused.
+            trace: header_string(headers, TRACEPARENT).and_then(|text| TraceParent::parse(&text)),
         })
     }
 }
@@ -408,6 +418,7 @@ mod tests {
             global_position: 42 << 20,
             schema_fingerprint: -5,
             timestamp_ms: 1_700_000_000_000,
+            trace: Some(TraceParent::root()),
         };
         let properties = envelope.properties();
         assert_eq!(properties.delivery_mode(), &Some(2));
@@ -415,12 +426,35 @@ mod tests {
 
         let command = Envelope {
             stream_version: None,
+            trace: None,
             ..envelope
         };
         assert_eq!(
             Envelope::from_properties(&command.properties()),
             Ok(command)
         );
+    }
+
+    #[test]
+    fn a_malformed_traceparent_is_dropped_not_refused() {
+        let mut properties = Envelope {
+            message_id: Uuid::now_v7(),
+            message_type: "StockReserved".into(),
+            correlation_id: Uuid::now_v7(),
+            causation_id: Uuid::now_v7(),
+            stream_id: "stock-ABC".into(),
+            stream_version: Some(1),
+            global_position: 1,
+            schema_fingerprint: 1,
+            timestamp_ms: 0,
+            trace: None,
+        }
+        .properties();
+        let mut headers = properties.headers().clone().unwrap_or_default();
+        headers.insert(TRACEPARENT.into(), long_string("00-nonsense"));
+        properties = properties.with_headers(headers);
+        let read = Envelope::from_properties(&properties).expect("still an envelope");
+        assert_eq!(read.trace, None);
     }
 
     #[test]

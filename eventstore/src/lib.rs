@@ -43,6 +43,7 @@ pub mod republish;
 pub mod retention;
 pub mod store;
 pub mod subscription;
+pub mod trace;
 
 pub use aggregates::{AggregateStore, ExecuteError, Executed, Loaded, Snapshot};
 pub use codec::{CodecError, Encoded, SchemaRegistry};

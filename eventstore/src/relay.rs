@@ -33,6 +33,7 @@ use crate::amqp::{self, COMMANDS_EXCHANGE, EVENTS_EXCHANGE, Envelope};
 use crate::backoff::{Backoff, TermEnd, another_term};
 use crate::metrics::Metrics;
 use crate::store::{EventStore, OUTBOX_CHANNEL};
+use crate::trace;
 
 /// The advisory lock whose holder is the relay of a database ("orderflw" in ASCII).
 /// Advisory locks are per database, so each service database has its own leader.
@@ -327,17 +328,35 @@ impl Relay {
                 mandatory,
                 ..BasicPublishOptions::default()
             };
+            // One span per message, open until the broker confirms it: the message
+            // carries it as its parent, so the consumer's span hangs below it.
+            let span = tracing::info_span!(
+                "publish",
+                otel.kind = "producer",
+                orderflow.service = %self.config.service,
+                messaging.destination.name = exchange,
+                messaging.rabbitmq.destination.routing_key = %routing_key,
+                messaging.message.id = %row.envelope.message_id,
+                trace_id = tracing::field::Empty,
+            );
+            let trace = trace::continue_trace(&span, row.envelope.trace, None);
+            let properties = Envelope {
+                trace: Some(trace),
+                ..row.envelope.clone()
+            }
+            .properties();
             let confirm = channel
                 .basic_publish(
                     exchange.into(),
                     amqp::short_string(&routing_key),
                     options,
                     &row.payload,
-                    row.envelope.properties(),
+                    properties,
                 )
+                .instrument(span.clone())
                 .await?;
             let id = row.envelope.message_id;
-            confirms.push((id, row.envelope.global_position, confirm));
+            confirms.push((id, row.envelope.global_position, confirm, span));
         }
         Ok(InFlight { confirms, started })
     }
@@ -417,8 +436,9 @@ const BATCHES_IN_FLIGHT: usize = 4;
 
 /// A published batch awaiting its confirms.
 struct InFlight {
-    /// (message id, outbox position, confirm), in publishing order.
-    confirms: Vec<(Uuid, i64, lapin::PublisherConfirm)>,
+    /// (message id, outbox position, confirm, the publish span that closes with the
+    /// confirm), in publishing order.
+    confirms: Vec<(Uuid, i64, lapin::PublisherConfirm, tracing::Span)>,
     started: Instant,
 }
 
@@ -487,7 +507,7 @@ async fn confirm_and_mark(
         };
         let mut positions = Vec::with_capacity(batch.confirms.len());
         let all_confirmed = async {
-            for (message_id, position, confirm) in batch.confirms {
+            for (message_id, position, confirm, _span) in batch.confirms {
                 match confirm.await? {
                     Confirmation::Ack(None) => positions.push(position),
                     // Returned as unroutable (a mandatory command), refused, or
@@ -573,6 +593,7 @@ async fn unpublished(
                 coalesce(e.correlation_id, o.correlation_id) AS correlation_id, \
                 coalesce(e.causation_id, o.causation_id) AS causation_id, \
                 coalesce(e.recorded_at, o.enqueued_at) AS recorded_at, \
+                coalesce(e.traceparent, o.traceparent) AS traceparent, \
                 pg_snapshot_xmin(pg_current_snapshot())::text::bigint << 20 AS horizon \
          FROM outbox o LEFT JOIN events e ON e.global_position = o.global_position \
          WHERE o.published_at IS NULL AND o.global_position > $2 \
@@ -603,6 +624,7 @@ async fn unpublished(
                     global_position: row.try_get("global_position")?,
                     schema_fingerprint: row.try_get("schema_fingerprint")?,
                     timestamp_ms: u64::try_from(recorded_at.timestamp_millis()).unwrap_or(0),
+                    trace: crate::store::stored_trace(row)?,
                 },
                 payload: row.try_get("payload")?,
                 target_service: row.try_get("target_service")?,

@@ -20,6 +20,7 @@ use domain::inventory::ReservationReply;
 use domain::order::{Order, OrderEvent};
 use domain::payment::PaymentEvent;
 use eventstore::cache::VersionedCache;
+use eventstore::trace::{self, TraceParent};
 use eventstore::{
     AggregateStore, ConsumerConfig, Handler, HandlerError, Message, Metadata, OutgoingCommand,
     RecordedEvent, StoreTransaction, Subscriber, SubscriptionConfig,
@@ -27,6 +28,7 @@ use eventstore::{
 use serde::Serialize;
 use sqlx::{PgPool, Row};
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 use uuid::Uuid;
 
 use crate::fulfilment::{Command, Fulfilment, Input, Settings};
@@ -56,6 +58,8 @@ struct SagaRow {
     state: Fulfilment,
     deadline_at: Option<DateTime<Utc>>,
     correlation_id: Uuid,
+    /// The span of the step that wrote it: where a deadline it set continues.
+    trace: Option<TraceParent>,
 }
 
 /// Sagas whose rows each order-service process keeps in memory: those in flight.
@@ -65,10 +69,11 @@ const CACHED_SAGAS: usize = 20_000;
 /// statement, if the row is still at the version `$6` the decision was taken on (0: no
 /// row yet); returns the new version, or no row when another transaction moved it.
 const WRITE_SAGA: &str = "WITH saga AS (
-    INSERT INTO sagas (saga_id, saga_type, version, state, deadline_at, correlation_id)
-    VALUES ($1, $2, 1, $3, $4, $5)
+    INSERT INTO sagas (saga_id, saga_type, version, state, deadline_at, correlation_id, traceparent)
+    VALUES ($1, $2, 1, $3, $4, $5, $11)
     ON CONFLICT (saga_id) DO UPDATE SET version = sagas.version + 1,
-        state = excluded.state, deadline_at = excluded.deadline_at, updated_at = now()
+        state = excluded.state, deadline_at = excluded.deadline_at,
+        traceparent = excluded.traceparent, updated_at = now()
     WHERE sagas.version = $6
     RETURNING version
 )
@@ -126,23 +131,38 @@ impl FulfilmentRunner {
     /// Fires the deadlines due now; returns how many fired.
     pub async fn fire_due_deadlines(&self) -> Result<usize, HandlerError> {
         let store = self.aggregates.event_store();
-        let due: Vec<Uuid> = sqlx::query_scalar(
-            "SELECT saga_id FROM sagas WHERE deadline_at <= now() ORDER BY deadline_at LIMIT 100",
+        let due: Vec<(Uuid, Option<String>)> = sqlx::query_as(
+            "SELECT saga_id, traceparent FROM sagas WHERE deadline_at <= now() \
+             ORDER BY deadline_at LIMIT 100",
         )
         .fetch_all(store.pool())
         .await?;
         let mut fired = 0;
-        for order_id in due {
-            let mut transaction = store.begin().await?;
-            // The order stream before the saga row, as the event handler locks them;
-            // every writer of the row holds that lock, so the row is ours now.
-            transaction.lock_streams(&[&order_stream(order_id)]).await?;
-            let deadline = Input::DeadlinePassed;
-            if self
-                .step(&mut transaction, order_id, &deadline, Cause::Deadline)
-                .await?
-            {
-                transaction.commit().await?;
+        for (order_id, trace) in due {
+            // The deadline continues the trace of the step that set it.
+            let span = tracing::info_span!(
+                "deadline",
+                otel.kind = "internal",
+                %order_id,
+                trace_id = tracing::field::Empty,
+            );
+            let parent = trace.as_deref().and_then(TraceParent::parse);
+            trace::continue_trace(&span, parent, None);
+            let fire = async {
+                let mut transaction = store.begin().await?;
+                // The order stream before the saga row, as the event handler locks
+                // them; every writer of the row holds that lock, so the row is ours.
+                transaction.lock_streams(&[&order_stream(order_id)]).await?;
+                let deadline = Input::DeadlinePassed;
+                let stepped = self
+                    .step(&mut transaction, order_id, &deadline, Cause::Deadline)
+                    .await?;
+                if stepped {
+                    transaction.commit().await?;
+                }
+                Ok::<bool, HandlerError>(stepped)
+            };
+            if fire.instrument(span).await? {
                 fired += 1;
             }
         }
@@ -160,6 +180,28 @@ impl FulfilmentRunner {
     /// input is decided again on the row as it is. A decision to write nothing is
     /// checked on the row the same way.
     async fn step(
+        &self,
+        transaction: &mut StoreTransaction<'_>,
+        order_id: Uuid,
+        input: &Input,
+        cause: Cause,
+    ) -> Result<bool, HandlerError> {
+        let input_name = input.describe();
+        let span = tracing::info_span!(
+            "saga step",
+            otel.kind = "internal",
+            otel.name = %format_args!("saga: {input_name}"),
+            %order_id,
+            input = %input_name,
+            step = tracing::field::Empty,
+            commands = tracing::field::Empty,
+        );
+        self.decide_and_write(transaction, order_id, input, cause)
+            .instrument(span)
+            .await
+    }
+
+    async fn decide_and_write(
         &self,
         transaction: &mut StoreTransaction<'_>,
         order_id: Uuid,
@@ -191,6 +233,21 @@ impl FulfilmentRunner {
             };
             match (planned, written) {
                 (Some(planned), Some(written)) => {
+                    let span = tracing::Span::current();
+                    span.record("step", planned.decision.state.step.as_str());
+                    let commands: Vec<String> = planned
+                        .decision
+                        .commands
+                        .iter()
+                        .map(Command::describe)
+                        .collect();
+                    let commands = commands.join(", ");
+                    span.record("commands", tracing::field::display(&commands));
+                    tracing::debug!(
+                        step = planned.decision.state.step.as_str(),
+                        %commands,
+                        "saga stepped"
+                    );
                     self.send(
                         transaction,
                         order_id,
@@ -202,6 +259,7 @@ impl FulfilmentRunner {
                         state: planned.decision.state,
                         deadline_at: planned.deadline,
                         correlation_id: planned.metadata.correlation_id,
+                        trace: planned.trace,
                     };
                     self.sagas.write_through(transaction, &key, written, saga);
                     return Ok(true);
@@ -245,7 +303,7 @@ impl FulfilmentRunner {
                 (
                     &row.state,
                     row.deadline_at,
-                    Metadata::new(row.correlation_id, firing),
+                    Metadata::new(row.correlation_id, firing).traced(row.trace),
                 )
             }
             (None, Cause::Message(metadata)) if matches!(input, Input::OrderPlaced { .. }) => {
@@ -268,6 +326,7 @@ impl FulfilmentRunner {
             decision,
             deadline,
             metadata,
+            trace: trace::outgoing(metadata.trace),
         })
     }
 
@@ -310,6 +369,8 @@ struct Planned {
     deadline: Option<DateTime<Utc>>,
     /// What the commands it sends carry.
     metadata: Metadata,
+    /// The step's span (or the trace it continues): stored with the row.
+    trace: Option<TraceParent>,
 }
 
 /// The saga's row at its version, locked; (0, `None`) when it has none.
@@ -318,7 +379,7 @@ async fn read(
     order_id: Uuid,
 ) -> Result<(i64, Option<SagaRow>), HandlerError> {
     let row = sqlx::query(
-        "SELECT version, state, deadline_at, correlation_id FROM sagas \
+        "SELECT version, state, deadline_at, correlation_id, traceparent FROM sagas \
          WHERE saga_id = $1 FOR UPDATE",
     )
     .bind(order_id)
@@ -334,6 +395,9 @@ async fn read(
         state,
         deadline_at: row.try_get("deadline_at")?,
         correlation_id: row.try_get("correlation_id")?,
+        trace: row
+            .try_get::<Option<&str>, _>("traceparent")?
+            .and_then(TraceParent::parse),
     };
     Ok((row.try_get("version")?, Some(saga)))
 }
@@ -368,6 +432,7 @@ async fn write(
         .bind(input.describe())
         .bind(state.step.as_str())
         .bind(&commands)
+        .bind(planned.trace.map(|trace| trace.to_string()))
         .fetch_optional(transaction.connection())
         .await?)
 }
@@ -406,7 +471,8 @@ impl Subscriber for FulfilmentRunner {
         let Some((order_id, input)) = order_input(decoded) else {
             return Ok(());
         };
-        let cause = Cause::Message(Metadata::new(event.correlation_id, event.event_id));
+        let metadata = Metadata::new(event.correlation_id, event.event_id);
+        let cause = Cause::Message(metadata.traced(event.traceparent));
         self.step(transaction, order_id, &input, cause)
             .await
             .map(drop)

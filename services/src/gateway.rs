@@ -26,7 +26,9 @@ use axum::body::Body;
 use axum::extract::{ConnectInfo, Request, State};
 use axum::http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode};
 use axum::response::{IntoResponse, Response};
+use eventstore::trace;
 use tokio::sync::OnceCell;
+use tracing::Instrument;
 
 use crate::auth::Tokens;
 use crate::breaker::Breaker;
@@ -283,10 +285,7 @@ async fn proxy(
     if instances.is_empty() {
         return Err(unavailable(format!("no {service} instance is registered")));
     }
-    let correlation = request
-        .extensions()
-        .get::<CorrelationId>()
-        .map(|c| c.uuid.to_string());
+    let ids = request.extensions().get::<CorrelationId>().copied();
     let (parts, body) = request.into_parts();
     let body = axum::body::to_bytes(body, MAX_BODY_BYTES)
         .await
@@ -314,11 +313,31 @@ async fn proxy(
             .request(parts.method.clone(), &url)
             .headers(forwarded(&parts.headers))
             .body(body.clone());
-        if let Some(correlation) = &correlation {
-            upstream = upstream.header(CORRELATION_HEADER, correlation);
+        // Each attempt is a client span; the upstream's request span hangs below it.
+        let span = tracing::info_span!(
+            "forward",
+            otel.kind = "client",
+            otel.name = %format_args!("{} {service}", parts.method),
+            server.address = %instance.address,
+            breaker.state = breaker.state(),
+            http.response.status_code = tracing::field::Empty,
+        );
+        if let Some(ids) = ids {
+            upstream = upstream.header(CORRELATION_HEADER, ids.uuid.to_string());
+            let trace = span.in_scope(|| trace::outgoing(Some(ids.trace)));
+            if let Some(trace) = trace {
+                upstream = upstream.header(trace::TRACEPARENT, trace.to_string());
+            }
+            if let Some(state) = parts.headers.get(trace::TRACESTATE) {
+                upstream = upstream.header(trace::TRACESTATE, state);
+            }
         }
         upstream = upstream.header(VIA_GATEWAY_HEADER, "gateway");
-        match upstream.send().await {
+        let sent = upstream.send().instrument(span.clone()).await;
+        if let Ok(response) = &sent {
+            span.record("http.response.status_code", response.status().as_u16());
+        }
+        match sent {
             Ok(response) => {
                 // The instance's own health: it answered. A 5xx of its own (a read
                 // model behind, a request that failed) says nothing about the
@@ -396,7 +415,11 @@ fn forwarded(headers: &HeaderMap) -> HeaderMap {
     headers
         .iter()
         .filter(|(name, _)| {
-            !hop_by_hop(name) && *name != CORRELATION_HEADER && *name != VIA_GATEWAY_HEADER
+            !hop_by_hop(name)
+                && *name != CORRELATION_HEADER
+                && *name != VIA_GATEWAY_HEADER
+                && *name != trace::TRACEPARENT
+                && *name != trace::TRACESTATE
         })
         .map(|(name, value)| (name.clone(), value.clone()))
         .collect()

@@ -24,6 +24,8 @@
 //! - [`ops`]: the operator's tools behind `orderflow events`, `dlq` and `sagas`.
 //! - [`pressure`]: back-pressure: commands refused with 503 `overloaded` while a
 //!   service's outbox, subscriptions or orders in flight are past their bounds.
+//! - [`telemetry`]: log lines (text or JSON) and OpenTelemetry trace export over
+//!   OTLP when `OTEL_EXPORTER_OTLP_ENDPOINT` is set.
 //! - [`workers`]: the inventory and payment services' command handlers and the
 //!   simulated payment provider.
 //!
@@ -42,4 +44,5 @@ pub mod registry;
 pub mod secrets;
 pub mod serve;
 pub mod setup;
+pub mod telemetry;
 pub mod workers;

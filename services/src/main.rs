@@ -9,6 +9,7 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use services::config::{Config, Settings};
+use services::telemetry::{Options, Telemetry};
 
 use cli::{Cli, Command};
 
@@ -29,14 +30,14 @@ fn main() -> ExitCode {
             }
         }
     };
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,sqlx=warn")),
-        )
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
+    // Before the runtime: the OTLP exporter's HTTP client runs one of its own.
+    let telemetry = match Options::from_env().and_then(Telemetry::install) {
+        Ok(telemetry) => telemetry,
+        Err(error) => {
+            eprintln!("orderflow: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -47,13 +48,15 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(run(cli.command)) {
+    let code = match runtime.block_on(run(cli.command)) {
         Ok(code) => code,
         Err(error) => {
             eprintln!("orderflow: {}", one_line(&error));
             ExitCode::FAILURE
         }
-    }
+    };
+    telemetry.shutdown();
+    code
 }
 
 /// The error and its causes on one line, skipping a cause its parent already quoted.

@@ -22,11 +22,13 @@ use std::time::Duration;
 
 use domain::order::OrderEvent;
 use domain::user::{NotificationPreferences, UserEvent};
+use eventstore::trace::{self, TraceParent};
 use eventstore::{ConsumerConfig, Handler, HandlerError, Message, StoreTransaction};
 use serde::{Deserialize, Serialize};
 use sqlx::{PgConnection, PgPool, Row};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 use utoipa::ToSchema;
 use uuid::Uuid;
 
@@ -246,7 +248,11 @@ impl Handler for Planner {
                     order_id,
                     kind,
                     text,
-                } => plan(connection, trigger, user_id, order_id, kind, &text).await?,
+                } => {
+                    // The sender continues the trace of the event that planned it.
+                    let trace = trace::outgoing(message.envelope.trace);
+                    plan(connection, trigger, user_id, order_id, kind, &text, trace).await?
+                }
             }
         }
         Ok(())
@@ -300,6 +306,7 @@ async fn plan(
     order_id: Option<Uuid>,
     kind: &str,
     text: &str,
+    trace: Option<TraceParent>,
 ) -> Result<(), sqlx::Error> {
     let known: Option<(bool, bool, bool)> = sqlx::query_as(
         "SELECT notify_email, notify_sms, notify_push FROM notification_recipients \
@@ -314,7 +321,7 @@ async fn plan(
     for channel in Channel::chosen(preferences) {
         sqlx::query(
             "INSERT INTO notifications (notification_id, trigger_event_id, user_id, order_id, \
-             channel, kind, message) VALUES ($1, $2, $3, $4, $5, $6, $7) \
+             channel, kind, message, traceparent) VALUES ($1, $2, $3, $4, $5, $6, $7, $8) \
              ON CONFLICT DO NOTHING",
         )
         .bind(Uuid::new_v5(&trigger, channel.as_str().as_bytes()))
@@ -324,6 +331,7 @@ async fn plan(
         .bind(channel.as_str())
         .bind(kind)
         .bind(text)
+        .bind(trace.map(|trace| trace.to_string()))
         .execute(&mut *connection)
         .await?;
     }
@@ -511,7 +519,7 @@ impl Sender {
              WHERE notification_id IN (SELECT notification_id FROM notifications \
                WHERE sent_at IS NULL AND next_attempt_at <= now() AND channel = $2 \
                ORDER BY next_attempt_at LIMIT $3 FOR UPDATE SKIP LOCKED) \
-             RETURNING notification_id, attempts, next_attempt_at",
+             RETURNING notification_id, attempts, next_attempt_at, traceparent",
         )
         .bind(LEASE.as_secs_f64())
         .bind(channel.as_str())
@@ -525,7 +533,20 @@ impl Sender {
                 attempts: row.try_get("attempts")?,
                 lease: row.try_get("next_attempt_at")?,
             };
-            tries.push(self.try_one(leased, channel));
+            let trace: Option<&str> = row.try_get("traceparent")?;
+            let span = tracing::info_span!(
+                "notify",
+                otel.kind = "client",
+                otel.name = %format_args!("send {}", channel.as_str()),
+                orderflow.service = "notification",
+                notification_id = %leased.id,
+                channel = channel.as_str(),
+                attempt = leased.attempts + 1,
+                breaker.state = tracing::field::Empty,
+                trace_id = tracing::field::Empty,
+            );
+            trace::continue_trace(&span, trace.and_then(TraceParent::parse), None);
+            tries.push(self.try_one(leased, channel).instrument(span));
         }
         for outcome in futures_util::future::join_all(tries).await {
             outcome?;
@@ -535,6 +556,7 @@ impl Sender {
 
     async fn try_one(&self, leased: Leased, channel: Channel) -> Result<(), sqlx::Error> {
         let breaker = &self.providers.provider(channel).breaker;
+        tracing::Span::current().record("breaker.state", breaker.state());
         if !breaker.allow() {
             // Open: back when the breaker lets a probe through.
             let wait = breaker.retry_in().max(Duration::from_millis(50));

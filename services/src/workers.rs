@@ -183,7 +183,8 @@ impl Handler for PaymentCommands {
                 amount_cents,
                 card_token,
                 ..
-            } => match self.provider.authorize(&card_token) {
+            } => match provider_call("authorize").in_scope(|| self.provider.authorize(&card_token))
+            {
                 Some(answer) => PaymentCommand::AuthorizePayment {
                     order_id: order_id.uuid(),
                     customer_id,
@@ -206,7 +207,8 @@ impl Handler for PaymentCommands {
                     .aggregates
                     .load_on::<Payment>(transaction.connection(), &stream_id)
                     .await?;
-                let answer = self.provider.capture(&loaded.state);
+                let answer =
+                    provider_call("capture").in_scope(|| self.provider.capture(&loaded.state));
                 let events = loaded
                     .state
                     .decide(&PaymentCommand::CapturePayment { answer })?;
@@ -282,4 +284,16 @@ impl SimulatedProvider {
             }),
         }
     }
+}
+
+/// The span of one call to the payment provider (simulated in-process, so it has no
+/// breaker: a provider that does not answer is the saga's deadline's business).
+fn provider_call(operation: &'static str) -> tracing::Span {
+    tracing::info_span!(
+        "payment provider",
+        otel.kind = "client",
+        otel.name = %format_args!("payment provider: {operation}"),
+        orderflow.service = "payment",
+        operation,
+    )
 }

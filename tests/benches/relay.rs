@@ -229,6 +229,7 @@ async fn plain_publisher(
         global_position: 1,
         schema_fingerprint: 1,
         timestamp_ms: 1,
+        trace: None,
     };
     let started = Instant::now();
     for chunk in rows.chunks(IN_FLIGHT) {

@@ -1050,6 +1050,7 @@ fn poison_envelope(stream_id: &str, message_type: &str) -> Envelope {
         global_position: 1,
         schema_fingerprint: 0,
         timestamp_ms: 0,
+        trace: None,
     }
 }
 

@@ -866,6 +866,7 @@ fn message(
             global_position: 1,
             schema_fingerprint: encoded.fingerprint,
             timestamp_ms: 0,
+            trace: None,
         },
         value,
         payload: encoded.payload,

@@ -170,7 +170,8 @@ pub(super) async fn process_batch<H: Handler>(
                 let (key, delivery, message) = decoded.swap_remove(index);
                 shared.metrics.failed(&shared.queue);
                 let message_id = message.envelope.message_id;
-                tracing::warn!(%error, attempt = 1, %message_id, "handler failed");
+                let correlation_id = message.envelope.correlation_id;
+                tracing::warn!(%error, attempt = 1, %message_id, %correlation_id, "handler failed");
                 if *permanent || shared.config.max_attempts <= 1 {
                     let envelope = Some(&message.envelope);
                     let letter =
@@ -251,13 +252,13 @@ pub(super) async fn process<H: Handler>(
                     return; // redelivered on the next session
                 }
                 let wait = infrastructure_delays.next_delay();
-                tracing::warn!(%error, delay = ?wait, message_id = %envelope.message_id, "cannot reach the database; retrying");
+                tracing::warn!(%error, delay = ?wait, message_id = %envelope.message_id, correlation_id = %envelope.correlation_id, "cannot reach the database; retrying");
                 delay = Some(wait);
             }
             Err(Failure::Handler { error, permanent }) => {
                 attempts += 1;
                 shared.metrics.failed(&shared.queue);
-                tracing::warn!(%error, attempt = attempts, permanent, message_id = %envelope.message_id, "handler failed");
+                tracing::warn!(%error, attempt = attempts, permanent, message_id = %envelope.message_id, correlation_id = %envelope.correlation_id, "handler failed");
                 if permanent || attempts >= shared.config.max_attempts {
                     let letter =
                         DeadLetter::new(&delivery, Some(&envelope), Park::Stream, error, attempts);

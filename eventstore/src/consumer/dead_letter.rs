@@ -57,9 +57,11 @@ pub(super) async fn dead_letter<H>(
         match try_dead_letter(shared, channels, &letter).await {
             Ok(()) => {
                 shared.metrics.dead_lettered(&shared.queue);
+                let correlation_id = letter.envelope.map(|envelope| envelope.correlation_id);
                 tracing::warn!(
                     error = letter.error,
                     attempts = letter.attempts,
+                    correlation_id = correlation_id.map(tracing::field::display),
                     "dead-lettered"
                 );
                 acknowledge(letter.delivery).await;

@@ -62,6 +62,20 @@ impl Message {
     /// carries on, and this message is the cause.
     pub fn caused_metadata(&self) -> crate::Metadata {
         crate::Metadata::new(self.envelope.correlation_id, self.envelope.message_id)
+            .traced(self.envelope.trace)
+    }
+
+    /// The span its handling runs in (see [`crate::trace::handling`]).
+    pub fn span(&self, alone: bool) -> tracing::Span {
+        let envelope = &self.envelope;
+        crate::trace::handling(
+            &envelope.message_type,
+            envelope.message_id,
+            &envelope.stream_id,
+            envelope.correlation_id,
+            envelope.trace,
+            alone,
+        )
     }
 }
 

@@ -7,11 +7,13 @@ use std::panic::AssertUnwindSafe;
 
 use futures_util::FutureExt;
 use sqlx::Row;
+use tracing::Instrument;
 use uuid::Uuid;
 
 use super::attempt::{Claim, Failure};
 use super::{Handler, Message, Shared};
 use crate::parking::advance_park;
+use crate::trace;
 
 /// Claims the inbox rows of a batch of messages of different streams, in one
 /// statement. A message is claimed unless it is a duplicate (its inbox row exists),
@@ -102,7 +104,25 @@ pub(super) async fn try_once<H: Handler>(
         .take()
         .await
         .map_err(|error| Failure::from_database(&error))?;
-    let outcome = claim_and_handle(shared, messages, &mut connection).await;
+    // One transaction serves every message of the batch: its span continues a lone
+    // message's trace and links to each of a batch's, whose handlers have spans of
+    // their own in their own traces.
+    let span = tracing::info_span!(
+        "transaction",
+        otel.kind = "consumer",
+        orderflow.service = %shared.config.service,
+        messaging.destination.name = %shared.queue,
+        messaging.batch.message_count = messages.len(),
+        trace_id = tracing::field::Empty,
+    );
+    let traces: Vec<_> = messages
+        .iter()
+        .map(|message| message.envelope.trace)
+        .collect();
+    trace::serve_all(&span, &traces);
+    let outcome = claim_and_handle(shared, messages, &mut connection)
+        .instrument(span)
+        .await;
     // After a failure the connection may be mid-transaction or broken: let it go.
     if outcome.is_ok() {
         shared.connections.give_back(connection);
@@ -216,10 +236,15 @@ async fn claim_and_handle<H: Handler>(
     for &(index, message, replaying_dead_letter) in &applied {
         // A panicking handler counts as a failed attempt; it must not free the stream
         // for the next message while this one is still unapplied.
+        let span = message.span(messages.len() == 1);
         let handled = AssertUnwindSafe(shared.handler.handle(message, &mut transaction))
             .catch_unwind()
+            .instrument(span.clone())
             .await
             .unwrap_or_else(|_| Err("the handler panicked".into()));
+        if handled.is_ok() {
+            span.in_scope(|| tracing::debug!("handled"));
+        }
         if let Err(error) = handled {
             // Dropping the transaction rolls back the claims with the handlers' writes.
             drop(transaction);

@@ -2,9 +2,11 @@
 //! finds (the same events already stored, or another version).
 
 use sqlx::{PgConnection, Row};
+use tracing::Instrument;
 use uuid::Uuid;
 
 use super::{AppendResult, ExpectedVersion, MAX_EVENTS_PER_TRANSACTION, NewEvent, StoreError};
+use crate::trace;
 
 /// Appends once. `first_ordinal` is the number of positions the surrounding
 /// transaction already used. `can_look_again` is false inside a caller's transaction,
@@ -26,10 +28,16 @@ pub(super) async fn append_once(
     let query = sqlx::query(if count == 1 { sql.one } else { sql.many })
         .bind(stream_id)
         .bind(version);
+    let span = tracing::info_span!("append", otel.kind = "internal", stream_id, events = count);
+    // The events name the append as their cause's span, so what they lead to (the
+    // relay's publish, a subscription's apply) hangs below it.
+    let trace = span.in_scope(|| trace::outgoing(events[0].metadata.trace));
     let outcome = bind_events(query, events)
         .bind(first_ordinal)
         .bind(published)
+        .bind(trace.map(|trace| trace.to_string()))
         .fetch_all(&mut *connection)
+        .instrument(span)
         .await;
     let refused = match outcome {
         Ok(rows) if rows.len() == count => {

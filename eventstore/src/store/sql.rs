@@ -35,7 +35,8 @@ pub(crate) use stream_locks;
 /// columns (id, type, fingerprint, payload, correlation id, causation id), $9 the
 /// number of positions this transaction already used (earlier appends in a
 /// [`StoreTransaction`]), $10 the event types that leave the service through the
-/// outbox (NULL: every one; see [`EventStore::publishing`]). Each statement returns
+/// outbox (NULL: every one; see [`EventStore::publishing`]), $11 the trace context
+/// every event of the append is stored with. Each statement returns
 /// one row per stored event, with the first version stored as `reported_first`
 /// computes it.
 macro_rules! append_sql {
@@ -51,11 +52,12 @@ macro_rules! append_sql {
         concat!(
             "WITH inserted AS (
     INSERT INTO events (global_position, stream_id, stream_version, event_id, event_type,
-                        schema_fingerprint, payload, correlation_id, causation_id)
+                        schema_fingerprint, payload, correlation_id, causation_id, traceparent)
     SELECT (pg_current_xact_id()::text::bigint << 20) + $9 + e.n - 1, $1, ",
             $first_version,
             " + e.n,
-           e.event_id, e.event_type, e.fingerprint, e.payload, e.correlation_id, e.causation_id
+           e.event_id, e.event_type, e.fingerprint, e.payload, e.correlation_id, e.causation_id,
+           $11::text
     FROM ",
             $rows,
             " AS e(event_id, event_type, fingerprint, payload, correlation_id, causation_id, n)
@@ -128,8 +130,8 @@ macro_rules! select_events {
     ($rest:literal) => {
         concat!(
             "SELECT global_position, stream_id, stream_version, event_id, event_type, \
-             schema_fingerprint, payload, correlation_id, causation_id, recorded_at \
-             FROM events ",
+             schema_fingerprint, payload, correlation_id, causation_id, recorded_at, \
+             traceparent FROM events ",
             $rest
         )
     };

@@ -72,8 +72,8 @@ impl StoreTransaction<'_> {
         }
         let position = sqlx::query_scalar(
             "INSERT INTO outbox (global_position, message_id, message_type, target_service, \
-             ordering_key, schema_fingerprint, payload, correlation_id, causation_id) \
-             VALUES ((pg_current_xact_id()::text::bigint << 20) + $1, $2, $3, $4, $5, $6, $7, $8, $9) \
+             ordering_key, schema_fingerprint, payload, correlation_id, causation_id, traceparent) \
+             VALUES ((pg_current_xact_id()::text::bigint << 20) + $1, $2, $3, $4, $5, $6, $7, $8, $9, $10) \
              RETURNING global_position",
         )
         .bind(self.positions_used)
@@ -85,6 +85,7 @@ impl StoreTransaction<'_> {
         .bind(command.payload.as_slice())
         .bind(command.metadata.correlation_id)
         .bind(command.metadata.causation_id)
+        .bind(crate::trace::outgoing(command.metadata.trace).map(|trace| trace.to_string()))
         .fetch_one(&mut *self.transaction)
         .await?;
         self.positions_used += 1;

@@ -3,6 +3,8 @@
 use chrono::{DateTime, Utc};
 use uuid::Uuid;
 
+use crate::trace::TraceParent;
+
 /// The channel the relay `LISTEN`s on; it is notified after appends commit.
 pub const OUTBOX_CHANNEL: &str = "orderflow_outbox";
 
@@ -59,6 +61,9 @@ pub struct Metadata {
     pub correlation_id: Uuid,
     /// The command or event that directly caused this one.
     pub causation_id: Uuid,
+    /// The trace the cause ran in. What is stored is the span running at the append
+    /// when one is exported, else this (see [`crate::trace::outgoing`]).
+    pub trace: Option<TraceParent>,
 }
 
 impl Metadata {
@@ -66,7 +71,13 @@ impl Metadata {
         Metadata {
             correlation_id,
             causation_id,
+            trace: None,
         }
+    }
+
+    /// The same metadata in the trace `trace`.
+    pub fn traced(self, trace: Option<TraceParent>) -> Self {
+        Metadata { trace, ..self }
     }
 }
 
@@ -146,6 +157,8 @@ pub struct RecordedEvent {
     pub correlation_id: Uuid,
     pub causation_id: Uuid,
     pub recorded_at: DateTime<Utc>,
+    /// The span that appended it, if its writer was traced.
+    pub traceparent: Option<TraceParent>,
 }
 
 /// Where an append left the stream.

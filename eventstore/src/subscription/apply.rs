@@ -8,10 +8,12 @@ use std::time::Duration;
 
 use futures_util::FutureExt;
 use sqlx::{Connection, PgConnection};
+use tracing::Instrument;
 
 use super::{Attempt, Subscriber, Subscription, TermError};
 use crate::backoff::TermEnd;
 use crate::store::{RecordedEvent, StoreError};
+use crate::trace;
 
 impl<S: Subscriber> Subscription<S> {
     /// Applies one page's wanted events with the checkpoint `last`: in one transaction,
@@ -96,7 +98,20 @@ impl<S: Subscriber> Subscription<S> {
         to: i64,
         parked: &mut HashSet<String>,
     ) -> Result<(), Attempt> {
-        let outcome = self.transaction(writer, events, from, to, parked).await;
+        let span = tracing::info_span!(
+            "transaction",
+            otel.kind = "consumer",
+            orderflow.service = self.config.name.split('.').next().unwrap_or_default(),
+            subscription = %self.config.name,
+            events = events.len(),
+            trace_id = tracing::field::Empty,
+        );
+        let traces: Vec<_> = events.iter().map(|event| event.traceparent).collect();
+        trace::serve_all(&span, &traces);
+        let outcome = self
+            .transaction(writer, events, from, to, parked)
+            .instrument(span)
+            .await;
         match outcome {
             Err(Attempt::Failed(error)) if !alive(writer).await => {
                 Err(Attempt::Infrastructure(TermError::Database(
@@ -167,8 +182,17 @@ impl<S: Subscriber> Subscription<S> {
                     .map_err(|e| failed(&e))?;
                 continue;
             }
+            let span = trace::handling(
+                &event.event_type,
+                event.event_id,
+                &event.stream_id,
+                event.correlation_id,
+                event.traceparent,
+                events.len() == 1,
+            );
             AssertUnwindSafe(self.subscriber.apply(event, &mut transaction))
                 .catch_unwind()
+                .instrument(span.clone())
                 .await
                 .unwrap_or_else(|_| Err("the subscriber panicked".into()))
                 .map_err(|error| {
@@ -182,6 +206,7 @@ impl<S: Subscriber> Subscription<S> {
                         Attempt::Failed(text)
                     }
                 })?;
+            span.in_scope(|| tracing::debug!("applied"));
             applied += 1;
         }
         if self.config.stop_before_checkpoint.load(Ordering::Acquire) {
@@ -204,6 +229,7 @@ impl<S: Subscriber> Subscription<S> {
         tracing::warn!(
             stream = %event.stream_id,
             position = event.global_position,
+            correlation_id = %event.correlation_id,
             %error,
             "an event failed for good; its stream is parked"
         );

@@ -7,6 +7,7 @@ use axum::extract::{FromRequest, Request};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use domain::wire::WireEvent;
+use eventstore::trace::TraceParent;
 use eventstore::{AggregateStore, Executed, Metadata, Snapshot, StoreTransaction};
 use serde::de::DeserializeOwned;
 use sqlx::PgConnection;
@@ -39,11 +40,13 @@ pub struct CommandContext {
     /// `If-Match`: the stream version the client last saw.
     pub if_match: Option<i64>,
     pub idempotency: Option<IdempotencyKey>,
+    /// The trace the request runs in.
+    pub trace: Option<TraceParent>,
 }
 
 impl CommandContext {
     pub fn metadata(&self) -> Metadata {
-        Metadata::new(self.correlation_id, self.command_id)
+        Metadata::new(self.correlation_id, self.command_id).traced(self.trace)
     }
 }
 
@@ -81,10 +84,8 @@ where
     type Rejection = ApiError;
 
     async fn from_request(request: Request, state: &ServiceState) -> Result<Self, ApiError> {
-        let correlation_id = request
-            .extensions()
-            .get::<CorrelationId>()
-            .map_or_else(Uuid::now_v7, |c| c.uuid);
+        let ids = request.extensions().get::<CorrelationId>().copied();
+        let correlation_id = ids.map_or_else(Uuid::now_v7, |ids| ids.uuid);
         let if_match = if_match(request.headers())?;
         let key = idempotency_key(request.headers())?;
         let method = request.method().clone();
@@ -137,6 +138,7 @@ where
                 command_id: Uuid::now_v7(),
                 if_match,
                 idempotency,
+                trace: ids.map(|ids| ids.trace),
             },
         })
     }

@@ -7,11 +7,12 @@ use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
 use std::time::Instant;
 
-use axum::extract::Request;
+use axum::extract::{MatchedPath, Request, State};
 use axum::http::HeaderValue;
 use axum::middleware::Next;
 use axum::response::Response;
 use eventstore::subscription::{Lag, Progress};
+use eventstore::trace::{self, TraceParent};
 use eventstore::{AggregateStore, Metrics};
 use sqlx::PgPool;
 use tracing::Instrument;
@@ -106,28 +107,53 @@ impl Health {
     }
 }
 
-/// The correlation id of the request in hand (in the request's extensions).
+/// The correlation id of the request in hand, and the trace it runs in (in the
+/// request's extensions).
 #[derive(Debug, Clone, Copy)]
 pub struct CorrelationId {
     pub uuid: Uuid,
+    /// The request's span, or (nothing exported) the `traceparent` it came with or
+    /// started: what its commands' events are stored with.
+    pub trace: TraceParent,
 }
 
-/// Middleware: the correlation id, the request's span, and its one log line.
-pub async fn request_context(mut request: Request, next: Next) -> Response {
+/// Middleware: the correlation id, the request's span (continuing the caller's W3C
+/// `traceparent`, or starting a trace), and its one log line.
+pub async fn request_context(
+    State(service): State<Service>,
+    mut request: Request,
+    next: Next,
+) -> Response {
     let (correlation_id, header) = correlation_of(&request);
-    request.extensions_mut().insert(CorrelationId {
-        uuid: correlation_id,
-    });
+    let route = request.extensions().get::<MatchedPath>().map_or_else(
+        || request.uri().path().to_owned(),
+        |path| path.as_str().to_owned(),
+    );
     let span = tracing::info_span!(
         "request",
-        method = %request.method(),
-        path = %request.uri().path(),
+        otel.kind = "server",
+        otel.name = %format_args!("{} {route}", request.method()),
+        orderflow.service = service.name(),
+        http.request.method = %request.method(),
+        url.path = %request.uri().path(),
+        http.route = %route,
+        http.response.status_code = tracing::field::Empty,
         correlation_id = %correlation_id,
+        trace_id = tracing::field::Empty,
     );
+    let headers = request.headers();
+    let text = |name: &str| headers.get(name).and_then(|value| value.to_str().ok());
+    let parent = text(trace::TRACEPARENT).and_then(TraceParent::parse);
+    let trace = trace::continue_trace(&span, parent, text(trace::TRACESTATE));
+    request.extensions_mut().insert(CorrelationId {
+        uuid: correlation_id,
+        trace,
+    });
     let started = Instant::now();
     let mut response = next.run(request).instrument(span.clone()).await;
     let took_ms = started.elapsed().as_secs_f64() * 1000.0;
     let status = response.status().as_u16();
+    span.record("http.response.status_code", status);
     let _entered = span.enter();
     match response.extensions_mut().remove::<InternalCause>() {
         Some(InternalCause(cause)) => tracing::error!(status, took_ms, %cause, "request failed"),
