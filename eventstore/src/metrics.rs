@@ -3,8 +3,10 @@
 //! One [`Metrics`] per process, shared by every relay and consumer in it; label
 //! `service` on relay series, `consumer` (the queue) on consumer series.
 
-use std::sync::Arc;
+use std::any::Any;
+use std::collections::HashMap;
 use std::sync::atomic::AtomicU64;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use prometheus_client::encoding::text::encode;
@@ -18,12 +20,20 @@ use prometheus_client::registry::Registry;
 /// OpenMetrics text (it ends in `# EOF`), which Prometheus negotiates for.
 pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
 
-type Labels = Vec<(&'static str, String)>;
-type HistogramFamily = Family<Labels, Histogram, fn() -> Histogram>;
+/// A series' labels, by name.
+pub type Labels = Vec<(&'static str, String)>;
+/// Histograms by labels, each with the buckets of its constructor.
+pub type HistogramFamily = Family<Labels, Histogram, fn() -> Histogram>;
 
 /// Latency buckets from 0.25 ms to about 8 s.
-fn latency_histogram() -> Histogram {
+pub fn latency_histogram() -> Histogram {
     Histogram::new(exponential_buckets(0.000_25, 2.0, 16))
+}
+
+/// Buckets from 1 ms to about 65 s: for work that waits on other work (a message from
+/// its recording to its handling, an order from placed to ended).
+pub fn waiting_histogram() -> Histogram {
+    Histogram::new(exponential_buckets(0.001, 2.0, 17))
 }
 
 #[derive(Clone, Debug)]
@@ -33,7 +43,12 @@ pub struct Metrics {
 
 #[derive(Debug)]
 struct Inner {
-    registry: Registry,
+    /// Locked to register the families of other crates ([`Metrics::family`]).
+    registry: Mutex<Registry>,
+    /// Those families by name, so each is registered once per process.
+    families: Mutex<HashMap<&'static str, Box<dyn Any + Send + Sync>>>,
+    consumer_critical_time: HistogramFamily,
+    subscription_critical_time: HistogramFamily,
     outbox_backlog: Family<Labels, Gauge>,
     outbox_oldest_age: Family<Labels, Gauge<f64, AtomicU64>>,
     published: Family<Labels, Counter>,
@@ -89,6 +104,20 @@ impl Metrics {
         let subscription_blocker = Family::<Labels, Gauge>::default();
         let commands_refused = Family::<Labels, Counter>::default();
         let pruned_rows = Family::<Labels, Counter>::default();
+        let consumer_critical_time: HistogramFamily =
+            Family::new_with_constructor(waiting_histogram);
+        let subscription_critical_time: HistogramFamily =
+            Family::new_with_constructor(waiting_histogram);
+        registry.register(
+            "consumer_critical_time_seconds",
+            "From a message's recording (in the sender's store) to its effect committed here",
+            consumer_critical_time.clone(),
+        );
+        registry.register(
+            "subscription_critical_time_seconds",
+            "From an event's recording to its effect committed by the subscription",
+            subscription_critical_time.clone(),
+        );
         registry.register(
             "outbox_backlog",
             "Outbox rows not yet confirmed by the broker",
@@ -196,7 +225,10 @@ impl Metrics {
         );
         Metrics {
             inner: Arc::new(Inner {
-                registry,
+                registry: Mutex::new(registry),
+                families: Mutex::default(),
+                consumer_critical_time,
+                subscription_critical_time,
                 outbox_backlog,
                 outbox_oldest_age,
                 published,
@@ -228,8 +260,49 @@ impl Metrics {
     pub fn render(&self) -> String {
         let mut text = String::new();
         // Writing into a String cannot fail.
-        let _ = encode(&mut text, &self.inner.registry);
+        let _ = encode(&mut text, &lock(&self.inner.registry));
         text
+    }
+
+    /// The family registered as `name` (without the `orderflow_` prefix), made by
+    /// `make` and registered the first time it is asked for: how other crates add
+    /// their series to the process's one exposition. Ask once and keep the family (a
+    /// clone shares its series).
+    pub fn family<F>(&self, name: &'static str, help: &'static str, make: impl FnOnce() -> F) -> F
+    where
+        F: prometheus_client::registry::Metric + Clone,
+    {
+        let mut families = lock(&self.inner.families);
+        if let Some(family) = families.get(name) {
+            if let Some(family) = family.downcast_ref::<F>() {
+                return family.clone();
+            }
+            tracing::error!(
+                name,
+                "a metric family of another type has this name; not exported"
+            );
+            return make();
+        }
+        let family = make();
+        lock(&self.inner.registry).register(name, help, family.clone());
+        families.insert(name, Box::new(family.clone()));
+        family
+    }
+
+    /// A consumer committed the effect of a message recorded `age` ago.
+    pub(crate) fn consumer_critical_time(&self, consumer: &str, age: Duration) {
+        self.inner
+            .consumer_critical_time
+            .get_or_create(&consumer_labels(consumer))
+            .observe(age.as_secs_f64());
+    }
+
+    /// A subscription committed the effect of an event recorded `age` ago.
+    pub(crate) fn subscription_critical_time(&self, subscription: &str, age: Duration) {
+        self.inner
+            .subscription_critical_time
+            .get_or_create(&subscription_labels(subscription))
+            .observe(age.as_secs_f64());
     }
 
     /// Starts the series of a service's relay at zero, so they are exported (and
@@ -468,6 +541,12 @@ impl Metrics {
     }
 }
 
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
 fn count(family: &Family<Labels, Counter>, labels: &Labels) -> u64 {
     family.get_or_create(labels).get()
 }
@@ -507,5 +586,21 @@ mod tests {
             assert!(text.contains(expected), "{expected} missing from\n{text}");
         }
         assert_eq!(metrics.consumed_count("inventory.commands"), 1);
+    }
+
+    #[test]
+    fn a_family_asked_for_twice_is_one_family() {
+        let metrics = Metrics::new();
+        let make = Family::<Labels, Counter>::default;
+        let first = metrics.family("things", "Things", make);
+        let second = metrics.family("things", "Things", make);
+        first.get_or_create(&vec![("kind", "a".to_owned())]).inc();
+        second.get_or_create(&vec![("kind", "a".to_owned())]).inc();
+        let text = metrics.render();
+        assert!(
+            text.contains("orderflow_things_total{kind=\"a\"} 2"),
+            "{text}"
+        );
+        assert_eq!(text.matches("# TYPE orderflow_things counter").count(), 1);
     }
 }

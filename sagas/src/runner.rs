@@ -20,18 +20,21 @@ use domain::inventory::ReservationReply;
 use domain::order::{Order, OrderEvent};
 use domain::payment::PaymentEvent;
 use eventstore::cache::VersionedCache;
+use eventstore::metrics::{HistogramFamily, Labels, waiting_histogram};
 use eventstore::trace::{self, TraceParent};
 use eventstore::{
-    AggregateStore, ConsumerConfig, Handler, HandlerError, Message, Metadata, OutgoingCommand,
-    RecordedEvent, StoreTransaction, Subscriber, SubscriptionConfig,
+    AggregateStore, ConsumerConfig, Handler, HandlerError, Message, Metadata, Metrics,
+    OutgoingCommand, RecordedEvent, StoreTransaction, Subscriber, SubscriptionConfig,
 };
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
 use serde::Serialize;
 use sqlx::{PgPool, Row};
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 use uuid::Uuid;
 
-use crate::fulfilment::{Command, Fulfilment, Input, Settings};
+use crate::fulfilment::{Command, Fulfilment, Input, Settings, Step};
 use crate::{Deadline, Decision, ProcessManager};
 
 /// The saga type recorded with each instance.
@@ -50,6 +53,73 @@ pub struct FulfilmentRunner {
     /// nothing, and the runner then reads). A pending one sends the next input to the
     /// row rather than to the older committed state.
     sagas: VersionedCache<SagaRow>,
+    /// Where its steps are counted and timed (`None`: nowhere).
+    metrics: Option<SagaMetrics>,
+}
+
+/// The saga's series: `orderflow_saga_steps_total{saga, input, step}` (every input
+/// that changed a saga, by the step it got to), `orderflow_saga_step_seconds{saga,
+/// step}` (time spent in a step, observed as the saga leaves it) and
+/// `orderflow_order_fulfilment_seconds{outcome}` (from the saga's start, the order
+/// placed, to the order's end: confirmed, rejected or cancelled).
+#[derive(Debug, Clone)]
+struct SagaMetrics {
+    steps: Family<Labels, Counter>,
+    time_in_step: HistogramFamily,
+    fulfilment: HistogramFamily,
+}
+
+impl SagaMetrics {
+    fn new(metrics: &Metrics) -> SagaMetrics {
+        SagaMetrics {
+            steps: metrics.family(
+                "saga_steps",
+                "Inputs that changed a saga, by saga, input and the step it got to",
+                Family::default,
+            ),
+            time_in_step: metrics.family(
+                "saga_step_seconds",
+                "Time a saga spent in a step, observed as it leaves the step",
+                || HistogramFamily::new_with_constructor(waiting_histogram),
+            ),
+            fulfilment: metrics.family(
+                "order_fulfilment_seconds",
+                "From an order's saga starting (the order placed) to the order's end, by outcome",
+                || HistogramFamily::new_with_constructor(waiting_histogram),
+            ),
+        }
+    }
+
+    /// A step written: counted, and the time in the step it left (if it left one).
+    fn stepped(&self, input: &str, planned: &Planned, now: DateTime<Utc>) {
+        let step = planned.decision.state.step;
+        let saga = ("saga", SAGA_TYPE.to_owned());
+        let labels = vec![
+            saga.clone(),
+            ("input", input.to_owned()),
+            ("step", step.as_str().to_owned()),
+        ];
+        self.steps.get_or_create(&labels).inc();
+        let Some((left, since)) = planned.left else {
+            return;
+        };
+        let seconds = |from: DateTime<Utc>| (now - from).to_std().unwrap_or_default().as_secs_f64();
+        let labels = vec![saga, ("step", left.as_str().to_owned())];
+        self.time_in_step
+            .get_or_create(&labels)
+            .observe(seconds(since));
+        if step.order_ended() && !left.order_ended() {
+            let outcome = match step {
+                Step::Rejected => "rejected",
+                Step::Cancelled => "cancelled",
+                _ => "confirmed",
+            };
+            let labels = vec![("outcome", outcome.to_owned())];
+            self.fulfilment
+                .get_or_create(&labels)
+                .observe(seconds(planned.started_at));
+        }
+    }
 }
 
 /// What the runner needs of a `sagas` row besides its version.
@@ -60,6 +130,9 @@ struct SagaRow {
     correlation_id: Uuid,
     /// The span of the step that wrote it: where a deadline it set continues.
     trace: Option<TraceParent>,
+    started_at: DateTime<Utc>,
+    /// When it entered its step.
+    step_since: DateTime<Utc>,
 }
 
 /// Sagas whose rows each order-service process keeps in memory: those in flight.
@@ -69,11 +142,13 @@ const CACHED_SAGAS: usize = 20_000;
 /// statement, if the row is still at the version `$6` the decision was taken on (0: no
 /// row yet); returns the new version, or no row when another transaction moved it.
 const WRITE_SAGA: &str = "WITH saga AS (
-    INSERT INTO sagas (saga_id, saga_type, version, state, deadline_at, correlation_id, traceparent)
-    VALUES ($1, $2, 1, $3, $4, $5, $11)
+    INSERT INTO sagas (saga_id, saga_type, version, state, deadline_at, correlation_id,
+                       traceparent, started_at, step_entered_at)
+    VALUES ($1, $2, 1, $3, $4, $5, $11, $12, $13)
     ON CONFLICT (saga_id) DO UPDATE SET version = sagas.version + 1,
         state = excluded.state, deadline_at = excluded.deadline_at,
-        traceparent = excluded.traceparent, updated_at = now()
+        traceparent = excluded.traceparent, step_entered_at = excluded.step_entered_at,
+        updated_at = now()
     WHERE sagas.version = $6
     RETURNING version
 )
@@ -87,7 +162,14 @@ impl FulfilmentRunner {
             aggregates,
             settings,
             sagas: VersionedCache::new(CACHED_SAGAS),
+            metrics: None,
         }
+    }
+
+    /// The same runner, counting and timing its steps in `metrics`.
+    pub fn with_metrics(mut self, metrics: &Metrics) -> Self {
+        self.metrics = Some(SagaMetrics::new(metrics));
+        self
     }
 
     /// Its subscription on the order store, for the order's own events.
@@ -255,11 +337,16 @@ impl FulfilmentRunner {
                         planned.metadata,
                     )
                     .await?;
+                    if let Some(metrics) = &self.metrics {
+                        metrics.stepped(&input.describe(), &planned, now);
+                    }
                     let saga = SagaRow {
                         state: planned.decision.state,
                         deadline_at: planned.deadline,
                         correlation_id: planned.metadata.correlation_id,
                         trace: planned.trace,
+                        started_at: planned.started_at,
+                        step_since: planned.step_since,
                     };
                     self.sagas.write_through(transaction, &key, written, saga);
                     return Ok(true);
@@ -322,11 +409,22 @@ impl FulfilmentRunner {
         if decision.state == *state && decision.commands.is_empty() && deadline == deadline_at {
             return None;
         }
+        let (started_at, step_since) = match row {
+            Some(row) if row.state.step == decision.state.step => (row.started_at, row.step_since),
+            Some(row) => (row.started_at, now),
+            None => (now, now),
+        };
+        let left = row
+            .filter(|row| row.state.step != decision.state.step)
+            .map(|row| (row.state.step, row.step_since));
         Some(Planned {
             decision,
             deadline,
             metadata,
             trace: trace::outgoing(metadata.trace),
+            started_at,
+            step_since,
+            left,
         })
     }
 
@@ -371,6 +469,11 @@ struct Planned {
     metadata: Metadata,
     /// The step's span (or the trace it continues): stored with the row.
     trace: Option<TraceParent>,
+    started_at: DateTime<Utc>,
+    /// When the saga entered the step it is in after this decision.
+    step_since: DateTime<Utc>,
+    /// The step it leaves, and since when it was in it.
+    left: Option<(Step, DateTime<Utc>)>,
 }
 
 /// The saga's row at its version, locked; (0, `None`) when it has none.
@@ -379,7 +482,8 @@ async fn read(
     order_id: Uuid,
 ) -> Result<(i64, Option<SagaRow>), HandlerError> {
     let row = sqlx::query(
-        "SELECT version, state, deadline_at, correlation_id, traceparent FROM sagas \
+        "SELECT version, state, deadline_at, correlation_id, traceparent, started_at, \
+         step_entered_at FROM sagas \
          WHERE saga_id = $1 FOR UPDATE",
     )
     .bind(order_id)
@@ -398,6 +502,8 @@ async fn read(
         trace: row
             .try_get::<Option<&str>, _>("traceparent")?
             .and_then(TraceParent::parse),
+        started_at: row.try_get("started_at")?,
+        step_since: row.try_get("step_entered_at")?,
     };
     Ok((row.try_get("version")?, Some(saga)))
 }
@@ -433,6 +539,8 @@ async fn write(
         .bind(state.step.as_str())
         .bind(&commands)
         .bind(planned.trace.map(|trace| trace.to_string()))
+        .bind(planned.started_at)
+        .bind(planned.step_since)
         .fetch_optional(transaction.connection())
         .await?)
 }

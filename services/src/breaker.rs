@@ -6,11 +6,44 @@
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
+use eventstore::Metrics;
+use eventstore::metrics::Labels;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+
 #[derive(Debug)]
 pub struct Breaker {
     threshold: u32,
     open_for: Duration,
     state: Mutex<State>,
+    /// Where its state is reported, under which name.
+    observer: Option<(BreakerMetrics, String)>,
+}
+
+/// The breakers' series: `orderflow_breaker_state{breaker}` (0 closed, 1 half-open,
+/// 2 open) and `orderflow_breaker_transitions_total{breaker, to}`.
+#[derive(Debug, Clone)]
+pub struct BreakerMetrics {
+    state: Family<Labels, Gauge>,
+    transitions: Family<Labels, Counter>,
+}
+
+impl BreakerMetrics {
+    pub fn new(metrics: &Metrics) -> BreakerMetrics {
+        BreakerMetrics {
+            state: metrics.family(
+                "breaker_state",
+                "A circuit breaker's state: 0 closed, 1 half-open, 2 open",
+                Family::default,
+            ),
+            transitions: metrics.family(
+                "breaker_transitions",
+                "A circuit breaker's changes of state, by the state it went to",
+                Family::default,
+            ),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -29,12 +62,63 @@ enum State {
     },
 }
 
+impl State {
+    fn name(self) -> &'static str {
+        match self {
+            State::Closed { .. } => "closed",
+            State::Open { .. } => "open",
+            State::HalfOpen { .. } => "half-open",
+        }
+    }
+
+    /// The `orderflow_breaker_state` value.
+    fn level(self) -> i64 {
+        match self {
+            State::Closed { .. } => 0,
+            State::HalfOpen { .. } => 1,
+            State::Open { .. } => 2,
+        }
+    }
+}
+
 impl Breaker {
     pub fn new(threshold: u32, open_for: Duration) -> Self {
         Breaker {
             threshold: threshold.max(1),
             open_for,
             state: Mutex::new(State::Closed { failures: 0 }),
+            observer: None,
+        }
+    }
+
+    /// The same breaker, reporting its state as `name` (an upstream's address, a
+    /// provider's channel).
+    pub fn observed(mut self, metrics: &BreakerMetrics, name: impl Into<String>) -> Self {
+        let name = name.into();
+        let labels = vec![("breaker", name.clone())];
+        metrics.state.get_or_create(&labels).set(0);
+        // Every transition's series from zero, so its rate is computable at once.
+        for to in ["closed", "open", "half-open"] {
+            let mut labels = labels.clone();
+            labels.push(("to", to.to_owned()));
+            let _ = metrics.transitions.get_or_create(&labels);
+        }
+        self.observer = Some((metrics.clone(), name));
+        self
+    }
+
+    /// Sets the state, reporting a change of kind (closed, open, half-open).
+    fn set(&self, state: &mut State, new: State) {
+        let (before, after) = (state.name(), new.name());
+        *state = new;
+        if before != after
+            && let Some((metrics, name)) = &self.observer
+        {
+            let labels = vec![("breaker", name.clone())];
+            metrics.state.get_or_create(&labels).set(new.level());
+            let mut labels = labels;
+            labels.push(("to", after.to_owned()));
+            metrics.transitions.get_or_create(&labels).inc();
         }
     }
 
@@ -45,15 +129,13 @@ impl Breaker {
         match *state {
             State::Closed { .. } => true,
             State::Open { until } if Instant::now() >= until => {
-                *state = State::HalfOpen {
-                    since: Instant::now(),
-                };
+                let since = Instant::now();
+                self.set(&mut state, State::HalfOpen { since });
                 true
             }
             State::HalfOpen { since } if since.elapsed() >= self.open_for => {
-                *state = State::HalfOpen {
-                    since: Instant::now(),
-                };
+                let since = Instant::now();
+                self.set(&mut state, State::HalfOpen { since });
                 true
             }
             State::Open { .. } | State::HalfOpen { .. } => false,
@@ -61,12 +143,13 @@ impl Breaker {
     }
 
     pub fn success(&self) {
-        *self.lock() = State::Closed { failures: 0 };
+        let mut state = self.lock();
+        self.set(&mut state, State::Closed { failures: 0 });
     }
 
     pub fn failure(&self) {
         let mut state = self.lock();
-        *state = match *state {
+        let new = match *state {
             State::Closed { failures } if failures + 1 < self.threshold => State::Closed {
                 failures: failures + 1,
             },
@@ -74,15 +157,12 @@ impl Breaker {
                 until: Instant::now() + self.open_for,
             },
         };
+        self.set(&mut state, new);
     }
 
     /// `closed`, `open` or `half-open`.
     pub fn state(&self) -> &'static str {
-        match *self.lock() {
-            State::Closed { .. } => "closed",
-            State::Open { .. } => "open",
-            State::HalfOpen { .. } => "half-open",
-        }
+        self.lock().name()
     }
 
     /// How long until an open breaker lets a probe through (zero otherwise).
@@ -157,5 +237,35 @@ mod tests {
             );
             std::thread::yield_now();
         }
+    }
+
+    #[test]
+    fn an_observed_breaker_reports_its_state_and_transitions() {
+        let metrics = eventstore::Metrics::new();
+        let breaker = Breaker::new(2, Duration::from_secs(60))
+            .observed(&BreakerMetrics::new(&metrics), "provider:email");
+        breaker.failure();
+        let text = metrics.render();
+        assert!(
+            text.contains("orderflow_breaker_state{breaker=\"provider:email\"} 0"),
+            "{text}"
+        );
+        breaker.failure();
+        breaker.failure();
+        let text = metrics.render();
+        assert!(
+            text.contains("orderflow_breaker_state{breaker=\"provider:email\"} 2"),
+            "{text}"
+        );
+        let opened =
+            "orderflow_breaker_transitions_total{breaker=\"provider:email\",to=\"open\"} 1";
+        assert!(
+            text.contains(opened),
+            "opened once, not on every failure: {text}"
+        );
+        breaker.success();
+        let closed =
+            "orderflow_breaker_transitions_total{breaker=\"provider:email\",to=\"closed\"} 1";
+        assert!(metrics.render().contains(closed));
     }
 }

@@ -318,6 +318,15 @@ pub struct Settings {
     #[arg(long, env = "ORDERFLOW_IDEMPOTENCY_RETENTION_HOURS", value_name = "HOURS",
           default_value = "24", value_parser = positive_u64)]
     pub idempotency_retention_hours: u64,
+    /// How log lines are written: text, or one JSON object per line for log shippers
+    /// (traces are exported when OTEL_EXPORTER_OTLP_ENDPOINT is set)
+    #[arg(
+        long,
+        env = "ORDERFLOW_LOG_FORMAT",
+        value_name = "FORMAT",
+        default_value = "text"
+    )]
+    pub log_format: crate::telemetry::LogFormat,
 }
 
 fn positive_u64(text: &str) -> Result<u64, String> {

@@ -26,12 +26,12 @@ use axum::body::Body;
 use axum::extract::{ConnectInfo, Request, State};
 use axum::http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode};
 use axum::response::{IntoResponse, Response};
-use eventstore::trace;
+use eventstore::{Metrics, trace};
 use tokio::sync::OnceCell;
 use tracing::Instrument;
 
 use crate::auth::Tokens;
-use crate::breaker::Breaker;
+use crate::breaker::{Breaker, BreakerMetrics};
 use crate::config::{Config, Service};
 use crate::http::caller::{Identity, VIA_GATEWAY_HEADER, identify, token_needed};
 use crate::http::context::{Base, CORRELATION_HEADER, CorrelationId, MAX_BODY_BYTES};
@@ -61,6 +61,7 @@ pub struct Gateway {
     client: reqwest::Client,
     /// One breaker per upstream instance (by address).
     breakers: Mutex<HashMap<String, Arc<Breaker>>>,
+    breaker_metrics: BreakerMetrics,
     /// Round-robin position.
     next: AtomicUsize,
     /// The last instances seen of each service, used for a while when Redis is away
@@ -82,7 +83,7 @@ impl std::fmt::Debug for Gateway {
 }
 
 impl Gateway {
-    pub fn new(config: &Config, tokens: Arc<Tokens>) -> anyhow::Result<Self> {
+    pub fn new(config: &Config, tokens: Arc<Tokens>, metrics: &Metrics) -> anyhow::Result<Self> {
         let client = reqwest::Client::builder()
             .timeout(config.gateway_timeout)
             .connect_timeout(Duration::from_secs(2))
@@ -97,6 +98,7 @@ impl Gateway {
             anonymous_reads: config.anonymous_reads,
             client,
             breakers: Mutex::new(HashMap::new()),
+            breaker_metrics: BreakerMetrics::new(metrics),
             next: AtomicUsize::new(0),
             last_seen: Mutex::new(HashMap::new()),
         })
@@ -150,7 +152,11 @@ impl Gateway {
         let mut breakers = self.breakers.lock().unwrap_or_else(|p| p.into_inner());
         breakers
             .entry(address.to_owned())
-            .or_insert_with(|| Arc::new(Breaker::new(BREAKER_THRESHOLD, BREAKER_OPEN_FOR)))
+            .or_insert_with(|| {
+                let breaker = Breaker::new(BREAKER_THRESHOLD, BREAKER_OPEN_FOR);
+                let name = format!("gateway:{address}");
+                Arc::new(breaker.observed(&self.breaker_metrics, name))
+            })
             .clone()
     }
 }

@@ -31,7 +31,14 @@ fn main() -> ExitCode {
         }
     };
     // Before the runtime: the OTLP exporter's HTTP client runs one of its own.
-    let telemetry = match Options::from_env().and_then(Telemetry::install) {
+    let options = Options::from_env().map(|mut options| {
+        // `serve --log-format` (which also reads the variable) has the last word.
+        if let Command::Serve(args) = &cli.command {
+            options.format = args.settings.log_format;
+        }
+        options
+    });
+    let telemetry = match options.and_then(Telemetry::install) {
         Ok(telemetry) => telemetry,
         Err(error) => {
             eprintln!("orderflow: {error}");

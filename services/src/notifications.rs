@@ -22,8 +22,9 @@ use std::time::Duration;
 
 use domain::order::OrderEvent;
 use domain::user::{NotificationPreferences, UserEvent};
+use eventstore::metrics::HistogramFamily;
 use eventstore::trace::{self, TraceParent};
-use eventstore::{ConsumerConfig, Handler, HandlerError, Message, StoreTransaction};
+use eventstore::{ConsumerConfig, Handler, HandlerError, Message, Metrics, StoreTransaction};
 use serde::{Deserialize, Serialize};
 use sqlx::{PgConnection, PgPool, Row};
 use tokio::sync::Notify;
@@ -32,7 +33,7 @@ use tracing::Instrument;
 use utoipa::ToSchema;
 use uuid::Uuid;
 
-use crate::breaker::Breaker;
+use crate::breaker::{Breaker, BreakerMetrics};
 
 /// A way to reach a user.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, ToSchema)]
@@ -381,31 +382,36 @@ pub struct ProviderView {
 #[derive(Debug)]
 pub struct Providers {
     channels: HashMap<Channel, Provider>,
+    /// `orderflow_provider_call_seconds`.
+    calls: HistogramFamily,
 }
 
 /// Consecutive failures that open a provider's breaker, and for how long.
 const BREAKER_THRESHOLD: u32 = 5;
 const BREAKER_OPEN_FOR: Duration = Duration::from_secs(2);
 
-impl Default for Providers {
-    fn default() -> Self {
+impl Providers {
+    /// The providers, their breakers and calls reported in `metrics`.
+    pub fn new(metrics: &Metrics) -> Self {
+        let breakers = BreakerMetrics::new(metrics);
+        let calls = crate::telemetry::provider_calls(metrics);
         let channels = Channel::ALL
             .into_iter()
             .map(|channel| {
+                let breaker = Breaker::new(BREAKER_THRESHOLD, BREAKER_OPEN_FOR)
+                    .observed(&breakers, format!("provider:{}", channel.as_str()));
                 let provider = Provider {
                     mode: Mutex::new(Mode::Ok),
-                    breaker: Breaker::new(BREAKER_THRESHOLD, BREAKER_OPEN_FOR),
+                    breaker,
                     delivered: Mutex::default(),
                     refused: AtomicU64::new(0),
                 };
                 (channel, provider)
             })
             .collect();
-        Providers { channels }
+        Providers { channels, calls }
     }
-}
 
-impl Providers {
     pub fn provider(&self, channel: Channel) -> &Provider {
         &self.channels[&channel]
     }
@@ -562,9 +568,17 @@ impl Sender {
             let wait = breaker.retry_in().max(Duration::from_millis(50));
             return self.retry_later(&leased, leased.attempts, wait, None).await;
         }
+        let started = std::time::Instant::now();
         let sent = tokio::time::timeout(PROVIDER_TIMEOUT, self.providers.send(channel, leased.id))
             .await
             .unwrap_or_else(|_| Err(format!("the {} provider did not answer", channel.as_str())));
+        crate::telemetry::provider_call(
+            &self.providers.calls,
+            channel.as_str(),
+            "send",
+            sent.is_ok(),
+            started.elapsed(),
+        );
         match sent {
             Ok(()) => {
                 breaker.success();

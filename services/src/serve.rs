@@ -110,7 +110,7 @@ pub async fn start(
         );
     }
     // One set per process: the notification service's sender and its HTTP controls.
-    let providers = Arc::new(crate::notifications::Providers::default());
+    let providers = Arc::new(crate::notifications::Providers::new(&metrics));
     let instance_id = config
         .instance_id
         .clone()
@@ -149,7 +149,7 @@ pub async fn start(
                     metrics: metrics.clone(),
                     health: Arc::new(health),
                 };
-                let gateway = Arc::new(Gateway::new(config, tokens.clone())?);
+                let gateway = Arc::new(Gateway::new(config, tokens.clone(), &metrics)?);
                 listeners.push((instance, listener, crate::gateway::app(base, gateway)));
                 continue;
             }
@@ -308,7 +308,8 @@ impl Plan<'_> {
                         payment_deadline: self.config.payment_deadline,
                         capture_retry: self.config.capture_retry,
                     },
-                );
+                )
+                .with_metrics(self.metrics);
                 let deadlines = saga.clone().run_deadlines(self.shutdown.clone());
                 self.worker("saga deadlines".to_owned(), deadlines);
                 // The order's own events from the order store; the other services'
@@ -329,6 +330,7 @@ impl Plan<'_> {
                 let handler = PaymentCommands {
                     aggregates: aggregates.clone(),
                     provider: SimulatedProvider,
+                    calls: crate::telemetry::provider_calls(self.metrics),
                 };
                 let config = self.commands_config();
                 self.consumer(config, handler);

@@ -13,6 +13,7 @@
 //! worker spans are not, so no trace lasts as long as the process. Without an
 //! endpoint no OpenTelemetry layer is installed at all.
 
+use eventstore::metrics::{HistogramFamily, latency_histogram};
 use opentelemetry::trace::TracerProvider as _;
 use opentelemetry_otlp::WithExportConfig;
 use opentelemetry_sdk::trace::SdkTracerProvider;
@@ -31,7 +32,7 @@ use tracing_subscriber::{Layer, Registry};
 pub const DEFAULT_LOG_FILTER: &str = "info,sqlx=warn";
 
 /// How log lines are written.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum LogFormat {
     Text,
     Json,
@@ -194,6 +195,35 @@ fn provider(
         .with_batch_exporter(exporter)
         .with_resource(resource.build())
         .build())
+}
+
+/// The `orderflow_provider_call_seconds` family: calls to outside providers (payment,
+/// e-mail, SMS, push) by provider, operation and outcome.
+pub fn provider_calls(metrics: &eventstore::Metrics) -> HistogramFamily {
+    metrics.family(
+        "provider_call_seconds",
+        "Calls to outside providers (payment, e-mail, SMS, push), by provider, operation and outcome",
+        || HistogramFamily::new_with_constructor(latency_histogram),
+    )
+}
+
+/// Records one provider call.
+pub fn provider_call(
+    calls: &HistogramFamily,
+    provider: &str,
+    operation: &str,
+    succeeded: bool,
+    took: std::time::Duration,
+) {
+    let labels = vec![
+        ("provider", provider.to_owned()),
+        ("operation", operation.to_owned()),
+        (
+            "outcome",
+            if succeeded { "ok" } else { "failed" }.to_owned(),
+        ),
+    ];
+    calls.get_or_create(&labels).observe(took.as_secs_f64());
 }
 
 /// Whether a span is a hop of a trace: it declares `otel.kind`.

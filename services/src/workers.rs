@@ -13,6 +13,7 @@ use domain::payment::{
     CaptureAnswer, Payment, PaymentCommand, PaymentError, PaymentRequest, PaymentStatus,
     ProviderAnswer,
 };
+use eventstore::metrics::HistogramFamily;
 use eventstore::{
     AggregateStore, ExecuteError, ExpectedVersion, Handler, HandlerError, Message, NewEvent,
     StoreTransaction,
@@ -28,6 +29,8 @@ pub struct InventoryCommands {
 pub struct PaymentCommands {
     pub aggregates: AggregateStore,
     pub provider: SimulatedProvider,
+    /// `orderflow_provider_call_seconds` ([`crate::telemetry::provider_calls`]).
+    pub calls: HistogramFamily,
 }
 
 fn stock_stream(sku: &str) -> String {
@@ -183,8 +186,9 @@ impl Handler for PaymentCommands {
                 amount_cents,
                 card_token,
                 ..
-            } => match provider_call("authorize").in_scope(|| self.provider.authorize(&card_token))
-            {
+            } => match self.call("authorize", Option::is_some, || {
+                self.provider.authorize(&card_token)
+            }) {
                 Some(answer) => PaymentCommand::AuthorizePayment {
                     order_id: order_id.uuid(),
                     customer_id,
@@ -208,7 +212,7 @@ impl Handler for PaymentCommands {
                     .load_on::<Payment>(transaction.connection(), &stream_id)
                     .await?;
                 let answer =
-                    provider_call("capture").in_scope(|| self.provider.capture(&loaded.state));
+                    self.call("capture", |_| true, || self.provider.capture(&loaded.state));
                 let events = loaded
                     .state
                     .decide(&PaymentCommand::CapturePayment { answer })?;
@@ -286,14 +290,27 @@ impl SimulatedProvider {
     }
 }
 
-/// The span of one call to the payment provider (simulated in-process, so it has no
-/// breaker: a provider that does not answer is the saga's deadline's business).
-fn provider_call(operation: &'static str) -> tracing::Span {
-    tracing::info_span!(
-        "payment provider",
-        otel.kind = "client",
-        otel.name = %format_args!("payment provider: {operation}"),
-        orderflow.service = "payment",
-        operation,
-    )
+impl PaymentCommands {
+    /// One call to the payment provider (simulated in-process, so it has no breaker: a
+    /// provider that does not answer is the saga's deadline's business), in a span of
+    /// its own and timed in the metrics; `answered` tells an answer from none.
+    fn call<T>(
+        &self,
+        operation: &'static str,
+        answered: impl Fn(&T) -> bool,
+        call: impl FnOnce() -> T,
+    ) -> T {
+        let span = tracing::info_span!(
+            "payment provider",
+            otel.kind = "client",
+            otel.name = %format_args!("payment provider: {operation}"),
+            orderflow.service = "payment",
+            operation,
+        );
+        let started = std::time::Instant::now();
+        let answer = span.in_scope(call);
+        let ok = answered(&answer);
+        crate::telemetry::provider_call(&self.calls, "payment", operation, ok, started.elapsed());
+        answer
+    }
 }

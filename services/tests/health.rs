@@ -108,14 +108,15 @@ async fn metrics_are_served_in_prometheus_text() {
 /// The gateway's router, with the default configuration (Redis is reached only when a
 /// request is proxied).
 fn gateway(metrics: eventstore::Metrics) -> axum::Router {
+    let config = services::config::Config::from_lookup(|_| None).unwrap();
+    let tokens = Arc::new(Tokens::new(SECRET.as_bytes(), Duration::from_secs(60)));
+    let gateway = services::gateway::Gateway::new(&config, tokens, &metrics).unwrap();
+    let gateway = Arc::new(gateway);
     let base = Base {
         service: Service::Gateway,
         metrics,
         health: Default::default(),
     };
-    let config = services::config::Config::from_lookup(|_| None).unwrap();
-    let tokens = Arc::new(Tokens::new(SECRET.as_bytes(), Duration::from_secs(60)));
-    let gateway = Arc::new(services::gateway::Gateway::new(&config, tokens).unwrap());
     services::gateway::app(base, gateway)
 }
 

@@ -596,3 +596,110 @@ async fn a_message_redelivered_after_a_crash_continues_its_trace() {
     assert_eq!(transaction.parent, sender.span_id.to_bytes().to_vec());
     cancel.cancel();
 }
+
+/// The series names (`orderflow_…`) a PromQL expression reads.
+fn series_in(expression: &str) -> Vec<String> {
+    let mut names = Vec::new();
+    let mut rest = expression;
+    while let Some(start) = rest.find("orderflow_") {
+        let tail = &rest[start..];
+        let end = tail
+            .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+            .unwrap_or(tail.len());
+        names.push(tail[..end].to_owned());
+        rest = &tail[end..];
+    }
+    names
+}
+
+/// The shipped Grafana dashboard queries only series `/metrics` serves: after one
+/// order through the gateway (so histograms, breakers and providers have reported),
+/// every name its expressions read is in the exposition, which is OpenMetrics.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_series_the_dashboard_queries_is_served() {
+    let dashboard: Value = serde_json::from_str(
+        &std::fs::read_to_string(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../deploy/grafana/orderflow.json"
+        ))
+        .expect("the dashboard"),
+    )
+    .expect("the dashboard is JSON");
+    let expressions: Vec<&str> = dashboard["panels"]
+        .as_array()
+        .expect("panels")
+        .iter()
+        .flat_map(|panel| panel["targets"].as_array().into_iter().flatten())
+        .filter_map(|target| target["expr"].as_str())
+        .collect();
+    assert!(expressions.len() >= 10, "{expressions:?}");
+    let all = [Gateway, Order, Inventory, Payment, User, Notification];
+    let system = System::start(&all).await;
+    system.routable(&all[1..]).await;
+    traced_order(&system, "M1", "tok_visa", "confirmed").await;
+    let response = system
+        .http
+        .get(system.url(Order, "/metrics"))
+        .send()
+        .await
+        .unwrap();
+    let content_type = response.headers()["content-type"]
+        .to_str()
+        .unwrap()
+        .to_owned();
+    assert!(
+        content_type.starts_with("application/openmetrics-text"),
+        "{content_type}"
+    );
+    let exposition = response.text().await.unwrap();
+    let served = |name: &str| {
+        exposition.lines().any(|line| {
+            line.strip_prefix(name)
+                .is_some_and(|rest| rest.starts_with(['{', ' ']))
+        })
+    };
+    let mut missing = Vec::new();
+    for expression in &expressions {
+        for name in series_in(expression) {
+            if !served(&name) {
+                missing.push(name);
+            }
+        }
+    }
+    assert!(
+        missing.is_empty(),
+        "the dashboard queries series /metrics lacks: {missing:?}"
+    );
+    system.stop().await;
+}
+
+/// The shipped Prometheus configuration is YAML that scrapes `/metrics` of every
+/// service at its default port.
+#[test]
+fn the_scrape_config_covers_every_service() {
+    let text = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../deploy/prometheus/prometheus.yml"
+    ))
+    .expect("the scrape config");
+    let documents =
+        yaml_rust2::YamlLoader::load_from_str(&text).expect("the scrape config is YAML");
+    let job = &documents[0]["scrape_configs"][0];
+    assert_eq!(job["metrics_path"].as_str(), Some("/metrics"));
+    let targets: HashSet<String> = job["static_configs"]
+        .as_vec()
+        .expect("static_configs")
+        .iter()
+        .flat_map(|config| config["targets"].as_vec().cloned().unwrap_or_default())
+        .filter_map(|target| target.as_str().map(str::to_owned))
+        .collect();
+    for service in [Gateway, Order, Inventory, Payment, User, Notification] {
+        let port = service.port();
+        assert!(
+            targets
+                .iter()
+                .any(|target| target.ends_with(&format!(":{port}"))),
+            "{service} (port {port}) is not scraped: {targets:?}"
+        );
+    }
+}

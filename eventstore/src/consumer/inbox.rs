@@ -267,8 +267,15 @@ async fn claim_and_handle<H: Handler>(
     if !applied.is_empty() {
         shared.metrics.transaction(&shared.queue);
     }
+    let now = std::time::SystemTime::now();
     for &(_, message, _) in &applied {
         shared.handler.committed(message);
+        // Critical time, as NServiceBus defines it: from the sender's recording.
+        let recorded =
+            std::time::UNIX_EPOCH + std::time::Duration::from_millis(message.envelope.timestamp_ms);
+        if let Ok(age) = now.duration_since(recorded) {
+            shared.metrics.consumer_critical_time(&shared.queue, age);
+        }
     }
     Ok(claims)
 }

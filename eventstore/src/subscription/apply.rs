@@ -174,7 +174,7 @@ impl<S: Subscriber> Subscription<S> {
             }
             parked_now.extend(still);
         }
-        let mut applied = 0;
+        let mut applied = Vec::with_capacity(events.len());
         for &event in events {
             if parked_now.contains(&event.stream_id) {
                 park_behind(transaction.connection(), name, event)
@@ -207,13 +207,20 @@ impl<S: Subscriber> Subscription<S> {
                     }
                 })?;
             span.in_scope(|| tracing::debug!("applied"));
-            applied += 1;
+            applied.push(event.recorded_at);
         }
         if self.config.stop_before_checkpoint.load(Ordering::Acquire) {
             return Err(Attempt::FaultInjected);
         }
         transaction.commit().await.map_err(|e| failed(&e))?;
-        self.metrics.subscription_applied(name, applied);
+        self.metrics
+            .subscription_applied(name, applied.len() as u64);
+        let now = chrono::Utc::now();
+        for recorded_at in applied {
+            if let Ok(age) = (now - recorded_at).to_std() {
+                self.metrics.subscription_critical_time(name, age);
+            }
+        }
         Ok(())
     }
 

@@ -11,6 +11,7 @@ use axum::extract::{MatchedPath, Request, State};
 use axum::http::HeaderValue;
 use axum::middleware::Next;
 use axum::response::Response;
+use eventstore::metrics::{HistogramFamily, latency_histogram};
 use eventstore::subscription::{Lag, Progress};
 use eventstore::trace::{self, TraceParent};
 use eventstore::{AggregateStore, Metrics};
@@ -117,18 +118,66 @@ pub struct CorrelationId {
     pub trace: TraceParent,
 }
 
+/// What the request middleware records into: a server's service and the
+/// `orderflow_http_request_duration_seconds` family every server of the process shares.
+#[derive(Clone, Debug)]
+pub struct Requests {
+    pub service: Service,
+    duration: HistogramFamily,
+}
+
+impl Requests {
+    pub fn new(service: Service, metrics: &Metrics) -> Requests {
+        let duration = metrics.family(
+            "http_request_duration_seconds",
+            "HTTP requests by service, method, route (the path template) and status",
+            || HistogramFamily::new_with_constructor(latency_histogram),
+        );
+        Requests { service, duration }
+    }
+}
+
+/// The route a request took, as a bounded label: its path template, or for a path no
+/// route of this server matched (the gateway forwards those), the resource it names.
+fn route_of(request: &Request) -> String {
+    if let Some(path) = request.extensions().get::<MatchedPath>() {
+        return path.as_str().to_owned();
+    }
+    const RESOURCES: [&str; 9] = [
+        "users",
+        "auth",
+        "inventory",
+        "orders",
+        "customers",
+        "sagas",
+        "payments",
+        "notifications",
+        "gateway",
+    ];
+    let first = request
+        .uri()
+        .path()
+        .trim_start_matches('/')
+        .split('/')
+        .next();
+    match first {
+        Some(resource) if RESOURCES.contains(&resource) => format!("/{resource}/…"),
+        _ => "unmatched".to_owned(),
+    }
+}
+
 /// Middleware: the correlation id, the request's span (continuing the caller's W3C
-/// `traceparent`, or starting a trace), and its one log line.
+/// `traceparent`, or starting a trace), its duration in the metrics, and its one log
+/// line.
 pub async fn request_context(
-    State(service): State<Service>,
+    State(requests): State<Requests>,
     mut request: Request,
     next: Next,
 ) -> Response {
+    let service = requests.service;
     let (correlation_id, header) = correlation_of(&request);
-    let route = request.extensions().get::<MatchedPath>().map_or_else(
-        || request.uri().path().to_owned(),
-        |path| path.as_str().to_owned(),
-    );
+    let route = route_of(&request);
+    let method = request.method().clone();
     let span = tracing::info_span!(
         "request",
         otel.kind = "server",
@@ -151,8 +200,19 @@ pub async fn request_context(
     });
     let started = Instant::now();
     let mut response = next.run(request).instrument(span.clone()).await;
-    let took_ms = started.elapsed().as_secs_f64() * 1000.0;
+    let took = started.elapsed();
+    let took_ms = took.as_secs_f64() * 1000.0;
     let status = response.status().as_u16();
+    let labels = vec![
+        ("service", service.name().to_owned()),
+        ("method", method.to_string()),
+        ("route", route),
+        ("status", status.to_string()),
+    ];
+    requests
+        .duration
+        .get_or_create(&labels)
+        .observe(took.as_secs_f64());
     span.record("http.response.status_code", status);
     let _entered = span.enter();
     match response.extensions_mut().remove::<InternalCause>() {

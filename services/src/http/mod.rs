@@ -115,13 +115,13 @@ fn service(state: ServiceState, resources: Router<ServiceState>) -> Router {
 /// `/openapi.json` with `document`), and the layers every request passes: the body
 /// limit and the request's context.
 pub fn serve(resources: Router, base: Base, document: utoipa::openapi::OpenApi) -> Router {
-    let service = base.service;
+    let requests = context::Requests::new(base.service, &base.metrics);
     resources
         .merge(health::router().with_state(base))
         .merge(openapi::router(document))
         .layer(DefaultBodyLimit::max(context::MAX_BODY_BYTES))
         .layer(axum::middleware::from_fn_with_state(
-            service,
+            requests,
             context::request_context,
         ))
 }
