@@ -68,6 +68,15 @@ orderflow replay stock-levels\n  orderflow replay --republish --service order --
         #[command(subcommand)]
         command: SagasCommand,
     },
+    /// Show an order's causal chain: its events, the commands and events it caused
+    /// in every service, and its notifications, with their correlation, causation and
+    /// trace ids (read from the stores; no trace collector needed)
+    Trace {
+        order_id: uuid::Uuid,
+        /// One JSON object instead of the tree
+        #[arg(long)]
+        json: bool,
+    },
     /// Grant or revoke a user's role (operator: reads everyone's data)
     Users {
         #[command(subcommand)]

@@ -93,6 +93,9 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
         Command::Replay(args) => commands::replay::replay(&Config::from_env()?, args).await,
         Command::Dlq { command } => commands::dlq::dlq(&Config::from_env()?, command).await,
         Command::Sagas { command } => commands::sagas::sagas(&Config::from_env()?, command).await,
+        Command::Trace { order_id, json } => {
+            commands::trace::trace(&Config::from_env()?, order_id, json).await
+        }
         Command::Users { command } => commands::users::users(command).await,
     }
 }

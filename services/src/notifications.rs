@@ -642,6 +642,34 @@ pub struct NotificationView {
     pub sent_at: chrono::DateTime<chrono::Utc>,
 }
 
+/// A notification about an order, sent or not, as `orderflow trace` shows it.
+#[derive(Debug, Clone, Serialize, sqlx::FromRow)]
+pub struct OrderNotification {
+    pub id: Uuid,
+    pub trigger_event_id: Uuid,
+    pub channel: String,
+    pub kind: String,
+    pub created_at: chrono::DateTime<chrono::Utc>,
+    pub sent_at: Option<chrono::DateTime<chrono::Utc>>,
+    pub attempts: i32,
+    pub traceparent: Option<String>,
+}
+
+/// The notifications planned about an order, oldest first.
+pub async fn about_order(
+    pool: &PgPool,
+    order_id: Uuid,
+) -> Result<Vec<OrderNotification>, sqlx::Error> {
+    sqlx::query_as(
+        "SELECT notification_id AS id, trigger_event_id, channel, kind, created_at, sent_at, \
+         attempts, traceparent FROM notifications WHERE order_id = $1 \
+         ORDER BY created_at, notification_id",
+    )
+    .bind(order_id)
+    .fetch_all(pool)
+    .await
+}
+
 /// The notifications sent to a user, newest first.
 pub async fn sent_to(
     pool: &PgPool,

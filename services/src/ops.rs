@@ -574,3 +574,170 @@ pub async fn set_role(
         version: executed.version,
     })
 }
+
+/// One link of an order's causal chain: an event, a command or a notification, where
+/// it was recorded and what caused it.
+#[derive(Debug, Clone, Serialize)]
+pub struct Link {
+    /// The event id, command id or notification id.
+    pub id: Uuid,
+    pub at: DateTime<Utc>,
+    /// The service whose store holds it.
+    #[serde(serialize_with = "service_name")]
+    pub service: Service,
+    /// `event`, `command` or `notification`.
+    pub kind: &'static str,
+    /// The event or command type, or the notification's channel and kind.
+    pub name: String,
+    /// Its stream and version, the command's target, or whether it was sent.
+    pub detail: String,
+    pub correlation_id: Option<Uuid>,
+    /// The command, event or request that caused it.
+    pub causation_id: Option<Uuid>,
+    /// The W3C trace it was written in (find it in Jaeger by this id).
+    pub trace_id: Option<String>,
+}
+
+/// An order's causal chain, as the stores hold it (no trace collector needed).
+#[derive(Debug, Clone, Serialize)]
+pub struct OrderTrace {
+    pub order_id: Uuid,
+    /// The conversations the order's events belong to (placing it, cancelling it, …).
+    pub correlation_ids: Vec<Uuid>,
+    /// Every link found, oldest first.
+    pub links: Vec<Link>,
+    /// What could not be read (a store that is unreachable), so the chain is partial.
+    pub gaps: Vec<String>,
+}
+
+/// Collects `order_id`'s causal chain from every store on its path: the order's events
+/// and the commands the order service queued; the stock events and replies of its
+/// items; its payment's events and replies; the notifications about it.
+pub async fn trace(config: &Config, order_id: Uuid) -> anyhow::Result<OrderTrace> {
+    use domain::ids::OrderId;
+    use domain::inventory::{ReservationReply, StockItem};
+    use domain::order::Order;
+    use domain::payment::Payment;
+    use eventstore::AggregateStore;
+
+    let orders = connect(config, Service::Order).await?;
+    let stream = AggregateStore::stream_id::<Order>(order_id);
+    let events = EventStore::new(orders.clone())
+        .read_stream(&stream, 1, i64::MAX)
+        .await?;
+    anyhow::ensure!(!events.is_empty(), "no order {order_id}");
+    let mut correlation_ids: Vec<Uuid> = Vec::new();
+    for event in &events {
+        if !correlation_ids.contains(&event.correlation_id) {
+            correlation_ids.push(event.correlation_id);
+        }
+    }
+    // The items' streams, from the order as placed, and the reservation's answer.
+    let decoder = Decoder::new(orders.clone())?;
+    let placed = decoder.view(events[0].clone()).await?;
+    let mut stock: Vec<String> = placed.data["lines"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|line| line["sku"].as_str())
+        .map(AggregateStore::stream_id::<StockItem>)
+        .collect();
+    stock.push(ReservationReply::stream_id(OrderId::new(order_id)));
+    let mut trace = OrderTrace {
+        order_id,
+        correlation_ids: correlation_ids.clone(),
+        links: events
+            .into_iter()
+            .map(|event| event_link(Service::Order, event))
+            .collect(),
+        gaps: Vec::new(),
+    };
+    let payment = vec![AggregateStore::stream_id::<Payment>(order_id)];
+    for (service, streams) in [
+        (Service::Order, Vec::new()),
+        (Service::Inventory, stock),
+        (Service::Payment, payment),
+    ] {
+        let found = async {
+            let pool = connect(config, service).await?;
+            let mut links = Vec::new();
+            if !streams.is_empty() {
+                let events =
+                    eventstore::store::read_correlated(&pool, &streams, &correlation_ids).await?;
+                links.extend(events.into_iter().map(|event| event_link(service, event)));
+            }
+            let commands = eventstore::store::queued_commands(&pool, &correlation_ids).await?;
+            links.extend(commands.into_iter().map(|command| Link {
+                id: command.command_id,
+                at: command.enqueued_at,
+                service,
+                kind: "command",
+                name: command.command_type,
+                detail: format!(
+                    "→ {} ({})",
+                    command.target_service,
+                    if command.published_at.is_some() {
+                        "sent"
+                    } else {
+                        "queued"
+                    }
+                ),
+                correlation_id: Some(command.correlation_id),
+                causation_id: Some(command.causation_id),
+                trace_id: command.traceparent.map(|t| t.trace_id.to_string()),
+            }));
+            anyhow::Ok(links)
+        };
+        match found.await {
+            Ok(links) => trace.links.extend(links),
+            Err(error) => trace.gaps.push(format!("{service}: {error:#}")),
+        }
+    }
+    let notified = async {
+        let pool = connect(config, Service::Notification).await?;
+        anyhow::Ok(crate::notifications::about_order(&pool, order_id).await?)
+    };
+    match notified.await {
+        Ok(notifications) => trace.links.extend(notifications.into_iter().map(|n| {
+            Link {
+                id: n.id,
+                at: n.created_at,
+                service: Service::Notification,
+                kind: "notification",
+                name: format!("{} {}", n.channel, n.kind),
+                detail: match n.sent_at {
+                    Some(at) => format!("sent {}", at.format("%H:%M:%S%.3f")),
+                    None => format!("not sent yet ({} attempts)", n.attempts),
+                },
+                correlation_id: None,
+                causation_id: Some(n.trigger_event_id),
+                trace_id: n
+                    .traceparent
+                    .as_deref()
+                    .and_then(eventstore::trace::TraceParent::parse)
+                    .map(|t| t.trace_id.to_string()),
+            }
+        })),
+        Err(error) => trace.gaps.push(format!("notification: {error:#}")),
+    }
+    trace.links.sort_by_key(|link| (link.at, link.id));
+    Ok(trace)
+}
+
+fn service_name<S: serde::Serializer>(service: &Service, serializer: S) -> Result<S::Ok, S::Error> {
+    serializer.serialize_str(service.name())
+}
+
+fn event_link(service: Service, event: RecordedEvent) -> Link {
+    Link {
+        id: event.event_id,
+        at: event.recorded_at,
+        service,
+        kind: "event",
+        name: event.event_type,
+        detail: format!("{} v{}", event.stream_id, event.stream_version),
+        correlation_id: Some(event.correlation_id),
+        causation_id: Some(event.causation_id),
+        trace_id: event.traceparent.map(|t| t.trace_id.to_string()),
+    }
+}

@@ -397,7 +397,78 @@ async fn one_order_is_one_trace_across_every_service() {
             "no {message:?} line of order {order_id} carries its ids"
         );
     }
+    stores_tell_the_chain(&system, &order_id, client);
     system.stop().await;
+}
+
+/// `orderflow trace` reads the same causal chain from the stores: each link caused by
+/// the one before it, across services, every one in the request's trace.
+fn stores_tell_the_chain(system: &System, order_id: &str, client: TraceParent) {
+    let output = std::process::Command::new(tests::orderflow_binary())
+        .args(["trace", order_id, "--json"])
+        .envs(system.env())
+        .env("RUST_LOG", "error")
+        .output()
+        .expect("orderflow trace runs");
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let chain: Value = serde_json::from_slice(&output.stdout).expect("one JSON object");
+    assert_eq!(chain["gaps"], json!([]));
+    let links = chain["links"].as_array().expect("links");
+    let find = |service: &str, name: &str| {
+        links
+            .iter()
+            .find(|link| link["service"] == service && link["name"] == name)
+            .unwrap_or_else(|| panic!("no {name} in {service}: {links:#?}"))
+    };
+    let placed = find("order", "OrderPlaced");
+    let reserve = find("order", "ReserveStock");
+    let reserved = find("inventory", "StockReserved");
+    let answered = find("inventory", "OrderStockReserved");
+    let authorize = find("order", "AuthorizePayment");
+    let authorized = find("payment", "PaymentAuthorized");
+    let confirmed = find("order", "OrderConfirmed");
+    let notified = find("notification", "email order_confirmed");
+    assert_eq!(reserve["kind"], "command");
+    assert_eq!(
+        reserve["causation_id"], placed["id"],
+        "the saga's command, caused by the event"
+    );
+    assert_eq!(
+        reserved["causation_id"], reserve["id"],
+        "inventory's event, caused by the command"
+    );
+    assert_eq!(answered["causation_id"], reserve["id"]);
+    assert_eq!(
+        authorize["causation_id"], answered["id"],
+        "the saga's next step, caused by the answer"
+    );
+    assert_eq!(authorized["causation_id"], authorize["id"]);
+    assert_eq!(notified["causation_id"], confirmed["id"]);
+    let trace_id = client.trace_id.to_string();
+    for link in [
+        placed, reserve, reserved, answered, authorize, authorized, confirmed, notified,
+    ] {
+        assert_eq!(link["trace_id"], trace_id.as_str(), "{link}");
+    }
+    // The text form is a tree with the order's placement at its root.
+    let output = std::process::Command::new(tests::orderflow_binary())
+        .args(["trace", order_id])
+        .envs(system.env())
+        .env("RUST_LOG", "error")
+        .output()
+        .expect("orderflow trace runs");
+    let text = String::from_utf8_lossy(&output.stdout);
+    eprintln!("{text}");
+    let roots: Vec<&str> = text
+        .lines()
+        .filter(|line| line.starts_with("  2"))
+        .collect();
+    assert_eq!(roots.len(), 1, "one root: {text}");
+    assert!(roots[0].contains("OrderPlaced"), "{text}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

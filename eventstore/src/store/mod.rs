@@ -39,8 +39,8 @@ use sql::READ_COMMITTED;
 
 pub(crate) use read::stored_trace;
 pub use read::{
-    Blocker, Fence, count_after_on, events_by_id, fence_on, read_below_on, read_between_on,
-    read_stream_on,
+    Blocker, Fence, QueuedCommand, count_after_on, events_by_id, fence_on, queued_commands,
+    read_below_on, read_between_on, read_correlated, read_stream_on,
 };
 pub(crate) use sql::stream_locks;
 pub use transaction::StoreTransaction;

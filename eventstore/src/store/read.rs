@@ -5,7 +5,7 @@ use sqlx::postgres::PgRow;
 use sqlx::{PgConnection, PgPool, Row};
 use uuid::Uuid;
 
-use super::sql::{FENCE, READ_BELOW, READ_STREAM};
+use super::sql::{FENCE, READ_BELOW, READ_CORRELATED, READ_STREAM};
 use super::{RecordedEvent, StoreError};
 use crate::trace::TraceParent;
 
@@ -172,4 +172,64 @@ pub async fn count_after_on(
     .bind(stream_prefix)
     .fetch_one(connection)
     .await?)
+}
+
+/// The events of `stream_ids` in the conversations `correlation_ids`, in global order:
+/// what `orderflow trace` shows of one order in each store.
+pub async fn read_correlated(
+    pool: &PgPool,
+    stream_ids: &[String],
+    correlation_ids: &[Uuid],
+) -> Result<Vec<RecordedEvent>, StoreError> {
+    let rows = sqlx::query(READ_CORRELATED)
+        .bind(stream_ids)
+        .bind(correlation_ids)
+        .fetch_all(pool)
+        .await?;
+    rows.iter().map(recorded).collect()
+}
+
+/// A command for another service as its outbox row still holds it (published rows are
+/// kept for the relay's retention).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct QueuedCommand {
+    pub command_id: Uuid,
+    pub command_type: String,
+    pub target_service: String,
+    pub ordering_key: String,
+    pub correlation_id: Uuid,
+    pub causation_id: Uuid,
+    pub enqueued_at: DateTime<Utc>,
+    pub published_at: Option<DateTime<Utc>>,
+    pub traceparent: Option<TraceParent>,
+}
+
+/// The commands in the outbox that belong to the conversations `correlation_ids`.
+pub async fn queued_commands(
+    pool: &PgPool,
+    correlation_ids: &[Uuid],
+) -> Result<Vec<QueuedCommand>, StoreError> {
+    let rows = sqlx::query(
+        "SELECT message_id, message_type, target_service, ordering_key, correlation_id, \
+         causation_id, enqueued_at, published_at, traceparent FROM outbox \
+         WHERE message_id IS NOT NULL AND correlation_id = ANY($1) ORDER BY global_position",
+    )
+    .bind(correlation_ids)
+    .fetch_all(pool)
+    .await?;
+    rows.iter()
+        .map(|row| {
+            Ok(QueuedCommand {
+                command_id: row.try_get("message_id")?,
+                command_type: row.try_get("message_type")?,
+                target_service: row.try_get("target_service")?,
+                ordering_key: row.try_get("ordering_key")?,
+                correlation_id: row.try_get("correlation_id")?,
+                causation_id: row.try_get("causation_id")?,
+                enqueued_at: row.try_get("enqueued_at")?,
+                published_at: row.try_get("published_at")?,
+                traceparent: stored_trace(row)?,
+            })
+        })
+        .collect()
 }

@@ -137,6 +137,12 @@ macro_rules! select_events {
     };
 }
 
+/// The events of streams `$1` that belong to the conversations `$2`: one order's
+/// events in a store, through the stream index.
+pub(super) const READ_CORRELATED: &str = select_events!(
+    "WHERE stream_id = ANY($1) AND correlation_id = ANY($2) ORDER BY global_position"
+);
+
 pub(super) const READ_STREAM: &str = select_events!(
     "WHERE stream_id = $1 AND stream_version >= $2 ORDER BY stream_version LIMIT $3"
 );

@@ -7,6 +7,7 @@ pub(crate) mod replay;
 pub(crate) mod sagas;
 pub(crate) mod schemas;
 pub(crate) mod serve;
+pub(crate) mod trace;
 pub(crate) mod users;
 
 use anyhow::Context;
