@@ -774,3 +774,114 @@ fn the_scrape_config_covers_every_service() {
         );
     }
 }
+
+/// An independent check outside Rust: `scripts/otlp-receiver.py`, on the official
+/// Python classes of the OpenTelemetry protocol, receives the binary's export and
+/// reads the request's server span in the client's trace, below the client's span.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_receiver_in_python_reads_the_export() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let python = std::process::Command::new(root.join("scripts/python-otlp"))
+        .output()
+        .expect("scripts/python-otlp runs");
+    assert!(
+        python.status.success(),
+        "cannot set up Python's OTLP classes: {}",
+        String::from_utf8_lossy(&python.stderr)
+    );
+    let python = String::from_utf8_lossy(&python.stdout).trim().to_owned();
+    let free_port = || {
+        std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port()
+            .to_string()
+    };
+    let receiver_port = free_port();
+    let output =
+        std::env::temp_dir().join(format!("orderflow-otlp-{}.jsonl", uuid::Uuid::now_v7()));
+    let mut receiver = std::process::Command::new(&python)
+        .arg(root.join("scripts/otlp-receiver.py"))
+        .args([receiver_port.as_str(), output.to_str().unwrap()])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("the Python receiver starts");
+    // It says when it listens.
+    let mut said = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(receiver.stdout.take().unwrap()),
+        &mut said,
+    )
+    .unwrap();
+    assert_eq!(said.trim(), "listening");
+
+    let port = free_port();
+    let data_dir =
+        std::env::temp_dir().join(format!("orderflow-test-{}", uuid::Uuid::now_v7().simple()));
+    let env = vec![
+        (
+            "ORDERFLOW_DATA_DIR".to_owned(),
+            data_dir.display().to_string(),
+        ),
+        (
+            "ORDERFLOW_REGISTRY_NAMESPACE".to_owned(),
+            format!("orderflow-test-{}", uuid::Uuid::now_v7().simple()),
+        ),
+        (
+            "OTEL_SERVICE_NAME".to_owned(),
+            "orderflow-for-python".to_owned(),
+        ),
+        (
+            "OTEL_EXPORTER_OTLP_ENDPOINT".to_owned(),
+            format!("http://127.0.0.1:{receiver_port}"),
+        ),
+    ];
+    let mut gateway =
+        tests::Spawned::orderflow(&["serve", "--services", "gateway", "--port", &port], &env);
+    let client = TraceParent::root();
+    let url = format!("http://127.0.0.1:{port}/gateway/upstreams");
+    let http = reqwest::Client::new();
+    wait_for(DEADLINE, "the gateway to answer", || async {
+        let sent = http
+            .get(&url)
+            .header("traceparent", client.to_string())
+            .send()
+            .await;
+        sent.is_ok_and(|r| r.status() == StatusCode::OK)
+            .then_some(())
+    })
+    .await;
+    let pid = gateway.0.id().to_string();
+    assert!(
+        std::process::Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .unwrap()
+            .success()
+    );
+    let status = tokio::task::spawn_blocking(move || gateway.0.wait())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(status.success(), "the gateway stopped with {status}");
+    let _ = receiver.kill();
+    let _ = receiver.wait();
+    let lines = std::fs::read_to_string(&output).unwrap_or_default();
+    let _ = std::fs::remove_file(&output);
+    let _ = std::fs::remove_dir_all(&data_dir);
+    let spans: Vec<Value> = lines
+        .lines()
+        .map(|line| serde_json::from_str(line).unwrap())
+        .collect();
+    let trace_id = client.trace_id.to_string();
+    let server = spans
+        .iter()
+        .find(|span| {
+            span["trace_id"] == trace_id.as_str() && span["name"] == "GET /gateway/upstreams"
+        })
+        .unwrap_or_else(|| panic!("Python read no span of the request: {spans:#?}"));
+    assert_eq!(server["kind"], SERVER);
+    assert_eq!(server["parent"], client.span_id.to_string().as_str());
+    assert_eq!(server["service"], "orderflow-for-python");
+}
