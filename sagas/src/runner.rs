@@ -90,13 +90,15 @@ impl SagaMetrics {
         }
     }
 
-    /// A step written: counted, and the time in the step it left (if it left one).
-    fn stepped(&self, input: &str, planned: &Planned, now: DateTime<Utc>) {
-        let step = planned.decision.state.step;
+    /// A step committed: counted by the kind of its input (the first word of its
+    /// description: no SKU or reason in a label), and the time in the step it left (if
+    /// it left one).
+    fn stepped(&self, input: &str, step: Step, planned: Stepped, now: DateTime<Utc>) {
+        let kind = input.split_whitespace().next().unwrap_or_default();
         let saga = ("saga", SAGA_TYPE.to_owned());
         let labels = vec![
             saga.clone(),
-            ("input", input.to_owned()),
+            ("input", kind.to_owned()),
             ("step", step.as_str().to_owned()),
         ];
         self.steps.get_or_create(&labels).inc();
@@ -120,6 +122,14 @@ impl SagaMetrics {
                 .observe(seconds(planned.started_at));
         }
     }
+}
+
+/// What the metrics of a committed step need of its plan.
+#[derive(Debug, Clone, Copy)]
+struct Stepped {
+    /// The step it left, and since when it was in it.
+    left: Option<(Step, DateTime<Utc>)>,
+    started_at: DateTime<Utc>,
 }
 
 /// What the runner needs of a `sagas` row besides its version.
@@ -337,8 +347,16 @@ impl FulfilmentRunner {
                         planned.metadata,
                     )
                     .await?;
-                    if let Some(metrics) = &self.metrics {
-                        metrics.stepped(&input.describe(), &planned, now);
+                    if let Some(metrics) = self.metrics.clone() {
+                        // Counted once it commits: a step rolled back and retried is one.
+                        let (input, step) = (input.describe(), planned.decision.state.step);
+                        let stepped = Stepped {
+                            left: planned.left,
+                            started_at: planned.started_at,
+                        };
+                        transaction.after_commit(move || {
+                            metrics.stepped(&input, step, stepped, now);
+                        });
                     }
                     let saga = SagaRow {
                         state: planned.decision.state,

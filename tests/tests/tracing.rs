@@ -737,6 +737,11 @@ async fn every_series_the_dashboard_queries_is_served() {
             }
         }
     }
+    // The saga's step counted once it committed, under its input's kind.
+    let placed = "orderflow_saga_steps_total{saga=\"order-fulfilment\",input=\"OrderPlaced\",step=\"reserving_stock\"} 1";
+    assert!(exposition.contains(placed), "{exposition}");
+    let fulfilled = "orderflow_order_fulfilment_seconds_count{outcome=\"confirmed\"} 1";
+    assert!(exposition.contains(fulfilled), "{exposition}");
     assert!(
         missing.is_empty(),
         "the dashboard queries series /metrics lacks: {missing:?}"
