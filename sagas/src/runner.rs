@@ -327,13 +327,7 @@ impl FulfilmentRunner {
                 (Some(planned), Some(written)) => {
                     let span = tracing::Span::current();
                     span.record("step", planned.decision.state.step.as_str());
-                    let commands: Vec<String> = planned
-                        .decision
-                        .commands
-                        .iter()
-                        .map(Command::describe)
-                        .collect();
-                    let commands = commands.join(", ");
+                    let commands = planned.described.join(", ");
                     span.record("commands", tracing::field::display(&commands));
                     tracing::debug!(
                         step = planned.decision.state.step.as_str(),
@@ -436,6 +430,7 @@ impl FulfilmentRunner {
             .filter(|row| row.state.step != decision.state.step)
             .map(|row| (row.state.step, row.step_since));
         Some(Planned {
+            described: decision.commands.iter().map(Command::describe).collect(),
             decision,
             deadline,
             metadata,
@@ -492,6 +487,8 @@ struct Planned {
     step_since: DateTime<Utc>,
     /// The step it leaves, and since when it was in it.
     left: Option<(Step, DateTime<Utc>)>,
+    /// Its commands as the saga's history and its span show them.
+    described: Vec<String>,
 }
 
 /// The saga's row at its version, locked; (0, `None`) when it has none.
@@ -537,12 +534,7 @@ async fn write(
     now: DateTime<Utc>,
 ) -> Result<Option<i64>, HandlerError> {
     let state = &planned.decision.state;
-    let commands: Vec<String> = planned
-        .decision
-        .commands
-        .iter()
-        .map(Command::describe)
-        .collect();
+    let commands = &planned.described;
     let state_json =
         serde_json::to_value(state).map_err(|error| format!("cannot store saga state: {error}"))?;
     Ok(sqlx::query_scalar(WRITE_SAGA)
@@ -555,7 +547,7 @@ async fn write(
         .bind(now)
         .bind(input.describe())
         .bind(state.step.as_str())
-        .bind(&commands)
+        .bind(commands)
         .bind(planned.trace.map(|trace| trace.to_string()))
         .bind(planned.started_at)
         .bind(planned.step_since)

@@ -493,61 +493,10 @@ async fn a_declined_orders_compensation_is_in_its_trace() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_binary_exports_only_when_an_endpoint_is_set() {
     let harness = harness();
-    let traces_url = harness.url.clone();
-    let endpoint = traces_url.trim_end_matches("/v1/traces").to_owned();
-    let data_dir =
-        std::env::temp_dir().join(format!("orderflow-test-{}", uuid::Uuid::now_v7().simple()));
+    let endpoint = harness.url.trim_end_matches("/v1/traces").to_owned();
     for export in [true, false] {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port()
-            .to_string();
-        let mut env = vec![
-            (
-                "ORDERFLOW_DATA_DIR".to_owned(),
-                data_dir.display().to_string(),
-            ),
-            (
-                "ORDERFLOW_REGISTRY_NAMESPACE".to_owned(),
-                format!("orderflow-test-{}", uuid::Uuid::now_v7().simple()),
-            ),
-            (
-                "OTEL_SERVICE_NAME".to_owned(),
-                "orderflow-under-test".to_owned(),
-            ),
-        ];
-        if export {
-            env.push(("OTEL_EXPORTER_OTLP_ENDPOINT".to_owned(), endpoint.clone()));
-        }
-        let arguments = ["serve", "--services", "gateway", "--port", &port];
-        let mut gateway = tests::Spawned::orderflow(&arguments, &env);
-        let client = TraceParent::root();
-        let url = format!("http://127.0.0.1:{port}/gateway/upstreams");
-        let http = reqwest::Client::new();
-        wait_for(DEADLINE, "the gateway to answer", || async {
-            let sent = http
-                .get(&url)
-                .header("traceparent", client.to_string())
-                .send()
-                .await;
-            sent.is_ok_and(|r| r.status() == StatusCode::OK)
-                .then_some(())
-        })
-        .await;
-        // SIGTERM: a graceful stop sends what is buffered.
-        let pid = gateway.0.id().to_string();
-        let killed = std::process::Command::new("kill")
-            .args(["-TERM", &pid])
-            .status()
-            .unwrap();
-        assert!(killed.success());
-        let status = tokio::task::spawn_blocking(move || gateway.0.wait())
-            .await
-            .unwrap()
-            .unwrap();
-        assert!(status.success(), "the gateway stopped with {status}");
+        let client =
+            one_traced_request(export.then_some(endpoint.as_str()), "orderflow-under-test").await;
         let spans = harness.trace(client).await;
         if export {
             assert!(
@@ -562,7 +511,65 @@ async fn the_binary_exports_only_when_an_endpoint_is_set() {
             assert!(spans.is_empty(), "exported without an endpoint: {spans:#?}");
         }
     }
+}
+
+/// Runs `orderflow serve --services gateway` (exporting to `endpoint` if given, as
+/// `service_name`), sends it one request with a new client `traceparent`, and stops it
+/// with SIGTERM, a graceful stop that sends what is buffered. The client's span.
+async fn one_traced_request(endpoint: Option<&str>, service_name: &str) -> TraceParent {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+        .to_string();
+    let data_dir =
+        std::env::temp_dir().join(format!("orderflow-test-{}", uuid::Uuid::now_v7().simple()));
+    let mut env = vec![
+        (
+            "ORDERFLOW_DATA_DIR".to_owned(),
+            data_dir.display().to_string(),
+        ),
+        (
+            "ORDERFLOW_REGISTRY_NAMESPACE".to_owned(),
+            format!("orderflow-test-{}", uuid::Uuid::now_v7().simple()),
+        ),
+        ("OTEL_SERVICE_NAME".to_owned(), service_name.to_owned()),
+    ];
+    if let Some(endpoint) = endpoint {
+        env.push((
+            "OTEL_EXPORTER_OTLP_ENDPOINT".to_owned(),
+            endpoint.to_owned(),
+        ));
+    }
+    let arguments = ["serve", "--services", "gateway", "--port", &port];
+    let mut gateway = tests::Spawned::orderflow(&arguments, &env);
+    let client = TraceParent::root();
+    let url = format!("http://127.0.0.1:{port}/gateway/upstreams");
+    let http = reqwest::Client::new();
+    wait_for(DEADLINE, "the gateway to answer", || async {
+        let sent = http
+            .get(&url)
+            .header("traceparent", client.to_string())
+            .send()
+            .await;
+        sent.is_ok_and(|r| r.status() == StatusCode::OK)
+            .then_some(())
+    })
+    .await;
+    let pid = gateway.0.id().to_string();
+    let killed = std::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap();
+    assert!(killed.success());
+    let status = tokio::task::spawn_blocking(move || gateway.0.wait())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(status.success(), "the gateway stopped with {status}");
     let _ = std::fs::remove_dir_all(&data_dir);
+    client
 }
 
 /// Handles every message by doing nothing: what is traced is the consumer around it.
@@ -648,21 +655,19 @@ async fn a_message_redelivered_after_a_crash_continues_its_trace() {
     );
     tokio::spawn(consumer.run(cancel.clone()));
     let id = envelope.message_id.to_string();
-    let handled = wait_for(DEADLINE, "the redelivery to be handled", || async {
+    // The handler's span and its transaction's, which ends (and is exported) later.
+    let what = "the redelivery's handle and transaction spans in the sender's trace";
+    let (handled, transaction) = wait_for(DEADLINE, what, || async {
         let spans = harness.trace(sender).await;
         let handled = spans
             .iter()
-            .find(|s| s.attributes.get("messaging.message.id") == Some(&id))?
-            .clone();
-        Some((handled, spans))
+            .find(|s| s.attributes.get("messaging.message.id") == Some(&id))?;
+        let transaction = spans.iter().find(|s| s.span_id == handled.parent)?;
+        Some((handled.clone(), transaction.clone()))
     })
     .await;
-    let (handled, spans) = handled;
     // handle → transaction → the sender's span: the original trace, continued.
-    let transaction = spans
-        .iter()
-        .find(|s| s.span_id == handled.parent)
-        .expect("the transaction's span");
+    assert_eq!(handled.kind, CONSUMER);
     assert_eq!(transaction.kind, CONSUMER);
     assert_eq!(transaction.parent, sender.span_id.to_bytes().to_vec());
     cancel.cancel();
@@ -795,15 +800,12 @@ async fn a_receiver_in_python_reads_the_export() {
         String::from_utf8_lossy(&python.stderr)
     );
     let python = String::from_utf8_lossy(&python.stdout).trim().to_owned();
-    let free_port = || {
-        std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port()
-            .to_string()
-    };
-    let receiver_port = free_port();
+    let receiver_port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+        .to_string();
     let output =
         std::env::temp_dir().join(format!("orderflow-otlp-{}.jsonl", uuid::Uuid::now_v7()));
     let mut receiver = std::process::Command::new(&python)
@@ -821,60 +823,12 @@ async fn a_receiver_in_python_reads_the_export() {
     .unwrap();
     assert_eq!(said.trim(), "listening");
 
-    let port = free_port();
-    let data_dir =
-        std::env::temp_dir().join(format!("orderflow-test-{}", uuid::Uuid::now_v7().simple()));
-    let env = vec![
-        (
-            "ORDERFLOW_DATA_DIR".to_owned(),
-            data_dir.display().to_string(),
-        ),
-        (
-            "ORDERFLOW_REGISTRY_NAMESPACE".to_owned(),
-            format!("orderflow-test-{}", uuid::Uuid::now_v7().simple()),
-        ),
-        (
-            "OTEL_SERVICE_NAME".to_owned(),
-            "orderflow-for-python".to_owned(),
-        ),
-        (
-            "OTEL_EXPORTER_OTLP_ENDPOINT".to_owned(),
-            format!("http://127.0.0.1:{receiver_port}"),
-        ),
-    ];
-    let mut gateway =
-        tests::Spawned::orderflow(&["serve", "--services", "gateway", "--port", &port], &env);
-    let client = TraceParent::root();
-    let url = format!("http://127.0.0.1:{port}/gateway/upstreams");
-    let http = reqwest::Client::new();
-    wait_for(DEADLINE, "the gateway to answer", || async {
-        let sent = http
-            .get(&url)
-            .header("traceparent", client.to_string())
-            .send()
-            .await;
-        sent.is_ok_and(|r| r.status() == StatusCode::OK)
-            .then_some(())
-    })
-    .await;
-    let pid = gateway.0.id().to_string();
-    assert!(
-        std::process::Command::new("kill")
-            .args(["-TERM", &pid])
-            .status()
-            .unwrap()
-            .success()
-    );
-    let status = tokio::task::spawn_blocking(move || gateway.0.wait())
-        .await
-        .unwrap()
-        .unwrap();
-    assert!(status.success(), "the gateway stopped with {status}");
+    let endpoint = format!("http://127.0.0.1:{receiver_port}");
+    let client = one_traced_request(Some(&endpoint), "orderflow-for-python").await;
     let _ = receiver.kill();
     let _ = receiver.wait();
     let lines = std::fs::read_to_string(&output).unwrap_or_default();
     let _ = std::fs::remove_file(&output);
-    let _ = std::fs::remove_dir_all(&data_dir);
     let spans: Vec<Value> = lines
         .lines()
         .map(|line| serde_json::from_str(line).unwrap())
