@@ -624,7 +624,7 @@ async fn unpublished(
                     global_position: row.try_get("global_position")?,
                     schema_fingerprint: row.try_get("schema_fingerprint")?,
                     timestamp_ms: u64::try_from(recorded_at.timestamp_millis()).unwrap_or(0),
-                    trace: crate::store::stored_trace(row)?,
+                    trace: trace::stored(row)?,
                 },
                 payload: row.try_get("payload")?,
                 target_service: row.try_get("target_service")?,

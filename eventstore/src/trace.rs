@@ -113,6 +113,15 @@ impl fmt::Debug for TraceParent {
     }
 }
 
+/// A row's `traceparent` column (events, outbox, sagas, notifications): text, NULL for
+/// an untraced writer. A value that does not parse (written by hand) is none rather
+/// than a failed read.
+pub fn stored(row: &sqlx::postgres::PgRow) -> Result<Option<TraceParent>, sqlx::Error> {
+    use sqlx::Row;
+    let text: Option<&str> = row.try_get("traceparent")?;
+    Ok(text.and_then(TraceParent::parse))
+}
+
 /// The exported span running now, if an OpenTelemetry layer is installed and one is:
 /// what a message written now names as its cause.
 pub fn current() -> Option<TraceParent> {

@@ -514,9 +514,7 @@ async fn read(
         state,
         deadline_at: row.try_get("deadline_at")?,
         correlation_id: row.try_get("correlation_id")?,
-        trace: row
-            .try_get::<Option<&str>, _>("traceparent")?
-            .and_then(TraceParent::parse),
+        trace: trace::stored(&row)?,
         started_at: row.try_get("started_at")?,
         step_since: row.try_get("step_entered_at")?,
     };

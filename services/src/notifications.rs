@@ -539,7 +539,7 @@ impl Sender {
                 attempts: row.try_get("attempts")?,
                 lease: row.try_get("next_attempt_at")?,
             };
-            let trace: Option<&str> = row.try_get("traceparent")?;
+            let parent = trace::stored(row)?;
             let span = tracing::info_span!(
                 "notify",
                 otel.kind = "client",
@@ -551,7 +551,7 @@ impl Sender {
                 breaker.state = tracing::field::Empty,
                 trace_id = tracing::field::Empty,
             );
-            trace::continue_trace(&span, trace.and_then(TraceParent::parse), None);
+            trace::continue_trace(&span, parent, None);
             tries.push(self.try_one(leased, channel).instrument(span));
         }
         for outcome in futures_util::future::join_all(tries).await {

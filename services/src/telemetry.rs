@@ -144,11 +144,6 @@ impl Telemetry {
         Ok(Telemetry { provider })
     }
 
-    /// Whether traces are exported.
-    pub fn exporting(&self) -> bool {
-        self.provider.is_some()
-    }
-
     /// Sends every finished span now. Blocks: call it outside the async runtime (or
     /// in `spawn_blocking`).
     pub fn flush(&self) {

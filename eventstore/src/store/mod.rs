@@ -37,7 +37,6 @@ use append::{append_once, stream_version_on};
 use read::recorded;
 use sql::READ_COMMITTED;
 
-pub(crate) use read::stored_trace;
 pub use read::{
     Blocker, Fence, QueuedCommand, count_after_on, events_by_id, fence_on, queued_commands,
     read_below_on, read_between_on, read_correlated, read_stream_on,

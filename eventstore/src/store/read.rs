@@ -7,7 +7,7 @@ use uuid::Uuid;
 
 use super::sql::{FENCE, READ_BELOW, READ_CORRELATED, READ_STREAM};
 use super::{RecordedEvent, StoreError};
-use crate::trace::TraceParent;
+use crate::trace::{self, TraceParent};
 
 /// How far a reader may read now: every event below [`position`](Self::position)
 /// that will ever be visible is committed, and a statement that starts after the
@@ -147,15 +147,8 @@ pub(super) fn recorded(row: &PgRow) -> Result<RecordedEvent, StoreError> {
         correlation_id: row.try_get("correlation_id")?,
         causation_id: row.try_get("causation_id")?,
         recorded_at: row.try_get("recorded_at")?,
-        traceparent: stored_trace(row)?,
+        traceparent: trace::stored(row)?,
     })
-}
-
-/// The `traceparent` column: text, NULL for an untraced writer. A value that does not
-/// parse (written by hand) is treated as none rather than failing the read.
-pub(crate) fn stored_trace(row: &PgRow) -> Result<Option<TraceParent>, sqlx::Error> {
-    let text: Option<&str> = row.try_get("traceparent")?;
-    Ok(text.and_then(TraceParent::parse))
 }
 
 /// How many events after `after` are in streams whose id starts with `stream_prefix`
@@ -228,7 +221,7 @@ pub async fn queued_commands(
                 causation_id: row.try_get("causation_id")?,
                 enqueued_at: row.try_get("enqueued_at")?,
                 published_at: row.try_get("published_at")?,
-                traceparent: stored_trace(row)?,
+                traceparent: trace::stored(row)?,
             })
         })
         .collect()
